@@ -1,0 +1,698 @@
+//! The pipeline file: its model, `${VAR}` expansion and loading with
+//! file:line:column errors.
+//!
+//! Values are checked while deserializing (durations, sizes, enums, ranges)
+//! so that serde_yaml attaches the location of the offending value to the
+//! error; a problem found later (template, schema) is located with
+//! [`PipelineFile::line_of_key`].
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::num::NonZeroUsize;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer};
+
+/// A configuration problem, already formatted as `file:line:column: message`
+/// (or `file: message` where no location is known).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub file: PathBuf,
+    pub line: Option<usize>,
+    pub column: Option<usize>,
+    pub message: String,
+}
+
+impl ConfigError {
+    pub fn new(file: &Path, line: Option<usize>, message: impl Into<String>) -> Self {
+        Self {
+            file: file.to_path_buf(),
+            line,
+            column: None,
+            message: message.into(),
+        }
+    }
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.file.display())?;
+        if let Some(line) = self.line {
+            write!(f, ":{line}")?;
+            if let Some(column) = self.column {
+                write!(f, ":{column}")?;
+            }
+        }
+        write!(f, ": {}", self.message)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// One pipeline: where events come from, how they are checked, where they go.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Pipeline {
+    pub name: String,
+    pub source: Source,
+    #[serde(default)]
+    pub validate: Option<Validate>,
+    pub sink: Sink,
+    #[serde(default)]
+    pub on_error: OnError,
+    #[serde(default)]
+    pub metrics: MetricsConfig,
+    /// Largest accepted payload; bigger messages are invalid events.
+    #[serde(default = "default_max_payload", deserialize_with = "de_size")]
+    pub max_payload: u64,
+}
+
+fn default_max_payload() -> u64 {
+    1024 * 1024
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Source {
+    pub nats: NatsSource,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct NatsSource {
+    pub stream: StreamConfig,
+    pub consumer: ConsumerConfig,
+}
+
+/// The stream is ensured: created with these settings when missing, used as
+/// it is when present (it may be shared with other consumers).
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct StreamConfig {
+    pub name: String,
+    pub subjects: Vec<String>,
+    #[serde(default)]
+    pub retention: Retention,
+    #[serde(default, deserialize_with = "de_opt_duration")]
+    pub max_age: Option<Duration>,
+    #[serde(default)]
+    pub max_messages: Option<i64>,
+    #[serde(default, deserialize_with = "de_opt_size")]
+    pub max_bytes: Option<u64>,
+    #[serde(default)]
+    pub discard: Discard,
+    #[serde(default)]
+    pub storage: Storage,
+    #[serde(default = "one")]
+    pub replicas: usize,
+    #[serde(default, deserialize_with = "de_opt_duration")]
+    pub duplicate_window: Option<Duration>,
+}
+
+fn one() -> usize {
+    1
+}
+
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Retention {
+    #[default]
+    Limits,
+    Interest,
+    WorkQueue,
+}
+
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Discard {
+    #[default]
+    Old,
+    New,
+}
+
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Storage {
+    #[default]
+    File,
+    Memory,
+}
+
+/// The durable pull consumer. Mutable settings are updated to match the file.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ConsumerConfig {
+    pub durable: String,
+    pub filter_subject: String,
+    #[serde(default)]
+    pub deliver_policy: DeliverPolicy,
+    #[serde(default)]
+    pub ack_policy: AckPolicy,
+    #[serde(default = "default_ack_wait", deserialize_with = "de_duration")]
+    pub ack_wait: Duration,
+    #[serde(default = "default_max_deliver")]
+    pub max_deliver: i64,
+    /// Defaults to what this process can hold: `max_rows × (max_in_flight + 2)`.
+    #[serde(default)]
+    pub max_ack_pending: Option<i64>,
+}
+
+fn default_ack_wait() -> Duration {
+    Duration::from_secs(30)
+}
+
+fn default_max_deliver() -> i64 {
+    5
+}
+
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum DeliverPolicy {
+    #[default]
+    All,
+    Last,
+    New,
+    LastPerSubject,
+}
+
+/// Only explicit acks let the engine acknowledge after the commit.
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum AckPolicy {
+    #[default]
+    Explicit,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Validate {
+    pub schema: PathBuf,
+    #[serde(default)]
+    pub strip_unknown: bool,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Sink {
+    pub postgres: PostgresSink,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct PostgresSink {
+    /// Overrides `DATABASE_URL` for this pipeline.
+    #[serde(default)]
+    pub url: Option<String>,
+    #[serde(default)]
+    pub migrations: Option<PathBuf>,
+    pub insert: String,
+    #[serde(default)]
+    pub batch: BatchConfig,
+    #[serde(default = "default_pool_size")]
+    pub pool_size: u32,
+}
+
+fn default_pool_size() -> u32 {
+    4
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct BatchConfig {
+    #[serde(default = "default_max_rows")]
+    pub max_rows: NonZeroUsize,
+    #[serde(default = "default_max_wait", deserialize_with = "de_duration")]
+    pub max_wait: Duration,
+    #[serde(default = "default_in_flight")]
+    pub max_in_flight: NonZeroUsize,
+}
+
+impl Default for BatchConfig {
+    fn default() -> Self {
+        Self {
+            max_rows: default_max_rows(),
+            max_wait: default_max_wait(),
+            max_in_flight: default_in_flight(),
+        }
+    }
+}
+
+fn default_max_rows() -> NonZeroUsize {
+    NonZeroUsize::new(1000).expect("non-zero")
+}
+
+fn default_max_wait() -> Duration {
+    Duration::from_millis(5)
+}
+
+fn default_in_flight() -> NonZeroUsize {
+    NonZeroUsize::new(2).expect("non-zero")
+}
+
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct OnError {
+    #[serde(default)]
+    pub invalid: InvalidPolicy,
+    #[serde(default)]
+    pub transient: TransientPolicy,
+}
+
+/// What happens to an event that can never be stored.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct InvalidPolicy {
+    #[serde(default)]
+    pub action: InvalidAction,
+    /// Subject for `action: dead_letter`.
+    #[serde(default)]
+    pub subject: Option<String>,
+    /// Redelivery delay for `action: nak`.
+    #[serde(default, deserialize_with = "de_opt_duration")]
+    pub delay: Option<Duration>,
+}
+
+impl Default for InvalidPolicy {
+    fn default() -> Self {
+        Self {
+            action: InvalidAction::Ack,
+            subject: None,
+            delay: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum InvalidAction {
+    /// Acknowledge and drop (counted and logged).
+    #[default]
+    Ack,
+    /// Publish to `subject` (confirmed by JetStream), then acknowledge.
+    DeadLetter,
+    /// Negative-acknowledge, optionally with a delay: JetStream redelivers.
+    Nak,
+    /// Tell JetStream never to redeliver it.
+    Term,
+}
+
+/// Retry schedule while the database is unreachable.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TransientPolicy {
+    #[serde(default = "default_backoff_initial", deserialize_with = "de_duration")]
+    pub backoff_initial: Duration,
+    #[serde(default = "default_backoff_max", deserialize_with = "de_duration")]
+    pub backoff_max: Duration,
+}
+
+impl Default for TransientPolicy {
+    fn default() -> Self {
+        Self {
+            backoff_initial: default_backoff_initial(),
+            backoff_max: default_backoff_max(),
+        }
+    }
+}
+
+fn default_backoff_initial() -> Duration {
+    Duration::from_millis(100)
+}
+
+fn default_backoff_max() -> Duration {
+    Duration::from_secs(10)
+}
+
+/// Naming of the pipeline's metric families and their labels.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    #[serde(default = "default_prefix")]
+    pub prefix: String,
+    #[serde(default)]
+    pub const_labels: BTreeMap<String, String>,
+    /// Labels of processed events: name -> template rendered over the event.
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    /// Which of `labels` the duration histogram carries.
+    #[serde(default)]
+    pub duration_labels: Vec<String>,
+    /// Fixed labels of failed events (plus `reason`).
+    #[serde(default)]
+    pub failed_labels: BTreeMap<String, String>,
+    /// Export process metrics (CPU, memory, fds) under this prefix.
+    #[serde(default)]
+    pub process_metrics: bool,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        Self {
+            prefix: default_prefix(),
+            const_labels: BTreeMap::new(),
+            labels: BTreeMap::new(),
+            duration_labels: Vec::new(),
+            failed_labels: BTreeMap::new(),
+            process_metrics: false,
+        }
+    }
+}
+
+fn default_prefix() -> String {
+    "ingestd".to_string()
+}
+
+/// A pipeline file read from disk, with its expanded text kept for locating
+/// errors found after parsing.
+#[derive(Debug, Clone)]
+pub struct PipelineFile {
+    pub path: PathBuf,
+    pub text: String,
+    pub pipeline: Pipeline,
+}
+
+impl PipelineFile {
+    /// Reads, expands and parses a pipeline file; relative paths inside are
+    /// resolved against the file's directory.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let raw = std::fs::read_to_string(path)
+            .map_err(|e| ConfigError::new(path, None, format!("cannot read: {e}")))?;
+        Self::parse(path, &raw)
+    }
+
+    pub fn parse(path: &Path, raw: &str) -> Result<Self, ConfigError> {
+        let text = expand_env(raw, |name| std::env::var(name).ok())
+            .map_err(|(line, msg)| ConfigError::new(path, Some(line), msg))?;
+        let mut pipeline: Pipeline =
+            serde_yaml::from_str(&text).map_err(|e| yaml_error(path, &text, &e))?;
+        pipeline.resolve_paths(path.parent().unwrap_or(Path::new(".")));
+        let file = Self {
+            path: path.to_path_buf(),
+            text,
+            pipeline,
+        };
+        file.check()?;
+        Ok(file)
+    }
+
+    /// The 1-based line of the first `key:` in the file, to point errors
+    /// found after parsing at the right place.
+    pub fn line_of_key(&self, key: &str) -> Option<usize> {
+        let needle = format!("{key}:");
+        self.text
+            .lines()
+            .position(|l| l.trim_start().starts_with(&needle))
+            .map(|i| i + 1)
+    }
+
+    pub fn error(&self, key: &str, message: impl Into<String>) -> ConfigError {
+        ConfigError::new(&self.path, self.line_of_key(key), message)
+    }
+
+    /// Cross-field checks that serde cannot express.
+    fn check(&self) -> Result<(), ConfigError> {
+        let p = &self.pipeline;
+        if p.name.is_empty()
+            || !p
+                .name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_".contains(c))
+        {
+            return Err(self.error("name", "name must be non-empty letters, digits, '-' or '_'"));
+        }
+        let m = &p.metrics;
+        if let Some(l) = m
+            .duration_labels
+            .iter()
+            .find(|l| !m.labels.contains_key(*l))
+        {
+            return Err(self.error(
+                "duration_labels",
+                format!("`{l}` is not one of metrics.labels"),
+            ));
+        }
+        if m.failed_labels.contains_key("reason") {
+            return Err(self.error("failed_labels", "`reason` is set by the engine"));
+        }
+        let inv = &p.on_error.invalid;
+        if inv.action == InvalidAction::DeadLetter && inv.subject.is_none() {
+            return Err(self.error("action", "action `dead_letter` needs a `subject`"));
+        }
+        let b = &p.sink.postgres.batch;
+        if let Some(pending) = p.source.nats.consumer.max_ack_pending {
+            if pending > 0 && (pending as usize) < b.max_rows.get() {
+                return Err(self.error(
+                    "max_ack_pending",
+                    format!(
+                        "max_ack_pending ({pending}) is below batch.max_rows ({})",
+                        b.max_rows
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Pipeline {
+    fn resolve_paths(&mut self, dir: &Path) {
+        if let Some(v) = &mut self.validate {
+            v.schema = dir.join(&v.schema);
+        }
+        if let Some(m) = &mut self.sink.postgres.migrations {
+            *m = dir.join(&*m);
+        }
+    }
+
+    /// How many messages one process may hold unacknowledged.
+    pub fn max_ack_pending(&self) -> i64 {
+        let b = &self.sink.postgres.batch;
+        self.source
+            .nats
+            .consumer
+            .max_ack_pending
+            .unwrap_or((b.max_rows.get() * (b.max_in_flight.get() + 2)) as i64)
+    }
+}
+
+fn yaml_error(path: &Path, text: &str, e: &serde_yaml::Error) -> ConfigError {
+    let mut err = ConfigError::new(path, None, strip_location(&e.to_string()));
+    if let Some(loc) = e.location() {
+        err.line = Some(loc.line());
+        err.column = Some(loc.column());
+        if let Some(line) = refine_line(text, loc.line(), &err.message) {
+            err.line = Some(line);
+            err.column = None;
+        }
+    }
+    err
+}
+
+/// serde_yaml locates errors raised by our value checks (durations, sizes)
+/// at the enclosing mapping; those messages quote the bad value as
+/// `value`, so the first line from there on holding it is the real place.
+fn refine_line(text: &str, from: usize, message: &str) -> Option<usize> {
+    let quoted = message.split('`').nth(1).filter(|v| !v.is_empty())?;
+    text.lines()
+        .enumerate()
+        .skip(from.saturating_sub(1))
+        .find(|(_, l)| l.contains(quoted))
+        .map(|(i, _)| i + 1)
+}
+
+/// serde_yaml appends " at line L column C"; we print the location up front.
+fn strip_location(msg: &str) -> String {
+    match msg.find(" at line ") {
+        Some(i) => msg[..i].to_string(),
+        None => msg.to_string(),
+    }
+}
+
+/// Expands `${VAR}` and `${VAR:-default}`; `$${` stays a literal `${`.
+/// Returns the 1-based line and a message for an unset variable without
+/// default, so a typo cannot silently become an empty string.
+pub fn expand_env(
+    text: &str,
+    lookup: impl Fn(&str) -> Option<String>,
+) -> Result<String, (usize, String)> {
+    let mut out = String::with_capacity(text.len());
+    for (i, line) in text.split_inclusive('\n').enumerate() {
+        expand_line(line, &lookup, &mut out).map_err(|m| (i + 1, m))?;
+    }
+    Ok(out)
+}
+
+fn expand_line(
+    line: &str,
+    lookup: &impl Fn(&str) -> Option<String>,
+    out: &mut String,
+) -> Result<(), String> {
+    let mut rest = line;
+    while let Some(start) = rest.find('$') {
+        out.push_str(&rest[..start]);
+        let tail = &rest[start..];
+        if let Some(after) = tail.strip_prefix("$${") {
+            out.push_str("${");
+            rest = after;
+        } else if let Some(after) = tail.strip_prefix("${") {
+            let end = after
+                .find('}')
+                .ok_or_else(|| "unterminated `${`".to_string())?;
+            out.push_str(&substitute(&after[..end], lookup)?);
+            rest = &after[end + 1..];
+        } else {
+            out.push('$');
+            rest = &tail[1..];
+        }
+    }
+    out.push_str(rest);
+    Ok(())
+}
+
+fn substitute(expr: &str, lookup: &impl Fn(&str) -> Option<String>) -> Result<String, String> {
+    let (name, default) = match expr.split_once(":-") {
+        Some((n, d)) => (n, Some(d)),
+        None => (expr, None),
+    };
+    if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+        return Err(format!("`${{{expr}}}` is not a valid variable reference"));
+    }
+    match (
+        lookup(name).filter(|v| !v.is_empty() || default.is_none()),
+        default,
+    ) {
+        (Some(v), _) => Ok(v),
+        (None, Some(d)) => Ok(d.to_string()),
+        (None, None) => Err(format!(
+            "environment variable `{name}` is not set (use ${{{name}:-default}})"
+        )),
+    }
+}
+
+fn de_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    let s = String::deserialize(d)?;
+    humantime::parse_duration(s.trim()).map_err(|e| {
+        serde::de::Error::custom(format!("invalid duration `{s}`: {e} (e.g. 30s, 5ms, 7d)"))
+    })
+}
+
+fn de_opt_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+    de_duration(d).map(Some)
+}
+
+/// A byte size: a plain number or one with a unit (KB, KiB, MB, MiB, GB, GiB).
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum SizeRepr {
+    Number(u64),
+    Text(String),
+}
+
+fn de_size<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+    match SizeRepr::deserialize(d)? {
+        SizeRepr::Number(n) => Ok(n),
+        SizeRepr::Text(s) => parse_size(&s).map_err(serde::de::Error::custom),
+    }
+}
+
+fn de_opt_size<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    de_size(d).map(Some)
+}
+
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("invalid size `{s}` (e.g. 1048576, 512KiB, 1GiB)"))?;
+    let mult: u64 = match unit.trim() {
+        "" | "B" => 1,
+        "KB" => 1_000,
+        "KiB" => 1 << 10,
+        "MB" => 1_000_000,
+        "MiB" => 1 << 20,
+        "GB" => 1_000_000_000,
+        "GiB" => 1 << 30,
+        other => {
+            return Err(format!(
+                "unknown size unit `{other}` (use B, KB, KiB, MB, MiB, GB, GiB)"
+            ))
+        }
+    };
+    n.checked_mul(mult)
+        .ok_or_else(|| format!("size `{s}` is too large"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(name: &str) -> Option<String> {
+        match name {
+            "SET" => Some("value".into()),
+            "EMPTY" => Some(String::new()),
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn expands_variables_and_defaults() {
+        let out = expand_env(
+            "a: ${SET}\nb: ${UNSET:-dflt}\nc: $${SET} $5\nd: ${EMPTY:-x}\n",
+            env,
+        )
+        .unwrap();
+        assert_eq!(out, "a: value\nb: dflt\nc: ${SET} $5\nd: x\n");
+    }
+
+    #[test]
+    fn unset_variable_names_its_line() {
+        let err = expand_env("a: 1\nb: ${NOPE}\n", env).unwrap_err();
+        assert_eq!(err.0, 2);
+        assert!(err.1.contains("NOPE"), "{}", err.1);
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("1GiB").unwrap(), 1 << 30);
+        assert_eq!(parse_size("512").unwrap(), 512);
+        assert!(parse_size("1 parsec").is_err());
+    }
+
+    #[test]
+    fn shipped_pipeline_parses() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("pipelines/tiktok.yaml");
+        let file = PipelineFile::load(&path).unwrap();
+        let p = &file.pipeline;
+        assert_eq!(p.source.nats.consumer.ack_wait, Duration::from_secs(30));
+        assert_eq!(p.source.nats.stream.max_bytes, Some(1 << 30));
+        assert_eq!(
+            p.source.nats.stream.max_age,
+            Some(Duration::from_secs(7 * 86400))
+        );
+        assert!(p
+            .validate
+            .as_ref()
+            .unwrap()
+            .schema
+            .ends_with("tiktok-event.schema.json"));
+    }
+
+    #[test]
+    fn unknown_key_is_located() {
+        let text = "name: x\nsource:\n  nats:\n    stream: {name: s, subjects: [a]}\n    consumer: {durable: d, filter_subject: f, bogus: 1}\nsink: {postgres: {insert: x}}\n";
+        let err = PipelineFile::parse(Path::new("p.yaml"), text).unwrap_err();
+        assert_eq!(err.line, Some(5), "{err}");
+        assert!(err.message.contains("bogus"), "{err}");
+        assert!(err.to_string().starts_with("p.yaml:5:"), "{err}");
+    }
+
+    #[test]
+    fn bad_duration_is_located() {
+        let text = "name: x\nsource:\n  nats:\n    stream: {name: s, subjects: [a]}\n    consumer:\n      durable: d\n      filter_subject: f\n      ack_wait: soon\nsink: {postgres: {insert: x}}\n";
+        let err = PipelineFile::parse(Path::new("p.yaml"), text).unwrap_err();
+        assert_eq!(err.line, Some(8), "{err}");
+    }
+}

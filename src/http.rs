@@ -1,0 +1,76 @@
+//! The HTTP endpoints: `/metrics`, `/health`, `/live`, `/ready`.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use prometheus::Encoder;
+use serde_json::json;
+use tokio::sync::watch;
+
+use crate::engine::Engine;
+
+/// Serves until `stop` turns true.
+pub async fn serve(
+    addr: SocketAddr,
+    engine: Arc<Engine>,
+    mut stop: watch::Receiver<bool>,
+) -> anyhow::Result<()> {
+    let app = Router::new()
+        .route("/metrics", get(metrics))
+        .route("/health", get(health))
+        .route("/live", get(live))
+        .route("/ready", get(ready))
+        .with_state(engine);
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e}"))?;
+    tracing::info!(addr = %listener.local_addr()?, "HTTP listening");
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async move {
+            let _ = stop.wait_for(|s| *s).await;
+        })
+        .await?;
+    Ok(())
+}
+
+async fn metrics(State(engine): State<Arc<Engine>>) -> Response {
+    let mut body = Vec::new();
+    let families = engine.metrics.registry.gather();
+    match prometheus::TextEncoder::new().encode(&families, &mut body) {
+        Ok(()) => ([(header::CONTENT_TYPE, prometheus::TEXT_FORMAT)], body).into_response(),
+        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
+    }
+}
+
+async fn health() -> Json<serde_json::Value> {
+    let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+    Json(json!({"status": "ok", "timestamp": now}))
+}
+
+async fn live() -> Json<serde_json::Value> {
+    Json(json!({"status": "ok"}))
+}
+
+/// 200 when every pipeline's database answers and NATS is connected,
+/// 503 (degraded) otherwise.
+async fn ready(State(engine): State<Arc<Engine>>) -> Response {
+    let database = engine.database_up().await;
+    let nats = engine.nats_up();
+    let word = |up: bool| if up { "up" } else { "down" };
+    let ok = database && nats;
+    let body = json!({
+        "status": if ok { "ok" } else { "degraded" },
+        "checks": {"database": word(database), "nats": word(nats)},
+    });
+    let code = if ok {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (code, Json(body)).into_response()
+}

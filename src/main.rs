@@ -1,0 +1,173 @@
+//! ingestd: runs the NATS JetStream → PostgreSQL pipelines declared in
+//! `pipelines/*.yaml`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+
+mod config;
+mod engine;
+mod http;
+mod metrics;
+mod pipeline;
+mod sink;
+mod source;
+mod sql;
+mod template;
+mod validate;
+
+const DEFAULT_DATABASE_URL: &str =
+    "postgresql://postgres:postgres@localhost:5432/tiktok_events?schema=public";
+
+#[derive(Parser)]
+#[command(
+    name = "ingestd",
+    version,
+    about = "Declarative NATS JetStream → PostgreSQL ingest engine",
+    after_help = "Examples:\n  ingestd                         run every pipeline in ./pipelines\n  ingestd run --pipelines /etc/ingestd/pipelines\n  ingestd check pipelines/tiktok.yaml"
+)]
+#[command(args_conflicts_with_subcommands = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    /// `run`'s options, for running without a subcommand.
+    #[command(flatten)]
+    run: RunArgs,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run every pipeline of the pipelines directory (the default).
+    #[command(
+        after_help = "Environment: DATABASE_URL, NATS_URL, PORT, HOSTNAME, NODE_ENV, LOG_FORMAT, RUST_LOG.\n`.env` in the working directory is loaded first.\n\nExample:\n  DATABASE_URL=postgresql://postgres@127.0.0.1/app ingestd run --pipelines pipelines"
+    )]
+    Run(RunArgs),
+    /// Check pipeline files (parse, environment, schema, template) without running them.
+    #[command(
+        after_help = "Exit status is 1 when any file has a problem; each is printed as file:line:column: message.\n\nExample:\n  ingestd check pipelines/"
+    )]
+    Check {
+        /// Pipeline files or directories (default: pipelines/).
+        paths: Vec<PathBuf>,
+    },
+}
+
+#[derive(clap::Args)]
+struct RunArgs {
+    /// Directory of pipeline files.
+    #[arg(long, default_value = "pipelines")]
+    pipelines: PathBuf,
+    /// Default database of every pipeline (a pipeline may override it).
+    #[arg(long, env = "DATABASE_URL", default_value = DEFAULT_DATABASE_URL, hide_env_values = true)]
+    database_url: String,
+    #[arg(long, env = "NATS_URL", default_value = "nats://localhost:4222")]
+    nats_url: String,
+    /// HTTP port of /metrics and the health endpoints.
+    #[arg(long, env = "PORT", default_value_t = 3001)]
+    port: u16,
+    /// HTTP listen address.
+    #[arg(long, env = "LISTEN_ADDR", default_value = "0.0.0.0")]
+    listen_addr: std::net::IpAddr,
+    /// NATS connection name (default: collector-$HOSTNAME, as the TTK collector).
+    #[arg(long, env = "NATS_NAME")]
+    nats_name: Option<String>,
+    /// How long shutdown waits for in-flight batches.
+    #[arg(long, default_value = "25s", value_parser = humantime::parse_duration)]
+    shutdown_grace: Duration,
+}
+
+fn main() -> ExitCode {
+    let _ = dotenvy::dotenv();
+    init_logging();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Some(Command::Check { paths }) => return check(paths),
+        Some(Command::Run(args)) => run(args),
+        None => run(cli.run),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(args: RunArgs) -> anyhow::Result<()> {
+    let hostname = std::env::var("HOSTNAME").unwrap_or_else(|_| "local".into());
+    let settings = engine::Settings {
+        pipelines_dir: args.pipelines,
+        database_url: args.database_url,
+        nats_url: args.nats_url,
+        nats_name: args
+            .nats_name
+            .unwrap_or_else(|| format!("collector-{hostname}")),
+        listen: SocketAddr::new(args.listen_addr, args.port),
+        shutdown_grace: args.shutdown_grace,
+    };
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?
+        .block_on(engine::run(settings))
+}
+
+/// Checks files offline: everything but the database and NATS.
+fn check(paths: Vec<PathBuf>) -> ExitCode {
+    let paths = if paths.is_empty() {
+        vec![PathBuf::from("pipelines")]
+    } else {
+        paths
+    };
+    let mut files = Vec::new();
+    for p in paths {
+        if p.is_dir() {
+            match engine::pipeline_files(&p) {
+                Ok(f) => files.extend(f),
+                Err(e) => {
+                    eprintln!("{e}");
+                    return ExitCode::FAILURE;
+                }
+            }
+        } else {
+            files.push(p);
+        }
+    }
+    let mut failed = 0;
+    for f in &files {
+        match pipeline::check_file(f) {
+            Ok(()) => println!("{}: ok", f.display()),
+            Err(e) => {
+                eprintln!("{e}");
+                failed += 1;
+            }
+        }
+    }
+    if failed > 0 {
+        eprintln!("{failed} of {} pipeline files have problems", files.len());
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    }
+}
+
+/// Human-readable logs by default; JSON with LOG_FORMAT=json or
+/// NODE_ENV=production (as the collector). RUST_LOG or LOG_LEVEL filter.
+fn init_logging() {
+    let filter = std::env::var("RUST_LOG")
+        .or_else(|_| std::env::var("LOG_LEVEL"))
+        .unwrap_or_else(|_| "info".into());
+    let json = std::env::var("LOG_FORMAT").is_ok_and(|f| f == "json")
+        || std::env::var("NODE_ENV").is_ok_and(|e| e == "production");
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+        .with_writer(std::io::stderr);
+    if json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}

@@ -1,0 +1,264 @@
+//! Prometheus metrics: one family set per metric prefix, shared by the
+//! pipelines that use it, plus the engine's own `ingestd_*` families.
+//!
+//! Family names and label names are declared by pipeline files (tiktok.yaml
+//! reproduces the collector's `collector_*` families exactly), so families
+//! are created on demand and checked for consistency instead of being
+//! statics.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+
+use prometheus::core::{Collector, Desc};
+use prometheus::proto::{LabelPair, MetricFamily};
+use prometheus::{CounterVec, Gauge, HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry};
+
+use crate::config::MetricsConfig;
+
+/// The collector's histogram buckets, in seconds.
+pub const DURATION_BUCKETS: [f64; 8] = [0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0];
+
+/// Label value for duration labels of failed events that the pipeline's
+/// `failed_labels` do not fix (the event is not trusted).
+const UNKNOWN: &str = "unknown";
+
+/// The registry and everything registered in it.
+pub struct Metrics {
+    pub registry: Registry,
+    sets: Mutex<HashMap<String, Arc<FamilySet>>>,
+    pub engine: EngineMetrics,
+}
+
+/// Families about the engine itself, not about events.
+pub struct EngineMetrics {
+    /// Write attempts that failed transiently, per pipeline.
+    pub sink_retries: IntCounterVec,
+    /// Events published to a dead-letter subject, per pipeline.
+    pub dead_letters: IntCounterVec,
+}
+
+/// The per-event families of one prefix.
+pub struct FamilySet {
+    key: String,
+    pub received: CounterVec,
+    pub processed: CounterVec,
+    pub failed: CounterVec,
+    pub duration: HistogramVec,
+    pub nats_up: Gauge,
+}
+
+impl Metrics {
+    pub fn new() -> anyhow::Result<Self> {
+        let registry = Registry::new();
+        let engine = EngineMetrics {
+            sink_retries: IntCounterVec::new(
+                Opts::new(
+                    "ingestd_sink_retries_total",
+                    "Batch writes that failed transiently and were retried",
+                ),
+                &["pipeline"],
+            )?,
+            dead_letters: IntCounterVec::new(
+                Opts::new(
+                    "ingestd_dead_letters_total",
+                    "Events published to a dead-letter subject",
+                ),
+                &["pipeline", "reason"],
+            )?,
+        };
+        registry.register(Box::new(engine.sink_retries.clone()))?;
+        registry.register(Box::new(engine.dead_letters.clone()))?;
+        Ok(Self {
+            registry,
+            sets: Mutex::new(HashMap::new()),
+            engine,
+        })
+    }
+
+    /// The family set for a pipeline's metrics section: created on first
+    /// use, shared when another pipeline declares the same names and labels,
+    /// refused when it declares the same prefix with other labels.
+    pub fn family_set(&self, cfg: &MetricsConfig) -> anyhow::Result<Arc<FamilySet>> {
+        let key = format!("{cfg:?}");
+        let mut sets = self.sets.lock().expect("metrics lock");
+        if let Some(existing) = sets.get(&cfg.prefix) {
+            anyhow::ensure!(
+                existing.key == key,
+                "metrics prefix `{}` is already used by another pipeline with different labels",
+                cfg.prefix
+            );
+            return Ok(existing.clone());
+        }
+        let set = Arc::new(FamilySet::new(cfg, key)?);
+        set.register(&self.registry)?;
+        if cfg.process_metrics {
+            self.registry.register(Box::new(Labelled::process(cfg)))?;
+        }
+        sets.insert(cfg.prefix.clone(), set.clone());
+        Ok(set)
+    }
+
+    /// Every family set, for connection-status updates.
+    pub fn sets(&self) -> Vec<Arc<FamilySet>> {
+        self.sets
+            .lock()
+            .expect("metrics lock")
+            .values()
+            .cloned()
+            .collect()
+    }
+
+    /// Sets the NATS connection gauge of every family set.
+    pub fn set_nats_connected(&self, up: bool) {
+        for set in self.sets() {
+            set.nats_up.set(if up { 1.0 } else { 0.0 });
+        }
+    }
+}
+
+impl FamilySet {
+    fn new(cfg: &MetricsConfig, key: String) -> anyhow::Result<Self> {
+        let p = &cfg.prefix;
+        let opts = |name: &str, help: &str| {
+            Opts::new(format!("{p}_{name}"), help)
+                .const_labels(cfg.const_labels.clone().into_iter().collect())
+        };
+        let labels: Vec<&str> = cfg.labels.keys().map(String::as_str).collect();
+        let mut failed: Vec<&str> = cfg.failed_labels.keys().map(String::as_str).collect();
+        failed.push("reason");
+        let duration: Vec<&str> = cfg.duration_labels.iter().map(String::as_str).collect();
+        let hist = HistogramOpts::from(opts(
+            "event_processing_duration_seconds",
+            "Time from receipt to acknowledgement of an event",
+        ))
+        .buckets(DURATION_BUCKETS.to_vec());
+        Ok(Self {
+            key,
+            received: CounterVec::new(
+                opts(
+                    "events_received_total",
+                    "Deliveries received from NATS, redeliveries included",
+                ),
+                &["subject"],
+            )?,
+            processed: CounterVec::new(
+                opts(
+                    "events_processed_total",
+                    "Events stored (or already stored) and acknowledged",
+                ),
+                &labels,
+            )?,
+            failed: CounterVec::new(
+                opts("events_failed_total", "Events that failed, by reason"),
+                &failed,
+            )?,
+            duration: HistogramVec::new(hist, &duration)?,
+            nats_up: Gauge::with_opts(opts(
+                "nats_connection_status",
+                "1 when connected to NATS, 0 when not",
+            ))?,
+        })
+    }
+
+    fn register(&self, r: &Registry) -> prometheus::Result<()> {
+        r.register(Box::new(self.received.clone()))?;
+        r.register(Box::new(self.processed.clone()))?;
+        r.register(Box::new(self.failed.clone()))?;
+        r.register(Box::new(self.duration.clone()))?;
+        r.register(Box::new(self.nats_up.clone()))
+    }
+}
+
+/// A collector whose series all get extra constant labels: the process
+/// collector has no const-label option, and the collector's default labels
+/// apply to process metrics too.
+struct Labelled {
+    inner: Box<dyn Collector>,
+    labels: Vec<LabelPair>,
+}
+
+impl Labelled {
+    fn process(cfg: &MetricsConfig) -> Self {
+        let inner = prometheus::process_collector::ProcessCollector::new(
+            std::process::id() as i32,
+            cfg.prefix.clone(),
+        );
+        Self {
+            inner: Box::new(inner),
+            labels: label_pairs(&cfg.const_labels),
+        }
+    }
+}
+
+fn label_pairs(labels: &BTreeMap<String, String>) -> Vec<LabelPair> {
+    labels
+        .iter()
+        .map(|(k, v)| {
+            let mut pair = LabelPair::new();
+            pair.set_name(k.clone());
+            pair.set_value(v.clone());
+            pair
+        })
+        .collect()
+}
+
+impl Collector for Labelled {
+    fn desc(&self) -> Vec<&Desc> {
+        self.inner.desc()
+    }
+
+    fn collect(&self) -> Vec<MetricFamily> {
+        let mut families = self.inner.collect();
+        for family in &mut families {
+            for metric in family.mut_metric() {
+                let mut labels = metric.take_label();
+                labels.extend(self.labels.iter().cloned());
+                labels.sort_by(|a, b| a.name().cmp(b.name()));
+                metric.set_label(labels);
+            }
+        }
+        families
+    }
+}
+
+/// Label values of one pipeline's failed events, computed once.
+pub struct FailureLabels {
+    /// failed_labels values, in name order, before `reason`.
+    pub failed: Vec<String>,
+    /// duration_labels values for a failed event.
+    pub duration: Vec<String>,
+}
+
+impl FailureLabels {
+    pub fn new(cfg: &MetricsConfig) -> Self {
+        Self {
+            failed: cfg.failed_labels.values().cloned().collect(),
+            duration: cfg
+                .duration_labels
+                .iter()
+                .map(|l| {
+                    cfg.failed_labels
+                        .get(l)
+                        .cloned()
+                        .unwrap_or_else(|| UNKNOWN.to_string())
+                })
+                .collect(),
+        }
+    }
+
+    /// failed_labels values followed by the reason.
+    pub fn with_reason<'a>(&'a self, reason: &'a str) -> Vec<&'a str> {
+        let mut v: Vec<&str> = self.failed.iter().map(String::as_str).collect();
+        v.push(reason);
+        v
+    }
+}
+
+/// Picks the duration label values out of a processed event's labels.
+pub fn duration_values<'a>(cfg: &MetricsConfig, labels: &'a [String]) -> Vec<&'a str> {
+    cfg.duration_labels
+        .iter()
+        .filter_map(|d| cfg.labels.keys().position(|k| k == d))
+        .map(|i| labels[i].as_str())
+        .collect()
+}

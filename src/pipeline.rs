@@ -1,0 +1,523 @@
+//! One pipeline: pull a batch, prepare each event (decode, validate,
+//! render), write the batch, acknowledge after the commit.
+//!
+//! Invariants:
+//! - nothing is acknowledged before its row is committed;
+//! - every delivery ends in exactly one outcome: processed (acked after
+//!   commit), failed `validation_error` (the invalid policy applied), or
+//!   failed `processing_error` (left for redelivery at shutdown);
+//! - every message the pipeline holds is kept alive with progress acks
+//!   while it waits, so waiting never spends a delivery attempt.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream::{self, AckKind, Message};
+use serde_json::Value as Json;
+use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
+use tokio::time::Instant;
+
+use crate::config::{self, InvalidAction, PipelineFile};
+use crate::metrics::{duration_values, FailureLabels, FamilySet, Metrics};
+use crate::sink::{Outcome, PgSink};
+use crate::source::{self, Puller};
+use crate::template::{Rendered, Templates};
+use crate::validate::{truncate, EventValidator};
+
+/// The `reason` label of events that can never be stored.
+const VALIDATION_ERROR: &str = "validation_error";
+/// The `reason` label of events left unacknowledged for redelivery.
+const PROCESSING_ERROR: &str = "processing_error";
+
+/// A pipeline compiled from its file and connected to its sink and consumer.
+pub struct Pipeline {
+    pub name: String,
+    pub file: PathBuf,
+    cfg: config::Pipeline,
+    validator: Option<EventValidator>,
+    templates: Templates,
+    pub sink: Arc<PgSink>,
+    consumer: jetstream::consumer::PullConsumer,
+    js: jetstream::Context,
+    families: Arc<FamilySet>,
+    engine: Arc<Metrics>,
+    failure: FailureLabels,
+    /// True while the sink's last write attempt failed transiently.
+    sink_down: AtomicBool,
+}
+
+/// Shared handles a pipeline is built with.
+pub struct Deps {
+    pub js: jetstream::Context,
+    pub metrics: Arc<Metrics>,
+    pub database_url: String,
+}
+
+/// A delivered message and when it arrived (for the duration histogram).
+struct Held {
+    msg: Message,
+    received: Instant,
+}
+
+/// Why an event can never be stored; `kind` names the class in logs and
+/// dead-letter headers.
+struct Invalid {
+    kind: &'static str,
+    error: String,
+}
+
+/// An event ready to write.
+struct Row {
+    held: Held,
+    labels: Vec<String>,
+    event_id: Option<String>,
+}
+
+impl Pipeline {
+    /// Compiles and connects everything the file declares; any failure is
+    /// reported against the file, and nothing is started.
+    pub async fn build(file: PipelineFile, deps: &Deps) -> anyhow::Result<Self> {
+        let cfg = file.pipeline.clone();
+        let (validator, templates) = compile(&file)?;
+        let pg = &cfg.sink.postgres;
+        let url = pg.url.clone().unwrap_or_else(|| deps.database_url.clone());
+        let sink = PgSink::connect(&url, pg.pool_size)
+            .await
+            .map_err(|e| file.error("postgres", e.to_string()))?;
+        if let Some(dir) = &pg.migrations {
+            sink.migrate(dir)
+                .await
+                .map_err(|e| file.error("migrations", e.to_string()))?;
+        }
+        check_statement(&sink, &templates)
+            .await
+            .map_err(|e| file.error("insert", e))?;
+        let families = deps
+            .metrics
+            .family_set(&cfg.metrics)
+            .map_err(|e| file.error("metrics", e.to_string()))?;
+        let nats = &cfg.source.nats;
+        let consumer = source::ensure(
+            &deps.js,
+            &nats.stream,
+            &nats.consumer,
+            cfg.max_ack_pending(),
+        )
+        .await
+        .map_err(|e| file.error("consumer", format!("{e:#}")))?;
+        Ok(Self {
+            name: cfg.name.clone(),
+            file: file.path.clone(),
+            failure: FailureLabels::new(&cfg.metrics),
+            cfg,
+            validator,
+            templates,
+            sink: Arc::new(sink),
+            consumer,
+            js: deps.js.clone(),
+            families,
+            engine: deps.metrics.clone(),
+            sink_down: AtomicBool::new(false),
+        })
+    }
+
+    /// False while the database is failing writes.
+    pub fn sink_up(&self) -> bool {
+        !self.sink_down.load(Ordering::Relaxed)
+    }
+
+    /// Pulls and writes until `stop` turns true, then finishes and
+    /// acknowledges the batches in flight and returns.
+    pub async fn run(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
+        let batch = &self.cfg.sink.postgres.batch;
+        let slots = Arc::new(Semaphore::new(batch.max_in_flight.get()));
+        let mut puller = Puller::new(self.consumer.clone(), batch.max_rows.get());
+        tracing::info!(pipeline = %self.name, file = %self.file.display(), "pipeline running");
+        while let Some(held) = self.collect(&mut puller, &mut stop).await {
+            let (rows, rendered) = self.prepare_all(held).await;
+            let Some(permit) = self.wait_for_slot(&slots, &rows, &mut puller).await else {
+                break;
+            };
+            let this = self.clone();
+            let stop = stop.clone();
+            tokio::spawn(async move { this.write(rows, rendered, stop, permit).await });
+        }
+        self.release_buffered(&mut puller).await;
+        let _ = slots.acquire_many(batch.max_in_flight.get() as u32).await;
+        tracing::info!(pipeline = %self.name, "pipeline stopped");
+    }
+
+    /// Waits for the first message, then gathers until `max_rows` or
+    /// `max_wait` after the first. None once `stop` is set.
+    async fn collect(
+        &self,
+        puller: &mut Puller,
+        stop: &mut watch::Receiver<bool>,
+    ) -> Option<Vec<Held>> {
+        let b = &self.cfg.sink.postgres.batch;
+        let first = tokio::select! {
+            biased;
+            _ = stop.wait_for(|s| *s) => return None,
+            m = puller.next(None) => m?,
+        };
+        let deadline = Instant::now() + b.max_wait;
+        let mut held = vec![self.receive(first)];
+        while held.len() < b.max_rows.get() {
+            match puller.next(Some(deadline)).await {
+                Some(m) => held.push(self.receive(m)),
+                None => break,
+            }
+        }
+        Some(held)
+    }
+
+    fn receive(&self, msg: Message) -> Held {
+        self.families
+            .received
+            .with_label_values(&[msg.subject.as_str()])
+            .inc();
+        Held {
+            msg,
+            received: Instant::now(),
+        }
+    }
+
+    /// Prepares every event; invalid ones get the invalid policy at once.
+    async fn prepare_all(&self, held: Vec<Held>) -> (Vec<Row>, Vec<Rendered>) {
+        let mut rows = Vec::with_capacity(held.len());
+        let mut statements = Vec::with_capacity(held.len());
+        for h in held {
+            match self.prepare(&h.msg) {
+                Ok((rendered, labels, event_id)) => {
+                    rows.push(Row {
+                        held: h,
+                        labels,
+                        event_id,
+                    });
+                    statements.push(rendered);
+                }
+                Err(invalid) => self.reject(h, invalid).await,
+            }
+        }
+        (rows, statements)
+    }
+
+    fn prepare(&self, msg: &Message) -> Result<(Rendered, Vec<String>, Option<String>), Invalid> {
+        let invalid = |kind, error: String| Invalid { kind, error };
+        if msg.payload.len() as u64 > self.cfg.max_payload {
+            let e = format!(
+                "payload of {} bytes exceeds max_payload ({})",
+                msg.payload.len(),
+                self.cfg.max_payload
+            );
+            return Err(invalid("too_large", e));
+        }
+        let mut event: Json = serde_json::from_slice(&msg.payload)
+            .map_err(|e| invalid("not_json", format!("not JSON: {e}")))?;
+        if let Some(v) = &self.validator {
+            v.apply(&mut event).map_err(|e| invalid("schema", e))?;
+        }
+        let ctx = Templates::context(&event, msg.subject.as_str(), &headers(msg));
+        let rendered = self
+            .templates
+            .render_insert(&ctx)
+            .map_err(|e| invalid("template", e))?;
+        let labels = self
+            .templates
+            .render_labels(&ctx)
+            .map_err(|e| invalid("template", e))?;
+        let event_id = event_id(&event);
+        Ok((rendered, labels, event_id))
+    }
+
+    /// Waits for a write slot while keeping `rows` and the puller's
+    /// buffered messages alive. None when the stop came first.
+    async fn wait_for_slot(
+        &self,
+        slots: &Arc<Semaphore>,
+        rows: &[Row],
+        puller: &mut Puller,
+    ) -> Option<OwnedSemaphorePermit> {
+        let keepalive = self.keepalive_period();
+        let mut next_progress = Instant::now() + keepalive;
+        loop {
+            tokio::select! {
+                permit = slots.clone().acquire_owned() => return permit.ok(),
+                _ = puller.drain_open() => {}
+                _ = tokio::time::sleep_until(next_progress) => {
+                    let held = rows.iter().map(|r| &r.held.msg).chain(puller.buffered());
+                    progress(held).await;
+                    next_progress = Instant::now() + keepalive;
+                }
+            }
+        }
+    }
+
+    fn keepalive_period(&self) -> Duration {
+        (self.cfg.source.nats.consumer.ack_wait / 3).max(Duration::from_millis(100))
+    }
+
+    /// Writes a batch, retrying transient failures with capped backoff
+    /// until it is committed; then acknowledges. On stop while the sink is
+    /// down, the remaining messages are released for redelivery.
+    async fn write(
+        &self,
+        rows: Vec<Row>,
+        rendered: Vec<Rendered>,
+        stop: watch::Receiver<bool>,
+        _permit: OwnedSemaphorePermit,
+    ) {
+        let mut outcomes = vec![Outcome::Pending; rows.len()];
+        let policy = &self.cfg.on_error.transient;
+        let mut backoff = policy.backoff_initial;
+        let mut last_progress = Instant::now();
+        loop {
+            match self.sink.write(&rendered, &mut outcomes).await {
+                Ok(()) => break,
+                Err(e) => {
+                    self.sink_down.store(true, Ordering::Relaxed);
+                    self.engine
+                        .engine
+                        .sink_retries
+                        .with_label_values(&[&self.name])
+                        .inc();
+                    tracing::warn!(pipeline = %self.name, error = %e.0, retry_in = ?backoff, "write failed; holding the batch");
+                    if *stop.borrow() {
+                        self.release(&rows, &outcomes).await;
+                        return self.settle(rows, outcomes).await;
+                    }
+                    if last_progress.elapsed() >= self.keepalive_period() {
+                        let pending = rows
+                            .iter()
+                            .zip(&outcomes)
+                            .filter(|(_, o)| **o == Outcome::Pending);
+                        progress(pending.map(|(r, _)| &r.held.msg)).await;
+                        last_progress = Instant::now();
+                    }
+                    tokio::time::sleep(backoff.min(self.keepalive_period())).await;
+                    backoff = (backoff * 2).min(policy.backoff_max);
+                }
+            }
+        }
+        self.sink_down.store(false, Ordering::Relaxed);
+        self.settle(rows, outcomes).await;
+    }
+
+    /// Applies each row's final outcome: ack stored rows, reject the
+    /// rows the database refused.
+    async fn settle(&self, rows: Vec<Row>, outcomes: Vec<Outcome>) {
+        for (row, outcome) in rows.into_iter().zip(outcomes) {
+            match outcome {
+                Outcome::Stored => self.processed(row).await,
+                Outcome::Rejected(error) => {
+                    self.reject(
+                        row.held,
+                        Invalid {
+                            kind: "unstorable",
+                            error,
+                        },
+                    )
+                    .await
+                }
+                Outcome::Pending => {}
+            }
+        }
+    }
+
+    async fn processed(&self, row: Row) {
+        if let Err(e) = row.held.msg.ack().await {
+            tracing::warn!(pipeline = %self.name, error = %e, "ack failed; the event will be redelivered and deduplicated");
+        }
+        let labels: Vec<&str> = row.labels.iter().map(String::as_str).collect();
+        self.families.processed.with_label_values(&labels).inc();
+        self.families
+            .duration
+            .with_label_values(&duration_values(&self.cfg.metrics, &row.labels))
+            .observe(row.held.received.elapsed().as_secs_f64());
+        tracing::debug!(pipeline = %self.name, event_id = ?row.event_id, "stored");
+    }
+
+    /// Leaves the pending rows for JetStream to redeliver (nak: another
+    /// process may take them at once), counting a processing error each.
+    async fn release(&self, rows: &[Row], outcomes: &[Outcome]) {
+        for (row, _) in rows
+            .iter()
+            .zip(outcomes)
+            .filter(|(_, o)| **o == Outcome::Pending)
+        {
+            let _ = row.held.msg.ack_with(AckKind::Nak(None)).await;
+            self.count_failure(&row.held, PROCESSING_ERROR);
+        }
+    }
+
+    /// Messages delivered but not yet in a batch when the pipeline stops go
+    /// back for redelivery at once (nak), unprocessed and uncounted as
+    /// failures: they were never attempted.
+    async fn release_buffered(&self, puller: &mut Puller) {
+        for m in puller.buffered() {
+            let _ = m.ack_with(AckKind::Nak(None)).await;
+        }
+    }
+
+    /// Applies the pipeline's invalid policy to an event that can never be
+    /// stored.
+    async fn reject(&self, held: Held, invalid: Invalid) {
+        let policy = &self.cfg.on_error.invalid;
+        let info = held
+            .msg
+            .info()
+            .ok()
+            .map(|i| (i.stream_sequence, i.delivered));
+        tracing::warn!(
+            pipeline = %self.name,
+            subject = %held.msg.subject,
+            stream_seq = ?info.map(|i| i.0),
+            kind = invalid.kind,
+            error = %truncate(&invalid.error, 500),
+            "invalid event"
+        );
+        let settled = match policy.action {
+            InvalidAction::Ack => held.msg.ack().await.map_err(|e| e.to_string()),
+            InvalidAction::Term => held
+                .msg
+                .ack_with(AckKind::Term)
+                .await
+                .map_err(|e| e.to_string()),
+            InvalidAction::Nak => held
+                .msg
+                .ack_with(AckKind::Nak(policy.delay))
+                .await
+                .map_err(|e| e.to_string()),
+            InvalidAction::DeadLetter => {
+                self.dead_letter(&held.msg, &invalid, info.map(|i| i.1))
+                    .await
+            }
+        };
+        if let Err(e) = settled {
+            tracing::warn!(pipeline = %self.name, error = %e, "could not settle the invalid event; it will be redelivered");
+        }
+        self.count_failure(&held, VALIDATION_ERROR);
+    }
+
+    /// Publishes the original payload with headers explaining the failure,
+    /// waits for JetStream to confirm it, and only then acks the original.
+    async fn dead_letter(
+        &self,
+        msg: &Message,
+        invalid: &Invalid,
+        delivered: Option<i64>,
+    ) -> Result<(), String> {
+        let subject = self
+            .cfg
+            .on_error
+            .invalid
+            .subject
+            .clone()
+            .expect("checked at load");
+        let mut headers = msg.headers.clone().unwrap_or_default();
+        headers.insert("Ingestd-Pipeline", self.name.as_str());
+        headers.insert("Ingestd-Reason", invalid.kind);
+        headers.insert(
+            "Ingestd-Error",
+            truncate(&invalid.error, 1000)
+                .replace(['\r', '\n'], " ")
+                .as_str(),
+        );
+        headers.insert("Ingestd-Subject", msg.subject.as_str());
+        headers.insert(
+            "Ingestd-Delivered",
+            delivered.unwrap_or(0).to_string().as_str(),
+        );
+        let confirm = self
+            .js
+            .publish_with_headers(subject, headers, msg.payload.clone())
+            .await
+            .map_err(|e| format!("dead-letter publish: {e}"))?;
+        confirm
+            .await
+            .map_err(|e| format!("dead-letter not confirmed: {e}"))?;
+        self.engine
+            .engine
+            .dead_letters
+            .with_label_values(&[&self.name, invalid.kind])
+            .inc();
+        msg.ack().await.map_err(|e| e.to_string())
+    }
+
+    fn count_failure(&self, held: &Held, reason: &str) {
+        self.families
+            .failed
+            .with_label_values(&self.failure.with_reason(reason))
+            .inc();
+        self.families
+            .duration
+            .with_label_values(&self.failure.duration)
+            .observe(held.received.elapsed().as_secs_f64());
+    }
+}
+
+/// Compiles what needs no connection: the schema and the templates.
+fn compile(
+    file: &PipelineFile,
+) -> Result<(Option<EventValidator>, Templates), config::ConfigError> {
+    let cfg = &file.pipeline;
+    let validator = match &cfg.validate {
+        Some(v) => Some(
+            EventValidator::load(&v.schema, v.strip_unknown)
+                .map_err(|e| file.error("schema", e))?,
+        ),
+        None => None,
+    };
+    let templates =
+        Templates::compile(&cfg.sink.postgres.insert, &cfg.metrics.labels).map_err(|e| {
+            let base = file.line_of_key("insert");
+            let line = match (base, e.line) {
+                (Some(b), Some(l)) => Some(b + l),
+                (b, _) => b,
+            };
+            config::ConfigError::new(&file.path, line, format!("template: {}", e.message))
+        })?;
+    Ok((validator, templates))
+}
+
+/// Checks a pipeline file offline (for `ingestd check`).
+pub fn check_file(path: &std::path::Path) -> Result<(), config::ConfigError> {
+    compile(&PipelineFile::load(path)?).map(|_| ())
+}
+
+/// Renders the template over an empty event and prepares the statement, so
+/// a missing table or column fails the pipeline at load, not per event.
+async fn check_statement(sink: &PgSink, templates: &Templates) -> Result<(), String> {
+    let ctx = Templates::context(&Json::Object(Default::default()), "", &BTreeMap::new());
+    let rendered = templates.render_insert(&ctx)?;
+    sink.plan(&rendered).await.map(|_| ()).map_err(|e| {
+        format!(
+            "the insert statement is rejected by the database: {}",
+            crate::sink::describe(&e)
+        )
+    })
+}
+
+async fn progress<'a>(messages: impl Iterator<Item = &'a Message>) {
+    for m in messages {
+        let _ = m.ack_with(AckKind::Progress).await;
+    }
+}
+
+fn headers(msg: &Message) -> BTreeMap<String, String> {
+    msg.headers
+        .iter()
+        .flat_map(|h| h.iter())
+        .filter_map(|(k, v)| v.first().map(|v| (k.to_string(), v.to_string())))
+        .collect()
+}
+
+fn event_id(event: &Json) -> Option<String> {
+    event
+        .get("eventId")
+        .and_then(Json::as_str)
+        .map(str::to_string)
+}
