@@ -1,11 +1,25 @@
-//! Runs the set of pipelines found in the pipelines directory.
+//! Runs the set of pipelines found in the pipelines directory and applies
+//! changes to it (hot reload).
+//!
+//! A reload builds the new version completely (parse, schema, template,
+//! migrations, statement prepared, consumer ensured) while the old one keeps
+//! running. Only then is the new version started and the old one stopped:
+//! both pull from the same durable consumer for the moment the old one takes
+//! to drain its open pull request and acknowledge its in-flight batches, so
+//! there is no gap in processing and every message is delivered to exactly
+//! one of them. A failed build leaves the running version untouched.
 
+use std::collections::hash_map::DefaultHasher;
+use std::collections::BTreeMap;
+use std::hash::{Hash, Hasher};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::sync::{watch, RwLock};
+use serde::Serialize;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
 
 use crate::config::PipelineFile;
 use crate::metrics::Metrics;
@@ -24,11 +38,50 @@ pub struct Settings {
     pub shutdown_grace: Duration,
 }
 
-/// The running engine, shared with the HTTP handlers.
+/// The running engine, shared with the HTTP handlers and the watcher.
 pub struct Engine {
     pub metrics: Arc<Metrics>,
+    pub dir: PathBuf,
     nats: async_nats::Client,
-    pipelines: RwLock<Vec<Arc<Pipeline>>>,
+    deps: Deps,
+    /// One slot per pipeline file. Only the reconcile task changes it, and
+    /// never holds the lock across an await.
+    slots: Mutex<BTreeMap<PathBuf, Slot>>,
+}
+
+/// A pipeline file's state: the version running (if any) and the last
+/// load error (if the last attempt failed).
+#[derive(Default)]
+struct Slot {
+    running: Option<Running>,
+    error: Option<String>,
+    /// Fingerprint of the last attempted content, so an unchanged broken
+    /// file is not rebuilt on every unrelated change.
+    attempted: Option<u64>,
+}
+
+struct Running {
+    pipeline: Arc<Pipeline>,
+    stop: watch::Sender<bool>,
+    task: JoinHandle<()>,
+    fingerprint: u64,
+    loaded_at: chrono::DateTime<chrono::Utc>,
+}
+
+/// One pipeline as `/pipelines` shows it.
+#[derive(Debug, Serialize)]
+pub struct Status {
+    pub name: Option<String>,
+    pub file: String,
+    /// `running`, `failed` (never loaded) or `degraded` (running an older
+    /// version because the file's current content failed to load).
+    pub state: &'static str,
+    pub version: Option<String>,
+    pub loaded_at: Option<String>,
+    pub last_error: Option<String>,
+    pub received: u64,
+    pub processed: u64,
+    pub failed: u64,
 }
 
 impl Engine {
@@ -36,17 +89,264 @@ impl Engine {
         self.nats.connection_state() == async_nats::connection::State::Connected
     }
 
+    fn running(&self) -> Vec<Arc<Pipeline>> {
+        let slots = self.slots.lock().expect("slots lock");
+        slots
+            .values()
+            .filter_map(|s| s.running.as_ref().map(|r| r.pipeline.clone()))
+            .collect()
+    }
+
     /// True when every pipeline's database answers and no pipeline is
     /// failing its writes.
     pub async fn database_up(&self) -> bool {
-        let pipelines = self.pipelines.read().await.clone();
-        for p in pipelines {
+        for p in self.running() {
             if !p.sink_up() || !p.sink.ping().await {
                 return false;
             }
         }
         true
     }
+
+    pub fn statuses(&self) -> Vec<Status> {
+        let slots = self.slots.lock().expect("slots lock");
+        slots.iter().map(|(path, slot)| slot.status(path)).collect()
+    }
+
+    /// Brings the running set in line with the directory. Returns the load
+    /// errors (already logged, counted and recorded for `/pipelines`).
+    pub async fn reconcile(&self) -> Vec<String> {
+        let files = match pipeline_files(&self.dir) {
+            Ok(f) => f,
+            Err(e) => return vec![e.to_string()],
+        };
+        let mut errors = Vec::new();
+        for path in &files {
+            if let Err(e) = self.reconcile_file(path).await {
+                errors.push(e);
+            }
+        }
+        let gone: Vec<PathBuf> = {
+            let slots = self.slots.lock().expect("slots lock");
+            slots
+                .keys()
+                .filter(|p| !files.contains(p))
+                .cloned()
+                .collect()
+        };
+        for path in gone {
+            let slot = self.slots.lock().expect("slots lock").remove(&path);
+            if let Some(running) = slot.and_then(|s| s.running) {
+                tracing::info!(file = %path.display(), "pipeline file removed: stopping its pipeline");
+                stop(running).await;
+            }
+            self.metrics.release(&path);
+        }
+        errors
+    }
+
+    /// Loads one file if its content changed, and swaps versions.
+    async fn reconcile_file(&self, path: &Path) -> Result<(), String> {
+        let loaded = PipelineFile::load(path).map_err(|e| e.to_string());
+        let fingerprint = loaded.as_ref().map_or_else(|e| hash_of(e), fingerprint);
+        {
+            let mut slots = self.slots.lock().expect("slots lock");
+            let slot = slots.entry(path.to_path_buf()).or_default();
+            if slot
+                .running
+                .as_ref()
+                .is_some_and(|r| r.fingerprint == fingerprint)
+            {
+                slot.error = None;
+                slot.attempted = Some(fingerprint);
+                return Ok(());
+            }
+            if slot.attempted == Some(fingerprint) {
+                return slot.error.clone().map_or(Ok(()), Err);
+            }
+            slot.attempted = Some(fingerprint);
+        }
+        let built = match loaded {
+            Ok(file) => self.build(path, file).await,
+            Err(e) => Err(e),
+        };
+        match built {
+            Ok(pipeline) => {
+                self.count(path, "success");
+                self.swap(path, pipeline, fingerprint).await;
+                Ok(())
+            }
+            Err(e) => {
+                self.count(path, "failure");
+                tracing::error!(error = %e, "pipeline not (re)loaded; any running version keeps running");
+                self.slots
+                    .lock()
+                    .expect("slots lock")
+                    .entry(path.to_path_buf())
+                    .or_default()
+                    .error = Some(e.clone());
+                Err(e)
+            }
+        }
+    }
+
+    async fn build(&self, path: &Path, file: PipelineFile) -> Result<Pipeline, String> {
+        self.check_unique(path, &file)?;
+        Pipeline::build(file, &self.deps)
+            .await
+            .map_err(|e| format!("{e:#}"))
+    }
+
+    /// Two files may not run the same pipeline name or durable consumer:
+    /// their events would be split between them unpredictably.
+    fn check_unique(&self, path: &Path, file: &PipelineFile) -> Result<(), String> {
+        let slots = self.slots.lock().expect("slots lock");
+        let p = &file.pipeline;
+        for (other, slot) in slots.iter().filter(|(o, _)| *o != path) {
+            if let Some(r) = &slot.running {
+                if r.pipeline.name == p.name
+                    || r.pipeline.durable() == p.source.nats.consumer.durable
+                {
+                    return Err(file
+                        .error(
+                            "name",
+                            format!(
+                                "pipeline `{}` (or its durable consumer) is already run by {}",
+                                p.name,
+                                other.display()
+                            ),
+                        )
+                        .to_string());
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Starts the new version, then stops the old one (see the module doc).
+    async fn swap(&self, path: &Path, pipeline: Pipeline, fingerprint: u64) {
+        let pipeline = Arc::new(pipeline);
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let task = tokio::spawn(pipeline.clone().run(stop_rx));
+        let new = Running {
+            pipeline,
+            stop: stop_tx,
+            task,
+            fingerprint,
+            loaded_at: chrono::Utc::now(),
+        };
+        let old = {
+            let mut slots = self.slots.lock().expect("slots lock");
+            let slot = slots.entry(path.to_path_buf()).or_default();
+            slot.error = None;
+            slot.running.replace(new)
+        };
+        if let Some(old) = old {
+            tracing::info!(file = %path.display(), "pipeline reloaded: stopping the previous version");
+            stop(old).await;
+        }
+    }
+
+    fn count(&self, path: &Path, result: &str) {
+        let file = path.display().to_string();
+        self.metrics
+            .engine
+            .reloads
+            .with_label_values(&[file.as_str(), result])
+            .inc();
+    }
+
+    /// Stops every pipeline, letting each finish its in-flight batches.
+    async fn stop_all(&self) {
+        let running: Vec<Running> = {
+            let mut slots = self.slots.lock().expect("slots lock");
+            slots
+                .values_mut()
+                .filter_map(|s| s.running.take())
+                .collect()
+        };
+        futures::future::join_all(running.into_iter().map(stop)).await;
+    }
+
+    /// Makes the next reconcile retry every file, even unchanged ones (a
+    /// missing table may have been created meanwhile).
+    pub fn forget_attempts(&self) {
+        let mut slots = self.slots.lock().expect("slots lock");
+        for slot in slots.values_mut() {
+            slot.attempted = None;
+            if let Some(r) = &mut slot.running {
+                r.fingerprint = 0;
+            }
+        }
+    }
+
+    /// Directories whose changes may change a pipeline: the pipelines
+    /// directory and those of referenced schemas and migrations.
+    pub fn watched_dirs(&self) -> Vec<PathBuf> {
+        let mut dirs = vec![self.dir.clone()];
+        for p in self.running() {
+            dirs.extend(p.referenced_dirs());
+        }
+        dirs.sort();
+        dirs.dedup();
+        dirs
+    }
+}
+
+impl Slot {
+    fn status(&self, path: &Path) -> Status {
+        let r = self.running.as_ref();
+        let stat = |f: fn(&Pipeline) -> u64| r.map_or(0, |r| f(&r.pipeline));
+        Status {
+            name: r.map(|r| r.pipeline.name.clone()),
+            file: path.display().to_string(),
+            state: match (r, &self.error) {
+                (Some(_), None) => "running",
+                (Some(_), Some(_)) => "degraded",
+                (None, _) => "failed",
+            },
+            version: r.map(|r| format!("{:016x}", r.fingerprint)),
+            loaded_at: r.map(|r| r.loaded_at.to_rfc3339()),
+            last_error: self.error.clone(),
+            received: stat(|p| p.stats.received.load(std::sync::atomic::Ordering::Relaxed)),
+            processed: stat(|p| p.stats.processed.load(std::sync::atomic::Ordering::Relaxed)),
+            failed: stat(|p| p.stats.failed.load(std::sync::atomic::Ordering::Relaxed)),
+        }
+    }
+}
+
+async fn stop(running: Running) {
+    let _ = running.stop.send(true);
+    if let Err(e) = running.task.await {
+        tracing::error!(error = %e, "pipeline task failed");
+    }
+}
+
+/// Identifies a version: the expanded file text and the content of the
+/// schema and migrations it references.
+fn fingerprint(file: &PipelineFile) -> u64 {
+    let mut h = DefaultHasher::new();
+    file.text.hash(&mut h);
+    if let Some(v) = &file.pipeline.validate {
+        std::fs::read(&v.schema).ok().hash(&mut h);
+    }
+    if let Some(dir) = &file.pipeline.sink.postgres.migrations {
+        let mut entries: Vec<PathBuf> = std::fs::read_dir(dir)
+            .map(|d| d.filter_map(|e| e.ok().map(|e| e.path())).collect())
+            .unwrap_or_default();
+        entries.sort();
+        for e in entries {
+            e.hash(&mut h);
+            std::fs::read(&e).ok().hash(&mut h);
+        }
+    }
+    h.finish()
+}
+
+fn hash_of(s: &str) -> u64 {
+    let mut h = DefaultHasher::new();
+    s.hash(&mut h);
+    h.finish()
 }
 
 /// The pipeline files of a directory (`*.yaml`, `*.yml`), sorted by name.
@@ -56,58 +356,66 @@ pub fn pipeline_files(dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
     let mut files: Vec<PathBuf> = entries
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| matches!(p.extension().and_then(|e| e.to_str()), Some("yaml" | "yml")))
+        .filter(|p| {
+            !p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with('.'))
+        })
         .collect();
     files.sort();
     Ok(files)
 }
 
-/// Starts every pipeline, serves HTTP, and stops cleanly on SIGINT or
-/// SIGTERM. Any pipeline that cannot start fails the whole start-up.
+/// Starts every pipeline, serves HTTP, reloads on changes and SIGHUP, and
+/// stops cleanly on SIGINT or SIGTERM. Any pipeline that cannot start
+/// fails the start-up.
 pub async fn run(settings: Settings) -> anyhow::Result<()> {
-    let files = pipeline_files(&settings.pipelines_dir)?;
+    let dir = settings.pipelines_dir.canonicalize().map_err(|e| {
+        anyhow::anyhow!(
+            "cannot read pipelines directory {}: {e}",
+            settings.pipelines_dir.display()
+        )
+    })?;
     anyhow::ensure!(
-        !files.is_empty(),
+        !pipeline_files(&dir)?.is_empty(),
         "no pipeline files (*.yaml) in {}",
-        settings.pipelines_dir.display()
+        dir.display()
     );
-    let parsed = files
-        .iter()
-        .map(|f| PipelineFile::load(f))
-        .collect::<Result<Vec<_>, _>>()?;
     let metrics = Arc::new(Metrics::new()?);
     let nats = source::connect(&settings.nats_url, &settings.nats_name, metrics.clone()).await?;
-    let deps = Deps {
-        js: async_nats::jetstream::new(nats.clone()),
-        metrics: metrics.clone(),
-        database_url: settings.database_url.clone(),
-    };
-    let mut pipelines = Vec::new();
-    for file in parsed {
-        pipelines.push(Arc::new(Pipeline::build(file, &deps).await?));
-    }
-    metrics.set_nats_connected(true);
     let engine = Arc::new(Engine {
-        metrics,
+        metrics: metrics.clone(),
+        dir,
+        deps: Deps {
+            js: async_nats::jetstream::new(nats.clone()),
+            metrics: metrics.clone(),
+            database_url: settings.database_url.clone(),
+        },
         nats,
-        pipelines: RwLock::new(pipelines.clone()),
+        slots: Mutex::new(BTreeMap::new()),
     });
+    let errors = engine.reconcile().await;
+    if !errors.is_empty() {
+        engine.stop_all().await;
+        anyhow::bail!("{}", errors.join("\n"));
+    }
+    metrics.set_nats_connected(engine.nats_up());
     let (stop_tx, stop_rx) = watch::channel(false);
     let http = tokio::spawn(crate::http::serve(
         settings.listen,
         engine.clone(),
         stop_rx.clone(),
     ));
-    let runs: Vec<_> = pipelines
-        .into_iter()
-        .map(|p| tokio::spawn(p.run(stop_rx.clone())))
-        .collect();
+    let watcher = tokio::spawn(crate::watch::watch(engine.clone(), stop_rx));
     tokio::select! {
         _ = shutdown_signal() => tracing::info!("shutting down: finishing in-flight batches"),
-        res = http => return res?,
+        res = http => {
+            engine.stop_all().await;
+            return res?;
+        }
     }
     let _ = stop_tx.send(true);
-    let all = futures::future::join_all(runs);
-    if tokio::time::timeout(settings.shutdown_grace, all)
+    let _ = watcher.await;
+    if tokio::time::timeout(settings.shutdown_grace, engine.stop_all())
         .await
         .is_err()
     {

@@ -25,6 +25,7 @@ pub async fn serve(
         .route("/health", get(health))
         .route("/live", get(live))
         .route("/ready", get(ready))
+        .route("/pipelines", get(pipelines))
         .with_state(engine);
     let listener = tokio::net::TcpListener::bind(addr)
         .await
@@ -45,6 +46,11 @@ async fn metrics(State(engine): State<Arc<Engine>>) -> Response {
         Ok(()) => ([(header::CONTENT_TYPE, prometheus::TEXT_FORMAT)], body).into_response(),
         Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
     }
+}
+
+/// Each pipeline file: state, version, load time, last load error, counts.
+async fn pipelines(State(engine): State<Arc<Engine>>) -> Json<serde_json::Value> {
+    Json(json!({"pipelines_dir": engine.dir.display().to_string(), "pipelines": engine.statuses()}))
 }
 
 async fn health() -> Json<serde_json::Value> {

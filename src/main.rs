@@ -18,6 +18,7 @@ mod source;
 mod sql;
 mod template;
 mod validate;
+mod watch;
 
 const DEFAULT_DATABASE_URL: &str =
     "postgresql://postgres:postgres@localhost:5432/tiktok_events?schema=public";
@@ -53,6 +54,16 @@ enum Command {
         /// Pipeline files or directories (default: pipelines/).
         paths: Vec<PathBuf>,
     },
+    /// Publish events to JetStream and wait for the server to store them.
+    #[command(
+        after_help = "Each FILE is one message (stdin when none is given).\n\nExample:\n  ingestd publish raw.events.tiktok.top.video.view examples/events/top-video-view.json"
+    )]
+    Publish {
+        subject: String,
+        files: Vec<PathBuf>,
+        #[arg(long, env = "NATS_URL", default_value = "nats://localhost:4222")]
+        nats_url: String,
+    },
 }
 
 #[derive(clap::Args)]
@@ -86,6 +97,11 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Some(Command::Check { paths }) => return check(paths),
         Some(Command::Run(args)) => run(args),
+        Some(Command::Publish {
+            subject,
+            files,
+            nats_url,
+        }) => publish(&nats_url, &subject, files),
         None => run(cli.run),
     };
     match result {
@@ -113,6 +129,39 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         .enable_all()
         .build()?
         .block_on(engine::run(settings))
+}
+
+/// Publishes each file as one message, confirmed by JetStream (so a
+/// subject no stream captures is an error, not a silent loss).
+fn publish(nats_url: &str, subject: &str, files: Vec<PathBuf>) -> anyhow::Result<()> {
+    let payloads: Vec<Vec<u8>> = if files.is_empty() {
+        let mut buf = Vec::new();
+        std::io::Read::read_to_end(&mut std::io::stdin(), &mut buf)?;
+        vec![buf]
+    } else {
+        files
+            .iter()
+            .map(|f| std::fs::read(f).map_err(|e| anyhow::anyhow!("{}: {e}", f.display())))
+            .collect::<Result<_, _>>()?
+    };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        let client = async_nats::connect(nats_url).await?;
+        let js = async_nats::jetstream::new(client);
+        for payload in payloads {
+            let ack = js
+                .publish(subject.to_string(), payload.into())
+                .await?
+                .await?;
+            println!(
+                "published to {subject}: stream {} sequence {}",
+                ack.stream, ack.sequence
+            );
+        }
+        Ok(())
+    })
 }
 
 /// Checks files offline: everything but the database and NATS.
@@ -159,7 +208,7 @@ fn check(paths: Vec<PathBuf>) -> ExitCode {
 fn init_logging() {
     let filter = std::env::var("RUST_LOG")
         .or_else(|_| std::env::var("LOG_LEVEL"))
-        .unwrap_or_else(|_| "info".into());
+        .unwrap_or_else(|_| "info,sqlx=warn".into());
     let json = std::env::var("LOG_FORMAT").is_ok_and(|f| f == "json")
         || std::env::var("NODE_ENV").is_ok_and(|e| e == "production");
     let builder = tracing_subscriber::fmt()

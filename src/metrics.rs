@@ -6,7 +6,8 @@
 //! are created on demand and checked for consistency instead of being
 //! statics.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use prometheus::core::{Collector, Desc};
@@ -25,8 +26,15 @@ const UNKNOWN: &str = "unknown";
 /// The registry and everything registered in it.
 pub struct Metrics {
     pub registry: Registry,
-    sets: Mutex<HashMap<String, Arc<FamilySet>>>,
+    sets: Mutex<HashMap<String, SetEntry>>,
     pub engine: EngineMetrics,
+}
+
+/// A family set and the pipeline files using it: the set is unregistered
+/// when the last one goes, and replaced when its only user changes labels.
+struct SetEntry {
+    set: Arc<FamilySet>,
+    owners: BTreeSet<PathBuf>,
 }
 
 /// Families about the engine itself, not about events.
@@ -35,11 +43,15 @@ pub struct EngineMetrics {
     pub sink_retries: IntCounterVec,
     /// Events published to a dead-letter subject, per pipeline.
     pub dead_letters: IntCounterVec,
+    /// Pipeline (re)loads by file and result (`success`, `failure`).
+    pub reloads: IntCounterVec,
 }
 
 /// The per-event families of one prefix.
 pub struct FamilySet {
     key: String,
+    /// The metrics section, when it exports process metrics.
+    process: Option<MetricsConfig>,
     pub received: CounterVec,
     pub processed: CounterVec,
     pub failed: CounterVec,
@@ -65,9 +77,17 @@ impl Metrics {
                 ),
                 &["pipeline", "reason"],
             )?,
+            reloads: IntCounterVec::new(
+                Opts::new(
+                    "ingestd_reloads_total",
+                    "Pipeline file loads, by file and result",
+                ),
+                &["file", "result"],
+            )?,
         };
         registry.register(Box::new(engine.sink_retries.clone()))?;
         registry.register(Box::new(engine.dead_letters.clone()))?;
+        registry.register(Box::new(engine.reloads.clone()))?;
         Ok(Self {
             registry,
             sets: Mutex::new(HashMap::new()),
@@ -77,25 +97,50 @@ impl Metrics {
 
     /// The family set for a pipeline's metrics section: created on first
     /// use, shared when another pipeline declares the same names and labels,
-    /// refused when it declares the same prefix with other labels.
-    pub fn family_set(&self, cfg: &MetricsConfig) -> anyhow::Result<Arc<FamilySet>> {
+    /// replaced when its only user (`owner`) changes them, refused when
+    /// another pipeline uses the prefix with other labels.
+    pub fn family_set(&self, cfg: &MetricsConfig, owner: &Path) -> anyhow::Result<Arc<FamilySet>> {
         let key = format!("{cfg:?}");
         let mut sets = self.sets.lock().expect("metrics lock");
-        if let Some(existing) = sets.get(&cfg.prefix) {
+        if let Some(entry) = sets.get_mut(&cfg.prefix) {
+            if entry.set.key == key {
+                entry.owners.insert(owner.to_path_buf());
+                return Ok(entry.set.clone());
+            }
             anyhow::ensure!(
-                existing.key == key,
-                "metrics prefix `{}` is already used by another pipeline with different labels",
-                cfg.prefix
+                entry.owners.iter().all(|o| o == owner),
+                "metrics prefix `{}` is already used by {} with different labels",
+                cfg.prefix,
+                entry
+                    .owners
+                    .iter()
+                    .next()
+                    .map_or(String::new(), |o| o.display().to_string())
             );
-            return Ok(existing.clone());
+            let old = sets.remove(&cfg.prefix).expect("present");
+            old.set.unregister(&self.registry);
         }
         let set = Arc::new(FamilySet::new(cfg, key)?);
         set.register(&self.registry)?;
-        if cfg.process_metrics {
-            self.registry.register(Box::new(Labelled::process(cfg)))?;
-        }
-        sets.insert(cfg.prefix.clone(), set.clone());
+        let entry = SetEntry {
+            set: set.clone(),
+            owners: BTreeSet::from([owner.to_path_buf()]),
+        };
+        sets.insert(cfg.prefix.clone(), entry);
         Ok(set)
+    }
+
+    /// Forgets `owner`; a family set nobody uses any more disappears from
+    /// /metrics.
+    pub fn release(&self, owner: &Path) {
+        let mut sets = self.sets.lock().expect("metrics lock");
+        sets.retain(|_, entry| {
+            entry.owners.remove(owner);
+            if entry.owners.is_empty() {
+                entry.set.unregister(&self.registry);
+            }
+            !entry.owners.is_empty()
+        });
     }
 
     /// Every family set, for connection-status updates.
@@ -104,7 +149,7 @@ impl Metrics {
             .lock()
             .expect("metrics lock")
             .values()
-            .cloned()
+            .map(|e| e.set.clone())
             .collect()
     }
 
@@ -134,6 +179,7 @@ impl FamilySet {
         .buckets(DURATION_BUCKETS.to_vec());
         Ok(Self {
             key,
+            process: cfg.process_metrics.then(|| cfg.clone()),
             received: CounterVec::new(
                 opts(
                     "events_received_total",
@@ -160,12 +206,32 @@ impl FamilySet {
         })
     }
 
+    fn collectors(&self) -> Vec<Box<dyn Collector>> {
+        let mut all: Vec<Box<dyn Collector>> = vec![
+            Box::new(self.received.clone()),
+            Box::new(self.processed.clone()),
+            Box::new(self.failed.clone()),
+            Box::new(self.duration.clone()),
+            Box::new(self.nats_up.clone()),
+        ];
+        if let Some(cfg) = &self.process {
+            all.push(Box::new(Labelled::process(cfg)));
+        }
+        all
+    }
+
     fn register(&self, r: &Registry) -> prometheus::Result<()> {
-        r.register(Box::new(self.received.clone()))?;
-        r.register(Box::new(self.processed.clone()))?;
-        r.register(Box::new(self.failed.clone()))?;
-        r.register(Box::new(self.duration.clone()))?;
-        r.register(Box::new(self.nats_up.clone()))
+        self.collectors()
+            .into_iter()
+            .try_for_each(|c| r.register(c))
+    }
+
+    /// Removes the families from /metrics (a fresh process collector has
+    /// the same descriptors, which is what unregistering matches on).
+    fn unregister(&self, r: &Registry) {
+        for c in self.collectors() {
+            let _ = r.unregister(c);
+        }
     }
 }
 

@@ -11,7 +11,7 @@
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -47,6 +47,15 @@ pub struct Pipeline {
     failure: FailureLabels,
     /// True while the sink's last write attempt failed transiently.
     sink_down: AtomicBool,
+    pub stats: Stats,
+}
+
+/// Per-pipeline event counts, for `/pipelines`.
+#[derive(Default, Debug)]
+pub struct Stats {
+    pub received: AtomicU64,
+    pub processed: AtomicU64,
+    pub failed: AtomicU64,
 }
 
 /// Shared handles a pipeline is built with.
@@ -95,10 +104,6 @@ impl Pipeline {
         check_statement(&sink, &templates)
             .await
             .map_err(|e| file.error("insert", e))?;
-        let families = deps
-            .metrics
-            .family_set(&cfg.metrics)
-            .map_err(|e| file.error("metrics", e.to_string()))?;
         let nats = &cfg.source.nats;
         let consumer = source::ensure(
             &deps.js,
@@ -108,6 +113,12 @@ impl Pipeline {
         )
         .await
         .map_err(|e| file.error("consumer", format!("{e:#}")))?;
+        // Last: registering may replace the metric families of the running
+        // version of this file, so nothing may fail after it.
+        let families = deps
+            .metrics
+            .family_set(&cfg.metrics, &file.path)
+            .map_err(|e| file.error("metrics", e.to_string()))?;
         Ok(Self {
             name: cfg.name.clone(),
             file: file.path.clone(),
@@ -121,7 +132,24 @@ impl Pipeline {
             families,
             engine: deps.metrics.clone(),
             sink_down: AtomicBool::new(false),
+            stats: Stats::default(),
         })
+    }
+
+    pub fn durable(&self) -> &str {
+        &self.cfg.source.nats.consumer.durable
+    }
+
+    /// Directories holding files this pipeline reads (schema, migrations).
+    pub fn referenced_dirs(&self) -> Vec<PathBuf> {
+        let schema = self.cfg.validate.as_ref().map(|v| v.schema.as_path());
+        let migrations = self.cfg.sink.postgres.migrations.as_deref();
+        schema
+            .and_then(|s| s.parent())
+            .into_iter()
+            .chain(migrations)
+            .filter_map(|d| d.canonicalize().ok())
+            .collect()
     }
 
     /// False while the database is failing writes.
@@ -129,25 +157,47 @@ impl Pipeline {
         !self.sink_down.load(Ordering::Relaxed)
     }
 
-    /// Pulls and writes until `stop` turns true, then finishes and
-    /// acknowledges the batches in flight and returns.
+    /// Pulls and writes until `stop` turns true; then drains the open pull
+    /// request, writes and acknowledges everything it holds, and returns.
     pub async fn run(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
         let batch = &self.cfg.sink.postgres.batch;
         let slots = Arc::new(Semaphore::new(batch.max_in_flight.get()));
         let mut puller = Puller::new(self.consumer.clone(), batch.max_rows.get());
         tracing::info!(pipeline = %self.name, file = %self.file.display(), "pipeline running");
         while let Some(held) = self.collect(&mut puller, &mut stop).await {
-            let (rows, rendered) = self.prepare_all(held).await;
-            let Some(permit) = self.wait_for_slot(&slots, &rows, &mut puller).await else {
-                break;
-            };
-            let this = self.clone();
-            let stop = stop.clone();
-            tokio::spawn(async move { this.write(rows, rendered, stop, permit).await });
+            self.dispatch(held, &slots, &mut puller, &stop).await;
         }
-        self.release_buffered(&mut puller).await;
+        let rest: Vec<Held> = puller
+            .finish()
+            .await
+            .into_iter()
+            .map(|m| self.receive(m))
+            .collect();
+        let mut rest = rest.into_iter().peekable();
+        while rest.peek().is_some() {
+            let chunk: Vec<Held> = rest.by_ref().take(batch.max_rows.get()).collect();
+            self.dispatch(chunk, &slots, &mut puller, &stop).await;
+        }
         let _ = slots.acquire_many(batch.max_in_flight.get() as u32).await;
         tracing::info!(pipeline = %self.name, "pipeline stopped");
+    }
+
+    /// Prepares a batch and hands it to a writer task once a slot is free.
+    async fn dispatch(
+        self: &Arc<Self>,
+        held: Vec<Held>,
+        slots: &Arc<Semaphore>,
+        puller: &mut Puller,
+        stop: &watch::Receiver<bool>,
+    ) {
+        let (rows, rendered) = self.prepare_all(held).await;
+        if rows.is_empty() {
+            return;
+        }
+        let permit = self.wait_for_slot(slots, &rows, puller).await;
+        let this = self.clone();
+        let stop = stop.clone();
+        tokio::spawn(async move { this.write(rows, rendered, stop, permit).await });
     }
 
     /// Waits for the first message, then gathers until `max_rows` or
@@ -234,18 +284,18 @@ impl Pipeline {
     }
 
     /// Waits for a write slot while keeping `rows` and the puller's
-    /// buffered messages alive. None when the stop came first.
+    /// buffered messages alive.
     async fn wait_for_slot(
         &self,
         slots: &Arc<Semaphore>,
         rows: &[Row],
         puller: &mut Puller,
-    ) -> Option<OwnedSemaphorePermit> {
+    ) -> OwnedSemaphorePermit {
         let keepalive = self.keepalive_period();
         let mut next_progress = Instant::now() + keepalive;
         loop {
             tokio::select! {
-                permit = slots.clone().acquire_owned() => return permit.ok(),
+                permit = slots.clone().acquire_owned() => return permit.expect("the semaphore is never closed"),
                 _ = puller.drain_open() => {}
                 _ = tokio::time::sleep_until(next_progress) => {
                     let held = rows.iter().map(|r| &r.held.msg).chain(puller.buffered());
@@ -333,6 +383,7 @@ impl Pipeline {
         }
         let labels: Vec<&str> = row.labels.iter().map(String::as_str).collect();
         self.families.processed.with_label_values(&labels).inc();
+        self.stats.processed.fetch_add(1, Ordering::Relaxed);
         self.families
             .duration
             .with_label_values(&duration_values(&self.cfg.metrics, &row.labels))
@@ -350,15 +401,6 @@ impl Pipeline {
         {
             let _ = row.held.msg.ack_with(AckKind::Nak(None)).await;
             self.count_failure(&row.held, PROCESSING_ERROR);
-        }
-    }
-
-    /// Messages delivered but not yet in a batch when the pipeline stops go
-    /// back for redelivery at once (nak), unprocessed and uncounted as
-    /// failures: they were never attempted.
-    async fn release_buffered(&self, puller: &mut Puller) {
-        for m in puller.buffered() {
-            let _ = m.ack_with(AckKind::Nak(None)).await;
         }
     }
 

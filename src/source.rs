@@ -19,8 +19,11 @@ use tokio::time::Instant;
 use crate::config::{self, ConsumerConfig, StreamConfig};
 use crate::metrics::Metrics;
 
-/// How long one pull request waits on the server for messages.
-const PULL_EXPIRES: Duration = Duration::from_secs(5);
+/// How long one pull request waits on the server for messages. A request
+/// cannot be cancelled, so this bounds how long a stopping pipeline drains
+/// its open request (it processes those messages rather than dropping them
+/// into a closed inbox, where they would wait out the ack wait).
+const PULL_EXPIRES: Duration = Duration::from_secs(1);
 
 /// Connects with the collector's options: reconnect forever, 1 s apart,
 /// 10 s connect timeout, ping every 20 s. The connection gauge follows the
@@ -249,6 +252,18 @@ impl Puller {
             },
             None => std::future::pending().await,
         }
+    }
+
+    /// Stops pulling: returns every message buffered or still to come on
+    /// the open request (which ends at its expiry at the latest).
+    pub async fn finish(&mut self) -> Vec<Message> {
+        let mut rest: Vec<Message> = self.buffered.drain(..).collect();
+        if let Some(mut request) = self.request.take() {
+            while let Some(Ok(m)) = request.next().await {
+                rest.push(m);
+            }
+        }
+        rest
     }
 
     pub fn buffered(&self) -> impl Iterator<Item = &Message> {
