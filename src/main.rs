@@ -54,6 +54,14 @@ enum Command {
         /// Pipeline files or directories (default: pipelines/).
         paths: Vec<PathBuf>,
     },
+    /// Exit 0 when the engine's /live answers (for container health checks).
+    #[command(
+        after_help = "Example (Dockerfile):\n  HEALTHCHECK CMD [\"ingestd\", \"healthcheck\"]"
+    )]
+    Healthcheck {
+        #[arg(long, env = "PORT", default_value_t = 3001)]
+        port: u16,
+    },
     /// Publish events to JetStream and wait for the server to store them.
     #[command(
         after_help = "Each FILE is one message (stdin when none is given).\n\nExample:\n  ingestd publish raw.events.tiktok.top.video.view examples/events/top-video-view.json"
@@ -97,6 +105,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Some(Command::Check { paths }) => return check(paths),
         Some(Command::Run(args)) => run(args),
+        Some(Command::Healthcheck { port }) => healthcheck(port),
         Some(Command::Publish {
             subject,
             files,
@@ -129,6 +138,19 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         .enable_all()
         .build()?
         .block_on(engine::run(settings))
+}
+
+/// A plain HTTP/1.0 GET of /live: no HTTP client in the image needed.
+fn healthcheck(port: u16) -> anyhow::Result<()> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port))?;
+    stream.set_read_timeout(Some(Duration::from_secs(3)))?;
+    stream.write_all(b"GET /live HTTP/1.0\r\nHost: localhost\r\n\r\n")?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    let status = response.lines().next().unwrap_or_default();
+    anyhow::ensure!(status.contains(" 200 "), "/live answered `{status}`");
+    Ok(())
 }
 
 /// Publishes each file as one message, confirmed by JetStream (so a

@@ -522,7 +522,24 @@ fn compile(
             };
             config::ConfigError::new(&file.path, line, format!("template: {}", e.message))
         })?;
+    check_placeholders(&templates).map_err(|e| file.error("insert", e))?;
     Ok((validator, templates))
+}
+
+/// Every `{{ }}` must show up as a placeholder in the SQL: one inside
+/// quotes would be text, and the statement would not line up with its
+/// values.
+fn check_placeholders(templates: &Templates) -> Result<(), String> {
+    let sample = sample_render(templates)?;
+    let marks = crate::sql::placeholders(&sample.sql).len();
+    if marks == sample.params.len() {
+        return Ok(());
+    }
+    Err(format!(
+        "the template has {} expressions but its SQL shows {marks} placeholders: \
+         write values only as {{{{ expression }}}}, never inside quotes or as a literal $n",
+        sample.params.len()
+    ))
 }
 
 /// Checks a pipeline file offline (for `ingestd check`).
@@ -533,14 +550,20 @@ pub fn check_file(path: &std::path::Path) -> Result<(), config::ConfigError> {
 /// Renders the template over an empty event and prepares the statement, so
 /// a missing table or column fails the pipeline at load, not per event.
 async fn check_statement(sink: &PgSink, templates: &Templates) -> Result<(), String> {
-    let ctx = Templates::context(&Json::Object(Default::default()), "", &BTreeMap::new());
-    let rendered = templates.render_insert(&ctx)?;
+    let rendered = sample_render(templates)?;
     sink.plan(&rendered).await.map(|_| ()).map_err(|e| {
         format!(
             "the insert statement is rejected by the database: {}",
             crate::sink::describe(&e)
         )
     })
+}
+
+/// The insert rendered over an empty event: the statement shape most
+/// events produce, available before any event arrives.
+fn sample_render(templates: &Templates) -> Result<Rendered, String> {
+    let ctx = Templates::context(&Json::Object(Default::default()), "", &BTreeMap::new());
+    templates.render_insert(&ctx)
 }
 
 async fn progress<'a>(messages: impl Iterator<Item = &'a Message>) {

@@ -201,12 +201,10 @@ impl Plan {
         let marks = sql::placeholders(sql_text);
         let numbered = marks.iter().enumerate().all(|(i, (_, n))| *n == i + 1);
         if marks.len() != n_params || !numbered {
-            return Err(sqlx::Error::Protocol(format!(
-                "the insert template has {} expressions but the SQL shows {} placeholders: \
-                 write values only as {{{{ expression }}}}, never inside quotes or as a literal $n",
-                n_params,
-                marks.len()
-            )));
+            return Err(sqlx::Error::Protocol(
+                "the statement's placeholders do not line up with the template's expressions"
+                    .into(),
+            ));
         }
         let types = param_types(pool, sql_text).await?;
         let whole = 0..sql_text.len();
