@@ -27,12 +27,13 @@ use crate::pipeline::{Deps, Pipeline};
 use crate::source;
 
 /// What the engine needs from the command line and environment.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Settings {
     pub pipelines_dir: PathBuf,
     pub database_url: String,
     pub nats_url: String,
     pub nats_name: String,
+    pub nats_auth: source::NatsAuth,
     pub listen: SocketAddr,
     /// How long shutdown waits for in-flight batches.
     pub shutdown_grace: Duration,
@@ -381,7 +382,13 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         dir.display()
     );
     let metrics = Arc::new(Metrics::new()?);
-    let nats = source::connect(&settings.nats_url, &settings.nats_name, metrics.clone()).await?;
+    let nats = source::connect(
+        &settings.nats_url,
+        &settings.nats_name,
+        &settings.nats_auth,
+        metrics.clone(),
+    )
+    .await?;
     let engine = Arc::new(Engine {
         metrics: metrics.clone(),
         dir,

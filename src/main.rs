@@ -9,6 +9,7 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 
 mod config;
+mod deadletter;
 mod engine;
 mod http;
 mod metrics;
@@ -96,6 +97,8 @@ struct RunArgs {
     /// How long shutdown waits for in-flight batches.
     #[arg(long, default_value = "25s", value_parser = humantime::parse_duration)]
     shutdown_grace: Duration,
+    #[command(flatten)]
+    nats_auth: source::NatsAuth,
 }
 
 fn main() -> ExitCode {
@@ -131,6 +134,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         nats_name: args
             .nats_name
             .unwrap_or_else(|| format!("collector-{hostname}")),
+        nats_auth: args.nats_auth,
         listen: SocketAddr::new(args.listen_addr, args.port),
         shutdown_grace: args.shutdown_grace,
     };

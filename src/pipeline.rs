@@ -21,6 +21,7 @@ use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
 use crate::config::{self, InvalidAction, PipelineFile};
+use crate::deadletter::{self, DeadLetters, Letter};
 use crate::metrics::{duration_values, FailureLabels, FamilySet, Metrics};
 use crate::sink::{Outcome, PgSink};
 use crate::source::{self, Puller};
@@ -41,9 +42,10 @@ pub struct Pipeline {
     templates: Templates,
     pub sink: Arc<PgSink>,
     consumer: jetstream::consumer::PullConsumer,
-    js: jetstream::Context,
     families: Arc<FamilySet>,
     engine: Arc<Metrics>,
+    dead_letters: Option<DeadLetters>,
+    stream: jetstream::stream::Stream,
     failure: FailureLabels,
     /// True while the sink's last write attempt failed transiently.
     sink_down: AtomicBool,
@@ -76,6 +78,8 @@ struct Held {
 struct Invalid {
     kind: &'static str,
     error: String,
+    /// Known when the event was JSON with an `eventId`.
+    event_id: Option<String>,
 }
 
 /// An event ready to write.
@@ -105,7 +109,7 @@ impl Pipeline {
             .await
             .map_err(|e| file.error("insert", e))?;
         let nats = &cfg.source.nats;
-        let consumer = source::ensure(
+        let (stream, consumer) = source::ensure(
             &deps.js,
             &nats.stream,
             &nats.consumer,
@@ -113,6 +117,22 @@ impl Pipeline {
         )
         .await
         .map_err(|e| file.error("consumer", format!("{e:#}")))?;
+        let dead_letters = match (&cfg.on_error.invalid.action, &cfg.on_error.invalid.subject) {
+            (InvalidAction::DeadLetter, Some(subject)) => {
+                let letters = DeadLetters {
+                    js: deps.js.clone(),
+                    subject: subject.clone(),
+                    pipeline: cfg.name.clone(),
+                    counter: deps.metrics.engine.dead_letters.clone(),
+                };
+                letters
+                    .check()
+                    .await
+                    .map_err(|e| file.error("subject", e))?;
+                Some(letters)
+            }
+            _ => None,
+        };
         // Last: registering may replace the metric families of the running
         // version of this file, so nothing may fail after it.
         let families = deps
@@ -128,11 +148,12 @@ impl Pipeline {
             templates,
             sink: Arc::new(sink),
             consumer,
-            js: deps.js.clone(),
             families,
             engine: deps.metrics.clone(),
             sink_down: AtomicBool::new(false),
             stats: Stats::default(),
+            dead_letters,
+            stream,
         })
     }
 
@@ -164,6 +185,16 @@ impl Pipeline {
         let slots = Arc::new(Semaphore::new(batch.max_in_flight.get()));
         let mut puller = Puller::new(self.consumer.clone(), batch.max_rows.get());
         tracing::info!(pipeline = %self.name, file = %self.file.display(), "pipeline running");
+        if let Some(letters) = &self.dead_letters {
+            let durable = self.durable().to_string();
+            let watch = deadletter::watch_max_deliveries(
+                letters.clone(),
+                self.stream.clone(),
+                durable,
+                stop.clone(),
+            );
+            tokio::spawn(watch);
+        }
         while let Some(held) = self.collect(&mut puller, &mut stop).await {
             self.dispatch(held, &slots, &mut puller, &stop).await;
         }
@@ -256,7 +287,11 @@ impl Pipeline {
     }
 
     fn prepare(&self, msg: &Message) -> Result<(Rendered, Vec<String>, Option<String>), Invalid> {
-        let invalid = |kind, error: String| Invalid { kind, error };
+        let invalid = |kind, error: String| Invalid {
+            kind,
+            error,
+            event_id: None,
+        };
         if msg.payload.len() as u64 > self.cfg.max_payload {
             let e = format!(
                 "payload of {} bytes exceeds max_payload ({})",
@@ -267,18 +302,23 @@ impl Pipeline {
         }
         let mut event: Json = serde_json::from_slice(&msg.payload)
             .map_err(|e| invalid("not_json", format!("not JSON: {e}")))?;
+        let with_id = |kind, error: String, event: &Json| Invalid {
+            event_id: event_id(event),
+            ..invalid(kind, error)
+        };
         if let Some(v) = &self.validator {
-            v.apply(&mut event).map_err(|e| invalid("schema", e))?;
+            v.apply(&mut event)
+                .map_err(|e| with_id("schema", e, &event))?;
         }
         let ctx = Templates::context(&event, msg.subject.as_str(), &headers(msg));
         let rendered = self
             .templates
             .render_insert(&ctx)
-            .map_err(|e| invalid("template", e))?;
+            .map_err(|e| with_id("template", e, &event))?;
         let labels = self
             .templates
             .render_labels(&ctx)
-            .map_err(|e| invalid("template", e))?;
+            .map_err(|e| with_id("template", e, &event))?;
         let event_id = event_id(&event);
         Ok((rendered, labels, event_id))
     }
@@ -368,6 +408,7 @@ impl Pipeline {
                         Invalid {
                             kind: "unstorable",
                             error,
+                            event_id: row.event_id,
                         },
                     )
                     .await
@@ -408,15 +449,11 @@ impl Pipeline {
     /// stored.
     async fn reject(&self, held: Held, invalid: Invalid) {
         let policy = &self.cfg.on_error.invalid;
-        let info = held
-            .msg
-            .info()
-            .ok()
-            .map(|i| (i.stream_sequence, i.delivered));
         tracing::warn!(
             pipeline = %self.name,
             subject = %held.msg.subject,
-            stream_seq = ?info.map(|i| i.0),
+            stream_seq = ?held.msg.info().ok().map(|i| i.stream_sequence),
+            event_id = ?invalid.event_id,
             kind = invalid.kind,
             error = %truncate(&invalid.error, 500),
             "invalid event"
@@ -433,10 +470,7 @@ impl Pipeline {
                 .ack_with(AckKind::Nak(policy.delay))
                 .await
                 .map_err(|e| e.to_string()),
-            InvalidAction::DeadLetter => {
-                self.dead_letter(&held.msg, &invalid, info.map(|i| i.1))
-                    .await
-            }
+            InvalidAction::DeadLetter => self.dead_letter(&held.msg, &invalid).await,
         };
         if let Err(e) = settled {
             tracing::warn!(pipeline = %self.name, error = %e, "could not settle the invalid event; it will be redelivered");
@@ -446,46 +480,21 @@ impl Pipeline {
 
     /// Publishes the original payload with headers explaining the failure,
     /// waits for JetStream to confirm it, and only then acks the original.
-    async fn dead_letter(
-        &self,
-        msg: &Message,
-        invalid: &Invalid,
-        delivered: Option<i64>,
-    ) -> Result<(), String> {
-        let subject = self
-            .cfg
-            .on_error
-            .invalid
-            .subject
-            .clone()
-            .expect("checked at load");
-        let mut headers = msg.headers.clone().unwrap_or_default();
-        headers.insert("Ingestd-Pipeline", self.name.as_str());
-        headers.insert("Ingestd-Reason", invalid.kind);
-        headers.insert(
-            "Ingestd-Error",
-            truncate(&invalid.error, 1000)
-                .replace(['\r', '\n'], " ")
-                .as_str(),
-        );
-        headers.insert("Ingestd-Subject", msg.subject.as_str());
-        headers.insert(
-            "Ingestd-Delivered",
-            delivered.unwrap_or(0).to_string().as_str(),
-        );
-        let confirm = self
-            .js
-            .publish_with_headers(subject, headers, msg.payload.clone())
-            .await
-            .map_err(|e| format!("dead-letter publish: {e}"))?;
-        confirm
-            .await
-            .map_err(|e| format!("dead-letter not confirmed: {e}"))?;
-        self.engine
-            .engine
-            .dead_letters
-            .with_label_values(&[&self.name, invalid.kind])
-            .inc();
+    async fn dead_letter(&self, msg: &Message, invalid: &Invalid) -> Result<(), String> {
+        let letters = self.dead_letters.as_ref().expect("checked at load");
+        let info = msg.info().map_err(|e| e.to_string())?;
+        letters
+            .publish(Letter {
+                payload: msg.payload.clone(),
+                headers: msg.headers.as_ref(),
+                subject: msg.subject.as_str(),
+                stream: info.stream,
+                stream_seq: info.stream_sequence,
+                delivered: info.delivered,
+                reason: invalid.kind,
+                error: &invalid.error,
+            })
+            .await?;
         msg.ack().await.map_err(|e| e.to_string())
     }
 

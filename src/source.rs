@@ -25,16 +25,78 @@ use crate::metrics::Metrics;
 /// into a closed inbox, where they would wait out the ack wait).
 const PULL_EXPIRES: Duration = Duration::from_secs(1);
 
+/// NATS credentials and TLS, from the environment (or flags). Secrets are
+/// never logged: `Debug` is not derived.
+#[derive(clap::Args, Clone, Default)]
+pub struct NatsAuth {
+    /// User name (with --nats-password).
+    #[arg(long, env = "NATS_USER")]
+    pub nats_user: Option<String>,
+    #[arg(long, env = "NATS_PASSWORD", hide_env_values = true)]
+    pub nats_password: Option<String>,
+    #[arg(long, env = "NATS_TOKEN", hide_env_values = true)]
+    pub nats_token: Option<String>,
+    /// NKey seed.
+    #[arg(long, env = "NATS_NKEY", hide_env_values = true)]
+    pub nats_nkey: Option<String>,
+    /// Credentials file (JWT and NKey seed).
+    #[arg(long, env = "NATS_CREDS")]
+    pub nats_creds: Option<std::path::PathBuf>,
+    /// CA certificate (PEM) to verify the server.
+    #[arg(long, env = "NATS_TLS_CA")]
+    pub nats_tls_ca: Option<std::path::PathBuf>,
+    /// Client certificate (PEM), with --nats-tls-key.
+    #[arg(long, env = "NATS_TLS_CERT")]
+    pub nats_tls_cert: Option<std::path::PathBuf>,
+    #[arg(long, env = "NATS_TLS_KEY")]
+    pub nats_tls_key: Option<std::path::PathBuf>,
+    /// Refuse to connect without TLS.
+    #[arg(long, env = "NATS_TLS_REQUIRED")]
+    pub nats_tls_required: bool,
+}
+
+impl NatsAuth {
+    async fn apply(
+        &self,
+        mut o: async_nats::ConnectOptions,
+    ) -> anyhow::Result<async_nats::ConnectOptions> {
+        if let Some(path) = &self.nats_creds {
+            o = o
+                .credentials_file(path)
+                .await
+                .with_context(|| format!("cannot read NATS credentials file {}", path.display()))?;
+        }
+        if let (Some(user), Some(pass)) = (&self.nats_user, &self.nats_password) {
+            o = o.user_and_password(user.clone(), pass.clone());
+        }
+        if let Some(token) = &self.nats_token {
+            o = o.token(token.clone());
+        }
+        if let Some(seed) = &self.nats_nkey {
+            o = o.nkey(seed.clone());
+        }
+        if let Some(ca) = &self.nats_tls_ca {
+            o = o.add_root_certificates(ca.clone());
+        }
+        if let (Some(cert), Some(key)) = (&self.nats_tls_cert, &self.nats_tls_key) {
+            o = o.add_client_certificate(cert.clone(), key.clone());
+        }
+        Ok(o.require_tls(self.nats_tls_required))
+    }
+}
+
 /// Connects with the collector's options: reconnect forever, 1 s apart,
 /// 10 s connect timeout, ping every 20 s. The connection gauge follows the
 /// client's events.
 pub async fn connect(
     url: &str,
     name: &str,
+    auth: &NatsAuth,
     metrics: Arc<Metrics>,
 ) -> anyhow::Result<async_nats::Client> {
     let events = metrics.clone();
-    let client = async_nats::ConnectOptions::new()
+    let options = auth.apply(async_nats::ConnectOptions::new()).await?;
+    let client = options
         .name(name)
         .max_reconnects(None)
         .reconnect_delay_callback(|_| Duration::from_secs(1))
@@ -69,7 +131,7 @@ pub async fn ensure(
     s: &StreamConfig,
     c: &ConsumerConfig,
     max_ack_pending: i64,
-) -> anyhow::Result<PullConsumer> {
+) -> anyhow::Result<(stream::Stream, PullConsumer)> {
     let mut stream = js
         .get_or_create_stream(stream_config(s))
         .await
@@ -91,7 +153,7 @@ pub async fn ensure(
             "the existing stream's subjects do not cover the consumer's filter: it will receive nothing"
         );
     }
-    stream
+    let consumer = stream
         .create_consumer(consumer_config(c, max_ack_pending))
         .await
         .with_context(|| {
@@ -99,7 +161,8 @@ pub async fn ensure(
                 "cannot create or update consumer {} on stream {}",
                 c.durable, s.name
             )
-        })
+        })?;
+    Ok((stream, consumer))
 }
 
 fn stream_config(s: &StreamConfig) -> stream::Config {
