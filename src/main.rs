@@ -46,7 +46,7 @@ enum Command {
     #[command(
         after_help = "Environment: DATABASE_URL, NATS_URL, PORT, HOSTNAME, NODE_ENV, LOG_FORMAT, RUST_LOG.\n`.env` in the working directory is loaded first.\n\nExample:\n  DATABASE_URL=postgresql://postgres@127.0.0.1/app ingestd run --pipelines pipelines"
     )]
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Check pipeline files (parse, environment, schema, template) without running them.
     #[command(
         after_help = "Exit status is 1 when any file has a problem; each is printed as file:line:column: message.\n\nExample:\n  ingestd check pipelines/"
@@ -107,7 +107,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Some(Command::Check { paths }) => return check(paths),
-        Some(Command::Run(args)) => run(args),
+        Some(Command::Run(args)) => run(*args),
         Some(Command::Healthcheck { port }) => healthcheck(port),
         Some(Command::Publish {
             subject,
