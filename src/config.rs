@@ -12,6 +12,7 @@ use std::num::NonZeroUsize;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use schemars::JsonSchema;
 use serde::{Deserialize, Deserializer};
 
 /// A configuration problem, already formatted as `file:line:column: message`
@@ -51,7 +52,7 @@ impl fmt::Display for ConfigError {
 impl std::error::Error for ConfigError {}
 
 /// One pipeline: where events come from, how they are checked, where they go.
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, PartialEq, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Pipeline {
     pub name: String,
@@ -65,6 +66,7 @@ pub struct Pipeline {
     pub metrics: MetricsConfig,
     /// Largest accepted payload; bigger messages are invalid events.
     #[serde(default = "default_max_payload", deserialize_with = "de_size")]
+    #[schemars(with = "SizeRepr")]
     pub max_payload: u64,
 }
 
@@ -72,13 +74,13 @@ fn default_max_payload() -> u64 {
     1024 * 1024
 }
 
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, PartialEq, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Source {
     pub nats: NatsSource,
 }
 
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, PartialEq, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NatsSource {
     pub stream: StreamConfig,
@@ -87,7 +89,7 @@ pub struct NatsSource {
 
 /// The stream is ensured: created with these settings when missing, used as
 /// it is when present (it may be shared with other consumers).
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, PartialEq, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct StreamConfig {
     pub name: String,
@@ -95,10 +97,12 @@ pub struct StreamConfig {
     #[serde(default)]
     pub retention: Retention,
     #[serde(default, deserialize_with = "de_opt_duration")]
+    #[schemars(with = "DurationText")]
     pub max_age: Option<Duration>,
     #[serde(default)]
     pub max_messages: Option<i64>,
     #[serde(default, deserialize_with = "de_opt_size")]
+    #[schemars(with = "SizeRepr")]
     pub max_bytes: Option<u64>,
     #[serde(default)]
     pub discard: Discard,
@@ -107,6 +111,7 @@ pub struct StreamConfig {
     #[serde(default = "one")]
     pub replicas: usize,
     #[serde(default, deserialize_with = "de_opt_duration")]
+    #[schemars(with = "DurationText")]
     pub duplicate_window: Option<Duration>,
 }
 
@@ -114,7 +119,7 @@ fn one() -> usize {
     1
 }
 
-#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Retention {
     #[default]
@@ -123,7 +128,7 @@ pub enum Retention {
     WorkQueue,
 }
 
-#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Discard {
     #[default]
@@ -131,7 +136,7 @@ pub enum Discard {
     New,
 }
 
-#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Storage {
     #[default]
@@ -140,7 +145,7 @@ pub enum Storage {
 }
 
 /// The durable pull consumer. Mutable settings are updated to match the file.
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, PartialEq, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ConsumerConfig {
     pub durable: String,
@@ -150,6 +155,7 @@ pub struct ConsumerConfig {
     #[serde(default)]
     pub ack_policy: AckPolicy,
     #[serde(default = "default_ack_wait", deserialize_with = "de_duration")]
+    #[schemars(with = "DurationText")]
     pub ack_wait: Duration,
     #[serde(default = "default_max_deliver")]
     pub max_deliver: i64,
@@ -166,7 +172,7 @@ fn default_max_deliver() -> i64 {
     5
 }
 
-#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum DeliverPolicy {
     #[default]
@@ -177,14 +183,14 @@ pub enum DeliverPolicy {
 }
 
 /// Only explicit acks let the engine acknowledge after the commit.
-#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum AckPolicy {
     #[default]
     Explicit,
 }
 
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, PartialEq, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Validate {
     pub schema: PathBuf,
@@ -192,13 +198,13 @@ pub struct Validate {
     pub strip_unknown: bool,
 }
 
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, PartialEq, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Sink {
     pub postgres: PostgresSink,
 }
 
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, PartialEq, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PostgresSink {
     /// Overrides `DATABASE_URL` for this pipeline.
@@ -217,12 +223,13 @@ fn default_pool_size() -> u32 {
     4
 }
 
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, PartialEq, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct BatchConfig {
     #[serde(default = "default_max_rows")]
     pub max_rows: NonZeroUsize,
     #[serde(default = "default_max_wait", deserialize_with = "de_duration")]
+    #[schemars(with = "DurationText")]
     pub max_wait: Duration,
     #[serde(default = "default_in_flight")]
     pub max_in_flight: NonZeroUsize,
@@ -250,7 +257,7 @@ fn default_in_flight() -> NonZeroUsize {
     NonZeroUsize::new(2).expect("non-zero")
 }
 
-#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct OnError {
     #[serde(default)]
@@ -260,7 +267,7 @@ pub struct OnError {
 }
 
 /// What happens to an event that can never be stored.
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, PartialEq, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct InvalidPolicy {
     #[serde(default)]
@@ -270,6 +277,7 @@ pub struct InvalidPolicy {
     pub subject: Option<String>,
     /// Redelivery delay for `action: nak`.
     #[serde(default, deserialize_with = "de_opt_duration")]
+    #[schemars(with = "DurationText")]
     pub delay: Option<Duration>,
 }
 
@@ -283,7 +291,7 @@ impl Default for InvalidPolicy {
     }
 }
 
-#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum InvalidAction {
     /// Acknowledge and drop (counted and logged).
@@ -298,12 +306,14 @@ pub enum InvalidAction {
 }
 
 /// Retry schedule while the database is unreachable.
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, PartialEq, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct TransientPolicy {
     #[serde(default = "default_backoff_initial", deserialize_with = "de_duration")]
+    #[schemars(with = "DurationText")]
     pub backoff_initial: Duration,
     #[serde(default = "default_backoff_max", deserialize_with = "de_duration")]
+    #[schemars(with = "DurationText")]
     pub backoff_max: Duration,
 }
 
@@ -325,7 +335,7 @@ fn default_backoff_max() -> Duration {
 }
 
 /// Naming of the pipeline's metric families and their labels.
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, PartialEq, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct MetricsConfig {
     #[serde(default = "default_prefix")]
@@ -581,8 +591,14 @@ fn de_opt_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, 
     de_duration(d).map(Some)
 }
 
+/// A duration such as `5ms`, `30s`, `2m`, `7d`.
+#[derive(JsonSchema)]
+#[schemars(transparent)]
+#[allow(dead_code)] // describes the format only
+struct DurationText(String);
+
 /// A byte size: a plain number or one with a unit (KB, KiB, MB, MiB, GB, GiB).
-#[derive(Deserialize)]
+#[derive(Deserialize, JsonSchema)]
 #[serde(untagged)]
 enum SizeRepr {
     Number(u64),
@@ -598,6 +614,11 @@ fn de_size<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
 
 fn de_opt_size<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
     de_size(d).map(Some)
+}
+
+/// The JSON Schema of the pipeline file format, for editors.
+pub fn json_schema() -> serde_json::Value {
+    serde_json::to_value(schemars::schema_for!(Pipeline)).expect("a schema serializes")
 }
 
 pub fn parse_size(s: &str) -> Result<u64, String> {
@@ -678,6 +699,28 @@ mod tests {
             .unwrap()
             .schema
             .ends_with("tiktok-event.schema.json"));
+    }
+
+    #[test]
+    fn shipped_editor_schema_is_current() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("schemas/pipeline.schema.json");
+        let shipped: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        assert!(
+            shipped == json_schema(),
+            "schemas/pipeline.schema.json is stale: run `ingestd schema > schemas/pipeline.schema.json`"
+        );
+    }
+
+    #[test]
+    fn shipped_pipeline_satisfies_the_editor_schema() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let text = std::fs::read_to_string(dir.join("pipelines/tiktok.yaml")).unwrap();
+        let expanded = expand_env(&text, |_| None).unwrap();
+        let doc: serde_json::Value = serde_yaml::from_str(&expanded).unwrap();
+        let validator = jsonschema::validator_for(&json_schema()).unwrap();
+        let errors: Vec<String> = validator.iter_errors(&doc).map(|e| e.to_string()).collect();
+        assert!(errors.is_empty(), "{errors:?}");
     }
 
     #[test]

@@ -55,6 +55,11 @@ enum Command {
         /// Pipeline files or directories (default: pipelines/).
         paths: Vec<PathBuf>,
     },
+    /// Print the JSON Schema of the pipeline file format (for editors).
+    #[command(
+        after_help = "Example:\n  ingestd schema > schemas/pipeline.schema.json\nPipeline files point at it with `# yaml-language-server: $schema=../schemas/pipeline.schema.json`."
+    )]
+    Schema,
     /// Exit 0 when the engine's /live answers (for container health checks).
     #[command(
         after_help = "Example (Dockerfile):\n  HEALTHCHECK CMD [\"ingestd\", \"healthcheck\"]"
@@ -109,6 +114,10 @@ fn main() -> ExitCode {
         Some(Command::Check { paths }) => return check(paths),
         Some(Command::Run(args)) => run(*args),
         Some(Command::Healthcheck { port }) => healthcheck(port),
+        Some(Command::Schema) => {
+            println!("{:#}", config::json_schema());
+            Ok(())
+        }
         Some(Command::Publish {
             subject,
             files,
