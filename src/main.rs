@@ -11,6 +11,7 @@ use clap::{Parser, Subcommand};
 mod config;
 mod deadletter;
 mod engine;
+mod event;
 mod http;
 mod metrics;
 mod pipeline;
@@ -222,7 +223,7 @@ fn check(paths: Vec<PathBuf>) -> ExitCode {
     }
     let mut failed = 0;
     for f in &files {
-        match pipeline::check_file(f) {
+        match event::check_file(f) {
             Ok(()) => println!("{}: ok", f.display()),
             Err(e) => {
                 eprintln!("{e}");

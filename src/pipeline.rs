@@ -16,17 +16,17 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::jetstream::{self, AckKind, Message};
-use serde_json::Value as Json;
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
 use crate::config::{self, InvalidAction, PipelineFile};
 use crate::deadletter::{self, DeadLetters, Letter};
+use crate::event::{self, Compiled, Invalid, Prepared};
 use crate::metrics::{duration_values, FailureLabels, FamilySet, Metrics};
 use crate::sink::{Outcome, PgSink};
 use crate::source::{self, Puller};
 use crate::template::{Rendered, Templates};
-use crate::validate::{truncate, EventValidator};
+use crate::validate::truncate;
 
 /// The `reason` label of events that can never be stored.
 const VALIDATION_ERROR: &str = "validation_error";
@@ -38,8 +38,7 @@ pub struct Pipeline {
     pub name: String,
     pub file: PathBuf,
     cfg: config::Pipeline,
-    validator: Option<EventValidator>,
-    templates: Templates,
+    compiled: Compiled,
     pub sink: Arc<PgSink>,
     consumer: jetstream::consumer::PullConsumer,
     families: Arc<FamilySet>,
@@ -73,15 +72,6 @@ struct Held {
     received: Instant,
 }
 
-/// Why an event can never be stored; `kind` names the class in logs and
-/// dead-letter headers.
-struct Invalid {
-    kind: &'static str,
-    error: String,
-    /// Known when the event was JSON with an `eventId`.
-    event_id: Option<String>,
-}
-
 /// An event ready to write.
 struct Row {
     held: Held,
@@ -94,7 +84,7 @@ impl Pipeline {
     /// reported against the file, and nothing is started.
     pub async fn build(file: PipelineFile, deps: &Deps) -> anyhow::Result<Self> {
         let cfg = file.pipeline.clone();
-        let (validator, templates) = compile(&file)?;
+        let compiled = Compiled::new(&file)?;
         let pg = &cfg.sink.postgres;
         let url = pg.url.clone().unwrap_or_else(|| deps.database_url.clone());
         let sink = PgSink::connect(&url, pg.pool_size)
@@ -105,7 +95,7 @@ impl Pipeline {
                 .await
                 .map_err(|e| file.error("migrations", e.to_string()))?;
         }
-        check_statement(&sink, &templates)
+        check_statement(&sink, &compiled.templates)
             .await
             .map_err(|e| file.error("insert", e))?;
         let nats = &cfg.source.nats;
@@ -144,8 +134,7 @@ impl Pipeline {
             file: file.path.clone(),
             failure: FailureLabels::new(&cfg.metrics),
             cfg,
-            validator,
-            templates,
+            compiled,
             sink: Arc::new(sink),
             consumer,
             families,
@@ -271,8 +260,15 @@ impl Pipeline {
         let mut rows = Vec::with_capacity(held.len());
         let mut statements = Vec::with_capacity(held.len());
         for h in held {
-            match self.prepare(&h.msg) {
-                Ok((rendered, labels, event_id)) => {
+            match self
+                .compiled
+                .prepare(&h.msg.payload, h.msg.subject.as_str(), &headers(&h.msg))
+            {
+                Ok(Prepared {
+                    rendered,
+                    labels,
+                    event_id,
+                }) => {
                     rows.push(Row {
                         held: h,
                         labels,
@@ -284,43 +280,6 @@ impl Pipeline {
             }
         }
         (rows, statements)
-    }
-
-    fn prepare(&self, msg: &Message) -> Result<(Rendered, Vec<String>, Option<String>), Invalid> {
-        let invalid = |kind, error: String| Invalid {
-            kind,
-            error,
-            event_id: None,
-        };
-        if msg.payload.len() as u64 > self.cfg.max_payload {
-            let e = format!(
-                "payload of {} bytes exceeds max_payload ({})",
-                msg.payload.len(),
-                self.cfg.max_payload
-            );
-            return Err(invalid("too_large", e));
-        }
-        let mut event: Json = serde_json::from_slice(&msg.payload)
-            .map_err(|e| invalid("not_json", format!("not JSON: {e}")))?;
-        let with_id = |kind, error: String, event: &Json| Invalid {
-            event_id: event_id(event),
-            ..invalid(kind, error)
-        };
-        if let Some(v) = &self.validator {
-            v.apply(&mut event)
-                .map_err(|e| with_id("schema", e, &event))?;
-        }
-        let ctx = Templates::context(&event, msg.subject.as_str(), &headers(msg));
-        let rendered = self
-            .templates
-            .render_insert(&ctx)
-            .map_err(|e| with_id("template", e, &event))?;
-        let labels = self
-            .templates
-            .render_labels(&ctx)
-            .map_err(|e| with_id("template", e, &event))?;
-        let event_id = event_id(&event);
-        Ok((rendered, labels, event_id))
     }
 
     /// Waits for a write slot while keeping `rows` and the puller's
@@ -510,69 +469,16 @@ impl Pipeline {
     }
 }
 
-/// Compiles what needs no connection: the schema and the templates.
-fn compile(
-    file: &PipelineFile,
-) -> Result<(Option<EventValidator>, Templates), config::ConfigError> {
-    let cfg = &file.pipeline;
-    let validator = match &cfg.validate {
-        Some(v) => Some(
-            EventValidator::load(&v.schema, v.strip_unknown)
-                .map_err(|e| file.error("schema", e))?,
-        ),
-        None => None,
-    };
-    let templates =
-        Templates::compile(&cfg.sink.postgres.insert, &cfg.metrics.labels).map_err(|e| {
-            let base = file.line_of_key("insert");
-            let line = match (base, e.line) {
-                (Some(b), Some(l)) => Some(b + l),
-                (b, _) => b,
-            };
-            config::ConfigError::new(&file.path, line, format!("template: {}", e.message))
-        })?;
-    check_placeholders(&templates).map_err(|e| file.error("insert", e))?;
-    Ok((validator, templates))
-}
-
-/// Every `{{ }}` must show up as a placeholder in the SQL: one inside
-/// quotes would be text, and the statement would not line up with its
-/// values.
-fn check_placeholders(templates: &Templates) -> Result<(), String> {
-    let sample = sample_render(templates)?;
-    let marks = crate::sql::placeholders(&sample.sql).len();
-    if marks == sample.params.len() {
-        return Ok(());
-    }
-    Err(format!(
-        "the template has {} expressions but its SQL shows {marks} placeholders: \
-         write values only as {{{{ expression }}}}, never inside quotes or as a literal $n",
-        sample.params.len()
-    ))
-}
-
-/// Checks a pipeline file offline (for `ingestd check`).
-pub fn check_file(path: &std::path::Path) -> Result<(), config::ConfigError> {
-    compile(&PipelineFile::load(path)?).map(|_| ())
-}
-
 /// Renders the template over an empty event and prepares the statement, so
 /// a missing table or column fails the pipeline at load, not per event.
 async fn check_statement(sink: &PgSink, templates: &Templates) -> Result<(), String> {
-    let rendered = sample_render(templates)?;
+    let rendered = event::sample_render(templates)?;
     sink.plan(&rendered).await.map(|_| ()).map_err(|e| {
         format!(
             "the insert statement is rejected by the database: {}",
             crate::sink::describe(&e)
         )
     })
-}
-
-/// The insert rendered over an empty event: the statement shape most
-/// events produce, available before any event arrives.
-fn sample_render(templates: &Templates) -> Result<Rendered, String> {
-    let ctx = Templates::context(&Json::Object(Default::default()), "", &BTreeMap::new());
-    templates.render_insert(&ctx)
 }
 
 async fn progress<'a>(messages: impl Iterator<Item = &'a Message>) {
@@ -587,11 +493,4 @@ fn headers(msg: &Message) -> BTreeMap<String, String> {
         .flat_map(|h| h.iter())
         .filter_map(|(k, v)| v.first().map(|v| (k.to_string(), v.to_string())))
         .collect()
-}
-
-fn event_id(event: &Json) -> Option<String> {
-    event
-        .get("eventId")
-        .and_then(Json::as_str)
-        .map(str::to_string)
 }

@@ -1,0 +1,147 @@
+//! One event's way from payload to SQL row: size check, JSON decode,
+//! schema validation (and stripping), template rendering. Shared by the
+//! engine and by `ingestd check` / `ingestd test`, so what they check is
+//! what runs.
+
+use std::collections::BTreeMap;
+
+use serde_json::Value as Json;
+
+use crate::config::{self, PipelineFile};
+use crate::template::{Rendered, Templates};
+use crate::validate::EventValidator;
+
+/// Why an event can never be stored; `kind` names the class in logs, test
+/// files and dead-letter headers (`too_large`, `not_json`, `schema`,
+/// `template`, `unstorable`).
+#[derive(Debug)]
+pub struct Invalid {
+    pub kind: &'static str,
+    pub error: String,
+    /// Known when the event was JSON with an `eventId`.
+    pub event_id: Option<String>,
+}
+
+/// An event ready to write.
+#[derive(Debug)]
+pub struct Prepared {
+    pub rendered: Rendered,
+    /// Metric label values, in label-name order.
+    pub labels: Vec<String>,
+    pub event_id: Option<String>,
+}
+
+/// The parts of a pipeline that need no connection: limits, schema,
+/// templates.
+pub struct Compiled {
+    max_payload: u64,
+    validator: Option<EventValidator>,
+    pub templates: Templates,
+}
+
+impl Compiled {
+    /// Compiles the file's schema and templates; errors point into the file.
+    pub fn new(file: &PipelineFile) -> Result<Self, config::ConfigError> {
+        let cfg = &file.pipeline;
+        let validator = match &cfg.validate {
+            Some(v) => Some(
+                EventValidator::load(&v.schema, v.strip_unknown)
+                    .map_err(|e| file.error("schema", e))?,
+            ),
+            None => None,
+        };
+        let templates = Templates::compile(&cfg.sink.postgres.insert, &cfg.metrics.labels)
+            .map_err(|e| {
+                let base = file.line_of_key("insert");
+                let line = match (base, e.line) {
+                    (Some(b), Some(l)) => Some(b + l),
+                    (b, _) => b,
+                };
+                config::ConfigError::new(&file.path, line, format!("template: {}", e.message))
+            })?;
+        check_placeholders(&templates).map_err(|e| file.error("insert", e))?;
+        Ok(Self {
+            max_payload: cfg.max_payload,
+            validator,
+            templates,
+        })
+    }
+
+    /// Takes one payload as far as a row; anything that stops it is
+    /// permanent for this payload.
+    pub fn prepare(
+        &self,
+        payload: &[u8],
+        subject: &str,
+        headers: &BTreeMap<String, String>,
+    ) -> Result<Prepared, Invalid> {
+        let invalid = |kind, error: String, event: Option<&Json>| Invalid {
+            kind,
+            error,
+            event_id: event.and_then(event_id),
+        };
+        if payload.len() as u64 > self.max_payload {
+            let e = format!(
+                "payload of {} bytes exceeds max_payload ({})",
+                payload.len(),
+                self.max_payload
+            );
+            return Err(invalid("too_large", e, None));
+        }
+        let mut event: Json = serde_json::from_slice(payload)
+            .map_err(|e| invalid("not_json", format!("not JSON: {e}"), None))?;
+        if let Some(v) = &self.validator {
+            v.apply(&mut event)
+                .map_err(|e| invalid("schema", e, Some(&event)))?;
+        }
+        let ctx = Templates::context(&event, subject, headers);
+        let rendered = self
+            .templates
+            .render_insert(&ctx)
+            .map_err(|e| invalid("template", e, Some(&event)))?;
+        let labels = self
+            .templates
+            .render_labels(&ctx)
+            .map_err(|e| invalid("template", e, Some(&event)))?;
+        Ok(Prepared {
+            rendered,
+            labels,
+            event_id: event_id(&event),
+        })
+    }
+}
+
+/// Every `{{ }}` must show up as a placeholder in the SQL: one inside
+/// quotes would be text, and the statement would not line up with its
+/// values.
+fn check_placeholders(templates: &Templates) -> Result<(), String> {
+    let sample = sample_render(templates)?;
+    let marks = crate::sql::placeholders(&sample.sql).len();
+    if marks == sample.params.len() {
+        return Ok(());
+    }
+    Err(format!(
+        "the template has {} expressions but its SQL shows {marks} placeholders: \
+         write values only as {{{{ expression }}}}, never inside quotes or as a literal $n",
+        sample.params.len()
+    ))
+}
+
+/// The insert rendered over an empty event: the statement shape most
+/// events produce, available before any event arrives.
+pub fn sample_render(templates: &Templates) -> Result<Rendered, String> {
+    let ctx = Templates::context(&Json::Object(Default::default()), "", &BTreeMap::new());
+    templates.render_insert(&ctx)
+}
+
+/// Checks a pipeline file offline (for `ingestd check`).
+pub fn check_file(path: &std::path::Path) -> Result<(), config::ConfigError> {
+    Compiled::new(&PipelineFile::load(path)?).map(|_| ())
+}
+
+fn event_id(event: &Json) -> Option<String> {
+    event
+        .get("eventId")
+        .and_then(Json::as_str)
+        .map(str::to_string)
+}
