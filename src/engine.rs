@@ -350,7 +350,8 @@ fn hash_of(s: &str) -> u64 {
     h.finish()
 }
 
-/// The pipeline files of a directory (`*.yaml`, `*.yml`), sorted by name.
+/// The pipeline files of a directory (`*.yaml`, `*.yml`, but not hidden
+/// files or pipeline test files), sorted by name.
 pub fn pipeline_files(dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
     let entries = std::fs::read_dir(dir)
         .map_err(|e| anyhow::anyhow!("cannot read pipelines directory {}: {e}", dir.display()))?;
@@ -358,8 +359,11 @@ pub fn pipeline_files(dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| matches!(p.extension().and_then(|e| e.to_str()), Some("yaml" | "yml")))
         .filter(|p| {
-            !p.file_name()
-                .is_some_and(|n| n.to_string_lossy().starts_with('.'))
+            let name = p
+                .file_name()
+                .map(|n| n.to_string_lossy())
+                .unwrap_or_default();
+            !name.starts_with('.') && !crate::pipetest::is_test_file(p)
         })
         .collect();
     files.sort();

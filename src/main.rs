@@ -15,6 +15,7 @@ mod event;
 mod http;
 mod metrics;
 mod pipeline;
+mod pipetest;
 mod sink;
 mod source;
 mod sql;
@@ -55,6 +56,16 @@ enum Command {
     Check {
         /// Pipeline files or directories (default: pipelines/).
         paths: Vec<PathBuf>,
+    },
+    /// Run pipeline unit tests (NAME.test.yaml beside each pipeline) against a real database.
+    #[command(
+        after_help = "Each case's row is inserted inside a transaction that is rolled back.\nExit status is 1 when a case fails.\n\nExample:\n  DATABASE_URL=postgresql://postgres@127.0.0.1/app ingestd test pipelines/"
+    )]
+    Test {
+        /// Test files, pipeline files or directories (default: pipelines/).
+        paths: Vec<PathBuf>,
+        #[arg(long, env = "DATABASE_URL", default_value = DEFAULT_DATABASE_URL, hide_env_values = true)]
+        database_url: String,
     },
     /// Print the JSON Schema of the pipeline file format (for editors).
     #[command(
@@ -115,6 +126,10 @@ fn main() -> ExitCode {
         Some(Command::Check { paths }) => return check(paths),
         Some(Command::Run(args)) => run(*args),
         Some(Command::Healthcheck { port }) => healthcheck(port),
+        Some(Command::Test {
+            paths,
+            database_url,
+        }) => return pipeline_tests(paths, &database_url),
         Some(Command::Schema) => {
             println!("{:#}", config::json_schema());
             Ok(())
@@ -198,6 +213,27 @@ fn publish(nats_url: &str, subject: &str, files: Vec<PathBuf>) -> anyhow::Result
         }
         Ok(())
     })
+}
+
+fn pipeline_tests(paths: Vec<PathBuf>, database_url: &str) -> ExitCode {
+    let paths = if paths.is_empty() {
+        vec![PathBuf::from("pipelines")]
+    } else {
+        paths
+    };
+    let result = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(anyhow::Error::from)
+        .and_then(|rt| rt.block_on(pipetest::run(&paths, database_url)));
+    match result {
+        Ok(0) => ExitCode::SUCCESS,
+        Ok(_) => ExitCode::FAILURE,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 /// Checks files offline: everything but the database and NATS.

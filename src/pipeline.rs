@@ -244,11 +244,13 @@ impl Pipeline {
         Some(held)
     }
 
+    fn count_received(&self, subject: &str) {
+        self.families.received.with_label_values(&[subject]).inc();
+        self.stats.received.fetch_add(1, Ordering::Relaxed);
+    }
+
     fn receive(&self, msg: Message) -> Held {
-        self.families
-            .received
-            .with_label_values(&[msg.subject.as_str()])
-            .inc();
+        self.count_received(msg.subject.as_str());
         Held {
             msg,
             received: Instant::now(),
@@ -322,34 +324,34 @@ impl Pipeline {
         let mut outcomes = vec![Outcome::Pending; rows.len()];
         let policy = &self.cfg.on_error.transient;
         let mut backoff = policy.backoff_initial;
-        let mut last_progress = Instant::now();
-        loop {
-            match self.sink.write(&rendered, &mut outcomes).await {
-                Ok(()) => break,
-                Err(e) => {
-                    self.sink_down.store(true, Ordering::Relaxed);
-                    self.engine
-                        .engine
-                        .sink_retries
-                        .with_label_values(&[&self.name])
-                        .inc();
-                    tracing::warn!(pipeline = %self.name, error = %e.0, retry_in = ?backoff, "write failed; holding the batch");
-                    if *stop.borrow() {
-                        self.release(&rows, &outcomes).await;
-                        return self.settle(rows, outcomes).await;
-                    }
-                    if last_progress.elapsed() >= self.keepalive_period() {
-                        let pending = rows
-                            .iter()
-                            .zip(&outcomes)
-                            .filter(|(_, o)| **o == Outcome::Pending);
-                        progress(pending.map(|(r, _)| &r.held.msg)).await;
-                        last_progress = Instant::now();
-                    }
-                    tokio::time::sleep(backoff.min(self.keepalive_period())).await;
-                    backoff = (backoff * 2).min(policy.backoff_max);
-                }
+        let mut last_progress = rows
+            .iter()
+            .map(|r| r.held.received)
+            .min()
+            .unwrap_or_else(Instant::now);
+        while let Err(e) = self.sink.write(&rendered, &mut outcomes).await {
+            self.sink_down.store(true, Ordering::Relaxed);
+            self.engine
+                .engine
+                .sink_retries
+                .with_label_values(&[&self.name])
+                .inc();
+            tracing::warn!(pipeline = %self.name, error = %e.0, retry_in = ?backoff, "write failed; holding the batch");
+            // As in the collector, each failed attempt is a processing error
+            // and each retry a new attempt: received = processed + failed.
+            pending(&rows, &outcomes).for_each(|r| self.count_failure(&r.held, PROCESSING_ERROR));
+            if *stop.borrow() {
+                self.release(&rows, &outcomes).await;
+                return self.settle(rows, outcomes).await;
             }
+            if last_progress.elapsed() >= self.keepalive_period() {
+                progress(pending(&rows, &outcomes).map(|r| &r.held.msg)).await;
+                last_progress = Instant::now();
+            }
+            tokio::time::sleep(backoff.min(self.keepalive_period())).await;
+            backoff = (backoff * 2).min(policy.backoff_max);
+            pending(&rows, &outcomes)
+                .for_each(|r| self.count_received(r.held.msg.subject.as_str()));
         }
         self.sink_down.store(false, Ordering::Relaxed);
         self.settle(rows, outcomes).await;
@@ -392,15 +394,10 @@ impl Pipeline {
     }
 
     /// Leaves the pending rows for JetStream to redeliver (nak: another
-    /// process may take them at once), counting a processing error each.
+    /// process may take them at once); their failed attempt is counted.
     async fn release(&self, rows: &[Row], outcomes: &[Outcome]) {
-        for (row, _) in rows
-            .iter()
-            .zip(outcomes)
-            .filter(|(_, o)| **o == Outcome::Pending)
-        {
+        for row in pending(rows, outcomes) {
             let _ = row.held.msg.ack_with(AckKind::Nak(None)).await;
-            self.count_failure(&row.held, PROCESSING_ERROR);
         }
     }
 
@@ -462,6 +459,7 @@ impl Pipeline {
             .failed
             .with_label_values(&self.failure.with_reason(reason))
             .inc();
+        self.stats.failed.fetch_add(1, Ordering::Relaxed);
         self.families
             .duration
             .with_label_values(&self.failure.duration)
@@ -485,6 +483,14 @@ async fn progress<'a>(messages: impl Iterator<Item = &'a Message>) {
     for m in messages {
         let _ = m.ack_with(AckKind::Progress).await;
     }
+}
+
+/// The rows of a batch not yet stored nor rejected.
+fn pending<'a>(rows: &'a [Row], outcomes: &'a [Outcome]) -> impl Iterator<Item = &'a Row> {
+    rows.iter()
+        .zip(outcomes)
+        .filter(|(_, o)| **o == Outcome::Pending)
+        .map(|(r, _)| r)
 }
 
 fn headers(msg: &Message) -> BTreeMap<String, String> {

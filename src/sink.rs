@@ -63,7 +63,7 @@ impl PgSink {
         let options = connect_options(url)?;
         let pool = PgPoolOptions::new()
             .max_connections(pool_size.max(1))
-            .acquire_timeout(Duration::from_secs(5))
+            .acquire_timeout(Duration::from_secs(3))
             .connect_with(options)
             .await
             .map_err(|e| {
@@ -186,6 +186,44 @@ impl PgSink {
             plan.execute(&mut tx, &group).await?;
         }
         tx.commit().await
+    }
+}
+
+/// What a trial insert did (see [`PgSink::trial`]).
+#[derive(Debug)]
+pub enum Trial {
+    /// The row as inserted (`None`: the statement inserted nothing, e.g.
+    /// `ON CONFLICT DO NOTHING`).
+    Row(Option<Json>),
+    /// A row-level failure: the event would be invalid.
+    Rejected(String),
+}
+
+impl PgSink {
+    /// Inserts one row inside a transaction that is rolled back, returning
+    /// the row as Postgres stored it (for `ingestd test`).
+    pub async fn trial(&self, row: &Rendered) -> Result<Trial, sqlx::Error> {
+        let plan = self.plan(row).await?;
+        let values = match plan.encode(&row.params) {
+            Ok(v) => v,
+            Err(e) => return Ok(Trial::Rejected(e)),
+        };
+        let sql = format!(
+            "WITH ingestd_trial AS ({} RETURNING *) SELECT row_to_json(ingestd_trial)::text FROM ingestd_trial",
+            plan.row_sql
+        );
+        let mut tx = self.pool.begin().await?;
+        let mut q = sqlx::query_scalar::<_, String>(&sql);
+        for v in &values {
+            q = q.bind(v.as_deref());
+        }
+        let result = q.fetch_optional(&mut *tx).await;
+        tx.rollback().await?;
+        match result {
+            Ok(text) => Ok(Trial::Row(text.and_then(|t| serde_json::from_str(&t).ok()))),
+            Err(e) if classify(&e) == Class::Row => Ok(Trial::Rejected(describe(&e))),
+            Err(e) => Err(e),
+        }
     }
 }
 

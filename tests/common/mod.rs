@@ -474,6 +474,8 @@ impl<'a> EngineBuilder<'a> {
             ("PORT", free_port().to_string()),
             ("HOSTNAME", format!("test-{}", env.id)),
             ("NODE_ENV", "test".to_owned()),
+            // Logs are read in test output, not on a terminal.
+            ("NO_COLOR", "1".to_owned()),
             (
                 "RUST_LOG",
                 std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
@@ -813,7 +815,9 @@ impl Metrics {
     /// Sum of the matching series; 0 when there are none (an absent counter
     /// is a zero counter).
     pub fn sum(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
-        self.series(name, labels).map(|s| s.value).sum()
+        // fold from +0.0: `sum()` of nothing is -0.0, which reads oddly.
+        self.series(name, labels)
+            .fold(0.0, |total, s| total + s.value)
     }
 
     /// The single matching series; panics (showing the page's series of that

@@ -1,0 +1,232 @@
+//! `ingestd test`: pipeline unit tests. A test file (`NAME.test.yaml`
+//! beside the pipeline) lists input events and the expected outcome of
+//! each: the stored row's columns, or the class of error. Rows are inserted
+//! into the real database inside a transaction that is rolled back.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use serde_json::Value as Json;
+
+use crate::config::PipelineFile;
+use crate::event::Compiled;
+use crate::sink::{PgSink, Trial};
+
+const SUFFIXES: [&str; 2] = [".test.yaml", ".test.yml"];
+
+/// True for pipeline test files, which the engine does not load.
+pub fn is_test_file(path: &Path) -> bool {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy())
+        .unwrap_or_default();
+    SUFFIXES.iter().any(|s| name.ends_with(s))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TestFile {
+    /// The pipeline file, relative to the test file (default: the test
+    /// file's name without `.test`).
+    #[serde(default)]
+    pipeline: Option<PathBuf>,
+    cases: Vec<Case>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Case {
+    name: String,
+    subject: String,
+    /// The event as YAML/JSON; or `payload` for raw text; or `event_file`.
+    #[serde(default)]
+    event: Option<Json>,
+    #[serde(default)]
+    payload: Option<String>,
+    #[serde(default)]
+    event_file: Option<PathBuf>,
+    #[serde(default)]
+    headers: BTreeMap<String, String>,
+    expect: Expect,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Expect {
+    /// Expected column values of the stored row (a subset of its columns).
+    #[serde(default)]
+    row: Option<BTreeMap<String, Json>>,
+    /// Expected error class: too_large, not_json, schema, template, unstorable.
+    #[serde(default)]
+    invalid: Option<String>,
+}
+
+/// Runs the test files found in `paths` (files or directories); prints a
+/// line per case, a diff per failure and a summary. Returns the number of
+/// failed cases.
+pub async fn run(paths: &[PathBuf], database_url: &str) -> anyhow::Result<usize> {
+    let files = find(paths)?;
+    anyhow::ensure!(
+        !files.is_empty(),
+        "no pipeline test files (*.test.yaml) found"
+    );
+    let (mut passed, mut failed) = (0, 0);
+    for file in files {
+        let (p, f) = run_file(&file, database_url).await?;
+        passed += p;
+        failed += f;
+    }
+    println!("\n{passed} passed, {failed} failed");
+    Ok(failed)
+}
+
+fn find(paths: &[PathBuf]) -> anyhow::Result<Vec<PathBuf>> {
+    let mut out = Vec::new();
+    for p in paths {
+        if p.is_dir() {
+            let mut found: Vec<PathBuf> = std::fs::read_dir(p)?
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|f| is_test_file(f))
+                .collect();
+            found.sort();
+            out.extend(found);
+        } else if is_test_file(p) {
+            out.push(p.clone());
+        } else {
+            let stem = p.with_extension("");
+            out.push(PathBuf::from(format!("{}{}", stem.display(), SUFFIXES[0])));
+        }
+    }
+    Ok(out)
+}
+
+async fn run_file(path: &Path, database_url: &str) -> anyhow::Result<(usize, usize)> {
+    let text =
+        std::fs::read_to_string(path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    let tests: TestFile =
+        serde_yaml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let pipeline_path = match &tests.pipeline {
+        Some(p) => dir.join(p),
+        None => PathBuf::from(path.to_string_lossy().replace(".test.", ".")),
+    };
+    let file = PipelineFile::load(&pipeline_path)?;
+    let compiled = Compiled::new(&file)?;
+    let pg = &file.pipeline.sink.postgres;
+    let sink = PgSink::connect(pg.url.as_deref().unwrap_or(database_url), 1).await?;
+    if let Some(m) = &pg.migrations {
+        sink.migrate(m).await?;
+    }
+    println!("{} ({})", path.display(), pipeline_path.display());
+    let (mut passed, mut failed) = (0, 0);
+    for case in &tests.cases {
+        match run_case(case, dir, &compiled, &sink).await {
+            Ok(()) => {
+                passed += 1;
+                println!("  ok    {}", case.name);
+            }
+            Err(diff) => {
+                failed += 1;
+                println!("  FAIL  {}\n{}", case.name, indent(&diff));
+            }
+        }
+    }
+    Ok((passed, failed))
+}
+
+/// Ok, or the readable difference between expected and actual.
+async fn run_case(
+    case: &Case,
+    dir: &Path,
+    compiled: &Compiled,
+    sink: &PgSink,
+) -> Result<(), String> {
+    let payload = payload(case, dir)?;
+    let actual = match compiled.prepare(&payload, &case.subject, &case.headers) {
+        Err(invalid) => Err((invalid.kind.to_string(), invalid.error)),
+        Ok(prepared) => match sink.trial(&prepared.rendered).await {
+            Ok(Trial::Row(row)) => Ok(row),
+            Ok(Trial::Rejected(e)) => Err(("unstorable".to_string(), e)),
+            Err(e) => return Err(format!("database error: {}", crate::sink::describe(&e))),
+        },
+    };
+    match (&case.expect.invalid, &case.expect.row, actual) {
+        (Some(want), _, Err((kind, _))) if *want == kind => Ok(()),
+        (Some(want), _, Err((kind, error))) => Err(format!(
+            "expected invalid `{want}`, got invalid `{kind}`: {error}"
+        )),
+        (Some(want), _, Ok(_)) => Err(format!(
+            "expected invalid `{want}`, but the event was stored"
+        )),
+        (None, _, Err((kind, error))) => {
+            Err(format!("expected a row, got invalid `{kind}`: {error}"))
+        }
+        (None, None, Ok(_)) => Ok(()),
+        (None, Some(_), Ok(None)) => Err("expected a row, but the statement inserted none".into()),
+        (None, Some(want), Ok(Some(row))) => compare(want, &row),
+    }
+}
+
+fn payload(case: &Case, dir: &Path) -> Result<Vec<u8>, String> {
+    match (&case.event, &case.payload, &case.event_file) {
+        (Some(e), None, None) => Ok(e.to_string().into_bytes()),
+        (None, Some(p), None) => Ok(p.clone().into_bytes()),
+        (None, None, Some(f)) => {
+            std::fs::read(dir.join(f)).map_err(|e| format!("{}: {e}", f.display()))
+        }
+        _ => Err("give exactly one of `event`, `payload`, `event_file`".into()),
+    }
+}
+
+/// Compares the expected columns with the stored row; strings compare as
+/// text, numbers numerically, everything else as JSON.
+fn compare(want: &BTreeMap<String, Json>, row: &Json) -> Result<(), String> {
+    let diffs: Vec<String> = want
+        .iter()
+        .filter_map(|(col, expected)| {
+            let actual = row.get(col).unwrap_or(&Json::Null);
+            (!same(expected, actual))
+                .then(|| format!("{col}:\n  expected {expected}\n  actual   {actual}"))
+        })
+        .collect();
+    if diffs.is_empty() {
+        Ok(())
+    } else {
+        Err(diffs.join("\n"))
+    }
+}
+
+fn same(expected: &Json, actual: &Json) -> bool {
+    match (expected, actual) {
+        (Json::Number(a), Json::Number(b)) => a.as_f64() == b.as_f64(),
+        _ => expected == actual,
+    }
+}
+
+fn indent(s: &str) -> String {
+    s.lines().map(|l| format!("        {l}\n")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn compare_reports_each_differing_column() {
+        let want = BTreeMap::from([("a".to_string(), json!("x")), ("n".to_string(), json!(1))]);
+        assert!(compare(&want, &json!({"a": "x", "n": 1.0, "other": 3})).is_ok());
+        let err = compare(&want, &json!({"a": "y", "n": 1})).unwrap_err();
+        assert!(
+            err.contains("a:") && err.contains("\"y\"") && !err.contains("n:"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn test_files_are_recognised() {
+        assert!(is_test_file(Path::new("p/tiktok.test.yaml")));
+        assert!(!is_test_file(Path::new("p/tiktok.yaml")));
+    }
+}
