@@ -1,0 +1,1575 @@
+//! The shipped benchmark of `ingestd`, running `pipelines/tiktok.yaml` on
+//! this machine's NATS (JetStream) and PostgreSQL.
+//!
+//! Measured in one run, so every figure shares the same machine and load:
+//!
+//! 1. PostgreSQL's own limit: `COPY` of N tiktok rows into a fresh table made
+//!    by the contract's migration (same DDL and indexes as the engine's table).
+//! 2. ingestd draining a backlog of N events published before it starts.
+//! 3. Publish → commit latency at a steady rate with the default batching.
+//! 4. ingestd's peak resident memory during (2).
+//!
+//! Everything it touches on the shared servers is its own (a database, a
+//! stream, subjects, a durable consumer) and is removed at the end, also on
+//! failure or Ctrl-C. Waits poll a condition against a deadline; nothing
+//! sleeps a fixed time to synchronise.
+//!
+//! Run it with `bash scripts/bench.sh [--events N] [--rate R] [--latency-secs S]`.
+
+use std::collections::{HashMap, VecDeque};
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::process::{ExitCode, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{bail, ensure, Context as _};
+use async_nats::jetstream::{self, consumer::PullConsumer, context::PublishAckFuture};
+use chrono::{DateTime, FixedOffset, SecondsFormat};
+use clap::Parser;
+use futures::StreamExt;
+use serde_json::{json, Value};
+use sqlx::postgres::{PgConnection, PgPool, PgPoolOptions};
+use sqlx::Connection as _;
+use tokio::process::{Child, Command};
+
+const NATS_URL: &str = "nats://127.0.0.1:4222";
+const PG_BASE: &str = "postgresql://postgres@127.0.0.1:5432";
+/// The targets stated in the issue, printed next to each figure.
+const TARGET_DRAIN_SHARE: f64 = 0.50;
+const TARGET_P99_MS: f64 = 25.0;
+const TARGET_RSS_MIB: f64 = 64.0;
+const TARGET_RATE: u64 = 2_000;
+const TARGET_EVENTS: u64 = 200_000;
+/// Publish acks kept outstanding while filling the backlog: enough to keep
+/// the connection busy, below async-nats' default limit of 5,000.
+const PUBLISH_WINDOW: usize = 4_096;
+/// Schema holding the table of the COPY measurement, dropped afterwards.
+const COPY_SCHEMA: &str = "bench_copy_limit";
+/// How often the drain is observed; bounds the error of its end time.
+const DRAIN_POLL: Duration = Duration::from_millis(10);
+/// Tick of the paced publisher of the latency phase.
+const PACE_TICK: Duration = Duration::from_millis(10);
+const READY_WITHIN: Duration = Duration::from_secs(60);
+const STOP_WITHIN: Duration = Duration::from_secs(40);
+const SETTLE_WITHIN: Duration = Duration::from_secs(60);
+/// Event types of the schema; the generator cycles through all of them.
+const EVENT_TYPES: [&str; 7] = [
+    "video.view",
+    "like",
+    "share",
+    "comment",
+    "profile.visit",
+    "purchase",
+    "follow",
+];
+const DEVICES: [&str; 3] = ["Android", "iOS", "Desktop"];
+const COUNTRIES: [&str; 8] = ["US", "GB", "DE", "FR", "BR", "IN", "JP", "NG"];
+/// Offsets of event timestamps, so that conversion to UTC is exercised.
+const OFFSETS_SECS: [i32; 3] = [0, 2 * 3600, -(5 * 3600 + 1800)];
+/// 2025-01-15T00:00:00Z: event times start here.
+const BASE_MILLIS: i64 = 1_736_899_200_000;
+
+/// The benchmark's command line.
+#[derive(Parser, Debug, Clone)]
+#[command(
+    name = "bench",
+    about = "Benchmark ingestd (pipelines/tiktok.yaml) against COPY on this machine"
+)]
+struct Args {
+    /// Events in the backlog of the drain, and rows of the COPY (200,000 is the headline run).
+    #[arg(long, default_value_t = TARGET_EVENTS)]
+    events: u64,
+    /// Steady publish rate of the latency phase, events per second.
+    #[arg(long, default_value_t = TARGET_RATE)]
+    rate: u64,
+    /// Duration of the latency phase, in seconds.
+    #[arg(long, default_value_t = 10)]
+    latency_secs: u64,
+    /// The ingestd binary (default: `ingestd` of the profile directory this example was built in).
+    #[arg(long)]
+    ingestd: Option<PathBuf>,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("bench: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(args)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("bench failed: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Runs the phases under a guard, then removes what the run created on the
+/// shared servers whatever happened (error, panic, Ctrl-C, SIGTERM).
+async fn run(args: Args) -> anyhow::Result<()> {
+    ensure!(
+        args.events > 0 && args.rate > 0 && args.latency_secs > 0,
+        "--events, --rate and --latency-secs must be positive"
+    );
+    let names = Names::new(&args)?;
+    let outcome = guarded(phases(names.clone(), args)).await;
+    cleanup(&names).await;
+    outcome
+}
+
+/// Runs `work` on its own task so that a panic or a signal still returns
+/// here (and cleanup runs); aborting drops the engine, which kills it.
+async fn guarded<F>(work: F) -> anyhow::Result<()>
+where
+    F: Future<Output = anyhow::Result<()>> + Send + 'static,
+{
+    let mut task = tokio::spawn(work);
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let signal = tokio::select! {
+        joined = &mut task => {
+            return joined.unwrap_or_else(|e| Err(anyhow::anyhow!("benchmark task failed: {e}")));
+        }
+        _ = tokio::signal::ctrl_c() => "SIGINT",
+        _ = term.recv() => "SIGTERM",
+    };
+    task.abort();
+    let _ = task.await;
+    bail!("interrupted by {signal}")
+}
+
+/// The phases in order, printing each figure as it is measured and the
+/// summary with the targets at the end.
+async fn phases(names: Names, args: Args) -> anyhow::Result<()> {
+    let bench = Bench::open(names).await?;
+    bench.print_facts(&args).await?;
+
+    println!("\n== set-up: ingestd creates the stream, consumer and table (then stops)");
+    let startup = prime(&bench).await?;
+    println!("   ingestd ready in {}", ms(startup));
+
+    println!(
+        "\n== [1] PostgreSQL's limit: COPY of {} rows",
+        thousands(args.events)
+    );
+    let copy = copy_limit(&bench, args.events).await?;
+    copy.print();
+
+    println!(
+        "\n== [2] ingestd draining a backlog of {} events",
+        thousands(args.events)
+    );
+    let published = publish_backlog(&bench, args.events).await?;
+    println!(
+        "   published {} events before starting ingestd in {} ({} events/s, {} acks in flight)",
+        thousands(args.events),
+        secs(published),
+        thousands(per_sec(args.events, published)),
+        PUBLISH_WINDOW
+    );
+    let drain = drain(&bench, args.events).await?;
+    drain.print(&copy);
+    let digest = content_digest(&bench.pool, "public", "bench-%").await?;
+    ensure!(
+        digest == copy.digest,
+        "the rows ingestd stored differ from the rows COPY wrote: {digest:?} vs {:?}",
+        copy.digest
+    );
+    println!(
+        "   stored rows equal the COPY rows (eventId, timestamp, funnelStage, eventType, data; md5 {})",
+        digest.1
+    );
+
+    println!(
+        "\n== [3] publish → commit latency at {} events/s for {} s",
+        thousands(args.rate),
+        args.latency_secs
+    );
+    let latency = latency(&bench, args.rate, args.latency_secs).await?;
+    latency.print();
+
+    summary(&args, &copy, &drain, &latency);
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------
+// Names, set-up and clean-up
+// ---------------------------------------------------------------------------
+
+/// Everything the run owns on the shared servers, named after one id so it
+/// cannot collide with tests or another run, and so cleanup can find it.
+#[derive(Debug, Clone)]
+struct Names {
+    db_name: String,
+    stream: String,
+    durable: String,
+    /// `<id>.raw.events.`: what the shipped `raw.events.` becomes.
+    prefix: String,
+    dir: PathBuf,
+    ingestd: PathBuf,
+    repo: PathBuf,
+}
+
+impl Names {
+    fn new(args: &Args) -> anyhow::Result<Self> {
+        let micros = SystemTime::now().duration_since(UNIX_EPOCH)?.as_micros();
+        let id = format!("b{:x}x{:x}", std::process::id(), micros & 0xffff_ffff);
+        let ingestd = match &args.ingestd {
+            Some(p) => p.clone(),
+            None => default_ingestd()?,
+        };
+        ensure!(
+            ingestd.is_file(),
+            "{} not found: build it with `cargo build --release --bins` (or pass --ingestd)",
+            ingestd.display()
+        );
+        Ok(Self {
+            db_name: format!("bench_{id}"),
+            stream: format!("RAW_EVENTS_{id}"),
+            durable: format!("ttk-collector-tiktok-{id}"),
+            prefix: format!("{id}.raw.events."),
+            dir: std::env::temp_dir().join(format!("ingestd-bench-{id}")),
+            ingestd,
+            repo: PathBuf::from(env!("CARGO_MANIFEST_DIR")),
+        })
+    }
+
+    fn database_url(&self) -> String {
+        format!("{PG_BASE}/{}", self.db_name)
+    }
+
+    fn pipelines_dir(&self) -> PathBuf {
+        self.dir.join("pipelines")
+    }
+
+    /// `pipelines/tiktok.yaml` made this run's own: stream, subjects and
+    /// durable renamed, schema and migrations made absolute. Batch settings
+    /// stay as shipped. Fails if a name to rewrite is missing, rather than
+    /// silently sharing the real stream.
+    fn adapted_pipeline(&self) -> anyhow::Result<String> {
+        let path = self.repo.join("pipelines/tiktok.yaml");
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("cannot read {}", path.display()))?;
+        let repo = self.repo.display();
+        let rewrites = [
+            ("RAW_EVENTS", self.stream.clone()),
+            ("raw.events.", self.prefix.clone()),
+            ("ttk-collector-tiktok", self.durable.clone()),
+            ("../schemas/", format!("{repo}/schemas/")),
+            ("../migrations", format!("{repo}/migrations")),
+        ];
+        rewrites.iter().try_fold(text, |text, (from, to)| {
+            ensure!(
+                text.contains(from),
+                "{} has no `{from}` to rewrite",
+                path.display()
+            );
+            Ok(text.replace(from, to))
+        })
+    }
+}
+
+/// `ingestd` next to the profile directory of this executable
+/// (`target/release/examples/bench` → `target/release/ingestd`).
+fn default_ingestd() -> anyhow::Result<PathBuf> {
+    let exe = std::env::current_exe()?;
+    let profile_dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .context("cannot locate the target directory")?;
+    Ok(profile_dir.join("ingestd"))
+}
+
+/// Connections and handles of the run, opened once its database exists.
+struct Bench {
+    names: Names,
+    nats: async_nats::Client,
+    js: jetstream::Context,
+    /// A pool on the run's database, for observation queries.
+    pool: PgPool,
+}
+
+impl Bench {
+    /// Creates the database and the temp dir with the adapted pipeline, and
+    /// connects to both servers.
+    async fn open(names: Names) -> anyhow::Result<Self> {
+        let yaml = names.adapted_pipeline()?;
+        std::fs::create_dir_all(names.pipelines_dir())?;
+        std::fs::write(names.pipelines_dir().join("tiktok.yaml"), yaml)?;
+        let mut admin = PgConnection::connect(&format!("{PG_BASE}/postgres"))
+            .await
+            .context("cannot connect to PostgreSQL on 127.0.0.1:5432 as postgres")?;
+        sqlx::raw_sql(&format!(r#"CREATE DATABASE "{}""#, names.db_name))
+            .execute(&mut admin)
+            .await?;
+        admin.close().await?;
+        let pool = PgPoolOptions::new()
+            .max_connections(2)
+            .connect(&names.database_url())
+            .await?;
+        let nats = async_nats::connect(NATS_URL)
+            .await
+            .context("cannot connect to NATS on 127.0.0.1:4222")?;
+        let js = jetstream::new(nats.clone());
+        Ok(Self {
+            names,
+            nats,
+            js,
+            pool,
+        })
+    }
+
+    fn subject(&self, suffix: &str) -> String {
+        format!("{}{suffix}", self.names.prefix)
+    }
+
+    async fn consumer(&self) -> anyhow::Result<PullConsumer> {
+        self.js
+            .get_consumer_from_stream(&self.names.durable, &self.names.stream)
+            .await
+            .with_context(|| format!("consumer {} not found", self.names.durable))
+    }
+
+    /// The machine and configuration the figures belong to.
+    async fn print_facts(&self, args: &Args) -> anyhow::Result<()> {
+        let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
+        let model = std::fs::read_to_string("/proc/cpuinfo")
+            .ok()
+            .and_then(|t| {
+                t.lines()
+                    .find(|l| l.starts_with("model name"))
+                    .and_then(|l| l.split(':').nth(1))
+                    .map(|m| m.trim().to_string())
+            })
+            .unwrap_or_else(|| "unknown CPU".into());
+        let (pg_version, sync_commit): (String, String) = sqlx::query_as(
+            "SELECT current_setting('server_version'), current_setting('synchronous_commit')",
+        )
+        .fetch_one(&self.pool)
+        .await?;
+        let batch = batch_settings(&self.names.pipelines_dir().join("tiktok.yaml"))?;
+        println!("ingestd benchmark");
+        println!("   machine: nproc={cpus} ({model})");
+        println!(
+            "   servers: NATS {} (JetStream, 127.0.0.1:4222), PostgreSQL {pg_version} (synchronous_commit={sync_commit}), shared with anything else running",
+            self.nats.server_info().version
+        );
+        println!(
+            "   N={} events; latency phase {} events/s for {} s; pipeline batch: {batch}",
+            thousands(args.events),
+            thousands(args.rate),
+            args.latency_secs
+        );
+        println!(
+            "   names: database {}, stream {}, subjects {}>, durable {}",
+            self.names.db_name, self.names.stream, self.names.prefix, self.names.durable
+        );
+        Ok(())
+    }
+}
+
+/// The pipeline's batch settings as written in the file, to show that the
+/// figures are for the shipped defaults.
+fn batch_settings(pipeline: &Path) -> anyhow::Result<String> {
+    let text = std::fs::read_to_string(pipeline)?;
+    let doc: serde_yaml::Value = serde_yaml::from_str(&text)?;
+    let batch = &doc["sink"]["postgres"]["batch"];
+    let field = |k: &str| match &batch[k] {
+        serde_yaml::Value::Number(n) => n.to_string(),
+        serde_yaml::Value::String(s) => s.clone(),
+        _ => "default".into(),
+    };
+    Ok(format!(
+        "max_rows {}, max_wait {}, max_in_flight {}",
+        field("max_rows"),
+        field("max_wait"),
+        field("max_in_flight")
+    ))
+}
+
+/// Best-effort removal of the stream (with its consumer), the database and
+/// the temp dir. Each step reports its own failure and the others still run.
+async fn cleanup(names: &Names) {
+    match async_nats::connect(NATS_URL).await {
+        Ok(client) => {
+            let js = jetstream::new(client);
+            if let Err(e) = js.delete_stream(&names.stream).await {
+                if !e.to_string().contains("not found") {
+                    eprintln!("cleanup: cannot delete stream {}: {e}", names.stream);
+                }
+            }
+        }
+        Err(e) => eprintln!("cleanup: cannot connect to NATS: {e}"),
+    }
+    let dropped = async {
+        let mut admin = PgConnection::connect(&format!("{PG_BASE}/postgres")).await?;
+        // FORCE: a killed engine's connections may not be gone yet.
+        sqlx::raw_sql(&format!(
+            r#"DROP DATABASE IF EXISTS "{}" WITH (FORCE)"#,
+            names.db_name
+        ))
+        .execute(&mut admin)
+        .await?;
+        admin.close().await
+    };
+    if let Err(e) = dropped.await {
+        eprintln!("cleanup: cannot drop database {}: {e}", names.db_name);
+    }
+    if names.dir.exists() {
+        if let Err(e) = std::fs::remove_dir_all(&names.dir) {
+            eprintln!("cleanup: cannot remove {}: {e}", names.dir.display());
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The engine process
+// ---------------------------------------------------------------------------
+
+/// One `ingestd run` process on the run's pipelines dir, logging to a file.
+/// Killed if dropped without [`Engine::stop`], so no engine outlives the run.
+struct Engine {
+    child: Child,
+    pid: u32,
+    port: u16,
+    log: PathBuf,
+    started: Instant,
+}
+
+impl Engine {
+    /// Starts the engine as an operator would: env configuration, RUST_LOG=warn,
+    /// a free HTTP port on loopback, an empty working dir (no stray `.env`).
+    async fn spawn(b: &Bench, label: &str) -> anyhow::Result<Self> {
+        let port = free_port()?;
+        let log = b.names.dir.join(format!("engine-{label}.log"));
+        let log_file = std::fs::File::create(&log)?;
+        let started = Instant::now();
+        let child = Command::new(&b.names.ingestd)
+            .arg("run")
+            .arg("--pipelines")
+            .arg(b.names.pipelines_dir())
+            .current_dir(&b.names.dir)
+            .env("DATABASE_URL", b.names.database_url())
+            .env("NATS_URL", NATS_URL)
+            .env("PORT", port.to_string())
+            .env("LISTEN_ADDR", "127.0.0.1")
+            .env("NODE_ENV", "production")
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(log_file.try_clone()?)
+            .stderr(log_file)
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("cannot start {}", b.names.ingestd.display()))?;
+        let pid = child.id().context("the engine exited at once")?;
+        Ok(Self {
+            child,
+            pid,
+            port,
+            log,
+            started,
+        })
+    }
+
+    /// Fails with the log's tail when the process has exited: an engine that
+    /// died must end the run, not let it wait for its deadline.
+    fn ensure_running(&mut self) -> anyhow::Result<()> {
+        match self.child.try_wait()? {
+            None => Ok(()),
+            Some(status) => bail!(
+                "ingestd exited unexpectedly ({status}); log tail:\n{}",
+                self.log_tail(20)
+            ),
+        }
+    }
+
+    /// Polls `/ready` until it answers 200 (database and NATS up, pipelines
+    /// built); returns the time since the process started.
+    async fn wait_ready(&mut self) -> anyhow::Result<Duration> {
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(2))
+            .build()?;
+        let url = format!("http://127.0.0.1:{}/ready", self.port);
+        let mut poll = Poller::new("ingestd /ready", READY_WITHIN, Duration::from_millis(20));
+        loop {
+            poll.tick().await?;
+            self.ensure_running()?;
+            if let Ok(r) = http.get(&url).send().await {
+                if r.status().is_success() {
+                    return Ok(self.started.elapsed());
+                }
+            }
+        }
+    }
+
+    /// A `/proc/<pid>/status` memory field (VmRSS, VmHWM) in KiB.
+    fn status_kib(&self, field: &str) -> Option<u64> {
+        proc_status_kib(self.pid, field)
+    }
+
+    /// Stops the engine as an orchestrator would (SIGTERM) and waits for it;
+    /// kills it if it does not exit within [`STOP_WITHIN`].
+    async fn stop(mut self) -> anyhow::Result<String> {
+        let sent = std::process::Command::new("kill")
+            .args(["-TERM", &self.pid.to_string()])
+            .status()?;
+        ensure!(
+            sent.success(),
+            "cannot send SIGTERM to ingestd {}",
+            self.pid
+        );
+        match tokio::time::timeout(STOP_WITHIN, self.child.wait()).await {
+            Ok(status) => {
+                let status = status?;
+                Ok(if status.success() {
+                    "exited 0 after SIGTERM".into()
+                } else {
+                    format!("{status} after SIGTERM")
+                })
+            }
+            Err(_) => {
+                self.child.kill().await?;
+                Ok(format!(
+                    "did not exit within {} of SIGTERM (killed)",
+                    secs(STOP_WITHIN)
+                ))
+            }
+        }
+    }
+
+    fn log_tail(&self, lines: usize) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let all: Vec<&str> = text.lines().collect();
+        all[all.len().saturating_sub(lines)..].join("\n")
+    }
+
+    /// Warnings and errors the engine logged (RUST_LOG=warn), as a count and
+    /// the first one: ack failures or retries would explain a slow figure.
+    fn log_problems(&self) -> (usize, Option<String>) {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let problems: Vec<&str> = text
+            .lines()
+            .filter(|l| l.contains("WARN") || l.contains("ERROR"))
+            .collect();
+        let first = problems.first().map(|l| l.chars().take(300).collect());
+        (problems.len(), first)
+    }
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+fn proc_status_kib(pid: u32, field: &str) -> Option<u64> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = text.lines().find(|l| l.starts_with(&format!("{field}:")))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// The clock of a polling loop: ticks every `every` and fails once `within`
+/// has passed. Every wait of the benchmark is one of these.
+struct Poller {
+    what: String,
+    within: Duration,
+    deadline: Instant,
+    interval: tokio::time::Interval,
+}
+
+impl Poller {
+    fn new(what: &str, within: Duration, every: Duration) -> Self {
+        let mut interval = tokio::time::interval(every);
+        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        Self {
+            what: what.to_string(),
+            within,
+            deadline: Instant::now() + within,
+            interval,
+        }
+    }
+
+    async fn tick(&mut self) -> anyhow::Result<()> {
+        ensure!(
+            Instant::now() < self.deadline,
+            "gave up after {} waiting for {}",
+            secs(self.within),
+            self.what
+        );
+        self.interval.tick().await;
+        Ok(())
+    }
+}
+
+/// Runs the engine once on the empty stream so that the stream, the durable
+/// consumer and the table exist exactly as the pipeline declares them before
+/// the backlog is published; returns its start-up time.
+async fn prime(b: &Bench) -> anyhow::Result<Duration> {
+    let mut engine = Engine::spawn(b, "setup").await?;
+    let ready = engine.wait_ready().await?;
+    let stopped = engine.stop().await?;
+    ensure!(stopped.starts_with("exited 0"), "set-up engine {stopped}");
+    b.consumer().await?;
+    Ok(ready)
+}
+
+// ---------------------------------------------------------------------------
+// Events
+// ---------------------------------------------------------------------------
+
+/// One generated event: what is published, and the row the contract stores
+/// for it (declared keys only, timestamp in UTC at millisecond precision).
+struct Generated {
+    subject_suffix: String,
+    payload: Vec<u8>,
+    row: StoredRow,
+}
+
+struct StoredRow {
+    event_id: String,
+    /// `YYYY-MM-DD HH:MM:SS.mmm`, UTC, as `TIMESTAMP(3)` prints it.
+    timestamp: String,
+    funnel_stage: &'static str,
+    event_type: &'static str,
+    data: Value,
+}
+
+/// A valid tiktok event, varied by `i` (deterministically): both funnel
+/// stages, every event type, both engagement shapes (with and without
+/// nulls), three time-zone offsets, and a quarter carrying undeclared keys
+/// that `strip_unknown` must remove.
+fn generate(i: u64, event_id: String) -> Generated {
+    let r = splitmix64(i);
+    let funnel_stage = if r & 1 == 0 { "top" } else { "bottom" };
+    let event_type = EVENT_TYPES[(r >> 1) as usize % EVENT_TYPES.len()];
+    let utc =
+        DateTime::from_timestamp_millis(BASE_MILLIS + i as i64 * 37 + (r >> 40) as i64 % 1000)
+            .expect("timestamps are in range");
+    let offset = FixedOffset::east_opt(OFFSETS_SECS[(r >> 44) as usize % OFFSETS_SECS.len()])
+        .expect("offsets are valid");
+    let engagement = if (r >> 4) & 1 == 0 {
+        video_engagement(r)
+    } else {
+        action_engagement(r, &utc.to_rfc3339_opts(SecondsFormat::Secs, true))
+    };
+    let data = json!({
+        "user": {
+            "userId": format!("user-{}", (r >> 8) % 50_000),
+            "username": format!("creator_{}", (r >> 24) % 9_973),
+            "followers": (r >> 12) % 2_000_000,
+        },
+        "engagement": engagement,
+    });
+    let mut event = json!({
+        "eventId": event_id,
+        "timestamp": utc.with_timezone(&offset).to_rfc3339_opts(SecondsFormat::Millis, true),
+        "source": "tiktok",
+        "funnelStage": funnel_stage,
+        "eventType": event_type,
+        "data": data.clone(),
+    });
+    if (r >> 50) % 4 == 0 {
+        event["sessionId"] = json!(format!("s-{}", r % 1_000_000));
+        event["data"]["user"]["avatarUrl"] = json!("https://example.invalid/a.png");
+    }
+    Generated {
+        subject_suffix: format!("tiktok.{funnel_stage}.{event_type}"),
+        payload: serde_json::to_vec(&event).expect("JSON values serialize"),
+        row: StoredRow {
+            event_id,
+            timestamp: utc.format("%Y-%m-%d %H:%M:%S%.3f").to_string(),
+            funnel_stage,
+            event_type,
+            data,
+        },
+    }
+}
+
+fn video_engagement(r: u64) -> Value {
+    json!({
+        "watchTime": ((r >> 16) % 6_000) as f64 / 10.0,
+        "percentageWatched": (r >> 28) % 101,
+        "device": DEVICES[(r >> 36) as usize % DEVICES.len()],
+        "country": COUNTRIES[(r >> 38) as usize % COUNTRIES.len()],
+        "videoId": format!("video-{}", (r >> 20) % 100_000),
+    })
+}
+
+fn action_engagement(r: u64, action_time: &str) -> Value {
+    let maybe = |bit: u32, v: String| {
+        if (r >> bit) & 1 == 0 {
+            json!(v)
+        } else {
+            Value::Null
+        }
+    };
+    json!({
+        "actionTime": action_time,
+        "profileId": maybe(52, format!("profile-{}", (r >> 20) % 10_000)),
+        "purchasedItem": maybe(53, format!("sku-{}", (r >> 30) % 500)),
+        "purchaseAmount": maybe(54, format!("{}.{:02}", (r >> 32) % 200, (r >> 56) % 100)),
+    })
+}
+
+/// A fixed mixing function: varied but reproducible events without an RNG.
+fn splitmix64(i: u64) -> u64 {
+    let mut z = i.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+fn backlog_event_id(i: u64) -> String {
+    format!("bench-{i:08}")
+}
+
+// ---------------------------------------------------------------------------
+// [1] COPY
+// ---------------------------------------------------------------------------
+
+struct CopyFigures {
+    rows: u64,
+    elapsed: Duration,
+    /// (rows, md5) of the stored content, compared with what ingestd stores.
+    digest: (i64, String),
+}
+
+impl CopyFigures {
+    fn rate(&self) -> f64 {
+        self.rows as f64 / self.elapsed.as_secs_f64()
+    }
+
+    fn print(&self) {
+        println!(
+            "   COPY {} rows (CSV, one transaction, into a fresh table with the migration's DDL and 3 indexes) in {} = {} rows/s",
+            thousands(self.rows),
+            secs(self.elapsed),
+            thousands(self.rate() as u64)
+        );
+        println!("   (rows prepared in memory beforehand; time = BEGIN + COPY + COMMIT)");
+    }
+}
+
+/// COPYs the rows ingestd will store for the backlog into a table created
+/// by the repo's migrations in a separate schema, timing only the database
+/// work; the schema is dropped and a checkpoint taken so the drain starts
+/// from the same quiet state.
+async fn copy_limit(b: &Bench, n: u64) -> anyhow::Result<CopyFigures> {
+    let chunks = csv_chunks(n);
+    let mut conn = PgConnection::connect(&b.names.database_url()).await?;
+    sqlx::raw_sql(&format!(
+        "DROP SCHEMA IF EXISTS {COPY_SCHEMA} CASCADE; CREATE SCHEMA {COPY_SCHEMA}; SET search_path TO {COPY_SCHEMA}"
+    ))
+    .execute(&mut conn)
+    .await?;
+    for sql in migrations(&b.names.repo.join("migrations"))? {
+        sqlx::raw_sql(&sql).execute(&mut conn).await?;
+    }
+    sqlx::raw_sql("CHECKPOINT").execute(&mut conn).await?;
+    let start = Instant::now();
+    let mut tx = conn.begin().await?;
+    let mut copy = tx
+        .copy_in_raw(&format!(
+            r#"COPY {COPY_SCHEMA}."TiktokEvent" ("id", "eventId", "timestamp", "funnelStage", "eventType", "data") FROM STDIN WITH (FORMAT csv)"#
+        ))
+        .await?;
+    for chunk in &chunks {
+        copy.send(chunk.as_slice()).await?;
+    }
+    let rows = copy.finish().await?;
+    tx.commit().await?;
+    let elapsed = start.elapsed();
+    ensure!(rows == n, "COPY stored {rows} rows, expected {n}");
+    let digest = content_digest_conn(&mut conn, COPY_SCHEMA, "bench-%").await?;
+    sqlx::raw_sql(&format!(
+        "RESET search_path; DROP SCHEMA {COPY_SCHEMA} CASCADE; CHECKPOINT"
+    ))
+    .execute(&mut conn)
+    .await?;
+    conn.close().await?;
+    Ok(CopyFigures {
+        rows,
+        elapsed,
+        digest,
+    })
+}
+
+/// The backlog's rows as CSV in ~1 MiB chunks, with cuid ids as the engine
+/// makes them.
+fn csv_chunks(n: u64) -> Vec<Vec<u8>> {
+    const CHUNK: usize = 1 << 20;
+    let mut chunks = Vec::new();
+    let mut chunk = Vec::with_capacity(CHUNK + 4096);
+    for i in 0..n {
+        let row = generate(i, backlog_event_id(i)).row;
+        let data = row.data.to_string();
+        let id = cuid::cuid1();
+        let fields = [
+            id.as_str(),
+            &row.event_id,
+            &row.timestamp,
+            row.funnel_stage,
+            row.event_type,
+            &data,
+        ];
+        for (k, field) in fields.iter().enumerate() {
+            if k > 0 {
+                chunk.push(b',');
+            }
+            chunk.push(b'"');
+            chunk.extend_from_slice(field.replace('"', "\"\"").as_bytes());
+            chunk.push(b'"');
+        }
+        chunk.push(b'\n');
+        if chunk.len() >= CHUNK {
+            chunks.push(std::mem::replace(
+                &mut chunk,
+                Vec::with_capacity(CHUNK + 4096),
+            ));
+        }
+    }
+    if !chunk.is_empty() {
+        chunks.push(chunk);
+    }
+    chunks
+}
+
+/// The texts of the repo's migrations, in the order sqlx applies them.
+fn migrations(dir: &Path) -> anyhow::Result<Vec<String>> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .with_context(|| format!("cannot read {}", dir.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "sql"))
+        .collect();
+    files.sort();
+    files
+        .iter()
+        .map(|f| std::fs::read_to_string(f).with_context(|| format!("{}", f.display())))
+        .collect()
+}
+
+const DIGEST_SQL: &str = r#"SELECT count(*)::int8, coalesce(md5(string_agg(
+    concat_ws('|', "eventId", "timestamp"::text, "funnelStage", "eventType", "data"::text),
+    E'\n' ORDER BY "eventId")), '')
+  FROM {schema}."TiktokEvent" WHERE "eventId" LIKE $1"#;
+
+/// Row count and md5 of the stored content (everything but the generated
+/// `id` and `createdAt`), to prove both paths store the same rows.
+async fn content_digest(pool: &PgPool, schema: &str, like: &str) -> anyhow::Result<(i64, String)> {
+    Ok(sqlx::query_as(&DIGEST_SQL.replace("{schema}", schema))
+        .bind(like)
+        .fetch_one(pool)
+        .await?)
+}
+
+async fn content_digest_conn(
+    conn: &mut PgConnection,
+    schema: &str,
+    like: &str,
+) -> anyhow::Result<(i64, String)> {
+    Ok(sqlx::query_as(&DIGEST_SQL.replace("{schema}", schema))
+        .bind(like)
+        .fetch_one(conn)
+        .await?)
+}
+
+// ---------------------------------------------------------------------------
+// [2] Drain + [4] memory
+// ---------------------------------------------------------------------------
+
+/// Publishes the backlog with a window of outstanding publish acks (one
+/// round trip per event would measure latency, not the backlog), then
+/// checks that the consumer sees all of it pending.
+async fn publish_backlog(b: &Bench, n: u64) -> anyhow::Result<Duration> {
+    let start = Instant::now();
+    let mut window: VecDeque<PublishAckFuture> = VecDeque::with_capacity(PUBLISH_WINDOW);
+    for i in 0..n {
+        if window.len() == PUBLISH_WINDOW {
+            confirm(window.pop_front()).await?;
+        }
+        let g = generate(i, backlog_event_id(i));
+        let ack =
+            b.js.publish(b.subject(&g.subject_suffix), g.payload.into())
+                .await?;
+        window.push_back(ack);
+    }
+    while let Some(ack) = window.pop_front() {
+        confirm(Some(ack)).await?;
+    }
+    let elapsed = start.elapsed();
+    let pending = b.consumer().await?.get_info().await?.num_pending;
+    ensure!(
+        pending == n,
+        "the consumer has {pending} messages pending, expected {n}"
+    );
+    Ok(elapsed)
+}
+
+async fn confirm(ack: Option<PublishAckFuture>) -> anyhow::Result<u64> {
+    let ack = ack.context("no publish to confirm")?;
+    Ok(ack
+        .await
+        .context("JetStream did not confirm a publish")?
+        .sequence)
+}
+
+struct DrainFigures {
+    rows: u64,
+    /// Process start → all rows committed and acknowledged.
+    total: Duration,
+    /// Process start → first row visible.
+    first_row_at: Duration,
+    /// Rows already committed when the first row was seen.
+    rows_at_first: u64,
+    hwm_kib: u64,
+    rss_max_kib: u64,
+    cpu: CpuUsage,
+    exit: String,
+    problems: (usize, Option<String>),
+}
+
+impl DrainFigures {
+    fn rate(&self) -> f64 {
+        self.rows as f64 / self.total.as_secs_f64()
+    }
+
+    /// Rate once rows flow: excludes start-up (connect, migrate, ensure).
+    fn rate_from_first(&self) -> f64 {
+        (self.rows - self.rows_at_first) as f64 / (self.total - self.first_row_at).as_secs_f64()
+    }
+
+    fn print(&self, copy: &CopyFigures) {
+        println!(
+            "   from process start:     {} rows in {} = {} rows/s = {:.0}% of COPY",
+            thousands(self.rows),
+            secs(self.total),
+            thousands(self.rate() as u64),
+            100.0 * self.rate() / copy.rate()
+        );
+        println!(
+            "   from first row committed: {} rows in {} = {} rows/s = {:.0}% of COPY (first row {} after start)",
+            thousands(self.rows - self.rows_at_first),
+            secs(self.total - self.first_row_at),
+            thousands(self.rate_from_first() as u64),
+            100.0 * self.rate_from_first() / copy.rate(),
+            ms(self.first_row_at)
+        );
+        println!(
+            "   (end = first poll, every {} ms, where the consumer has nothing pending or unacked; count(*) then confirmed {} rows)",
+            DRAIN_POLL.as_millis(),
+            thousands(self.rows)
+        );
+        println!(
+            "   [4] ingestd memory: peak RSS (VmHWM, read before SIGTERM) {}; max sampled VmRSS {}",
+            mib(self.hwm_kib),
+            mib(self.rss_max_kib)
+        );
+        self.cpu.print(self.total);
+        println!("   ingestd {}", self.exit);
+        print_problems(&self.problems);
+    }
+}
+
+fn print_problems(problems: &(usize, Option<String>)) {
+    match problems {
+        (0, _) => println!("   ingestd logged no warnings or errors"),
+        (n, first) => println!(
+            "   ingestd logged {n} warnings/errors; first: {}",
+            first.as_deref().unwrap_or("")
+        ),
+    }
+}
+
+/// Starts ingestd on the published backlog and times it until every event
+/// is committed and acknowledged, sampling its memory meanwhile.
+async fn drain(b: &Bench, n: u64) -> anyhow::Result<DrainFigures> {
+    let consumer = b.consumer().await?;
+    let cpu_before = CpuSnapshot::take();
+    let mut engine = Engine::spawn(b, "drain").await?;
+    let within = Duration::from_secs(120 + n / 500);
+    let mut poll = Poller::new("ingestd to drain the backlog", within, DRAIN_POLL);
+    let mut first: Option<(Duration, u64)> = None;
+    let mut rss_max_kib = 0;
+    let total = loop {
+        poll.tick().await?;
+        engine.ensure_running()?;
+        rss_max_kib = rss_max_kib.max(engine.status_kib("VmRSS").unwrap_or(0));
+        if first.is_none() {
+            // Cheap while the table is nearly empty, and never used after.
+            let rows: i64 = sqlx::query_scalar(r#"SELECT count(*) FROM "TiktokEvent""#)
+                .fetch_one(&b.pool)
+                .await?;
+            if rows > 0 {
+                first = Some((engine.started.elapsed(), rows as u64));
+            }
+            continue;
+        }
+        let info = consumer.get_info().await?;
+        if info.num_pending == 0 && info.num_ack_pending == 0 {
+            break engine.started.elapsed();
+        }
+    };
+    let cpu = CpuSnapshot::take().since(&cpu_before, engine.pid);
+    let hwm_kib = engine.status_kib("VmHWM").unwrap_or(0);
+    rss_max_kib = rss_max_kib.max(engine.status_kib("VmRSS").unwrap_or(0));
+    let problems = engine.log_problems();
+    let exit = engine.stop().await?;
+    let rows: i64 = sqlx::query_scalar(r#"SELECT count(*) FROM "TiktokEvent""#)
+        .fetch_one(&b.pool)
+        .await?;
+    ensure!(
+        rows as u64 == n,
+        "all {n} events were acknowledged but {rows} rows are stored"
+    );
+    let (first_row_at, rows_at_first) = first.expect("the loop ends after the first row");
+    Ok(DrainFigures {
+        rows: n,
+        total,
+        first_row_at,
+        rows_at_first,
+        hwm_kib,
+        rss_max_kib,
+        cpu,
+        exit,
+        problems,
+    })
+}
+
+// ---------------------------------------------------------------------------
+// CPU accounting
+// ---------------------------------------------------------------------------
+
+/// CPU time of every process and of the machine at one moment, to show where
+/// the time of a phase went (ingestd vs PostgreSQL vs NATS).
+struct CpuSnapshot {
+    /// pid → (comm, utime + stime in clock ticks).
+    processes: HashMap<u32, (String, u64)>,
+    /// The `cpu` line of /proc/stat: user nice system idle iowait irq softirq steal.
+    machine: Vec<u64>,
+}
+
+/// CPU seconds spent during a phase, by process group.
+struct CpuUsage {
+    ingestd: f64,
+    postgres: f64,
+    nats: f64,
+    bench: f64,
+    other: f64,
+    idle: f64,
+    iowait: f64,
+}
+
+impl CpuSnapshot {
+    fn take() -> Self {
+        let mut processes = HashMap::new();
+        if let Ok(entries) = std::fs::read_dir("/proc") {
+            for entry in entries.flatten() {
+                let Some(pid) = entry.file_name().to_str().and_then(|s| s.parse().ok()) else {
+                    continue;
+                };
+                if let Some(p) = process_ticks(pid) {
+                    processes.insert(pid, p);
+                }
+            }
+        }
+        let machine = std::fs::read_to_string("/proc/stat")
+            .ok()
+            .and_then(|t| {
+                t.lines().next().map(|l| {
+                    l.split_whitespace()
+                        .skip(1)
+                        .filter_map(|v| v.parse().ok())
+                        .collect()
+                })
+            })
+            .unwrap_or_default();
+        Self { processes, machine }
+    }
+
+    /// Usage between `before` and this snapshot. Processes that exited in
+    /// between are not counted (the engine's connections live throughout).
+    fn since(&self, before: &Self, ingestd: u32) -> CpuUsage {
+        let hz = clock_ticks_per_sec();
+        let me = std::process::id();
+        let mut usage = CpuUsage {
+            ingestd: 0.0,
+            postgres: 0.0,
+            nats: 0.0,
+            bench: 0.0,
+            other: 0.0,
+            idle: 0.0,
+            iowait: 0.0,
+        };
+        for (pid, (comm, ticks)) in &self.processes {
+            let was = before.processes.get(pid).map_or(0, |p| p.1);
+            let s = ticks.saturating_sub(was) as f64 / hz;
+            match (pid, comm.as_str()) {
+                (p, _) if *p == ingestd => usage.ingestd += s,
+                (p, _) if *p == me => usage.bench += s,
+                (_, "postgres") => usage.postgres += s,
+                (_, "nats-server") => usage.nats += s,
+                _ => usage.other += s,
+            }
+        }
+        let field = |i: usize| {
+            let now = self.machine.get(i).copied().unwrap_or(0);
+            let was = before.machine.get(i).copied().unwrap_or(0);
+            now.saturating_sub(was) as f64 / hz
+        };
+        usage.idle = field(3);
+        usage.iowait = field(4);
+        usage
+    }
+}
+
+impl CpuUsage {
+    fn print(&self, wall: Duration) {
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let capacity = wall.as_secs_f64() * cpus as f64;
+        let pct = |s: f64| 100.0 * s / capacity;
+        println!(
+            "   CPU during the drain ({cpus} CPUs × {} = {:.1} CPU-s): ingestd {:.1} s ({:.0}%), postgres {:.1} s ({:.0}%), nats-server {:.1} s ({:.0}%), bench {:.1} s, other {:.1} s; idle {:.0}%, iowait {:.0}%",
+            secs(wall),
+            capacity,
+            self.ingestd,
+            pct(self.ingestd),
+            self.postgres,
+            pct(self.postgres),
+            self.nats,
+            pct(self.nats),
+            self.bench,
+            self.other,
+            pct(self.idle),
+            pct(self.iowait)
+        );
+    }
+}
+
+/// (comm, utime + stime) of a process from /proc/<pid>/stat.
+fn process_ticks(pid: u32) -> Option<(String, u64)> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let open = text.find('(')?;
+    let close = text.rfind(')')?;
+    let comm = text[open + 1..close].to_string();
+    // After the comm: state is field 3, utime 14 and stime 15 (1-based).
+    let rest: Vec<&str> = text[close + 1..].split_whitespace().collect();
+    let utime: u64 = rest.get(11)?.parse().ok()?;
+    let stime: u64 = rest.get(12)?.parse().ok()?;
+    Some((comm, utime + stime))
+}
+
+fn clock_ticks_per_sec() -> f64 {
+    std::process::Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(100.0)
+}
+
+// ---------------------------------------------------------------------------
+// [3] Latency
+// ---------------------------------------------------------------------------
+
+struct LatencyFigures {
+    events: u64,
+    publish_span: Duration,
+    /// Worst delay of a publisher tick behind its schedule.
+    max_tick_lag: Duration,
+    /// publish → createdAt (transaction start): a lower bound of commit time.
+    created: Percentiles,
+    /// publish → the engine's ack seen on NATS (sent after the commit): an
+    /// upper bound.
+    acked: Option<Percentiles>,
+    acks_seen: usize,
+    rss_hwm_kib: u64,
+    exit: String,
+    problems: (usize, Option<String>),
+}
+
+impl LatencyFigures {
+    fn print(&self) {
+        println!(
+            "   published {} events in {} ({} events/s achieved; ticks of {} ms, worst tick lag {})",
+            thousands(self.events),
+            secs(self.publish_span),
+            thousands(per_sec(self.events, self.publish_span)),
+            PACE_TICK.as_millis(),
+            ms(self.max_tick_lag)
+        );
+        println!(
+            "   publish → row committed (createdAt): p50 {}  p99 {}  max {}",
+            ms_f(self.created.p50),
+            ms_f(self.created.p99),
+            ms_f(self.created.max)
+        );
+        println!(
+            "   (createdAt is CURRENT_TIMESTAMP at insert: the batch's transaction start, ms precision; the commit follows it by the INSERT + COMMIT time)"
+        );
+        match &self.acked {
+            Some(a) => println!(
+                "   publish → ingestd's ack seen on NATS (sent after COMMIT): p50 {}  p99 {}  max {}  ({} of {} acks observed)",
+                ms_f(a.p50),
+                ms_f(a.p99),
+                ms_f(a.max),
+                thousands(self.acks_seen as u64),
+                thousands(self.events)
+            ),
+            None => println!("   (no acks observed on $JS.ACK.>: upper bound unavailable)"),
+        }
+        println!(
+            "   ingestd peak RSS during this phase: {}; {}",
+            mib(self.rss_hwm_kib),
+            self.exit
+        );
+        print_problems(&self.problems);
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Percentiles {
+    p50: f64,
+    p99: f64,
+    max: f64,
+}
+
+impl Percentiles {
+    /// Nearest-rank percentiles of latencies in milliseconds.
+    fn of(mut values: Vec<f64>) -> Option<Self> {
+        if values.is_empty() {
+            return None;
+        }
+        values.sort_by(f64::total_cmp);
+        let rank =
+            |p: f64| values[((p * values.len() as f64).ceil() as usize).clamp(1, values.len()) - 1];
+        Some(Self {
+            p50: rank(0.50),
+            p99: rank(0.99),
+            max: values[values.len() - 1],
+        })
+    }
+}
+
+/// Microseconds since the Unix epoch: the clock shared with PostgreSQL's
+/// `createdAt` (same machine).
+fn now_micros() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as i64)
+}
+
+/// Runs a fresh engine on the (drained) stream, publishes at a steady rate
+/// with each event's publish time in its eventId, and derives latencies
+/// from the stored `createdAt` and from the engine's acks seen on NATS.
+async fn latency(b: &Bench, rate: u64, secs_: u64) -> anyhow::Result<LatencyFigures> {
+    let acks = Arc::new(Mutex::new(HashMap::<u64, i64>::new()));
+    let observer = observe_acks(b, acks.clone()).await?;
+    let mut engine = Engine::spawn(b, "latency").await?;
+    engine.wait_ready().await?;
+    let paced = publish_paced(b, rate, secs_).await?;
+    let events = paced.sent.len() as u64;
+    wait_settled(b, &mut engine, events).await?;
+    let acks_seen = wait_acks_seen(&acks, &paced.sent).await;
+    observer.abort();
+    let rss_hwm_kib = engine.status_kib("VmHWM").unwrap_or(0);
+    let problems = engine.log_problems();
+    let exit = engine.stop().await?;
+    let created = created_latencies(&b.pool).await?;
+    let acked = {
+        let seen = acks.lock().expect("acks lock");
+        let values = paced
+            .sent
+            .iter()
+            .filter_map(|(seq, t)| seen.get(seq).map(|a| (a - t) as f64 / 1000.0))
+            .collect();
+        Percentiles::of(values)
+    };
+    Ok(LatencyFigures {
+        events,
+        publish_span: paced.span,
+        max_tick_lag: paced.max_tick_lag,
+        created: Percentiles::of(created).context("no latency rows")?,
+        acked,
+        acks_seen,
+        rss_hwm_kib,
+        exit,
+        problems,
+    })
+}
+
+/// Subscribes to JetStream ack subjects and records, per stream sequence of
+/// this run's consumer, when the first `+ACK` was seen. The engine acks only
+/// after the commit, so this bounds the commit time from above.
+async fn observe_acks(
+    b: &Bench,
+    seen: Arc<Mutex<HashMap<u64, i64>>>,
+) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+    let mut sub = b.nats.subscribe("$JS.ACK.>").await?;
+    // A round trip, so the subscription is active before the engine starts.
+    b.nats.flush().await?;
+    let (stream, durable) = (b.names.stream.clone(), b.names.durable.clone());
+    Ok(tokio::spawn(async move {
+        while let Some(msg) = sub.next().await {
+            let at = now_micros();
+            if !(msg.payload.is_empty() || msg.payload.starts_with(b"+ACK")) {
+                continue;
+            }
+            if let Some(seq) = acked_sequence(msg.subject.as_str(), &stream, &durable) {
+                seen.lock().expect("acks lock").entry(seq).or_insert(at);
+            }
+        }
+    }))
+}
+
+/// The stream sequence in an ack subject of `stream`/`durable`. Handles both
+/// `$JS.ACK.<stream>.<consumer>.<delivered>.<sseq>...` and the newer form
+/// with domain and account hash before the stream.
+fn acked_sequence(subject: &str, stream: &str, durable: &str) -> Option<u64> {
+    let tokens: Vec<&str> = subject.split('.').collect();
+    let at = tokens
+        .windows(2)
+        .position(|w| w[0] == stream && w[1] == durable)?;
+    tokens.get(at + 3)?.parse().ok()
+}
+
+struct Paced {
+    /// (stream sequence, publish time in µs) of every event.
+    sent: Vec<(u64, i64)>,
+    span: Duration,
+    max_tick_lag: Duration,
+}
+
+/// Publishes `rate × secs` events on a 10 ms ticker, as many per tick as the
+/// schedule says are due; publish acks are awaited on another task so they
+/// never delay the schedule.
+async fn publish_paced(b: &Bench, rate: u64, secs_: u64) -> anyhow::Result<Paced> {
+    let total = rate * secs_;
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(i64, PublishAckFuture)>();
+    let confirmer = tokio::spawn(async move {
+        let mut sent = Vec::new();
+        while let Some((t, ack)) = rx.recv().await {
+            sent.push((confirm(Some(ack)).await?, t));
+        }
+        anyhow::Ok(sent)
+    });
+    let mut ticker = tokio::time::interval(PACE_TICK);
+    let start = Instant::now();
+    let (mut sent, mut ticks, mut max_tick_lag) = (0u64, 0u64, Duration::ZERO);
+    while sent < total {
+        let scheduled = ticker.tick().await;
+        max_tick_lag = max_tick_lag.max(scheduled.elapsed());
+        ticks += 1;
+        let due = (rate * ticks * PACE_TICK.as_millis() as u64 / 1000).min(total);
+        while sent < due {
+            let t = now_micros();
+            let g = generate(sent, format!("lat-{sent:08}-{t}"));
+            let ack =
+                b.js.publish(b.subject(&g.subject_suffix), g.payload.into())
+                    .await?;
+            tx.send((t, ack)).context("the ack task ended early")?;
+            sent += 1;
+        }
+    }
+    let span = start.elapsed();
+    drop(tx);
+    let sent = confirmer.await??;
+    Ok(Paced {
+        sent,
+        span,
+        max_tick_lag,
+    })
+}
+
+/// Waits until the consumer has nothing pending or unacked and every
+/// latency event has its row.
+async fn wait_settled(b: &Bench, engine: &mut Engine, events: u64) -> anyhow::Result<()> {
+    let consumer = b.consumer().await?;
+    let mut poll = Poller::new("the latency events to be stored", SETTLE_WITHIN, DRAIN_POLL);
+    loop {
+        poll.tick().await?;
+        engine.ensure_running()?;
+        let info = consumer.get_info().await?;
+        if info.num_pending > 0 || info.num_ack_pending > 0 {
+            continue;
+        }
+        let rows: i64 = sqlx::query_scalar(
+            r#"SELECT count(*) FROM "TiktokEvent" WHERE "eventId" LIKE 'lat-%'"#,
+        )
+        .fetch_one(&b.pool)
+        .await?;
+        if rows as u64 == events {
+            return Ok(());
+        }
+    }
+}
+
+/// Waits (briefly) for the ack copies still in flight to the observer;
+/// returns how many of the published events had their ack seen.
+async fn wait_acks_seen(acks: &Mutex<HashMap<u64, i64>>, sent: &[(u64, i64)]) -> usize {
+    let count = || {
+        let seen = acks.lock().expect("acks lock");
+        sent.iter()
+            .filter(|(seq, _)| seen.contains_key(seq))
+            .count()
+    };
+    let mut poll = Poller::new("ack copies", Duration::from_secs(5), DRAIN_POLL);
+    while count() < sent.len() && poll.tick().await.is_ok() {}
+    count()
+}
+
+/// publish → createdAt of every latency row, in ms. The publish time is the
+/// last token of the eventId (µs since the epoch); createdAt is a UTC
+/// timestamp (the engine's session time zone is UTC).
+async fn created_latencies(pool: &PgPool) -> anyhow::Result<Vec<f64>> {
+    let rows: Vec<(String, i64)> = sqlx::query_as(
+        r#"SELECT "eventId", (extract(epoch FROM "createdAt") * 1000000)::int8
+             FROM "TiktokEvent" WHERE "eventId" LIKE 'lat-%'"#,
+    )
+    .fetch_all(pool)
+    .await?;
+    rows.iter()
+        .map(|(id, created)| {
+            let published: i64 = id
+                .rsplit('-')
+                .next()
+                .and_then(|t| t.parse().ok())
+                .with_context(|| format!("eventId {id} carries no publish time"))?;
+            Ok((created - published) as f64 / 1000.0)
+        })
+        .collect()
+}
+
+// ---------------------------------------------------------------------------
+// Summary and formatting
+// ---------------------------------------------------------------------------
+
+/// The figures next to the issue's targets.
+fn summary(args: &Args, copy: &CopyFigures, drain: &DrainFigures, lat: &LatencyFigures) {
+    let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let verdict = |ok: bool| if ok { "met" } else { "NOT met" };
+    let share = drain.rate() / copy.rate();
+    let rss_mib = drain.hwm_kib as f64 / 1024.0;
+    let at_target_n = if args.events == TARGET_EVENTS {
+        String::new()
+    } else {
+        format!(" (the target is stated for N={})", thousands(TARGET_EVENTS))
+    };
+    let at_target_rate = if args.rate == TARGET_RATE {
+        String::new()
+    } else {
+        format!(" (the target is stated at {}/s)", thousands(TARGET_RATE))
+    };
+    println!(
+        "\n== summary: nproc={cpus}, N={}, latency at {}/s for {} s",
+        thousands(args.events),
+        thousands(args.rate),
+        args.latency_secs
+    );
+    println!(
+        "[1] COPY (PostgreSQL's limit)      {:>9} rows/s",
+        thousands(copy.rate() as u64)
+    );
+    println!(
+        "[2] ingestd drain, from start      {:>9} rows/s = {:>3.0}% of COPY   target ≥ {:.0}%: {}",
+        thousands(drain.rate() as u64),
+        100.0 * share,
+        100.0 * TARGET_DRAIN_SHARE,
+        verdict(share >= TARGET_DRAIN_SHARE)
+    );
+    println!(
+        "    ingestd drain, from first row  {:>9} rows/s = {:>3.0}% of COPY",
+        thousands(drain.rate_from_first() as u64),
+        100.0 * drain.rate_from_first() / copy.rate()
+    );
+    println!(
+        "[3] latency (createdAt)            p50 {} p99 {} max {}   target p99 < {TARGET_P99_MS:.0} ms: {}{at_target_rate}",
+        ms_f(lat.created.p50),
+        ms_f(lat.created.p99),
+        ms_f(lat.created.max),
+        verdict(lat.created.p99 < TARGET_P99_MS)
+    );
+    if let Some(a) = &lat.acked {
+        println!(
+            "    latency (ack seen, upper bound) p50 {} p99 {} max {}   target p99 < {TARGET_P99_MS:.0} ms: {}",
+            ms_f(a.p50),
+            ms_f(a.p99),
+            ms_f(a.max),
+            verdict(a.p99 < TARGET_P99_MS)
+        );
+    }
+    println!(
+        "[4] ingestd peak RSS (drain)       {:>9}   target < {TARGET_RSS_MIB:.0} MiB: {}{at_target_n}",
+        mib(drain.hwm_kib),
+        verdict(rss_mib < TARGET_RSS_MIB)
+    );
+}
+
+fn per_sec(n: u64, d: Duration) -> u64 {
+    (n as f64 / d.as_secs_f64()) as u64
+}
+
+fn thousands(n: u64) -> String {
+    let digits = n.to_string();
+    let mut out = String::new();
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+fn secs(d: Duration) -> String {
+    format!("{:.2} s", d.as_secs_f64())
+}
+
+fn ms(d: Duration) -> String {
+    ms_f(d.as_secs_f64() * 1000.0)
+}
+
+fn ms_f(v: f64) -> String {
+    format!("{v:.1} ms")
+}
+
+fn mib(kib: u64) -> String {
+    format!("{:.1} MiB", kib as f64 / 1024.0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ack_subjects_of_both_formats() {
+        assert_eq!(
+            acked_sequence("$JS.ACK.S.d.1.42.40.1700000000.0", "S", "d"),
+            Some(42)
+        );
+        assert_eq!(
+            acked_sequence("$JS.ACK.dom.hash.S.d.2.7.5.1700000000.0.tok", "S", "d"),
+            Some(7)
+        );
+        assert_eq!(acked_sequence("$JS.ACK.T.d.1.42.40.1.0", "S", "d"), None);
+    }
+
+    #[test]
+    fn percentiles_use_nearest_rank() {
+        let p = Percentiles::of((1..=100).map(f64::from).collect()).unwrap();
+        assert_eq!((p.p50, p.p99, p.max), (50.0, 99.0, 100.0));
+    }
+
+    #[test]
+    fn thousands_separators() {
+        assert_eq!(thousands(1_234_567), "1,234,567");
+        assert_eq!(thousands(999), "999");
+    }
+}
