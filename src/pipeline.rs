@@ -390,7 +390,15 @@ impl Pipeline {
             .duration
             .with_label_values(&duration_values(&self.cfg.metrics, &row.labels))
             .observe(row.held.received.elapsed().as_secs_f64());
-        tracing::debug!(pipeline = %self.name, event_id = ?row.event_id, "stored");
+        if tracing::enabled!(tracing::Level::DEBUG) {
+            tracing::debug!(
+                pipeline = %self.name,
+                subject = %row.held.msg.subject,
+                stream_seq = ?row.held.msg.info().ok().map(|i| i.stream_sequence),
+                event_id = ?row.event_id,
+                "stored"
+            );
+        }
     }
 
     /// Leaves the pending rows for JetStream to redeliver (nak: another

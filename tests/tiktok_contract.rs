@@ -210,7 +210,10 @@ async fn database_outage_holds_the_ack_until_the_row_is_stored() {
     // Each failed attempt is a processing error and each retry a new
     // attempt, as with the collector's redeliveries: the books balance.
     let m = engine.wait_metric(PROCESSED, &[], 1.0).await;
-    assert_eq!(m.sum(RECEIVED, &[]), m.sum(PROCESSED, &[]) + m.sum(FAILED, &[]));
+    assert_eq!(
+        m.sum(RECEIVED, &[]),
+        m.sum(PROCESSED, &[]) + m.sum(FAILED, &[])
+    );
 }
 
 /// The label names a family's series must carry besides its own.
