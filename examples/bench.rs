@@ -27,7 +27,7 @@ use anyhow::{bail, ensure, Context as _};
 use async_nats::jetstream::{self, consumer::PullConsumer, context::PublishAckFuture};
 use chrono::{DateTime, FixedOffset, SecondsFormat};
 use clap::Parser;
-use futures::StreamExt;
+use futures::{FutureExt as _, StreamExt};
 use serde_json::{json, Value};
 use sqlx::postgres::{PgConnection, PgPool, PgPoolOptions};
 use sqlx::Connection as _;
@@ -125,23 +125,22 @@ async fn run(args: Args) -> anyhow::Result<()> {
     outcome
 }
 
-/// Runs `work` on its own task so that a panic or a signal still returns
-/// here (and cleanup runs); aborting drops the engine, which kills it.
+/// Runs `work` until it ends, panics, or a signal arrives, so that cleanup
+/// always runs after it; on a signal the work is dropped, which kills the
+/// engine it holds.
 async fn guarded<F>(work: F) -> anyhow::Result<()>
 where
-    F: Future<Output = anyhow::Result<()>> + Send + 'static,
+    F: Future<Output = anyhow::Result<()>>,
 {
-    let mut task = tokio::spawn(work);
+    let work = std::panic::AssertUnwindSafe(work).catch_unwind();
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let signal = tokio::select! {
-        joined = &mut task => {
-            return joined.unwrap_or_else(|e| Err(anyhow::anyhow!("benchmark task failed: {e}")));
+        done = work => {
+            return done.unwrap_or_else(|_| Err(anyhow::anyhow!("the benchmark panicked")));
         }
         _ = tokio::signal::ctrl_c() => "SIGINT",
         _ = term.recv() => "SIGTERM",
     };
-    task.abort();
-    let _ = task.await;
     bail!("interrupted by {signal}")
 }
 
@@ -176,16 +175,7 @@ async fn phases(names: Names, args: Args) -> anyhow::Result<()> {
     );
     let drain = drain(&bench, args.events).await?;
     drain.print(&copy);
-    let digest = content_digest(&bench.pool, "public", "bench-%").await?;
-    ensure!(
-        digest == copy.digest,
-        "the rows ingestd stored differ from the rows COPY wrote: {digest:?} vs {:?}",
-        copy.digest
-    );
-    println!(
-        "   stored rows equal the COPY rows (eventId, timestamp, funnelStage, eventType, data; md5 {})",
-        digest.1
-    );
+    same_rows(&bench, &copy).await?;
 
     println!(
         "\n== [3] publish → commit latency at {} events/s for {} s",
@@ -675,7 +665,7 @@ fn generate(i: u64, event_id: String) -> Generated {
         "eventType": event_type,
         "data": data.clone(),
     });
-    if (r >> 50) % 4 == 0 {
+    if (r >> 50).is_multiple_of(4) {
         event["sessionId"] = json!(format!("s-{}", r % 1_000_000));
         event["data"]["user"]["avatarUrl"] = json!("https://example.invalid/a.png");
     }
@@ -737,6 +727,8 @@ fn backlog_event_id(i: u64) -> String {
 struct CopyFigures {
     rows: u64,
     elapsed: Duration,
+    /// PostgreSQL's CPU seconds during the COPY.
+    postgres_cpu: f64,
     /// (rows, md5) of the stored content, compared with what ingestd stores.
     digest: (i64, String),
 }
@@ -753,7 +745,11 @@ impl CopyFigures {
             secs(self.elapsed),
             thousands(self.rate() as u64)
         );
-        println!("   (rows prepared in memory beforehand; time = BEGIN + COPY + COMMIT)");
+        println!(
+            "   (rows prepared in memory beforehand; time = BEGIN + COPY + COMMIT); postgres CPU {:.2} s = {:.1} µs/row",
+            self.postgres_cpu,
+            micros_per(self.postgres_cpu, self.rows)
+        );
     }
 }
 
@@ -773,6 +769,7 @@ async fn copy_limit(b: &Bench, n: u64) -> anyhow::Result<CopyFigures> {
         sqlx::raw_sql(&sql).execute(&mut conn).await?;
     }
     sqlx::raw_sql("CHECKPOINT").execute(&mut conn).await?;
+    let cpu_before = CpuSnapshot::take();
     let start = Instant::now();
     let mut tx = conn.begin().await?;
     let mut copy = tx
@@ -786,6 +783,7 @@ async fn copy_limit(b: &Bench, n: u64) -> anyhow::Result<CopyFigures> {
     let rows = copy.finish().await?;
     tx.commit().await?;
     let elapsed = start.elapsed();
+    let postgres_cpu = CpuSnapshot::take().since(&cpu_before, None).postgres;
     ensure!(rows == n, "COPY stored {rows} rows, expected {n}");
     let digest = content_digest_conn(&mut conn, COPY_SCHEMA, "bench-%").await?;
     sqlx::raw_sql(&format!(
@@ -797,6 +795,7 @@ async fn copy_limit(b: &Bench, n: u64) -> anyhow::Result<CopyFigures> {
     Ok(CopyFigures {
         rows,
         elapsed,
+        postgres_cpu,
         digest,
     })
 }
@@ -931,6 +930,8 @@ struct DrainFigures {
     hwm_kib: u64,
     rss_max_kib: u64,
     cpu: CpuUsage,
+    /// CPU seconds of each ingestd thread since its start, busiest first.
+    threads: Vec<(String, f64)>,
     exit: String,
     problems: (usize, Option<String>),
 }
@@ -971,7 +972,23 @@ impl DrainFigures {
             mib(self.hwm_kib),
             mib(self.rss_max_kib)
         );
-        self.cpu.print(self.total);
+        self.cpu.print("the drain", self.total);
+        println!(
+            "   CPU per event: ingestd {:.1} µs, postgres {:.1} µs (COPY: {:.1} µs), nats-server {:.1} µs",
+            micros_per(self.cpu.ingestd, self.rows),
+            micros_per(self.cpu.postgres, self.rows),
+            micros_per(copy.postgres_cpu, copy.rows),
+            micros_per(self.cpu.nats, self.rows)
+        );
+        let threads: Vec<String> = self
+            .threads
+            .iter()
+            .map(|(name, s)| format!("{name} {s:.2} s"))
+            .collect();
+        println!(
+            "   ingestd threads (CPU since start): {}",
+            threads.join(", ")
+        );
         println!("   ingestd {}", self.exit);
         print_problems(&self.problems);
     }
@@ -1016,8 +1033,9 @@ async fn drain(b: &Bench, n: u64) -> anyhow::Result<DrainFigures> {
             break engine.started.elapsed();
         }
     };
-    let cpu = CpuSnapshot::take().since(&cpu_before, engine.pid);
+    let cpu = CpuSnapshot::take().since(&cpu_before, Some(engine.pid));
     let hwm_kib = engine.status_kib("VmHWM").unwrap_or(0);
+    let threads = thread_cpu(engine.pid);
     rss_max_kib = rss_max_kib.max(engine.status_kib("VmRSS").unwrap_or(0));
     let problems = engine.log_problems();
     let exit = engine.stop().await?;
@@ -1037,9 +1055,26 @@ async fn drain(b: &Bench, n: u64) -> anyhow::Result<DrainFigures> {
         hwm_kib,
         rss_max_kib,
         cpu,
+        threads,
         exit,
         problems,
     })
+}
+
+/// Checks that ingestd stored exactly the rows the COPY wrote (so the two
+/// rates compare the same work).
+async fn same_rows(b: &Bench, copy: &CopyFigures) -> anyhow::Result<()> {
+    let digest = content_digest(&b.pool, "public", "bench-%").await?;
+    ensure!(
+        digest == copy.digest,
+        "the rows ingestd stored differ from the rows COPY wrote: {digest:?} vs {:?}",
+        copy.digest
+    );
+    println!(
+        "   stored rows equal the COPY rows (eventId, timestamp, funnelStage, eventType, data; md5 {})",
+        digest.1
+    );
+    Ok(())
 }
 
 // ---------------------------------------------------------------------------
@@ -1062,6 +1097,9 @@ struct CpuUsage {
     nats: f64,
     bench: f64,
     other: f64,
+    /// Busy time of the machine no listed process accounts for: processes
+    /// that exited during the phase (e.g. a neighbour's compiler runs).
+    untracked: f64,
     idle: f64,
     iowait: f64,
 }
@@ -1093,9 +1131,10 @@ impl CpuSnapshot {
         Self { processes, machine }
     }
 
-    /// Usage between `before` and this snapshot. Processes that exited in
-    /// between are not counted (the engine's connections live throughout).
-    fn since(&self, before: &Self, ingestd: u32) -> CpuUsage {
+    /// Usage between `before` and this snapshot, `ingestd` being the
+    /// engine's pid if one runs. Processes that exited in between show only
+    /// as untracked machine time (the engine's connections live throughout).
+    fn since(&self, before: &Self, ingestd: Option<u32>) -> CpuUsage {
         let hz = clock_ticks_per_sec();
         let me = std::process::id();
         let mut usage = CpuUsage {
@@ -1104,6 +1143,7 @@ impl CpuSnapshot {
             nats: 0.0,
             bench: 0.0,
             other: 0.0,
+            untracked: 0.0,
             idle: 0.0,
             iowait: 0.0,
         };
@@ -1111,7 +1151,7 @@ impl CpuSnapshot {
             let was = before.processes.get(pid).map_or(0, |p| p.1);
             let s = ticks.saturating_sub(was) as f64 / hz;
             match (pid, comm.as_str()) {
-                (p, _) if *p == ingestd => usage.ingestd += s,
+                (p, _) if Some(*p) == ingestd => usage.ingestd += s,
                 (p, _) if *p == me => usage.bench += s,
                 (_, "postgres") => usage.postgres += s,
                 (_, "nats-server") => usage.nats += s,
@@ -1125,17 +1165,21 @@ impl CpuSnapshot {
         };
         usage.idle = field(3);
         usage.iowait = field(4);
+        // user nice system idle iowait irq softirq steal (guest is in user).
+        let total: f64 = (0..8).map(field).sum();
+        let tracked = usage.ingestd + usage.postgres + usage.nats + usage.bench + usage.other;
+        usage.untracked = (total - usage.idle - usage.iowait - tracked).max(0.0);
         usage
     }
 }
 
 impl CpuUsage {
-    fn print(&self, wall: Duration) {
+    fn print(&self, phase: &str, wall: Duration) {
         let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
         let capacity = wall.as_secs_f64() * cpus as f64;
         let pct = |s: f64| 100.0 * s / capacity;
         println!(
-            "   CPU during the drain ({cpus} CPUs × {} = {:.1} CPU-s): ingestd {:.1} s ({:.0}%), postgres {:.1} s ({:.0}%), nats-server {:.1} s ({:.0}%), bench {:.1} s, other {:.1} s; idle {:.0}%, iowait {:.0}%",
+            "   CPU during {phase} ({cpus} CPUs × {} = {:.1} CPU-s): ingestd {:.1} s ({:.0}%), postgres {:.1} s ({:.0}%), nats-server {:.1} s ({:.0}%), bench {:.1} s, other processes {:.1} s, exited processes {:.1} s; idle {:.0}%, iowait {:.0}%",
             secs(wall),
             capacity,
             self.ingestd,
@@ -1146,15 +1190,47 @@ impl CpuUsage {
             pct(self.nats),
             self.bench,
             self.other,
+            self.untracked,
             pct(self.idle),
             pct(self.iowait)
         );
     }
 }
 
+impl CpuUsage {
+    /// Share of the machine taken by processes other than the four measured
+    /// ones, including short-lived ones (neighbours' builds and tests, but
+    /// also autovacuum workers): high values make the figures noisy.
+    fn neighbour_share(&self, wall: Duration) -> f64 {
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        (self.other + self.untracked) / (wall.as_secs_f64() * cpus as f64)
+    }
+}
+
+/// CPU seconds of each thread of `pid`, busiest first: shows whether the
+/// engine's work is spread over its runtime's workers or serialised.
+fn thread_cpu(pid: u32) -> Vec<(String, f64)> {
+    let hz = clock_ticks_per_sec();
+    let mut threads: Vec<(String, f64)> = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|t| stat_ticks(&t.path().join("stat")))
+        .map(|(name, ticks)| (name, ticks as f64 / hz))
+        .filter(|(_, s)| *s > 0.0)
+        .collect();
+    threads.sort_by(|a, b| b.1.total_cmp(&a.1));
+    threads
+}
+
 /// (comm, utime + stime) of a process from /proc/<pid>/stat.
 fn process_ticks(pid: u32) -> Option<(String, u64)> {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat_ticks(Path::new(&format!("/proc/{pid}/stat")))
+}
+
+/// (comm, utime + stime) from a `stat` file of /proc (process or thread).
+fn stat_ticks(path: &Path) -> Option<(String, u64)> {
+    let text = std::fs::read_to_string(path).ok()?;
     let open = text.find('(')?;
     let close = text.rfind(')')?;
     let comm = text[open + 1..close].to_string();
@@ -1191,6 +1267,7 @@ struct LatencyFigures {
     acked: Option<Percentiles>,
     acks_seen: usize,
     rss_hwm_kib: u64,
+    cpu: CpuUsage,
     exit: String,
     problems: (usize, Option<String>),
 }
@@ -1225,6 +1302,7 @@ impl LatencyFigures {
             ),
             None => println!("   (no acks observed on $JS.ACK.>: upper bound unavailable)"),
         }
+        self.cpu.print("the paced publishing", self.publish_span);
         println!(
             "   ingestd peak RSS during this phase: {}; {}",
             mib(self.rss_hwm_kib),
@@ -1269,12 +1347,14 @@ fn now_micros() -> i64 {
 /// Runs a fresh engine on the (drained) stream, publishes at a steady rate
 /// with each event's publish time in its eventId, and derives latencies
 /// from the stored `createdAt` and from the engine's acks seen on NATS.
-async fn latency(b: &Bench, rate: u64, secs_: u64) -> anyhow::Result<LatencyFigures> {
+async fn latency(b: &Bench, rate: u64, duration_secs: u64) -> anyhow::Result<LatencyFigures> {
     let acks = Arc::new(Mutex::new(HashMap::<u64, i64>::new()));
     let observer = observe_acks(b, acks.clone()).await?;
     let mut engine = Engine::spawn(b, "latency").await?;
     engine.wait_ready().await?;
-    let paced = publish_paced(b, rate, secs_).await?;
+    let cpu_before = CpuSnapshot::take();
+    let paced = publish_paced(b, rate, duration_secs).await?;
+    let cpu = CpuSnapshot::take().since(&cpu_before, Some(engine.pid));
     let events = paced.sent.len() as u64;
     wait_settled(b, &mut engine, events).await?;
     let acks_seen = wait_acks_seen(&acks, &paced.sent).await;
@@ -1300,6 +1380,7 @@ async fn latency(b: &Bench, rate: u64, secs_: u64) -> anyhow::Result<LatencyFigu
         acked,
         acks_seen,
         rss_hwm_kib,
+        cpu,
         exit,
         problems,
     })
@@ -1350,8 +1431,8 @@ struct Paced {
 /// Publishes `rate × secs` events on a 10 ms ticker, as many per tick as the
 /// schedule says are due; publish acks are awaited on another task so they
 /// never delay the schedule.
-async fn publish_paced(b: &Bench, rate: u64, secs_: u64) -> anyhow::Result<Paced> {
-    let total = rate * secs_;
+async fn publish_paced(b: &Bench, rate: u64, duration_secs: u64) -> anyhow::Result<Paced> {
+    let total = rate * duration_secs;
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(i64, PublishAckFuture)>();
     let confirmer = tokio::spawn(async move {
         let mut sent = Vec::new();
@@ -1510,6 +1591,15 @@ fn summary(args: &Args, copy: &CopyFigures, drain: &DrainFigures, lat: &LatencyF
         mib(drain.hwm_kib),
         verdict(rss_mib < TARGET_RSS_MIB)
     );
+    println!(
+        "    CPU of other processes (and of processes that exited meanwhile): {:.0}% of the machine during the drain, {:.0}% during the latency phase; high values mean noisy figures",
+        100.0 * drain.cpu.neighbour_share(drain.total),
+        100.0 * lat.cpu.neighbour_share(lat.publish_span)
+    );
+}
+
+fn micros_per(cpu_secs: f64, n: u64) -> f64 {
+    cpu_secs * 1e6 / n as f64
 }
 
 fn per_sec(n: u64, d: Duration) -> u64 {
@@ -1520,7 +1610,7 @@ fn thousands(n: u64) -> String {
     let digits = n.to_string();
     let mut out = String::new();
     for (i, c) in digits.chars().enumerate() {
-        if i > 0 && (digits.len() - i) % 3 == 0 {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
             out.push(',');
         }
         out.push(c);
