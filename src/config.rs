@@ -159,7 +159,7 @@ pub struct ConsumerConfig {
     pub ack_wait: Duration,
     #[serde(default = "default_max_deliver")]
     pub max_deliver: i64,
-    /// Defaults to what this process can hold: `max_rows × (max_in_flight + 2)`.
+    /// Defaults to what one process can hold: `max_rows × (max_in_flight + 3)`.
     #[serde(default)]
     pub max_ack_pending: Option<i64>,
 }
@@ -272,7 +272,9 @@ pub struct OnError {
 pub struct InvalidPolicy {
     #[serde(default)]
     pub action: InvalidAction,
-    /// Subject for `action: dead_letter`.
+    /// Dead-letter subject: where `action: dead_letter` publishes invalid
+    /// events, and where events that reach `max_deliver` go (with
+    /// `dead_letter` or `nak`). A stream must capture it.
     #[serde(default)]
     pub subject: Option<String>,
     /// Redelivery delay for `action: nak`.
@@ -446,8 +448,21 @@ impl PipelineFile {
             return Err(self.error("failed_labels", "`reason` is set by the engine"));
         }
         let inv = &p.on_error.invalid;
-        if inv.action == InvalidAction::DeadLetter && inv.subject.is_none() {
-            return Err(self.error("action", "action `dead_letter` needs a `subject`"));
+        match (inv.action, &inv.subject) {
+            (InvalidAction::DeadLetter, None) => {
+                return Err(self.error("action", "action `dead_letter` needs a `subject`"));
+            }
+            (InvalidAction::Ack | InvalidAction::Term, Some(_)) => {
+                return Err(self.error(
+                    "subject",
+                    "`subject` is used by actions `dead_letter` and `nak` (where it receives \
+                     events that reach max_deliver); with this action nothing would go there",
+                ));
+            }
+            _ => {}
+        }
+        if inv.delay.is_some() && inv.action != InvalidAction::Nak {
+            return Err(self.error("delay", "`delay` is used by action `nak` only"));
         }
         let b = &p.sink.postgres.batch;
         if let Some(pending) = p.source.nats.consumer.max_ack_pending {
@@ -475,14 +490,17 @@ impl Pipeline {
         }
     }
 
-    /// How many messages one process may hold unacknowledged.
+    /// How many messages one process may hold unacknowledged: the batches
+    /// being written, one prepared and waiting for a slot, and what the
+    /// open pull requests deliver.
     pub fn max_ack_pending(&self) -> i64 {
         let b = &self.sink.postgres.batch;
+        let held = b.max_in_flight.get() + 1 + crate::source::REQUESTS_AHEAD;
         self.source
             .nats
             .consumer
             .max_ack_pending
-            .unwrap_or((b.max_rows.get() * (b.max_in_flight.get() + 2)) as i64)
+            .unwrap_or((b.max_rows.get() * held) as i64)
     }
 }
 

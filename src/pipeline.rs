@@ -107,8 +107,8 @@ impl Pipeline {
         )
         .await
         .map_err(|e| file.error("consumer", format!("{e:#}")))?;
-        let dead_letters = match (&cfg.on_error.invalid.action, &cfg.on_error.invalid.subject) {
-            (InvalidAction::DeadLetter, Some(subject)) => {
+        let dead_letters = match &cfg.on_error.invalid.subject {
+            Some(subject) => {
                 let letters = DeadLetters {
                     js: deps.js.clone(),
                     subject: subject.clone(),
@@ -121,7 +121,7 @@ impl Pipeline {
                     .map_err(|e| file.error("subject", e))?;
                 Some(letters)
             }
-            _ => None,
+            None => None,
         };
         // Last: registering may replace the metric families of the running
         // version of this file, so nothing may fail after it.
@@ -324,12 +324,13 @@ impl Pipeline {
         let mut outcomes = vec![Outcome::Pending; rows.len()];
         let policy = &self.cfg.on_error.transient;
         let mut backoff = policy.backoff_initial;
-        let mut last_progress = rows
-            .iter()
-            .map(|r| r.held.received)
-            .min()
-            .unwrap_or_else(Instant::now);
-        while let Err(e) = self.sink.write(&rendered, &mut outcomes).await {
+        let oldest = rows.iter().map(|r| r.held.received).min();
+        let mut next_progress = oldest.unwrap_or_else(Instant::now) + self.keepalive_period();
+        loop {
+            let attempt = self.sink.write(&rendered, &mut outcomes);
+            let Err(e) = self.keeping_alive(attempt, &rows, &mut next_progress).await else {
+                break;
+            };
             self.sink_down.store(true, Ordering::Relaxed);
             self.engine
                 .engine
@@ -344,17 +345,36 @@ impl Pipeline {
                 self.release(&rows, &outcomes).await;
                 return self.settle(rows, outcomes).await;
             }
-            if last_progress.elapsed() >= self.keepalive_period() {
-                progress(pending(&rows, &outcomes).map(|r| &r.held.msg)).await;
-                last_progress = Instant::now();
-            }
-            tokio::time::sleep(backoff.min(self.keepalive_period())).await;
+            self.keeping_alive(tokio::time::sleep(backoff), &rows, &mut next_progress)
+                .await;
             backoff = (backoff * 2).min(policy.backoff_max);
             pending(&rows, &outcomes)
                 .for_each(|r| self.count_received(r.held.msg.subject.as_str()));
         }
         self.sink_down.store(false, Ordering::Relaxed);
         self.settle(rows, outcomes).await;
+    }
+
+    /// Awaits `fut` (a write attempt, a backoff) while sending progress acks
+    /// for the batch's messages whenever `next_progress` comes: an attempt
+    /// may take longer than the ack wait (a lock, a connect timeout), and
+    /// JetStream must not redeliver what the engine still holds.
+    async fn keeping_alive<T>(
+        &self,
+        fut: impl std::future::Future<Output = T>,
+        rows: &[Row],
+        next_progress: &mut Instant,
+    ) -> T {
+        tokio::pin!(fut);
+        loop {
+            tokio::select! {
+                out = &mut fut => return out,
+                _ = tokio::time::sleep_until(*next_progress) => {
+                    progress(rows.iter().map(|r| &r.held.msg)).await;
+                    *next_progress = Instant::now() + self.keepalive_period();
+                }
+            }
+        }
     }
 
     /// Applies each row's final outcome: ack stored rows, reject the

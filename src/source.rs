@@ -95,11 +95,18 @@ pub async fn connect(
     metrics: Arc<Metrics>,
 ) -> anyhow::Result<async_nats::Client> {
     let events = metrics.clone();
-    let options = auth.apply(async_nats::ConnectOptions::new()).await?;
+    let (url, from_url) = split_credentials(url);
+    let mut options = auth.apply(async_nats::ConnectOptions::new()).await?;
+    match from_url {
+        Some((user, Some(pass))) => options = options.user_and_password(user, pass),
+        Some((token, None)) => options = options.token(token),
+        None => {}
+    }
+    let url = url.as_str();
     let client = options
         .name(name)
         .max_reconnects(None)
-        .reconnect_delay_callback(|_| Duration::from_secs(1))
+        .reconnect_delay_callback(reconnect_delay)
         .connection_timeout(Duration::from_secs(10))
         .ping_interval(Duration::from_secs(20))
         .event_callback(move |event| {
@@ -213,6 +220,44 @@ fn consumer_config(c: &ConsumerConfig, max_ack_pending: i64) -> pull::Config {
     }
 }
 
+/// Takes `user:password@` (or `token@`) out of the server URLs and returns
+/// them apart: passed in the URL, async-nats would print them in its debug
+/// logs.
+fn split_credentials(urls: &str) -> (String, Option<(String, Option<String>)>) {
+    let mut credentials = None;
+    let cleaned: Vec<String> = urls
+        .split(',')
+        .map(|one| match url::Url::parse(one.trim()) {
+            Ok(mut u) if !u.username().is_empty() => {
+                let user = percent_decode(u.username());
+                let pass = u.password().map(percent_decode);
+                credentials.get_or_insert((user, pass));
+                let _ = u.set_username("");
+                let _ = u.set_password(None);
+                u.to_string().trim_end_matches('/').to_string()
+            }
+            _ => one.trim().to_string(),
+        })
+        .collect();
+    (cleaned.join(","), credentials)
+}
+
+fn percent_decode(s: &str) -> String {
+    percent_encoding::percent_decode_str(s)
+        .decode_utf8_lossy()
+        .into_owned()
+}
+
+/// 1 s between reconnection attempts, as the collector; async-nats also
+/// asks before the very first attempt, which must not wait.
+fn reconnect_delay(attempt: usize) -> Duration {
+    if attempt <= 1 {
+        Duration::ZERO
+    } else {
+        Duration::from_secs(1)
+    }
+}
+
 /// True when every subject matched by `filter` is matched by `pattern`
 /// (both may hold `*` and `>` wildcards).
 pub fn subject_covers(pattern: &str, filter: &str) -> bool {
@@ -228,13 +273,18 @@ pub fn subject_covers(pattern: &str, filter: &str) -> bool {
     f.next().is_none()
 }
 
-/// Delivers messages from bounded pull requests. Messages delivered while
-/// the pipeline is busy are buffered here (at most one request's worth), so
-/// the pipeline can keep them alive.
+/// Pull requests kept open at once: while the pipeline prepares one batch,
+/// JetStream is already delivering the next.
+pub const REQUESTS_AHEAD: usize = 2;
+
+/// Delivers messages from bounded pull requests ([`REQUESTS_AHEAD`] of
+/// `batch` messages each). Messages delivered while the pipeline is busy
+/// are buffered here, so the pipeline can keep them alive.
 pub struct Puller {
     consumer: PullConsumer,
     batch: usize,
-    request: Option<jetstream::consumer::pull::Batch>,
+    /// Open requests, oldest first (JetStream serves them in that order).
+    requests: VecDeque<jetstream::consumer::pull::Batch>,
     buffered: VecDeque<Message>,
 }
 
@@ -243,23 +293,20 @@ impl Puller {
         Self {
             consumer,
             batch,
-            request: None,
+            requests: VecDeque::new(),
             buffered: VecDeque::new(),
         }
     }
 
-    /// The next message, issuing a new pull request when the last one is
-    /// done; None when `deadline` passes first.
+    /// The next message, keeping [`REQUESTS_AHEAD`] requests open; None when
+    /// `deadline` passes first.
     pub async fn next(&mut self, deadline: Option<Instant>) -> Option<Message> {
         if let Some(m) = self.buffered.pop_front() {
             return Some(m);
         }
         loop {
-            if self.request.is_none() {
-                self.request = self.open_request(deadline).await;
-                self.request.as_ref()?;
-            }
-            let request = self.request.as_mut().expect("request is open");
+            self.top_up(deadline).await;
+            let request = self.requests.front_mut()?;
             let next = match deadline {
                 Some(d) => tokio::time::timeout_at(d, request.next()).await.ok()?,
                 None => request.next().await,
@@ -268,60 +315,70 @@ impl Puller {
                 Some(Ok(m)) => return Some(m),
                 Some(Err(e)) => {
                     tracing::warn!(error = %e, "pull request failed");
-                    self.request = None;
+                    self.requests.pop_front();
                 }
-                None => self.request = None,
+                None => {
+                    self.requests.pop_front();
+                }
             }
         }
     }
 
-    /// Opens a pull request; on failure (NATS down) waits a second and
-    /// tries again until `deadline`.
-    async fn open_request(
-        &self,
-        deadline: Option<Instant>,
-    ) -> Option<jetstream::consumer::pull::Batch> {
-        loop {
-            match self
-                .consumer
-                .batch()
-                .max_messages(self.batch)
-                .expires(PULL_EXPIRES)
-                .messages()
-                .await
-            {
-                Ok(b) => return Some(b),
-                Err(e) => {
+    /// Opens requests until [`REQUESTS_AHEAD`] are open. When none is open
+    /// and NATS refuses (down), retries every second until `deadline`.
+    async fn top_up(&mut self, deadline: Option<Instant>) {
+        while self.requests.len() < REQUESTS_AHEAD {
+            match self.open_request().await {
+                Ok(b) => self.requests.push_back(b),
+                Err(e) if self.requests.is_empty() => {
                     tracing::warn!(error = %e, "cannot open a pull request; retrying");
                     let wake = Instant::now() + Duration::from_secs(1);
                     if deadline.is_some_and(|d| d < wake) {
-                        return None;
+                        return;
                     }
                     tokio::time::sleep_until(wake).await;
                 }
+                Err(_) => return,
             }
         }
     }
 
-    /// Takes the next message of the request already open, without opening
+    async fn open_request(&self) -> Result<jetstream::consumer::pull::Batch, String> {
+        self.consumer
+            .batch()
+            .max_messages(self.batch)
+            .expires(PULL_EXPIRES)
+            .messages()
+            .await
+            .map_err(|e| e.to_string())
+    }
+
+    /// Takes the next message of any request already open, without opening
     /// another; pending forever when none is open. Used while the pipeline
     /// waits, so delivered messages are held (and kept alive), not left in
     /// a socket buffer to time out.
     pub async fn drain_open(&mut self) {
-        match self.request.as_mut() {
-            Some(r) => match r.next().await {
-                Some(Ok(m)) => self.buffered.push_back(m),
-                _ => self.request = None,
-            },
-            None => std::future::pending().await,
+        if self.requests.is_empty() {
+            return std::future::pending().await;
+        }
+        let (next, index) = {
+            let polls = self.requests.iter_mut().map(|r| r.next());
+            let (next, index, _) = futures::future::select_all(polls).await;
+            (next, index)
+        };
+        match next {
+            Some(Ok(m)) => self.buffered.push_back(m),
+            _ => {
+                self.requests.remove(index);
+            }
         }
     }
 
     /// Stops pulling: returns every message buffered or still to come on
-    /// the open request (which ends at its expiry at the latest).
+    /// the open requests (which end at their expiry at the latest).
     pub async fn finish(&mut self) -> Vec<Message> {
         let mut rest: Vec<Message> = self.buffered.drain(..).collect();
-        if let Some(mut request) = self.request.take() {
+        while let Some(mut request) = self.requests.pop_front() {
             while let Some(Ok(m)) = request.next().await {
                 rest.push(m);
             }
@@ -337,6 +394,16 @@ impl Puller {
 #[cfg(test)]
 mod tests {
     use super::subject_covers;
+
+    #[test]
+    fn credentials_leave_the_url() {
+        let (url, creds) = super::split_credentials("nats://me:s%40c+ret@h1:4222, nats://h2:4222");
+        assert_eq!(url, "nats://h1:4222,nats://h2:4222");
+        assert_eq!(creds, Some(("me".to_string(), Some("s@c+ret".to_string()))));
+        let (_, token) = super::split_credentials("nats://tok@h:4222");
+        assert_eq!(token, Some(("tok".to_string(), None)));
+        assert_eq!(super::split_credentials("nats://h:4222").1, None);
+    }
 
     #[test]
     fn subject_coverage() {
