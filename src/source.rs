@@ -301,25 +301,17 @@ impl Puller {
     /// The next message, keeping [`REQUESTS_AHEAD`] requests open; None when
     /// `deadline` passes first.
     pub async fn next(&mut self, deadline: Option<Instant>) -> Option<Message> {
-        if let Some(m) = self.buffered.pop_front() {
-            return Some(m);
-        }
         loop {
+            if let Some(m) = self.buffered.pop_front() {
+                return Some(m);
+            }
             self.top_up(deadline).await;
-            let request = self.requests.front_mut()?;
-            let next = match deadline {
-                Some(d) => tokio::time::timeout_at(d, request.next()).await.ok()?,
-                None => request.next().await,
-            };
-            match next {
-                Some(Ok(m)) => return Some(m),
-                Some(Err(e)) => {
-                    tracing::warn!(error = %e, "pull request failed");
-                    self.requests.pop_front();
-                }
-                None => {
-                    self.requests.pop_front();
-                }
+            if self.requests.is_empty() {
+                return None;
+            }
+            match deadline {
+                Some(d) => tokio::time::timeout_at(d, self.drain_open()).await.ok()?,
+                None => self.drain_open().await,
             }
         }
     }
@@ -353,10 +345,11 @@ impl Puller {
             .map_err(|e| e.to_string())
     }
 
-    /// Takes the next message of any request already open, without opening
-    /// another; pending forever when none is open. Used while the pipeline
-    /// waits, so delivered messages are held (and kept alive), not left in
-    /// a socket buffer to time out.
+    /// Moves the next message of any open request (JetStream may deliver to
+    /// any of them) into the buffer, without opening another; a request
+    /// that ends is dropped. Pending forever when none is open. Also used
+    /// while the pipeline waits, so delivered messages are held (and kept
+    /// alive), not left in a socket buffer to time out.
     pub async fn drain_open(&mut self) {
         if self.requests.is_empty() {
             return std::future::pending().await;
@@ -368,7 +361,11 @@ impl Puller {
         };
         match next {
             Some(Ok(m)) => self.buffered.push_back(m),
-            _ => {
+            Some(Err(e)) => {
+                tracing::warn!(error = %e, "pull request failed");
+                self.requests.remove(index);
+            }
+            None => {
                 self.requests.remove(index);
             }
         }
