@@ -14,6 +14,7 @@ use std::collections::BTreeMap;
 use std::hash::{Hash, Hasher};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -23,7 +24,7 @@ use tokio::task::JoinHandle;
 
 use crate::config::PipelineFile;
 use crate::metrics::Metrics;
-use crate::pipeline::{Deps, Pipeline};
+use crate::pipeline::{Deps, Pipeline, Stats};
 use crate::source;
 
 /// What the engine needs from the command line and environment.
@@ -55,6 +56,8 @@ pub struct Engine {
 #[derive(Default)]
 struct Slot {
     running: Option<Running>,
+    /// Event counts across every version of the file.
+    stats: Arc<Stats>,
     error: Option<String>,
     /// Fingerprint of the last attempted content, so an unchanged broken
     /// file is not rebuilt on every unrelated change.
@@ -193,7 +196,11 @@ impl Engine {
 
     async fn build(&self, path: &Path, file: PipelineFile) -> Result<Pipeline, String> {
         self.check_unique(path, &file)?;
-        Pipeline::build(file, &self.deps)
+        let stats = {
+            let mut slots = self.slots.lock().expect("slots lock");
+            slots.entry(path.to_path_buf()).or_default().stats.clone()
+        };
+        Pipeline::build(file, &self.deps, stats)
             .await
             .map_err(|e| format!("{e:#}"))
     }
@@ -224,11 +231,13 @@ impl Engine {
         Ok(())
     }
 
-    /// Starts the new version, then stops the old one (see the module doc).
+    /// Starts the new version, then stops the old one, which hands its open
+    /// pull requests to the new one (see the module doc).
     async fn swap(&self, path: &Path, pipeline: Pipeline, fingerprint: u64) {
         let pipeline = Arc::new(pipeline);
         let (stop_tx, stop_rx) = watch::channel(false);
-        let task = tokio::spawn(pipeline.clone().run(stop_rx));
+        let (handoff_tx, handoff_rx) = tokio::sync::mpsc::unbounded_channel();
+        let task = tokio::spawn(pipeline.clone().run(stop_rx, Some(handoff_rx)));
         let new = Running {
             pipeline,
             stop: stop_tx,
@@ -244,6 +253,7 @@ impl Engine {
         };
         if let Some(old) = old {
             tracing::info!(file = %path.display(), "pipeline reloaded: stopping the previous version");
+            old.pipeline.hand_over_to(handoff_tx);
             stop(old).await;
         }
     }
@@ -269,15 +279,13 @@ impl Engine {
         futures::future::join_all(running.into_iter().map(stop)).await;
     }
 
-    /// Makes the next reconcile retry every file, even unchanged ones (a
-    /// missing table may have been created meanwhile).
+    /// Makes the next reconcile retry every file that failed, even if it is
+    /// unchanged (a missing table may have been created meanwhile). Running
+    /// versions whose file is unchanged stay as they are.
     pub fn forget_attempts(&self) {
         let mut slots = self.slots.lock().expect("slots lock");
         for slot in slots.values_mut() {
             slot.attempted = None;
-            if let Some(r) = &mut slot.running {
-                r.fingerprint = 0;
-            }
         }
     }
 
@@ -297,7 +305,6 @@ impl Engine {
 impl Slot {
     fn status(&self, path: &Path) -> Status {
         let r = self.running.as_ref();
-        let stat = |f: fn(&Pipeline) -> u64| r.map_or(0, |r| f(&r.pipeline));
         Status {
             name: r.map(|r| r.pipeline.name.clone()),
             file: path.display().to_string(),
@@ -309,9 +316,9 @@ impl Slot {
             version: r.map(|r| format!("{:016x}", r.fingerprint)),
             loaded_at: r.map(|r| r.loaded_at.to_rfc3339()),
             last_error: self.error.clone(),
-            received: stat(|p| p.stats.received.load(std::sync::atomic::Ordering::Relaxed)),
-            processed: stat(|p| p.stats.processed.load(std::sync::atomic::Ordering::Relaxed)),
-            failed: stat(|p| p.stats.failed.load(std::sync::atomic::Ordering::Relaxed)),
+            received: self.stats.received.load(Relaxed),
+            processed: self.stats.processed.load(Relaxed),
+            failed: self.stats.failed.load(Relaxed),
         }
     }
 }

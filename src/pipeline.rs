@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::jetstream::{self, AckKind, Message};
-use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
 use crate::config::{self, InvalidAction, PipelineFile};
@@ -24,7 +24,7 @@ use crate::deadletter::{self, DeadLetters, Letter};
 use crate::event::{self, Compiled, Invalid, Prepared};
 use crate::metrics::{duration_values, FailureLabels, FamilySet, Metrics};
 use crate::sink::{Outcome, PgSink};
-use crate::source::{self, Puller};
+use crate::source::{self, Handoff, Puller};
 use crate::template::{Rendered, Templates};
 use crate::validate::truncate;
 
@@ -48,7 +48,10 @@ pub struct Pipeline {
     failure: FailureLabels,
     /// True while the sink's last write attempt failed transiently.
     sink_down: AtomicBool,
-    pub stats: Stats,
+    /// Counts shared by every version of the pipeline file.
+    pub stats: Arc<Stats>,
+    /// Set by a reload: who gets this version's open pull requests.
+    successor: std::sync::Mutex<Option<mpsc::UnboundedSender<Handoff>>>,
 }
 
 /// Per-pipeline event counts, for `/pipelines`.
@@ -82,7 +85,7 @@ struct Row {
 impl Pipeline {
     /// Compiles and connects everything the file declares; any failure is
     /// reported against the file, and nothing is started.
-    pub async fn build(file: PipelineFile, deps: &Deps) -> anyhow::Result<Self> {
+    pub async fn build(file: PipelineFile, deps: &Deps, stats: Arc<Stats>) -> anyhow::Result<Self> {
         let cfg = file.pipeline.clone();
         let compiled = Compiled::new(&file)?;
         let pg = &cfg.sink.postgres;
@@ -140,10 +143,17 @@ impl Pipeline {
             families,
             engine: deps.metrics.clone(),
             sink_down: AtomicBool::new(false),
-            stats: Stats::default(),
+            stats,
+            successor: std::sync::Mutex::new(None),
             dead_letters,
             stream,
         })
+    }
+
+    /// Makes this version hand its open pull requests to `next` when it
+    /// stops (a reload), instead of draining them itself.
+    pub fn hand_over_to(&self, next: mpsc::UnboundedSender<Handoff>) {
+        *self.successor.lock().expect("successor lock") = Some(next);
     }
 
     pub fn durable(&self) -> &str {
@@ -169,7 +179,14 @@ impl Pipeline {
 
     /// Pulls and writes until `stop` turns true; then drains the open pull
     /// request, writes and acknowledges everything it holds, and returns.
-    pub async fn run(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
+    ///
+    /// A version started by a reload gets `adopt`: its predecessor's open
+    /// pull requests arrive there when the predecessor stops.
+    pub async fn run(
+        self: Arc<Self>,
+        mut stop: watch::Receiver<bool>,
+        mut adopt: Option<mpsc::UnboundedReceiver<Handoff>>,
+    ) {
         let batch = &self.cfg.sink.postgres.batch;
         let slots = Arc::new(Semaphore::new(batch.max_in_flight.get()));
         let mut puller = Puller::new(self.consumer.clone(), batch.max_rows.get());
@@ -184,15 +201,20 @@ impl Pipeline {
             );
             tokio::spawn(watch);
         }
-        while let Some(held) = self.collect(&mut puller, &mut stop).await {
+        while let Some(held) = self.collect(&mut puller, &mut stop, &mut adopt).await {
             self.dispatch(held, &slots, &mut puller, &stop).await;
         }
-        let rest: Vec<Held> = puller
-            .finish()
-            .await
-            .into_iter()
-            .map(|m| self.receive(m))
-            .collect();
+        let successor = self.successor.lock().expect("successor lock").take();
+        let rest: Vec<Held> = match successor {
+            Some(next) => {
+                let _ = next.send(puller.hand_over());
+                Vec::new()
+            }
+            None => puller.finish().await,
+        }
+        .into_iter()
+        .map(|m| self.receive(m))
+        .collect();
         let mut rest = rest.into_iter().peekable();
         while rest.peek().is_some() {
             let chunk: Vec<Held> = rest.by_ref().take(batch.max_rows.get()).collect();
@@ -226,12 +248,22 @@ impl Pipeline {
         &self,
         puller: &mut Puller,
         stop: &mut watch::Receiver<bool>,
+        adopt: &mut Option<mpsc::UnboundedReceiver<Handoff>>,
     ) -> Option<Vec<Held>> {
         let b = &self.cfg.sink.postgres.batch;
-        let first = tokio::select! {
-            biased;
-            _ = stop.wait_for(|s| *s) => return None,
-            m = puller.next(None) => m?,
+        let first = loop {
+            tokio::select! {
+                biased;
+                _ = stop.wait_for(|s| *s) => return None,
+                handoff = recv(adopt) => {
+                    if let Some(handoff) = handoff {
+                        puller.adopt(handoff);
+                    }
+                    // One handoff at most; a closed channel means none.
+                    *adopt = None;
+                }
+                m = puller.next(None) => break m?,
+            }
         };
         let deadline = Instant::now() + b.max_wait;
         let mut held = vec![self.receive(first)];
@@ -510,6 +542,14 @@ async fn check_statement(sink: &PgSink, templates: &Templates) -> Result<(), Str
 async fn progress<'a>(messages: impl Iterator<Item = &'a Message>) {
     for m in messages {
         let _ = m.ack_with(AckKind::Progress).await;
+    }
+}
+
+/// Receives from an optional channel; pending forever without one.
+async fn recv<T>(rx: &mut Option<mpsc::UnboundedReceiver<T>>) -> Option<T> {
+    match rx {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
     }
 }
 

@@ -25,6 +25,10 @@ use crate::metrics::Metrics;
 /// into a closed inbox, where they would wait out the ack wait).
 const PULL_EXPIRES: Duration = Duration::from_secs(1);
 
+/// How long after its expiry a pull request is still read: the server's
+/// last messages and timeout reply arrive well within it.
+const EXPIRY_GRACE: Duration = Duration::from_millis(250);
+
 /// NATS credentials and TLS, from the environment (or flags). Secrets are
 /// never logged: `Debug` is not derived.
 #[derive(clap::Args, Clone, Default)]
@@ -283,8 +287,19 @@ pub const REQUESTS_AHEAD: usize = 2;
 pub struct Puller {
     consumer: PullConsumer,
     batch: usize,
-    /// Open requests, oldest first (JetStream serves them in that order).
-    requests: VecDeque<jetstream::consumer::pull::Batch>,
+    /// Open requests and when the server expires them.
+    requests: VecDeque<(jetstream::consumer::pull::Batch, Instant)>,
+    buffered: VecDeque<Message>,
+}
+
+/// What a stopping pipeline version hands to its successor on the same
+/// consumer: its open pull requests and the messages they delivered that it
+/// has not taken. JetStream keeps serving those requests for up to
+/// [`PULL_EXPIRES`]; whoever reads them must be the version that is
+/// running, or events published just after a reload would meet the old
+/// rules.
+pub struct Handoff {
+    requests: VecDeque<(jetstream::consumer::pull::Batch, Instant)>,
     buffered: VecDeque<Message>,
 }
 
@@ -321,7 +336,7 @@ impl Puller {
     async fn top_up(&mut self, deadline: Option<Instant>) {
         while self.requests.len() < REQUESTS_AHEAD {
             match self.open_request().await {
-                Ok(b) => self.requests.push_back(b),
+                Ok(b) => self.requests.push_back((b, Instant::now() + PULL_EXPIRES)),
                 Err(e) if self.requests.is_empty() => {
                     tracing::warn!(error = %e, "cannot open a pull request; retrying");
                     let wake = Instant::now() + Duration::from_secs(1);
@@ -351,13 +366,25 @@ impl Puller {
     /// while the pipeline waits, so delivered messages are held (and kept
     /// alive), not left in a socket buffer to time out.
     pub async fn drain_open(&mut self) {
-        if self.requests.is_empty() {
-            return std::future::pending().await;
+        let (now, open) = (Instant::now(), self.requests.len());
+        self.requests
+            .retain(|(_, expires)| *expires + EXPIRY_GRACE > now);
+        if self.requests.len() < open {
+            return; // ended by our clock: the caller may open new ones
         }
-        let (next, index) = {
-            let polls = self.requests.iter_mut().map(|r| r.next());
-            let (next, index, _) = futures::future::select_all(polls).await;
-            (next, index)
+        let Some(first_expiry) = self.requests.iter().map(|(_, e)| *e).min() else {
+            return std::future::pending().await;
+        };
+        let polls = self.requests.iter_mut().map(|(r, _)| r.next());
+        let (next, index) = tokio::select! {
+            (next, index, _) = futures::future::select_all(polls) => (next, index),
+            // The server may drop an expired request without its timeout
+            // reply (nats-server 2.9.10): end it by our own clock rather than
+            // wait for the client's 5 s fallback.
+            _ = tokio::time::sleep_until(first_expiry + EXPIRY_GRACE) => {
+                self.requests.retain(|(_, expires)| *expires != first_expiry);
+                return;
+            }
         };
         match next {
             Some(Ok(m)) => self.buffered.push_back(m),
@@ -372,15 +399,34 @@ impl Puller {
     }
 
     /// Stops pulling: returns every message buffered or still to come on
-    /// the open requests (which end at their expiry at the latest).
+    /// the open requests. A request is read until its expiry plus a short
+    /// grace, by our own clock: some servers (nats-server 2.9.10) may drop
+    /// an expired request without the timeout reply, and the client's own
+    /// fallback waits 5 s more.
     pub async fn finish(&mut self) -> Vec<Message> {
         let mut rest: Vec<Message> = self.buffered.drain(..).collect();
-        while let Some(mut request) = self.requests.pop_front() {
-            while let Some(Ok(m)) = request.next().await {
+        while let Some((mut request, expires)) = self.requests.pop_front() {
+            let until = expires + EXPIRY_GRACE;
+            while let Ok(Some(Ok(m))) = tokio::time::timeout_at(until, request.next()).await {
                 rest.push(m);
             }
         }
         rest
+    }
+
+    /// Stops pulling and gives away the open requests and the messages not
+    /// yet taken (see [`Handoff`]).
+    pub fn hand_over(&mut self) -> Handoff {
+        Handoff {
+            requests: std::mem::take(&mut self.requests),
+            buffered: std::mem::take(&mut self.buffered),
+        }
+    }
+
+    /// Takes over a predecessor's requests and messages.
+    pub fn adopt(&mut self, handoff: Handoff) {
+        self.buffered.extend(handoff.buffered);
+        self.requests.extend(handoff.requests);
     }
 
     pub fn buffered(&self) -> impl Iterator<Item = &Message> {
