@@ -189,6 +189,18 @@ mod tests {
     }
 
     #[test]
+    fn templates_cannot_reach_files_or_the_environment() {
+        // No loader: includes and imports cannot read files.
+        let t = Templates::compile("{% include '/etc/passwd' %}", &BTreeMap::new()).unwrap();
+        let ctx = Templates::context(&json!({}), "s", &BTreeMap::new());
+        assert!(t.render_insert(&ctx).is_err());
+        // Only event, subject and headers are in scope: `env` is undefined.
+        std::env::set_var("INGESTD_TEMPLATE_SECRET", "hunter2");
+        let r = render("{{ env }}{{ environ }}{{ INGESTD_TEMPLATE_SECRET }}", json!({}));
+        assert_eq!(r.params, vec![Json::Null, Json::Null, Json::Null]);
+    }
+
+    #[test]
     fn labels_render_as_text() {
         let labels = BTreeMap::from([("a".to_string(), "{{ event.k }}".to_string())]);
         let t = Templates::compile("x", &labels).unwrap();

@@ -5,7 +5,7 @@
 //!
 //! Built on `common` (included by the test file as `mod common;`).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -174,6 +174,12 @@ impl Bus {
         Self::with(env, url, jetstream::new(nats_client(url).await))
     }
 
+    /// The test's names on a TLS server whose certificate `ca` signs.
+    pub async fn connect_tls(env: &TestEnv, url: &str, ca: &str) -> Self {
+        let client = nats_client_with(url, Some(Path::new(ca))).await;
+        Self::with(env, url, jetstream::new(client))
+    }
+
     fn with(env: &TestEnv, url: &str, js: jetstream::Context) -> Self {
         Self {
             url: url.to_owned(),
@@ -317,10 +323,43 @@ pub fn redeliveries(info: &consumer::Info) -> u64 {
 /// A client that reconnects quickly and forever: publishers must survive a
 /// server restart.
 pub async fn nats_client(url: &str) -> async_nats::Client {
-    async_nats::ConnectOptions::new()
+    nats_client_with(url, None).await
+}
+
+/// Options for `url`, with its `user:password@` or `token@` passed as
+/// credentials (async-nats ignores credentials in URLs) and `ca` (a PEM
+/// file) trusted for TLS; returns them with the URL without credentials.
+pub fn client_options(url: &str, ca: Option<&Path>) -> (async_nats::ConnectOptions, String) {
+    let decode = |s: &str| {
+        percent_encoding::percent_decode_str(s)
+            .decode_utf8_lossy()
+            .into_owned()
+    };
+    let mut options = async_nats::ConnectOptions::new();
+    let mut parsed = url::Url::parse(url).expect("a NATS URL");
+    let user = decode(parsed.username());
+    match (user.is_empty(), parsed.password().map(decode)) {
+        (false, Some(pass)) => options = options.user_and_password(user, pass),
+        (false, None) => options = options.token(user),
+        _ => {}
+    }
+    let _ = parsed.set_username("");
+    let _ = parsed.set_password(None);
+    if let Some(ca) = ca {
+        options = options
+            .add_root_certificates(ca.to_path_buf())
+            .require_tls(true);
+    }
+    (options, parsed.to_string())
+}
+
+/// A client for `url` (see [`client_options`]).
+pub async fn nats_client_with(url: &str, ca: Option<&Path>) -> async_nats::Client {
+    let (options, bare) = client_options(url, ca);
+    options
         .max_reconnects(None)
         .reconnect_delay_callback(|_| Duration::from_millis(100))
-        .connect(url)
+        .connect(bare.as_str())
         .await
         .unwrap_or_else(|e| panic!("connect to NATS at {url}: {e}"))
 }
@@ -334,6 +373,10 @@ pub async fn nats_client(url: &str) -> async_nats::Client {
 /// chooses. Killed on drop; its files live in the test's dir.
 pub struct NatsServer {
     pub port: u16,
+    /// `user:password@`, `token@` or empty: what clients put in the URL.
+    userinfo: String,
+    /// The CA clients need, for a TLS server.
+    ca: Option<PathBuf>,
     config: PathBuf,
     log: PathBuf,
     child: Option<Child>,
@@ -344,6 +387,28 @@ impl NatsServer {
     /// (e.g. `max_payload: 4MB`; nats-server 2.9 takes that only from a
     /// file), and waits until JetStream answers.
     pub async fn start(dir: PathBuf, extra: &str) -> Self {
+        Self::start_with_credentials(dir, extra, "").await
+    }
+
+    /// As [`Self::start`], for a server whose `extra` config demands
+    /// credentials: `userinfo` (`user:password@` or `token@`) goes into
+    /// [`Self::url`].
+    pub async fn start_with_credentials(dir: PathBuf, extra: &str, userinfo: &str) -> Self {
+        Self::start_configured(dir, extra, userinfo, None).await
+    }
+
+    /// As [`Self::start`], for a server with a `tls {}` block in `extra`
+    /// whose certificate `ca` (a PEM file) signs.
+    pub async fn start_with_tls(dir: PathBuf, extra: &str, ca: &str) -> Self {
+        Self::start_configured(dir, extra, "", Some(PathBuf::from(ca))).await
+    }
+
+    async fn start_configured(
+        dir: PathBuf,
+        extra: &str,
+        userinfo: &str,
+        ca: Option<PathBuf>,
+    ) -> Self {
         let port = free_port();
         let store = dir.join("jetstream");
         let config = dir.join("nats.conf");
@@ -354,6 +419,8 @@ impl NatsServer {
         std::fs::write(&config, text).expect("write the nats config");
         let mut server = Self {
             port,
+            userinfo: userinfo.to_string(),
+            ca,
             config,
             log: dir.join("nats.log"),
             child: None,
@@ -363,7 +430,7 @@ impl NatsServer {
     }
 
     pub fn url(&self) -> String {
-        format!("nats://127.0.0.1:{}", self.port)
+        format!("nats://{}127.0.0.1:{}", self.userinfo, self.port)
     }
 
     /// Starts the process again on the same port and store, and waits until
@@ -388,7 +455,8 @@ impl NatsServer {
         wait_for("our nats-server's JetStream", DEADLINE, || async {
             // The raw API: async-nats' typed account info does not parse
             // the answer of a 2.9 server.
-            let client = async_nats::connect(&url).await.map_err(state("connect"))?;
+            let (options, bare) = client_options(&url, self.ca.as_deref());
+            let client = options.connect(bare).await.map_err(state("connect"))?;
             let reply = client
                 .request("$JS.API.INFO", Bytes::new())
                 .await
