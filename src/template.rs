@@ -196,7 +196,10 @@ mod tests {
         assert!(t.render_insert(&ctx).is_err());
         // Only event, subject and headers are in scope: `env` is undefined.
         std::env::set_var("INGESTD_TEMPLATE_SECRET", "hunter2");
-        let r = render("{{ env }}{{ environ }}{{ INGESTD_TEMPLATE_SECRET }}", json!({}));
+        let r = render(
+            "{{ env }}{{ environ }}{{ INGESTD_TEMPLATE_SECRET }}",
+            json!({}),
+        );
         assert_eq!(r.params, vec![Json::Null, Json::Null, Json::Null]);
     }
 

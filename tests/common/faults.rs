@@ -5,6 +5,9 @@
 //!
 //! Built on `common` (included by the test file as `mod common;`).
 
+// Shared by several test binaries, each using part of it.
+#![allow(dead_code)]
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
