@@ -159,7 +159,7 @@ pub struct ConsumerConfig {
     pub ack_wait: Duration,
     #[serde(default = "default_max_deliver")]
     pub max_deliver: i64,
-    /// Defaults to what one process can hold: `max_rows × (max_in_flight + 3)`.
+    /// Defaults to what one process can hold: `max_rows × (max_in_flight + 2)`.
     #[serde(default)]
     pub max_ack_pending: Option<i64>,
 }

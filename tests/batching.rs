@@ -239,7 +239,7 @@ async fn held_messages_stay_within_the_configured_bound() {
     assert!(peak > 0, "the drain was not observed");
     assert!(
         peak <= batch.capacity(),
-        "the engine held {peak} messages, above max_rows × (max_in_flight + 3) = {}",
+        "the engine held {peak} messages, above max_rows × (max_in_flight + 2) = {}",
         batch.capacity()
     );
     wait_processed(&[&engine], total as f64, DRAIN_DEADLINE).await;

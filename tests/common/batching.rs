@@ -149,8 +149,8 @@ pub async fn transactions(env: &TestEnv) -> (i64, i64) {
 }
 
 /// Batch settings of a tiktok.yaml variant; `max_ack_pending: None` keeps
-/// the engine's default (`max_rows × (max_in_flight + 3)`: the batches
-/// being written, one waiting for a slot, two pull requests ahead).
+/// the engine's default (`max_rows × (max_in_flight + 2)`: the batches
+/// being written, one waiting for a slot, one pull request ahead).
 pub struct Batch {
     pub max_rows: usize,
     pub max_in_flight: usize,
@@ -161,7 +161,7 @@ impl Batch {
     /// The most messages one process may hold: what `max_ack_pending`
     /// defaults to, and the bound the README promises.
     pub fn capacity(&self) -> usize {
-        self.max_rows * (self.max_in_flight + 3)
+        self.max_rows * (self.max_in_flight + 2)
     }
 
     /// Writes the test's tiktok.yaml with these settings.
