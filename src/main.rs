@@ -120,8 +120,10 @@ struct RunArgs {
 
 fn main() -> ExitCode {
     let _ = dotenvy::dotenv();
-    init_logging();
     let cli = Cli::parse();
+    // The engine reports what it does; one-shot commands only problems.
+    let running = matches!(cli.command, None | Some(Command::Run(_)));
+    init_logging(if running { "info,sqlx=warn" } else { "warn" });
     let result = match cli.command {
         Some(Command::Check { paths }) => return check(paths),
         Some(Command::Run(args)) => run(*args),
@@ -277,10 +279,10 @@ fn check(paths: Vec<PathBuf>) -> ExitCode {
 
 /// Human-readable logs by default; JSON with LOG_FORMAT=json or
 /// NODE_ENV=production (as the collector). RUST_LOG or LOG_LEVEL filter.
-fn init_logging() {
+fn init_logging(default_filter: &str) {
     let filter = std::env::var("RUST_LOG")
         .or_else(|_| std::env::var("LOG_LEVEL"))
-        .unwrap_or_else(|_| "info,sqlx=warn".into());
+        .unwrap_or_else(|_| default_filter.into());
     let json = std::env::var("LOG_FORMAT").is_ok_and(|f| f == "json")
         || std::env::var("NODE_ENV").is_ok_and(|e| e == "production");
     let builder = tracing_subscriber::fmt()
