@@ -159,7 +159,8 @@ pub struct ConsumerConfig {
     pub ack_wait: Duration,
     #[serde(default = "default_max_deliver")]
     pub max_deliver: i64,
-    /// Defaults to what one process can hold: `max_rows × (max_in_flight + 2)`.
+    /// Defaults to `max_rows × (max_in_flight + 3)`: what one process holds,
+    /// plus a batch of acknowledgements the server may not have processed.
     #[serde(default)]
     pub max_ack_pending: Option<i64>,
 }
@@ -490,12 +491,14 @@ impl Pipeline {
         }
     }
 
-    /// How many messages one process may hold unacknowledged: the batches
-    /// being written, one prepared and waiting for a slot, and what the
-    /// open pull requests deliver.
+    /// The default `max_ack_pending`: what one process holds (the batches
+    /// being written, one prepared and waiting for a slot, and what the open
+    /// pull requests deliver), plus one batch of slack because the server
+    /// processes acknowledgements asynchronously and may count a batch the
+    /// engine has already acknowledged.
     pub fn max_ack_pending(&self) -> i64 {
         let b = &self.sink.postgres.batch;
-        let held = b.max_in_flight.get() + 1 + crate::source::REQUESTS_AHEAD;
+        let held = b.max_in_flight.get() + 1 + crate::source::REQUESTS_AHEAD + 1;
         self.source
             .nats
             .consumer

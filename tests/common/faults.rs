@@ -263,15 +263,7 @@ impl Bus {
     }
 
     pub async fn try_consumer_info(&self) -> Result<consumer::Info, String> {
-        let stream = self
-            .js
-            .get_stream(&self.stream)
-            .await
-            .map_err(state("get stream"))?;
-        stream
-            .consumer_info(&self.durable)
-            .await
-            .map_err(state("consumer info"))
+        crate::common::consumer_info(&self.js, &self.stream, &self.durable).await
     }
 
     /// `Ok` while no message was ever delivered twice and the dead-letter
@@ -630,18 +622,7 @@ impl Drop for DeadLetterQueue {
     /// Best effort, on its own runtime (the test's may be shutting down).
     fn drop(&mut self) {
         let (stream, url) = (self.stream.clone(), self.url.clone());
-        let cleanup = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .expect("cleanup runtime");
-            rt.block_on(async {
-                if let Ok(client) = async_nats::connect(url).await {
-                    let _ = jetstream::new(client).delete_stream(&stream).await;
-                }
-            });
-        });
-        let _ = cleanup.join();
+        crate::common::on_own_runtime(crate::common::delete_stream(url, stream));
     }
 }
 

@@ -323,15 +323,7 @@ impl TestEnv {
 
     /// The durable consumer's state, or why it could not be read.
     pub async fn try_consumer_info(&self) -> Result<consumer::Info, String> {
-        let stream = self
-            .js
-            .get_stream(&self.stream)
-            .await
-            .map_err(state("get stream"))?;
-        stream
-            .consumer_info(&self.durable)
-            .await
-            .map_err(state("consumer info"))
+        consumer_info(&self.js, &self.stream, &self.durable).await
     }
 
     pub async fn consumer_info(&self) -> consumer::Info {
@@ -406,24 +398,48 @@ impl Drop for TestEnv {
     /// and runtime because the test's runtime may be the one being dropped.
     fn drop(&mut self) {
         let (db_name, stream) = (self.db_name.clone(), self.stream.clone());
-        let cleanup = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .expect("cleanup runtime");
-            rt.block_on(async {
-                if let Ok(client) = async_nats::connect(NATS_URL).await {
-                    let _ = jetstream::new(client).delete_stream(&stream).await;
-                }
-                let _ = drop_database(&db_name).await;
-            });
+        on_own_runtime(async move {
+            delete_stream(NATS_URL.to_owned(), stream).await;
+            let _ = drop_database(&db_name).await;
         });
-        let _ = cleanup.join();
         if std::thread::panicking() {
             eprintln!("test files kept in {}", self.dir.display());
         } else {
             let _ = std::fs::remove_dir_all(&self.dir);
         }
+    }
+}
+
+/// The state of `durable` on `stream`, or why it could not be read.
+pub async fn consumer_info(
+    js: &jetstream::Context,
+    stream: &str,
+    durable: &str,
+) -> Result<consumer::Info, String> {
+    let stream = js.get_stream(stream).await.map_err(state("get stream"))?;
+    stream
+        .consumer_info(durable)
+        .await
+        .map_err(state("consumer info"))
+}
+
+/// Runs `cleanup` to completion on a thread and runtime of its own: drops
+/// run while the test's runtime may be the one shutting down.
+pub fn on_own_runtime(cleanup: impl std::future::Future<Output = ()> + Send + 'static) {
+    let thread = std::thread::spawn(move || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("cleanup runtime")
+            .block_on(cleanup)
+    });
+    let _ = thread.join();
+}
+
+/// Best-effort deletion of a stream on the server at `url`.
+pub async fn delete_stream(url: String, stream: String) {
+    if let Ok(client) = async_nats::connect(url).await {
+        let _ = jetstream::new(client).delete_stream(&stream).await;
     }
 }
 

@@ -335,15 +335,7 @@ metrics:
     }
 
     pub async fn try_consumer_info(&self) -> Result<consumer::Info, String> {
-        let stream = self
-            .js
-            .get_stream(&self.stream)
-            .await
-            .map_err(state("get clicks stream"))?;
-        stream
-            .consumer_info(&self.durable)
-            .await
-            .map_err(state("clicks consumer info"))
+        consumer_info(&self.js, &self.stream, &self.durable).await
     }
 
     /// Waits until the clicks consumer's info satisfies `accept`.
