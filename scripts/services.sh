@@ -54,4 +54,6 @@ ensure_postgres() {
 
 ensure_nats
 ensure_postgres
+# The quick start reads the HTTP endpoints with curl.
+command -v curl >/dev/null || apt_install curl
 echo "services: NATS on 127.0.0.1:4222 and PostgreSQL on 127.0.0.1:5432 are up"
