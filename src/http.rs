@@ -41,7 +41,7 @@ pub async fn serve(
 
 async fn metrics(State(engine): State<Arc<Engine>>) -> Response {
     let mut body = Vec::new();
-    let families = engine.metrics.registry.gather();
+    let families = engine.metrics.gather();
     match prometheus::TextEncoder::new().encode(&families, &mut body) {
         Ok(()) => ([(header::CONTENT_TYPE, prometheus::TEXT_FORMAT)], body).into_response(),
         Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),

@@ -23,15 +23,17 @@ pub const DURATION_BUCKETS: [f64; 8] = [0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0,
 /// `failed_labels` do not fix (the event is not trusted).
 const UNKNOWN: &str = "unknown";
 
-/// The registry and everything registered in it.
+/// The engine's registry and the pipelines' family sets.
 pub struct Metrics {
     pub registry: Registry,
     sets: Mutex<HashMap<String, SetEntry>>,
     pub engine: EngineMetrics,
+    /// The NATS connection state, for family sets created later.
+    nats_connected: std::sync::atomic::AtomicBool,
 }
 
-/// A family set and the pipeline files using it: the set is unregistered
-/// when the last one goes, and replaced when its only user changes labels.
+/// A family set and the pipeline files using it: the set disappears when
+/// the last one goes, and is replaced when its only user changes labels.
 struct SetEntry {
     set: Arc<FamilySet>,
     owners: BTreeSet<PathBuf>,
@@ -50,8 +52,10 @@ pub struct EngineMetrics {
 /// The per-event families of one prefix.
 pub struct FamilySet {
     key: String,
-    /// The metrics section, when it exports process metrics.
-    process: Option<MetricsConfig>,
+    /// The set's own registry: a prometheus registry never accepts a name
+    /// again with other label names, so a set whose labels change is
+    /// replaced whole, registry and all.
+    registry: Registry,
     pub received: CounterVec,
     pub processed: CounterVec,
     pub failed: CounterVec,
@@ -92,6 +96,7 @@ impl Metrics {
             registry,
             sets: Mutex::new(HashMap::new()),
             engine,
+            nats_connected: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -117,11 +122,12 @@ impl Metrics {
                     .next()
                     .map_or(String::new(), |o| o.display().to_string())
             );
-            let old = sets.remove(&cfg.prefix).expect("present");
-            old.set.unregister(&self.registry);
         }
         let set = Arc::new(FamilySet::new(cfg, key)?);
-        set.register(&self.registry)?;
+        let up = self
+            .nats_connected
+            .load(std::sync::atomic::Ordering::Relaxed);
+        set.nats_up.set(if up { 1.0 } else { 0.0 });
         let entry = SetEntry {
             set: set.clone(),
             owners: BTreeSet::from([owner.to_path_buf()]),
@@ -136,11 +142,19 @@ impl Metrics {
         let mut sets = self.sets.lock().expect("metrics lock");
         sets.retain(|_, entry| {
             entry.owners.remove(owner);
-            if entry.owners.is_empty() {
-                entry.set.unregister(&self.registry);
-            }
             !entry.owners.is_empty()
         });
+    }
+
+    /// Every family of the engine and of the pipelines' family sets, for
+    /// /metrics.
+    pub fn gather(&self) -> Vec<MetricFamily> {
+        let mut families = self.registry.gather();
+        for set in self.sets() {
+            families.extend(set.registry.gather());
+        }
+        families.sort_by(|a, b| a.name().cmp(b.name()));
+        families
     }
 
     /// Every family set, for connection-status updates.
@@ -155,6 +169,8 @@ impl Metrics {
 
     /// Sets the NATS connection gauge of every family set.
     pub fn set_nats_connected(&self, up: bool) {
+        self.nats_connected
+            .store(up, std::sync::atomic::Ordering::Relaxed);
         for set in self.sets() {
             set.nats_up.set(if up { 1.0 } else { 0.0 });
         }
@@ -177,9 +193,9 @@ impl FamilySet {
             "Time from receipt to acknowledgement of an event",
         ))
         .buckets(DURATION_BUCKETS.to_vec());
-        Ok(Self {
+        let set = Self {
             key,
-            process: cfg.process_metrics.then(|| cfg.clone()),
+            registry: Registry::new(),
             received: CounterVec::new(
                 opts(
                     "events_received_total",
@@ -203,35 +219,22 @@ impl FamilySet {
                 "nats_connection_status",
                 "1 when connected to NATS, 0 when not",
             ))?,
-        })
+        };
+        set.register(cfg)?;
+        Ok(set)
     }
 
-    fn collectors(&self) -> Vec<Box<dyn Collector>> {
-        let mut all: Vec<Box<dyn Collector>> = vec![
-            Box::new(self.received.clone()),
-            Box::new(self.processed.clone()),
-            Box::new(self.failed.clone()),
-            Box::new(self.duration.clone()),
-            Box::new(self.nats_up.clone()),
-        ];
-        if let Some(cfg) = &self.process {
-            all.push(Box::new(Labelled::process(cfg)));
+    fn register(&self, cfg: &MetricsConfig) -> prometheus::Result<()> {
+        let r = &self.registry;
+        r.register(Box::new(self.received.clone()))?;
+        r.register(Box::new(self.processed.clone()))?;
+        r.register(Box::new(self.failed.clone()))?;
+        r.register(Box::new(self.duration.clone()))?;
+        r.register(Box::new(self.nats_up.clone()))?;
+        if cfg.process_metrics {
+            r.register(Box::new(Labelled::process(cfg)))?;
         }
-        all
-    }
-
-    fn register(&self, r: &Registry) -> prometheus::Result<()> {
-        self.collectors()
-            .into_iter()
-            .try_for_each(|c| r.register(c))
-    }
-
-    /// Removes the families from /metrics (a fresh process collector has
-    /// the same descriptors, which is what unregistering matches on).
-    fn unregister(&self, r: &Registry) {
-        for c in self.collectors() {
-            let _ = r.unregister(c);
-        }
+        Ok(())
     }
 }
 

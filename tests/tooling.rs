@@ -247,3 +247,68 @@ async fn facebook_example_dropped_into_a_running_engine_stores_its_events() {
         .await;
     env.wait_row("test-123").await;
 }
+
+/// Waits until `/metrics` satisfies `accept` (given the page's text).
+async fn wait_metrics_page(engine: &common::Engine, what: &str, accept: impl Fn(&str) -> bool) {
+    common::wait_for(what, common::DEADLINE, || async {
+        let page = engine.try_get("/metrics").await?.body;
+        if accept(&page) {
+            Ok(())
+        } else {
+            Err(page
+                .lines()
+                .filter(|l| !l.starts_with('#'))
+                .take(12)
+                .collect::<Vec<_>>()
+                .join("\n"))
+        }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metric_families_follow_their_pipelines() {
+    let env = TestEnv::new().await;
+    let engine = env.engine().start().await;
+    let facebook = env.write_pipeline("facebook.yaml", &facebook_pipeline(&env));
+    env.publish(
+        "facebook.top.ad.view",
+        repo_file("examples/facebook/events/top-ad-view.json"),
+    )
+    .await;
+    wait_metrics_page(&engine, "facebook families", |p| {
+        p.contains("facebook_events_processed_total{")
+    })
+    .await;
+
+    std::fs::remove_file(facebook).expect("remove the facebook pipeline");
+    wait_metrics_page(&engine, "facebook families gone", |p| {
+        !p.contains("facebook_") && p.contains("collector_nats_connection_status")
+    })
+    .await;
+
+    // A changed label set replaces the families instead of failing the reload.
+    let relabelled = adapt_pipeline(
+        &env.tiktok_pipeline(),
+        &[(
+            "    funnel_stage: \"{{ event.funnelStage }}\"\n".into(),
+            "    funnel_stage: \"{{ event.funnelStage }}\"\n    country: \"{{ event.data.engagement.country }}\"\n".into(),
+        )],
+    );
+    env.write_pipeline("tiktok.yaml", &relabelled);
+    // Loads so far: tiktok and facebook once each; then the relabelled tiktok.
+    engine
+        .wait_metric("ingestd_reloads_total", &[("result", "success")], 3.0)
+        .await;
+    env.publish_event(&common::example_event("top-video-view.json"))
+        .await;
+    env.wait_row("test-123").await;
+    wait_metrics_page(&engine, "the new label", |p| {
+        p.contains("collector_events_processed_total{")
+            && p.contains("country=\"US\"")
+            && p.contains(
+                "collector_nats_connection_status{app=\"ttk-collector\",environment=\"test\"} 1",
+            )
+    })
+    .await;
+}
