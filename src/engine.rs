@@ -23,6 +23,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::config::PipelineFile;
+use crate::health::{Problem, Severity, Side};
 use crate::metrics::Metrics;
 use crate::pipeline::{Deps, Pipeline, Stats};
 use crate::source;
@@ -77,9 +78,13 @@ struct Running {
 pub struct Status {
     pub name: Option<String>,
     pub file: String,
-    /// `running`, `failed` (never loaded) or `degraded` (running an older
-    /// version because the file's current content failed to load).
+    /// `failing` (running, but an operator must fix its statement, table or
+    /// consumer), `retrying` (running, waiting out an outage), `degraded`
+    /// (running an older version because the file's current content failed
+    /// to load), `running`, or `failed` (never loaded).
     pub state: &'static str,
+    /// The running version's current problem, if any.
+    pub problem: Option<Problem>,
     pub version: Option<String>,
     pub loaded_at: Option<String>,
     pub last_error: Option<String>,
@@ -101,15 +106,24 @@ impl Engine {
             .collect()
     }
 
-    /// True when every pipeline's database answers and no pipeline is
-    /// failing its writes.
+    /// True when every pipeline's database answers and no pipeline has a
+    /// problem writing.
     pub async fn database_up(&self) -> bool {
         for p in self.running() {
-            if !p.sink_up() || !p.sink.ping().await {
+            if p.health.problem(Side::Sink).is_some() || !p.sink.ping().await {
                 return false;
             }
         }
         true
+    }
+
+    /// True when the connection is up and no pipeline has a problem pulling.
+    pub fn source_up(&self) -> bool {
+        self.nats_up()
+            && self
+                .running()
+                .iter()
+                .all(|p| p.health.problem(Side::Source).is_none())
     }
 
     pub fn statuses(&self) -> Vec<Status> {
@@ -305,14 +319,18 @@ impl Engine {
 impl Slot {
     fn status(&self, path: &Path) -> Status {
         let r = self.running.as_ref();
+        let problem = r.and_then(|r| r.pipeline.health.worst());
         Status {
             name: r.map(|r| r.pipeline.name.clone()),
             file: path.display().to_string(),
-            state: match (r, &self.error) {
-                (Some(_), None) => "running",
-                (Some(_), Some(_)) => "degraded",
-                (None, _) => "failed",
+            state: match (r, &problem, &self.error) {
+                (Some(_), Some(p), _) if p.severity == Severity::Failing => "failing",
+                (Some(_), Some(_), _) => "retrying",
+                (Some(_), None, None) => "running",
+                (Some(_), None, Some(_)) => "degraded",
+                (None, _, _) => "failed",
             },
+            problem,
             version: r.map(|r| format!("{:016x}", r.fingerprint)),
             loaded_at: r.map(|r| r.loaded_at.to_rfc3339()),
             last_error: self.error.clone(),
@@ -328,6 +346,7 @@ async fn stop(running: Running) {
     if let Err(e) = running.task.await {
         tracing::error!(error = %e, "pipeline task failed");
     }
+    running.pipeline.health.release();
 }
 
 /// Identifies a version: the expanded file text and the content of the

@@ -62,11 +62,14 @@ async fn live() -> Json<serde_json::Value> {
     Json(json!({"status": "ok"}))
 }
 
-/// 200 when every pipeline's database answers and NATS is connected,
-/// 503 (degraded) otherwise.
+/// 200 when every pipeline's database answers and takes its writes and
+/// NATS is connected and serves every pipeline's pulls; 503 (degraded)
+/// otherwise. A pipeline whose statement the database refuses counts as the
+/// database being down for it, a pipeline whose consumer is gone as NATS
+/// being down: the shape stays the collector's, `/pipelines` has the detail.
 async fn ready(State(engine): State<Arc<Engine>>) -> Response {
     let database = engine.database_up().await;
-    let nats = engine.nats_up();
+    let nats = engine.source_up();
     let word = |up: bool| if up { "up" } else { "down" };
     let ok = database && nats;
     let body = json!({

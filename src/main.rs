@@ -12,6 +12,7 @@ mod config;
 mod deadletter;
 mod engine;
 mod event;
+mod health;
 mod http;
 mod metrics;
 mod pipeline;

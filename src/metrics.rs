@@ -15,6 +15,7 @@ use prometheus::proto::{LabelPair, MetricFamily};
 use prometheus::{CounterVec, Gauge, HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry};
 
 use crate::config::MetricsConfig;
+use crate::health::HealthMetrics;
 
 /// The collector's histogram buckets, in seconds.
 pub const DURATION_BUCKETS: [f64; 8] = [0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0];
@@ -47,6 +48,8 @@ pub struct EngineMetrics {
     pub dead_letters: IntCounterVec,
     /// Pipeline (re)loads by file and result (`success`, `failure`).
     pub reloads: IntCounterVec,
+    /// Pipelines' problems (see [`crate::health`]).
+    pub health: HealthMetrics,
 }
 
 /// The per-event families of one prefix.
@@ -88,10 +91,12 @@ impl Metrics {
                 ),
                 &["file", "result"],
             )?,
+            health: HealthMetrics::new()?,
         };
         registry.register(Box::new(engine.sink_retries.clone()))?;
         registry.register(Box::new(engine.dead_letters.clone()))?;
         registry.register(Box::new(engine.reloads.clone()))?;
+        engine.health.register(&registry)?;
         Ok(Self {
             registry,
             sets: Mutex::new(HashMap::new()),

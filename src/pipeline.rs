@@ -11,7 +11,7 @@
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -22,6 +22,7 @@ use tokio::time::Instant;
 use crate::config::{self, InvalidAction, PipelineFile};
 use crate::deadletter::{self, DeadLetters, Letter};
 use crate::event::{self, Compiled, Invalid, Prepared};
+use crate::health::{Health, Severity, Side};
 use crate::metrics::{duration_values, FailureLabels, FamilySet, Metrics};
 use crate::sink::{Outcome, PgSink};
 use crate::source::{self, Handoff, Puller};
@@ -46,8 +47,8 @@ pub struct Pipeline {
     dead_letters: Option<DeadLetters>,
     stream: jetstream::stream::Stream,
     failure: FailureLabels,
-    /// True while the sink's last write attempt failed transiently.
-    sink_down: AtomicBool,
+    /// What keeps the pipeline from progressing, for probes and metrics.
+    pub health: Health,
     /// Counts shared by every version of the pipeline file.
     pub stats: Arc<Stats>,
     /// Set by a reload: who gets this version's open pull requests.
@@ -134,6 +135,7 @@ impl Pipeline {
             .map_err(|e| file.error("metrics", e.to_string()))?;
         Ok(Self {
             name: cfg.name.clone(),
+            health: Health::new(&cfg.name, deps.metrics.engine.health.clone()),
             file: file.path.clone(),
             failure: FailureLabels::new(&cfg.metrics),
             cfg,
@@ -142,7 +144,6 @@ impl Pipeline {
             consumer,
             families,
             engine: deps.metrics.clone(),
-            sink_down: AtomicBool::new(false),
             stats,
             successor: std::sync::Mutex::new(None),
             dead_letters,
@@ -170,11 +171,6 @@ impl Pipeline {
             .chain(migrations)
             .filter_map(|d| d.canonicalize().ok())
             .collect()
-    }
-
-    /// False while the database is failing writes.
-    pub fn sink_up(&self) -> bool {
-        !self.sink_down.load(Ordering::Relaxed)
     }
 
     /// Pulls and writes until `stop` turns true; then drains the open pull
@@ -363,7 +359,8 @@ impl Pipeline {
             let Err(e) = self.keeping_alive(attempt, &rows, &mut next_progress).await else {
                 break;
             };
-            self.sink_down.store(true, Ordering::Relaxed);
+            self.health
+                .fail(Side::Sink, Severity::Retrying, e.0.clone());
             self.engine
                 .engine
                 .sink_retries
@@ -383,7 +380,9 @@ impl Pipeline {
             pending(&rows, &outcomes)
                 .for_each(|r| self.count_received(r.held.msg.subject.as_str()));
         }
-        self.sink_down.store(false, Ordering::Relaxed);
+        if self.health.recover(Side::Sink) {
+            tracing::info!(pipeline = %self.name, "writing again");
+        }
         self.settle(rows, outcomes).await;
     }
 
