@@ -282,6 +282,12 @@ pub struct InvalidPolicy {
     #[serde(default, deserialize_with = "de_opt_duration")]
     #[schemars(with = "DurationText")]
     pub delay: Option<Duration>,
+    /// After this many events in a row refused by the database with the
+    /// same SQLSTATE (no event stored in between), the table rather than
+    /// the events is taken to be at fault: the pipeline turns `failing` and
+    /// holds them instead of applying `action`. 0 never does.
+    #[serde(default = "default_failing_after")]
+    pub failing_after: usize,
 }
 
 impl Default for InvalidPolicy {
@@ -290,8 +296,13 @@ impl Default for InvalidPolicy {
             action: InvalidAction::Ack,
             subject: None,
             delay: None,
+            failing_after: default_failing_after(),
         }
     }
+}
+
+fn default_failing_after() -> usize {
+    20
 }
 
 #[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq, JsonSchema)]

@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use serde_json::Value as Json;
 
 use crate::config::{self, PipelineFile};
-use crate::template::{Rendered, Templates};
+use crate::template::{MsgMeta, Rendered, Templates};
 use crate::validate::EventValidator;
 
 /// Why an event can never be stored; `kind` names the class in logs, test
@@ -72,7 +72,7 @@ impl Compiled {
     pub fn prepare(
         &self,
         payload: &[u8],
-        subject: &str,
+        msg: &MsgMeta,
         headers: &BTreeMap<String, String>,
     ) -> Result<Prepared, Invalid> {
         let invalid = |kind, error: String, event: Option<&Json>| Invalid {
@@ -94,7 +94,7 @@ impl Compiled {
             v.apply(&mut event)
                 .map_err(|e| invalid("schema", e, Some(&event)))?;
         }
-        let ctx = Templates::context(&event, subject, headers);
+        let ctx = Templates::context(&event, msg, headers);
         let rendered = self
             .templates
             .render_insert(&ctx)
@@ -130,7 +130,11 @@ fn check_placeholders(templates: &Templates) -> Result<(), String> {
 /// The insert rendered over an empty event: the statement shape most
 /// events produce, available before any event arrives.
 pub fn sample_render(templates: &Templates) -> Result<Rendered, String> {
-    let ctx = Templates::context(&Json::Object(Default::default()), "", &BTreeMap::new());
+    let ctx = Templates::context(
+        &Json::Object(Default::default()),
+        &MsgMeta::default(),
+        &BTreeMap::new(),
+    );
     templates.render_insert(&ctx)
 }
 

@@ -24,9 +24,9 @@ use crate::deadletter::{self, DeadLetters, Letter};
 use crate::event::{self, Compiled, Invalid, Prepared};
 use crate::health::{Health, Severity, Side};
 use crate::metrics::{duration_values, FailureLabels, FamilySet, Metrics};
-use crate::sink::{Outcome, PgSink};
+use crate::sink::{Finish, Outcome, PgSink, Rejection, SinkRow, WriteError};
 use crate::source::{self, Handoff, Puller};
-use crate::template::{Rendered, Templates};
+use crate::template::{MsgMeta, Templates};
 use crate::validate::truncate;
 
 /// The `reason` label of events that can never be stored.
@@ -51,6 +51,8 @@ pub struct Pipeline {
     pub health: Health,
     /// Counts shared by every version of the pipeline file.
     pub stats: Arc<Stats>,
+    /// Consecutive database rejections (see `suspect_rejections`).
+    rejected_run: std::sync::Mutex<RejectedRun>,
     /// Set by a reload: who gets this version's open pull requests.
     successor: std::sync::Mutex<Option<mpsc::UnboundedSender<Handoff>>>,
 }
@@ -76,11 +78,21 @@ struct Held {
     received: Instant,
 }
 
-/// An event ready to write.
+/// An event on its way to the database: the message, what to write, and
+/// what became of it.
 struct Row {
     held: Held,
     labels: Vec<String>,
     event_id: Option<String>,
+    write: SinkRow,
+}
+
+/// Rows the database rejected one after another, all with the same
+/// SQLSTATE, with no stored row in between (across batches).
+#[derive(Default)]
+struct RejectedRun {
+    sqlstate: Option<String>,
+    rows: usize,
 }
 
 impl Pipeline {
@@ -146,6 +158,7 @@ impl Pipeline {
             engine: deps.metrics.clone(),
             stats,
             successor: std::sync::Mutex::new(None),
+            rejected_run: std::sync::Mutex::new(RejectedRun::default()),
             dead_letters,
             stream,
         })
@@ -228,14 +241,14 @@ impl Pipeline {
         puller: &mut Puller,
         stop: &watch::Receiver<bool>,
     ) {
-        let (rows, rendered) = self.prepare_all(held).await;
+        let rows = self.prepare_all(held).await;
         if rows.is_empty() {
             return;
         }
         let permit = self.wait_for_slot(slots, &rows, puller).await;
         let this = self.clone();
         let stop = stop.clone();
-        tokio::spawn(async move { this.write(rows, rendered, stop, permit).await });
+        tokio::spawn(async move { this.write(rows, stop, permit).await });
     }
 
     /// Waits for the first message, then gathers until `max_rows` or
@@ -286,30 +299,30 @@ impl Pipeline {
     }
 
     /// Prepares every event; invalid ones get the invalid policy at once.
-    async fn prepare_all(&self, held: Vec<Held>) -> (Vec<Row>, Vec<Rendered>) {
+    async fn prepare_all(&self, held: Vec<Held>) -> Vec<Row> {
         let mut rows = Vec::with_capacity(held.len());
-        let mut statements = Vec::with_capacity(held.len());
         for h in held {
             match self
                 .compiled
-                .prepare(&h.msg.payload, h.msg.subject.as_str(), &headers(&h.msg))
+                .prepare(&h.msg.payload, &meta(&h.msg), &headers(&h.msg))
             {
                 Ok(Prepared {
                     rendered,
                     labels,
                     event_id,
-                }) => {
-                    rows.push(Row {
-                        held: h,
-                        labels,
-                        event_id,
-                    });
-                    statements.push(rendered);
-                }
+                }) => rows.push(Row {
+                    held: h,
+                    labels,
+                    event_id,
+                    write: SinkRow {
+                        rendered,
+                        outcome: Outcome::Pending,
+                    },
+                }),
                 Err(invalid) => self.reject(h, invalid).await,
             }
         }
-        (rows, statements)
+        rows
     }
 
     /// Waits for a write slot while keeping `rows` and the puller's
@@ -339,51 +352,117 @@ impl Pipeline {
         (self.cfg.source.nats.consumer.ack_wait / 3).max(Duration::from_millis(100))
     }
 
-    /// Writes a batch, retrying transient failures with capped backoff
-    /// until it is committed; then acknowledges. On stop while the sink is
-    /// down, the remaining messages are released for redelivery.
+    /// Writes a batch until every row is stored or rejected, settling rows
+    /// as soon as their fate is known. A failed attempt holds the rest:
+    /// retried with capped backoff, and reported as retrying (the database
+    /// is away) or failing (the pipeline's statement or table is broken).
+    /// On stop while held, the rest is released for redelivery.
     async fn write(
         &self,
-        rows: Vec<Row>,
-        rendered: Vec<Rendered>,
+        mut rows: Vec<Row>,
         stop: watch::Receiver<bool>,
         _permit: OwnedSemaphorePermit,
     ) {
-        let mut outcomes = vec![Outcome::Pending; rows.len()];
         let policy = &self.cfg.on_error.transient;
         let mut backoff = policy.backoff_initial;
         let oldest = rows.iter().map(|r| r.held.received).min();
         let mut next_progress = oldest.unwrap_or_else(Instant::now) + self.keepalive_period();
         loop {
-            let attempt = self.sink.write(&rendered, &mut outcomes);
-            let Err(e) = self.keeping_alive(attempt, &rows, &mut next_progress).await else {
-                break;
+            let result = {
+                let (messages, mut writes): (Vec<&Message>, Vec<&mut SinkRow>) =
+                    rows.iter_mut().map(|r| (&r.held.msg, &mut r.write)).unzip();
+                let attempt = self.sink.write(&mut writes, Finish::Commit);
+                self.keeping_alive(attempt, &messages, &mut next_progress)
+                    .await
             };
-            self.health
-                .fail(Side::Sink, Severity::Retrying, e.0.clone());
-            self.engine
-                .engine
-                .sink_retries
-                .with_label_values(&[&self.name])
-                .inc();
-            tracing::warn!(pipeline = %self.name, error = %e.0, retry_in = ?backoff, "write failed; holding the batch");
-            // As in the collector, each failed attempt is a processing error
-            // and each retry a new attempt: received = processed + failed.
-            pending(&rows, &outcomes).for_each(|r| self.count_failure(&r.held, PROCESSING_ERROR));
+            let held = result.err().or_else(|| self.suspect_rejections(&mut rows));
+            rows = self.settle(rows).await;
+            let Some(problem) = held else { break };
+            self.hold(&problem, backoff, &rows);
             if *stop.borrow() {
-                self.release(&rows, &outcomes).await;
-                return self.settle(rows, outcomes).await;
+                return self.release(&rows).await;
             }
-            self.keeping_alive(tokio::time::sleep(backoff), &rows, &mut next_progress)
+            let messages: Vec<&Message> = rows.iter().map(|r| &r.held.msg).collect();
+            self.keeping_alive(tokio::time::sleep(backoff), &messages, &mut next_progress)
                 .await;
             backoff = (backoff * 2).min(policy.backoff_max);
-            pending(&rows, &outcomes)
+            rows.iter()
                 .for_each(|r| self.count_received(r.held.msg.subject.as_str()));
         }
         if self.health.recover(Side::Sink) {
             tracing::info!(pipeline = %self.name, "writing again");
         }
-        self.settle(rows, outcomes).await;
+    }
+
+    /// Reports a failed attempt: health, metrics, and a log line. As in the
+    /// collector, each failed attempt is a processing error and each retry
+    /// a new attempt, so received = processed + failed.
+    fn hold(&self, problem: &WriteError, backoff: Duration, rows: &[Row]) {
+        let severity = match problem {
+            WriteError::Transient(_) => Severity::Retrying,
+            WriteError::Pipeline(_) => Severity::Failing,
+        };
+        if self.health.fail(Side::Sink, severity, problem.to_string())
+            && severity == Severity::Failing
+        {
+            tracing::error!(pipeline = %self.name, error = %problem, "the pipeline is failing: nothing is acknowledged until its statement or table is fixed");
+        }
+        self.engine
+            .engine
+            .sink_retries
+            .with_label_values(&[&self.name])
+            .inc();
+        tracing::warn!(pipeline = %self.name, error = %problem, retry_in = ?backoff, "write failed; holding the batch");
+        rows.iter()
+            .for_each(|r| self.count_failure(&r.held, PROCESSING_ERROR));
+    }
+
+    /// Turns the batch's database rejections back into pending rows when
+    /// they continue a run of `failing_after` rows rejected with the same
+    /// SQLSTATE: then the table (a new CHECK, a lagging foreign-key
+    /// parent), not the events, is the likely cause, and acknowledging
+    /// them away would lose them silently.
+    fn suspect_rejections(&self, rows: &mut [Row]) -> Option<WriteError> {
+        let limit = self.cfg.on_error.invalid.failing_after;
+        if limit == 0 {
+            return None;
+        }
+        let mut run = self.rejected_run.lock().expect("rejected run lock");
+        let mut suspect = None;
+        for row in rows.iter() {
+            match &row.write.outcome {
+                Outcome::Stored => *run = RejectedRun::default(),
+                Outcome::Rejected(Rejection {
+                    sqlstate: Some(state),
+                    error,
+                }) => {
+                    if run.sqlstate.as_ref() != Some(state) {
+                        *run = RejectedRun {
+                            sqlstate: Some(state.clone()),
+                            rows: 0,
+                        };
+                    }
+                    run.rows += 1;
+                    if run.rows >= limit {
+                        suspect = Some((state.clone(), error.clone()));
+                    }
+                }
+                _ => {}
+            }
+        }
+        let (state, error) = suspect?;
+        for row in rows.iter_mut() {
+            if matches!(&row.write.outcome, Outcome::Rejected(r) if r.sqlstate.as_ref() == Some(&state))
+            {
+                row.write.outcome = Outcome::Pending;
+            }
+        }
+        Some(WriteError::Pipeline(format!(
+            "{} events in a row were rejected with SQLSTATE {state} (last: {error}); \
+             the table, not the events, is the likely cause, so they are held \
+             (raise on_error.invalid.failing_after if these events really are bad)",
+            run.rows
+        )))
     }
 
     /// Awaits `fut` (a write attempt, a backoff) while sending progress acks
@@ -393,7 +472,7 @@ impl Pipeline {
     async fn keeping_alive<T>(
         &self,
         fut: impl std::future::Future<Output = T>,
-        rows: &[Row],
+        messages: &[&Message],
         next_progress: &mut Instant,
     ) -> T {
         tokio::pin!(fut);
@@ -401,33 +480,32 @@ impl Pipeline {
             tokio::select! {
                 out = &mut fut => return out,
                 _ = tokio::time::sleep_until(*next_progress) => {
-                    progress(rows.iter().map(|r| &r.held.msg)).await;
+                    progress(messages.iter().copied()).await;
                     *next_progress = Instant::now() + self.keepalive_period();
                 }
             }
         }
     }
 
-    /// Applies each row's final outcome: ack stored rows, reject the
-    /// rows the database refused.
-    async fn settle(&self, rows: Vec<Row>, outcomes: Vec<Outcome>) {
-        for (row, outcome) in rows.into_iter().zip(outcomes) {
-            match outcome {
+    /// Acknowledges the stored rows and rejects the rows the database
+    /// refused; returns the rows still pending.
+    async fn settle(&self, rows: Vec<Row>) -> Vec<Row> {
+        let mut pending = Vec::new();
+        for mut row in rows {
+            match std::mem::replace(&mut row.write.outcome, Outcome::Pending) {
                 Outcome::Stored => self.processed(row).await,
-                Outcome::Rejected(error) => {
-                    self.reject(
-                        row.held,
-                        Invalid {
-                            kind: "unstorable",
-                            error,
-                            event_id: row.event_id,
-                        },
-                    )
-                    .await
+                Outcome::Rejected(rejection) => {
+                    let invalid = Invalid {
+                        kind: "unstorable",
+                        error: rejection.error,
+                        event_id: row.event_id,
+                    };
+                    self.reject(row.held, invalid).await
                 }
-                Outcome::Pending => {}
+                Outcome::Pending => pending.push(row),
             }
         }
+        pending
     }
 
     async fn processed(&self, row: Row) {
@@ -454,8 +532,8 @@ impl Pipeline {
 
     /// Leaves the pending rows for JetStream to redeliver (nak: another
     /// process may take them at once); their failed attempt is counted.
-    async fn release(&self, rows: &[Row], outcomes: &[Outcome]) {
-        for row in pending(rows, outcomes) {
+    async fn release(&self, rows: &[Row]) {
+        for row in rows {
             let _ = row.held.msg.ack_with(AckKind::Nak(None)).await;
         }
     }
@@ -530,12 +608,26 @@ impl Pipeline {
 /// a missing table or column fails the pipeline at load, not per event.
 async fn check_statement(sink: &PgSink, templates: &Templates) -> Result<(), String> {
     let rendered = event::sample_render(templates)?;
-    sink.plan(&rendered).await.map(|_| ()).map_err(|e| {
-        format!(
-            "the insert statement is rejected by the database: {}",
-            crate::sink::describe(&e)
-        )
-    })
+    sink.plan(&rendered)
+        .await
+        .map(|_| ())
+        .map_err(|e| format!("the insert statement is rejected by the database: {e}"))
+}
+
+/// What a template sees of the message as `msg`.
+fn meta(msg: &Message) -> MsgMeta {
+    let info = msg.info().ok();
+    MsgMeta {
+        subject: msg.subject.to_string(),
+        stream: info.as_ref().map(|i| i.stream.to_string()),
+        seq: info.as_ref().map(|i| i.stream_sequence),
+        delivered: info.as_ref().map(|i| i.delivered),
+        time: info.as_ref().map(|i| {
+            let nanos = i.published.unix_timestamp_nanos();
+            chrono::DateTime::from_timestamp_nanos(nanos as i64)
+                .to_rfc3339_opts(chrono::SecondsFormat::Nanos, true)
+        }),
+    }
 }
 
 async fn progress<'a>(messages: impl Iterator<Item = &'a Message>) {
@@ -550,14 +642,6 @@ async fn recv<T>(rx: &mut Option<mpsc::UnboundedReceiver<T>>) -> Option<T> {
         Some(rx) => rx.recv().await,
         None => std::future::pending().await,
     }
-}
-
-/// The rows of a batch not yet stored nor rejected.
-fn pending<'a>(rows: &'a [Row], outcomes: &'a [Outcome]) -> impl Iterator<Item = &'a Row> {
-    rows.iter()
-        .zip(outcomes)
-        .filter(|(_, o)| **o == Outcome::Pending)
-        .map(|(r, _)| r)
 }
 
 fn headers(msg: &Message) -> BTreeMap<String, String> {

@@ -1,12 +1,14 @@
 //! The Postgres sink: connection (with Prisma's `schema=` parameter),
-//! migrations, and the batching writer.
+//! migrations, and the batch writer.
 //!
-//! A rendered row statement is turned once into a [`Plan`]: Postgres is asked
-//! (describe) which type each placeholder has, every value is sent as text and
-//! cast to that type, and a single `VALUES (...)` insert is rewritten to
-//! `SELECT ... FROM UNNEST($1::text[], ...)`, so a whole batch is one
-//! statement with one parameter per column, whatever its row count, and the
-//! statement text never changes (it stays in the prepared-statement cache).
+//! A batch has the effect of its rows' rendered statements run one by one,
+//! in stream order, in one transaction (ARCHITECTURE.md, the sink's
+//! invariant). Consecutive rows with the same statement text form a run,
+//! written through that text's [`Plan`]: one UNNEST insert, or one call of
+//! the plan's per-row function. When a batch fails because of some rows'
+//! values, a second attempt runs every row in a savepoint of its own, so
+//! the rows at fault are known after two round trips, whatever their
+//! number, and the others commit.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -15,10 +17,12 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde_json::Value as Json;
+use sqlx::pool::PoolConnection;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
-use sqlx::{Either, Executor, Postgres, Transaction};
+use sqlx::{Acquire, PgConnection, Postgres};
 
-use crate::sql;
+use crate::plan::{Plan, PlanError, WritePath};
+use crate::sqlstate::{self, Fault};
 use crate::template::Rendered;
 
 /// Distinct statement texts remembered per sink. Templates with `{% if %}`
@@ -26,34 +30,61 @@ use crate::template::Rendered;
 /// the text, so the cache is reset rather than grown.
 const MAX_PLANS: usize = 256;
 
+/// A row's statement and what became of it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SinkRow {
+    pub rendered: Rendered,
+    pub outcome: Outcome,
+}
+
 /// The fate of one row of a batch.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
     Pending,
     Stored,
-    /// A permanent, row-level failure (bad value, constraint): never retried.
-    Rejected(String),
+    /// The row's own fault: it fails the same way every time.
+    Rejected(Rejection),
 }
 
-/// A failure that is not the rows' fault (connection, timeout, lock, a
-/// missing table): the batch is held and retried.
-#[derive(Debug, Clone)]
-pub struct Transient(pub String);
+/// Why the database refused a row.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rejection {
+    /// None when the value never reached the database (a NUL character).
+    pub sqlstate: Option<String>,
+    pub error: String,
+}
+
+/// A write that did not happen, and whose move it is.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum WriteError {
+    /// The database or the network; expected to pass by itself.
+    #[error("{0}")]
+    Transient(String),
+    /// The pipeline's statement, table or privileges: an operator must act.
+    #[error("{0}")]
+    Pipeline(String),
+}
+
+impl WriteError {
+    fn from_sqlx(e: &sqlx::Error) -> Self {
+        match sqlstate::fault(e) {
+            Fault::Transient => WriteError::Transient(sqlstate::describe(e)),
+            _ => WriteError::Pipeline(sqlstate::describe(e)),
+        }
+    }
+}
+
+/// Whether a batch's transaction is kept: `Rollback` is `ingestd test`'s
+/// dry run of the production path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Finish {
+    Commit,
+    Rollback,
+}
 
 pub struct PgSink {
     pool: PgPool,
     plans: Mutex<HashMap<String, Arc<Plan>>>,
-}
-
-/// How one statement text is executed.
-#[derive(Debug)]
-pub struct Plan {
-    /// Postgres type of each placeholder, as SQL (`text`, `jsonb`, ...).
-    types: Vec<String>,
-    /// The row statement with each `$n` cast from text to its type.
-    row_sql: String,
-    /// The batch statement, when the insert has one plain VALUES tuple.
-    unnest_sql: Option<String>,
 }
 
 impl PgSink {
@@ -99,11 +130,22 @@ impl PgSink {
     }
 
     /// The plan of a statement text, described against the database once.
-    pub async fn plan(&self, rendered: &Rendered) -> Result<Arc<Plan>, sqlx::Error> {
-        if let Some(p) = self.plans.lock().expect("plans lock").get(&rendered.sql) {
-            return Ok(p.clone());
+    /// A statement that cannot be planned is the pipeline's fault unless
+    /// the database could not be reached.
+    pub async fn plan(&self, rendered: &Rendered) -> Result<Arc<Plan>, WriteError> {
+        if let Some(p) = self.cached(&rendered.sql) {
+            return Ok(p);
         }
-        let plan = Arc::new(Plan::build(&self.pool, &rendered.sql, rendered.params.len()).await?);
+        let mut conn = self.acquire().await?;
+        let plan = Plan::build(&mut conn, &rendered.sql, rendered.params.len())
+            .await
+            .map_err(|e| match e {
+                PlanError::Database(db) if sqlstate::fault(&db) == Fault::Transient => {
+                    WriteError::Transient(sqlstate::describe(&db))
+                }
+                other => WriteError::Pipeline(format!("the statement cannot be prepared: {other}")),
+            })?;
+        let plan = Arc::new(plan);
         let mut plans = self.plans.lock().expect("plans lock");
         if plans.len() >= MAX_PLANS {
             plans.clear();
@@ -112,313 +154,302 @@ impl PgSink {
         Ok(plan)
     }
 
-    /// One attempt at writing the rows still `Pending`. Rows that fail for a
-    /// reason of their own are isolated by bisection and marked `Rejected`;
-    /// the others are committed and marked `Stored`. A transient error
-    /// leaves the rows not yet committed `Pending`.
-    pub async fn write(
-        &self,
-        rows: &[Rendered],
-        outcomes: &mut [Outcome],
-    ) -> Result<(), Transient> {
-        let mut encoded = Vec::new();
-        for (i, row) in rows.iter().enumerate() {
-            if outcomes[i] != Outcome::Pending {
+    fn cached(&self, sql: &str) -> Option<Arc<Plan>> {
+        self.plans.lock().expect("plans lock").get(sql).cloned()
+    }
+
+    /// Forgets every plan: after the pipeline's fault (a migration may have
+    /// changed a column's type), plans are described again.
+    fn forget_plans(&self) {
+        self.plans.lock().expect("plans lock").clear();
+    }
+
+    async fn acquire(&self) -> Result<PoolConnection<Postgres>, WriteError> {
+        self.pool
+            .acquire()
+            .await
+            .map_err(|e| WriteError::from_sqlx(&e))
+    }
+
+    /// One attempt at writing the rows still `Pending`, in order. Rows that
+    /// fail for a reason of their own become `Rejected`, the others
+    /// `Stored` (once the transaction is finished as `finish` says). On an
+    /// error every pending row stays `Pending`.
+    pub async fn write(&self, rows: &mut [&mut SinkRow], finish: Finish) -> Result<(), WriteError> {
+        let mut batch = Vec::new();
+        for (index, row) in rows.iter_mut().enumerate() {
+            if row.outcome != Outcome::Pending {
                 continue;
             }
-            let plan = self.plan(row).await.map_err(|e| match classify(&e) {
-                Class::Row => Transient(format!("cannot prepare the insert: {}", describe(&e))),
-                Class::Transient => Transient(describe(&e)),
-            })?;
-            match plan.encode(&row.params) {
-                Ok(values) => encoded.push(Encoded {
-                    index: i,
+            let plan = self.plan(&row.rendered).await?;
+            match plan.encode(&row.rendered.params) {
+                Ok(values) => batch.push(Encoded {
+                    index,
                     plan,
                     values,
                 }),
-                Err(e) => outcomes[i] = Outcome::Rejected(e),
-            }
-        }
-        self.write_bisect(&encoded, outcomes).await
-    }
-
-    /// Tries the rows as one transaction; on a row-level error splits them
-    /// in halves until the failing rows stand alone.
-    fn write_bisect<'a>(
-        &'a self,
-        rows: &'a [Encoded],
-        outcomes: &'a mut [Outcome],
-    ) -> futures::future::BoxFuture<'a, Result<(), Transient>> {
-        Box::pin(async move {
-            if rows.is_empty() {
-                return Ok(());
-            }
-            match self.write_once(rows).await {
-                Ok(()) => {
-                    rows.iter()
-                        .for_each(|r| outcomes[r.index] = Outcome::Stored);
-                    Ok(())
+                Err(e) => {
+                    row.outcome = Outcome::Rejected(Rejection {
+                        sqlstate: None,
+                        error: e.to_string(),
+                    })
                 }
-                Err(e) if classify(&e) == Class::Row => {
-                    if let [only] = rows {
-                        outcomes[only.index] = Outcome::Rejected(describe(&e));
-                        return Ok(());
-                    }
-                    let (left, right) = rows.split_at(rows.len() / 2);
-                    self.write_bisect(left, outcomes).await?;
-                    self.write_bisect(right, outcomes).await
-                }
-                Err(e) => Err(Transient(describe(&e))),
-            }
-        })
-    }
-
-    async fn write_once(&self, rows: &[Encoded]) -> Result<(), sqlx::Error> {
-        let mut tx = self.pool.begin().await?;
-        let mut groups: Vec<(&Arc<Plan>, Vec<&Encoded>)> = Vec::new();
-        for row in rows {
-            match groups.iter_mut().find(|(p, _)| Arc::ptr_eq(p, &row.plan)) {
-                Some((_, g)) => g.push(row),
-                None => groups.push((&row.plan, vec![row])),
             }
         }
-        for (plan, group) in groups {
-            plan.execute(&mut tx, &group).await?;
+        if batch.is_empty() {
+            return Ok(());
         }
-        tx.commit().await
-    }
-}
-
-/// What a trial insert did (see [`PgSink::trial`]).
-#[derive(Debug)]
-pub enum Trial {
-    /// The row as inserted (`None`: the statement inserted nothing, e.g.
-    /// `ON CONFLICT DO NOTHING`).
-    Row(Option<Json>),
-    /// A row-level failure: the event would be invalid.
-    Rejected(String),
-}
-
-impl PgSink {
-    /// Inserts one row inside a transaction that is rolled back, returning
-    /// the row as Postgres stored it (for `ingestd test`).
-    pub async fn trial(&self, row: &Rendered) -> Result<Trial, sqlx::Error> {
-        let plan = self.plan(row).await?;
-        let values = match plan.encode(&row.params) {
-            Ok(v) => v,
-            Err(e) => return Ok(Trial::Rejected(e)),
+        let mut conn = self.acquire().await?;
+        let result = match self.attempt(&mut conn, &batch, Mode::Batch, finish).await {
+            Err(e) if e.fault() == Fault::Event => {
+                self.attempt(&mut conn, &batch, Mode::Isolate, finish).await
+            }
+            other => other,
         };
-        let sql = format!(
-            "WITH ingestd_trial AS ({} RETURNING *) SELECT row_to_json(ingestd_trial)::text FROM ingestd_trial",
-            plan.row_sql
-        );
-        let mut tx = self.pool.begin().await?;
-        let mut q = sqlx::query_scalar::<_, String>(&sql);
-        for v in &values {
-            q = q.bind(v.as_deref());
-        }
-        let result = q.fetch_optional(&mut *tx).await;
-        tx.rollback().await?;
         match result {
-            Ok(text) => Ok(Trial::Row(text.and_then(|t| serde_json::from_str(&t).ok()))),
-            Err(e) if classify(&e) == Class::Row => Ok(Trial::Rejected(describe(&e))),
-            Err(e) => Err(e),
+            Ok(rejected) => {
+                for e in &batch {
+                    rows[e.index].outcome = Outcome::Stored;
+                }
+                for (k, rejection) in rejected {
+                    rows[batch[k].index].outcome = Outcome::Rejected(rejection);
+                }
+                Ok(())
+            }
+            Err(e) => {
+                let err = e.into_write_error();
+                if matches!(err, WriteError::Pipeline(_)) {
+                    self.forget_plans();
+                }
+                Err(err)
+            }
+        }
+    }
+
+    /// Runs the batch in one transaction, creating a plan's session
+    /// function first where this connection lacks it. Returns the rows
+    /// (indices into `batch`) rejected in `Isolate` mode.
+    async fn attempt(
+        &self,
+        conn: &mut PgConnection,
+        batch: &[Encoded],
+        mode: Mode,
+        finish: Finish,
+    ) -> Result<Vec<(usize, Rejection)>, Failed> {
+        loop {
+            match run_batch(conn, batch, mode, finish).await {
+                Err(Failed::Sql(e)) if missing_function(&e, batch) => {
+                    create_functions(conn, batch).await?;
+                }
+                other => return other,
+            }
         }
     }
 }
 
-/// A row's values as text, ready to bind.
+/// How a batch is run: as fast as its plans allow, or each row in a
+/// savepoint of its own to find the rows at fault.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    Batch,
+    Isolate,
+}
+
+/// A row's values as text, ready to bind, and the plan they are for.
 struct Encoded {
     index: usize,
     plan: Arc<Plan>,
     values: Vec<Option<String>>,
 }
 
-impl Plan {
-    async fn build(pool: &PgPool, sql_text: &str, n_params: usize) -> Result<Self, sqlx::Error> {
-        let marks = sql::placeholders(sql_text);
-        let numbered = marks.iter().enumerate().all(|(i, (_, n))| *n == i + 1);
-        if marks.len() != n_params || !numbered {
-            return Err(sqlx::Error::Protocol(
-                "the statement's placeholders do not line up with the template's expressions"
-                    .into(),
-            ));
-        }
-        let types = param_types(pool, sql_text).await?;
-        let whole = 0..sql_text.len();
-        let row_sql = sql::replace_placeholders(sql_text, whole, &marks, |n| {
-            format!("((${n}::text)::{})", types[n - 1])
-        });
-        let unnest_sql = (n_params > 0)
-            .then(|| sql::values_tuple(sql_text))
-            .flatten()
-            .map(|t| unnest_statement(sql_text, &t, &marks, &types));
-        Ok(Self {
-            types,
-            row_sql,
-            unnest_sql,
-        })
-    }
+/// A failure of the row at this index of a run, as the per-row function
+/// reports it in `Isolate` mode.
+type RowFailure = (i32, String, String);
 
-    /// Text for each parameter, in the form its target type reads.
-    fn encode(&self, params: &[Json]) -> Result<Vec<Option<String>>, String> {
-        params
-            .iter()
-            .zip(&self.types)
-            .map(|(v, ty)| encode_value(v, ty))
-            .collect()
-    }
-
-    async fn execute(
-        &self,
-        tx: &mut Transaction<'_, Postgres>,
-        rows: &[&Encoded],
-    ) -> Result<(), sqlx::Error> {
-        match &self.unnest_sql {
-            Some(batch_sql) => {
-                let mut q = sqlx::query(batch_sql);
-                for col in 0..self.types.len() {
-                    let column: Vec<Option<&str>> =
-                        rows.iter().map(|r| r.values[col].as_deref()).collect();
-                    q = q.bind(column);
+/// One transaction over the batch's runs. In `Isolate` mode a row failure
+/// that is not the row's own fault (a lock time-out, an undefined column)
+/// fails the whole attempt.
+async fn run_batch(
+    conn: &mut PgConnection,
+    batch: &[Encoded],
+    mode: Mode,
+    finish: Finish,
+) -> Result<Vec<(usize, Rejection)>, Failed> {
+    let mut tx = conn.begin().await?;
+    let mut rejected = Vec::new();
+    let mut start = 0;
+    for run in batch.chunk_by(|a, b| Arc::ptr_eq(&a.plan, &b.plan)) {
+        let plan = &run[0].plan;
+        match (&plan.path, mode) {
+            (WritePath::Unnest(sql), Mode::Batch) => {
+                let mut q = sqlx::query(sql);
+                for col in 0..plan.arity() {
+                    q = q.bind(column(run, col));
                 }
-                q.execute(&mut **tx).await?;
+                q.execute(&mut *tx).await?;
             }
-            None => {
-                for row in rows {
-                    let mut q = sqlx::query(&self.row_sql);
-                    for v in &row.values {
-                        q = q.bind(v.as_deref());
+            _ => {
+                let mut q = sqlx::query_as::<_, RowFailure>(&plan.function.call)
+                    .bind(mode == Mode::Isolate)
+                    .bind(run.len() as i32);
+                for col in 0..plan.arity() {
+                    q = q.bind(column(run, col));
+                }
+                for (row, state, message) in q.fetch_all(&mut *tx).await? {
+                    if sqlstate::fault_of(&state) != Fault::Event {
+                        return Err(Failed::Caught { state, message });
                     }
-                    q.execute(&mut **tx).await?;
+                    let k = start + row as usize - 1;
+                    let error = format!("SQLSTATE {state}: {message}");
+                    rejected.push((
+                        k,
+                        Rejection {
+                            sqlstate: Some(state),
+                            error,
+                        },
+                    ));
                 }
             }
         }
-        Ok(())
+        start += run.len();
+    }
+    match finish {
+        Finish::Commit => tx.commit().await?,
+        Finish::Rollback => tx.rollback().await?,
+    }
+    Ok(rejected)
+}
+
+/// Creates the session functions of the batch's plans on this connection
+/// (once per connection and plan: they live as long as the session).
+async fn create_functions(conn: &mut PgConnection, batch: &[Encoded]) -> Result<(), sqlx::Error> {
+    let mut done: Vec<&str> = Vec::new();
+    for r in batch {
+        let f = &r.plan.function;
+        if !done.contains(&f.name.as_str()) {
+            sqlx::query(&f.create).execute(&mut *conn).await?;
+            done.push(&f.name);
+        }
+    }
+    Ok(())
+}
+
+fn column(run: &[Encoded], col: usize) -> Vec<Option<&str>> {
+    run.iter().map(|r| r.values[col].as_deref()).collect()
+}
+
+/// Why an attempt failed: a statement's error, or a row failure the
+/// per-row function caught that is not the row's own fault.
+#[derive(Debug)]
+enum Failed {
+    Sql(sqlx::Error),
+    Caught { state: String, message: String },
+}
+
+impl From<sqlx::Error> for Failed {
+    fn from(e: sqlx::Error) -> Self {
+        Failed::Sql(e)
     }
 }
 
-/// `INSERT ... VALUES (e1, e2) tail` → `INSERT ... SELECT e1', e2' FROM
-/// UNNEST($1::text[], ...) AS u(c1, ...) tail`, where each `$n` of an item
-/// becomes `((u.cN)::type)`.
-fn unnest_statement(
-    sql_text: &str,
-    tuple: &sql::ValuesTuple,
-    marks: &[(std::ops::Range<usize>, usize)],
-    types: &[String],
-) -> String {
-    let items: Vec<String> = tuple
-        .items
-        .iter()
-        .map(|r| {
-            sql::replace_placeholders(sql_text, r.clone(), marks, |n| {
-                format!("((u.c{n})::{})", types[n - 1])
-            })
-        })
-        .collect();
-    let arrays: Vec<String> = (1..=types.len()).map(|n| format!("${n}::text[]")).collect();
-    let cols: Vec<String> = (1..=types.len()).map(|n| format!("c{n}")).collect();
-    format!(
-        "{}SELECT {} FROM UNNEST({}) AS u({}){}",
-        &sql_text[..tuple.span.start],
-        items.join(","),
-        arrays.join(", "),
-        cols.join(", "),
-        &sql_text[tuple.span.end..]
-    )
+impl Failed {
+    fn fault(&self) -> Fault {
+        match self {
+            Failed::Sql(e) => sqlstate::fault(e),
+            Failed::Caught { state, .. } => sqlstate::fault_of(state),
+        }
+    }
+
+    fn into_write_error(self) -> WriteError {
+        let text = match &self {
+            Failed::Sql(e) => sqlstate::describe(e),
+            Failed::Caught { state, message } => format!("SQLSTATE {state}: {message}"),
+        };
+        match self.fault() {
+            Fault::Transient => WriteError::Transient(text),
+            _ => WriteError::Pipeline(text),
+        }
+    }
 }
 
-/// Asks Postgres which type each placeholder of `sql_text` has.
-async fn param_types(pool: &PgPool, sql_text: &str) -> Result<Vec<String>, sqlx::Error> {
-    let described = pool.describe(sql_text).await?;
-    let oids: Vec<i64> = match described.parameters() {
-        Some(Either::Left(types)) => types
-            .iter()
-            .map(|t| t.oid().map_or(25, |o| i64::from(o.0)))
-            .collect(),
-        Some(Either::Right(n)) => vec![25; n],
-        None => Vec::new(),
+/// True when the error says a session function of this batch is missing
+/// on this connection: the function itself (42883), or the session's
+/// temporary schema, which exists only once something was created in it.
+fn missing_function(e: &sqlx::Error, batch: &[Encoded]) -> bool {
+    let sqlx::Error::Database(db) = e else {
+        return false;
     };
-    sqlx::query_scalar(
-        "SELECT format_type(t::oid, NULL) FROM unnest($1::int8[]) WITH ORDINALITY AS x(t, i) ORDER BY i",
-    )
-    .bind(oids)
-    .fetch_all(pool)
-    .await
-}
-
-/// A JSON value as the text input of Postgres type `ty`. JSON columns get
-/// JSON (a string becomes a JSON string); arrays going to array columns get
-/// array literals; everything else its plain text.
-fn encode_value(v: &Json, ty: &str) -> Result<Option<String>, String> {
-    if has_nul(v) {
-        return Err(
-            "a value contains a NUL character (\\u0000), which Postgres cannot store".into(),
-        );
-    }
-    Ok(match v {
-        Json::Null => None,
-        _ if ty == "json" || ty == "jsonb" => Some(v.to_string()),
-        Json::String(s) => Some(s.clone()),
-        Json::Array(items) if ty.ends_with("[]") => Some(array_literal(items)),
-        other => Some(other.to_string()),
-    })
-}
-
-fn has_nul(v: &Json) -> bool {
-    match v {
-        Json::String(s) => s.contains('\0'),
-        Json::Array(a) => a.iter().any(has_nul),
-        Json::Object(m) => m.iter().any(|(k, v)| k.contains('\0') || has_nul(v)),
+    match db.code().as_deref() {
+        Some("3F000") => db.message().contains("pg_temp"),
+        Some("42883") => batch.iter().any(|r| {
+            db.message()
+                .contains(r.plan.function.name.trim_start_matches("pg_temp."))
+        }),
         _ => false,
     }
 }
 
-fn array_literal(items: &[Json]) -> String {
-    let parts: Vec<String> = items
-        .iter()
-        .map(|v| match v {
-            Json::Null => "NULL".to_string(),
-            Json::Array(inner) => array_literal(inner),
-            Json::String(s) => quote_element(s),
-            other => quote_element(&other.to_string()),
-        })
-        .collect();
-    format!("{{{}}}", parts.join(","))
+/// What a trial of one statement did (see [`PgSink::trial`]).
+#[derive(Debug)]
+pub enum Trial {
+    /// The row the statement returned (`None`: it returned none, e.g.
+    /// `ON CONFLICT DO NOTHING`).
+    Row(Option<Json>),
+    /// The statement's kind cannot show its row (it has a WITH of its own).
+    Unavailable,
+    /// The row's own fault: the event would be rejected.
+    Rejected(Rejection),
 }
 
-fn quote_element(s: &str) -> String {
-    format!("\"{}\"", s.replace('\\', "\\\\").replace('"', "\\\""))
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Class {
-    /// The row's own fault: bad value (22), constraint (23), cardinality (21).
-    Row,
-    Transient,
-}
-
-/// Row-level SQLSTATE classes are permanent for that row; everything else
-/// (connection, timeout, serialization, resources, and configuration errors
-/// such as a missing table, which an operator can fix) holds the batch.
-pub fn classify(e: &sqlx::Error) -> Class {
-    match e {
-        sqlx::Error::Database(db) => match db.code().as_deref().map(|c| &c[..2.min(c.len())]) {
-            Some("21" | "22" | "23") => Class::Row,
-            _ => Class::Transient,
-        },
-        _ => Class::Transient,
+impl PgSink {
+    /// Runs one row statement inside a transaction that is rolled back and
+    /// returns the row it wrote (for `ingestd test`).
+    pub async fn trial(&self, row: &Rendered) -> Result<Trial, WriteError> {
+        let plan = self.plan(row).await?;
+        let values = match plan.encode(&row.params) {
+            Ok(v) => v,
+            Err(e) => {
+                return Ok(Trial::Rejected(Rejection {
+                    sqlstate: None,
+                    error: e.to_string(),
+                }))
+            }
+        };
+        if crate::sql::first_word(&plan.sql).as_deref() == Some("with") {
+            return Ok(Trial::Unavailable);
+        }
+        let returning = if plan.returns_rows {
+            ""
+        } else {
+            " RETURNING *"
+        };
+        let sql = format!(
+            "WITH ingestd_trial AS ({}{returning}) SELECT row_to_json(ingestd_trial)::text FROM ingestd_trial",
+            plan.row_sql
+        );
+        let mut conn = self.acquire().await?;
+        let mut tx = conn.begin().await.map_err(|e| WriteError::from_sqlx(&e))?;
+        let mut q = sqlx::query_scalar::<_, String>(&sql);
+        for v in &values {
+            q = q.bind(v.as_deref());
+        }
+        let result = q.fetch_optional(&mut *tx).await;
+        tx.rollback().await.map_err(|e| WriteError::from_sqlx(&e))?;
+        match result {
+            Ok(text) => Ok(Trial::Row(text.and_then(|t| serde_json::from_str(&t).ok()))),
+            Err(e) if sqlstate::fault(&e) == Fault::Event => Ok(Trial::Rejected(Rejection {
+                sqlstate: db_code(&e),
+                error: sqlstate::describe(&e),
+            })),
+            Err(e) => Err(WriteError::from_sqlx(&e)),
+        }
     }
 }
 
-/// An error as one line, with its SQLSTATE where it has one.
-pub fn describe(e: &sqlx::Error) -> String {
+fn db_code(e: &sqlx::Error) -> Option<String> {
     match e {
-        sqlx::Error::Database(db) => match db.code() {
-            Some(code) => format!("SQLSTATE {code}: {}", db.message()),
-            None => db.message().to_string(),
-        },
-        other => other.to_string(),
+        sqlx::Error::Database(db) => db.code().map(|c| c.into_owned()),
+        _ => None,
     }
 }
 
@@ -463,51 +494,6 @@ pub fn redact_url(url: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::json;
-
-    #[test]
-    fn values_are_encoded_for_their_target_type() {
-        assert_eq!(
-            encode_value(&json!("a"), "jsonb").unwrap(),
-            Some("\"a\"".into())
-        );
-        assert_eq!(
-            encode_value(&json!({"k": 1}), "jsonb").unwrap(),
-            Some("{\"k\":1}".into())
-        );
-        assert_eq!(
-            encode_value(&json!("a'b"), "text").unwrap(),
-            Some("a'b".into())
-        );
-        assert_eq!(
-            encode_value(&json!(1.5), "numeric").unwrap(),
-            Some("1.5".into())
-        );
-        assert_eq!(encode_value(&json!(null), "text").unwrap(), None);
-        assert_eq!(
-            encode_value(&json!(["a\"", null, 2]), "text[]").unwrap(),
-            Some("{\"a\\\"\",NULL,\"2\"}".into())
-        );
-        assert!(encode_value(&json!({"k": ["x\u{0}"]}), "jsonb").is_err());
-    }
-
-    #[test]
-    fn unnest_rewrite_keeps_expressions_and_tail() {
-        let text = "INSERT INTO t (a, b) VALUES ($1, $2::timestamptz AT TIME ZONE 'UTC') ON CONFLICT (a) DO NOTHING";
-        let tuple = sql::values_tuple(text).unwrap();
-        let marks = sql::placeholders(text);
-        let out = unnest_statement(
-            text,
-            &tuple,
-            &marks,
-            &["text".into(), "timestamp with time zone".into()],
-        );
-        assert_eq!(
-            out,
-            "INSERT INTO t (a, b) SELECT ((u.c1)::text), ((u.c2)::timestamp with time zone)::timestamptz AT TIME ZONE 'UTC' \
-             FROM UNNEST($1::text[], $2::text[]) AS u(c1, c2) ON CONFLICT (a) DO NOTHING"
-        );
-    }
 
     #[test]
     fn prisma_schema_parameter_becomes_search_path() {

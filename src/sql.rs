@@ -1,7 +1,9 @@
-//! A small SQL lexer: finds the `$n` placeholders and the `VALUES (...)` tuple
-//! of a rendered insert, skipping string literals, quoted identifiers,
-//! dollar-quoted bodies and comments. It is what lets one rendered row
-//! statement become a batch statement without a SQL parser.
+//! A small SQL lexer: finds the `$n` placeholders, the `VALUES (...)` tuple
+//! and the target of a rendered insert, and the names a statement calls,
+//! skipping string literals, dollar-quoted bodies and comments. It is what
+//! lets the statement plan decide, without a SQL parser, whether a row
+//! statement can be batched as one `UNNEST` insert; Postgres itself checks
+//! everything else (describe).
 
 use std::ops::Range;
 
@@ -9,9 +11,12 @@ use std::ops::Range;
 enum Tok {
     Word(Range<usize>),
     Param(Range<usize>, usize),
+    /// A double-quoted identifier, quotes included.
+    Quoted(Range<usize>),
     Open(usize),
     Close(usize),
     Comma(usize),
+    Semicolon(usize),
 }
 
 /// Lexes the parts of `sql` that matter here; literal and comment contents
@@ -27,7 +32,10 @@ fn lex(sql: &str) -> Vec<Tok> {
                 let escapes = i > 0 && matches!(b[i - 1], b'e' | b'E') && !is_word(b, i - 1);
                 skip_quoted(b, i, b'\'', escapes)
             }
-            b'"' => skip_quoted(b, i, b'"', false),
+            b'"' => {
+                let end = skip_quoted(b, i, b'"', false);
+                push(&mut toks, Tok::Quoted(i..end), end)
+            }
             b'-' if b.get(i + 1) == Some(&b'-') => b[i..]
                 .iter()
                 .position(|&c| c == b'\n')
@@ -37,6 +45,7 @@ fn lex(sql: &str) -> Vec<Tok> {
             b'(' => push(&mut toks, Tok::Open(i), i + 1),
             b')' => push(&mut toks, Tok::Close(i), i + 1),
             b',' => push(&mut toks, Tok::Comma(i), i + 1),
+            b';' => push(&mut toks, Tok::Semicolon(i), i + 1),
             c if c.is_ascii_alphabetic() || c == b'_' => {
                 let end = i + b[i..]
                     .iter()
@@ -213,6 +222,80 @@ fn tuple_items(toks: &[Tok], open_k: usize, open: usize) -> Option<(Vec<Range<us
     None
 }
 
+/// The statement without trailing semicolons (a template may end with
+/// one; a statement embedded in a larger text must not).
+pub fn trim_statement(sql: &str) -> &str {
+    let mut end = sql.len();
+    for t in lex(sql).iter().rev() {
+        match t {
+            Tok::Semicolon(p) => end = *p,
+            _ => break,
+        }
+    }
+    sql[..end].trim_end()
+}
+
+/// The first word of the statement, lower-cased (`insert`, `with`, ...).
+pub fn first_word(sql: &str) -> Option<String> {
+    match lex(sql).first() {
+        Some(Tok::Word(r)) => Some(sql[r.clone()].to_ascii_lowercase()),
+        _ => None,
+    }
+}
+
+/// True when `word` (lower case) appears as a keyword or name anywhere
+/// outside literals and comments.
+pub fn has_word(sql: &str, word: &str) -> bool {
+    lex(sql)
+        .iter()
+        .any(|t| matches!(t, Tok::Word(r) if sql[r.clone()].eq_ignore_ascii_case(word)))
+}
+
+/// The table an `INSERT INTO name ...` writes to, as written (possibly
+/// schema-qualified and quoted), ready for `to_regclass`.
+pub fn insert_target(sql: &str) -> Option<String> {
+    let toks = lex(sql);
+    let word = |k: usize| match toks.get(k) {
+        Some(Tok::Word(r)) => Some(sql[r.clone()].to_ascii_lowercase()),
+        _ => None,
+    };
+    if word(0)? != "insert" || word(1)? != "into" {
+        return None;
+    }
+    let mut parts = Vec::new();
+    for t in &toks[2..] {
+        match t {
+            Tok::Word(r)
+                if !matches!(
+                    sql[r.clone()].to_ascii_lowercase().as_str(),
+                    "as" | "values" | "default" | "overriding" | "select"
+                ) =>
+            {
+                parts.push(&sql[r.clone()])
+            }
+            Tok::Quoted(r) => parts.push(&sql[r.clone()]),
+            _ => break,
+        }
+    }
+    (!parts.is_empty()).then(|| parts.join("."))
+}
+
+/// Every name followed by `(`: the functions a statement may call (and,
+/// harmlessly, a table before its column list), unquoted; unquoted names
+/// are folded to lower case as Postgres folds them.
+pub fn called_names(sql: &str) -> Vec<String> {
+    let toks = lex(sql);
+    toks.windows(2)
+        .filter_map(|w| match w {
+            [Tok::Word(r), Tok::Open(_)] => Some(sql[r.clone()].to_ascii_lowercase()),
+            [Tok::Quoted(r), Tok::Open(_)] => {
+                Some(sql[r.start + 1..r.end - 1].replace("\"\"", "\""))
+            }
+            _ => None,
+        })
+        .collect()
+}
+
 /// Replaces each placeholder `$n` of `text` (a piece of `sql` starting at
 /// `offset`) with `f(n)`.
 pub fn replace_placeholders(
@@ -265,6 +348,30 @@ mod tests {
         assert!(values_tuple("INSERT INTO t VALUES ($1), ($2)").is_none());
         assert!(values_tuple("INSERT INTO t (a, b) VALUES (DEFAULT, $1)").is_none());
         assert!(values_tuple("INSERT INTO t SELECT $1").is_none());
+    }
+
+    #[test]
+    fn statement_facts() {
+        assert_eq!(
+            trim_statement("INSERT INTO t VALUES (1) ; ;\n"),
+            "INSERT INTO t VALUES (1)"
+        );
+        assert_eq!(trim_statement("SELECT ';'"), "SELECT ';'");
+        assert_eq!(
+            first_word("  with x AS (SELECT 1) SELECT 2").as_deref(),
+            Some("with")
+        );
+        assert!(has_word("INSERT INTO t SELECT 1", "select"));
+        assert!(!has_word("INSERT INTO t VALUES ('select')", "select"));
+        assert_eq!(insert_target(INSERT).as_deref(), Some("\"T\""));
+        assert_eq!(
+            insert_target("insert into app.\"Ev\" AS e (a) VALUES ($1)").as_deref(),
+            Some("app.\"Ev\"")
+        );
+        assert_eq!(insert_target("UPDATE t SET a = 1"), None);
+        let names =
+            called_names("INSERT INTO t (a) VALUES (lower($1), \"My\"\"Fn\"(2), coalesce(x, 1))");
+        assert_eq!(names, vec!["t", "values", "lower", "My\"Fn", "coalesce"]);
     }
 
     #[test]

@@ -25,6 +25,29 @@ pub struct Rendered {
     pub params: Vec<Json>,
 }
 
+/// The message an event came in, as templates see it (`msg.seq`, ...).
+/// Outside a stream (`ingestd check`) only the subject is known.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct MsgMeta {
+    pub subject: String,
+    pub stream: Option<String>,
+    /// The stream sequence: unique and increasing within the stream.
+    pub seq: Option<u64>,
+    /// The publish time, RFC 3339 in UTC.
+    pub time: Option<String>,
+    /// How many times this message has been delivered (1 the first time).
+    pub delivered: Option<i64>,
+}
+
+impl MsgMeta {
+    pub fn subject(subject: &str) -> Self {
+        Self {
+            subject: subject.to_string(),
+            ..Self::default()
+        }
+    }
+}
+
 /// A template compile error, with its line inside the template.
 #[derive(Debug)]
 pub struct TemplateError {
@@ -67,11 +90,13 @@ impl Templates {
         })
     }
 
-    /// The values visible to templates: `event`, `subject`, `headers`.
-    pub fn context(event: &Json, subject: &str, headers: &BTreeMap<String, String>) -> Value {
+    /// The values visible to templates: `event`, `msg`, `subject` (also
+    /// `msg.subject`) and `headers`.
+    pub fn context(event: &Json, msg: &MsgMeta, headers: &BTreeMap<String, String>) -> Value {
         minijinja::context! {
             event => Value::from(Serde(event)),
-            subject => subject,
+            msg => Value::from(Serde(msg)),
+            subject => &msg.subject,
             headers => Value::from(Serde(headers)),
         }
     }
@@ -137,7 +162,14 @@ mod tests {
 
     fn render(insert: &str, event: Json) -> Rendered {
         let t = Templates::compile(insert, &BTreeMap::new()).unwrap();
-        t.render_insert(&Templates::context(&event, "s.x", &BTreeMap::new()))
+        let msg = MsgMeta {
+            subject: "s.x".into(),
+            stream: Some("S".into()),
+            seq: Some(7),
+            time: Some("2026-01-01T00:00:00Z".into()),
+            delivered: Some(1),
+        };
+        t.render_insert(&Templates::context(&event, &msg, &BTreeMap::new()))
             .unwrap()
     }
 
@@ -155,6 +187,24 @@ mod tests {
                 json!({"x": [1, true]}),
                 json!("s.x"),
                 Json::Null
+            ]
+        );
+    }
+
+    #[test]
+    fn message_metadata_is_visible() {
+        let r = render(
+            "INSERT INTO t VALUES ({{ msg.stream }}, {{ msg.seq }}, {{ msg.time }}, {{ msg.delivered }}, {{ msg.subject }})",
+            json!({}),
+        );
+        assert_eq!(
+            r.params,
+            vec![
+                json!("S"),
+                json!(7),
+                json!("2026-01-01T00:00:00Z"),
+                json!(1),
+                json!("s.x")
             ]
         );
     }
@@ -192,7 +242,7 @@ mod tests {
     fn templates_cannot_reach_files_or_the_environment() {
         // No loader: includes and imports cannot read files.
         let t = Templates::compile("{% include '/etc/passwd' %}", &BTreeMap::new()).unwrap();
-        let ctx = Templates::context(&json!({}), "s", &BTreeMap::new());
+        let ctx = Templates::context(&json!({}), &MsgMeta::subject("s"), &BTreeMap::new());
         assert!(t.render_insert(&ctx).is_err());
         // Only event, subject and headers are in scope: `env` is undefined.
         std::env::set_var("INGESTD_TEMPLATE_SECRET", "hunter2");
@@ -207,7 +257,7 @@ mod tests {
     fn labels_render_as_text() {
         let labels = BTreeMap::from([("a".to_string(), "{{ event.k }}".to_string())]);
         let t = Templates::compile("x", &labels).unwrap();
-        let ctx = Templates::context(&json!({"k": "v"}), "s", &BTreeMap::new());
+        let ctx = Templates::context(&json!({"k": "v"}), &MsgMeta::subject("s"), &BTreeMap::new());
         assert_eq!(t.render_labels(&ctx).unwrap(), vec!["v".to_string()]);
     }
 }
