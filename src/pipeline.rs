@@ -458,10 +458,9 @@ impl Pipeline {
             }
         }
         Some(WriteError::Pipeline(format!(
-            "{} events in a row were rejected with SQLSTATE {state} (last: {error}); \
+            "{limit} or more events in a row were rejected with SQLSTATE {state} (last: {error}); \
              the table, not the events, is the likely cause, so they are held \
-             (raise on_error.invalid.failing_after if these events really are bad)",
-            run.rows
+             (raise on_error.invalid.failing_after if these events really are bad)"
         )))
     }
 

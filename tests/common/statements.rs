@@ -1,0 +1,518 @@
+//! The corpus of the differential statement tests: pipelines other users
+//! would write, each with its tables and an event generator, and the
+//! reference the engine is compared with.
+//!
+//! The reference is the sink's invariant taken literally: render each
+//! event's statement (the same template, values as placeholders), then run
+//! it with `PREPARE`/`EXECUTE`, each value a quoted literal that Postgres
+//! types by its own inference and reads with the type's input function,
+//! one event after another in stream order, in one transaction, each in a
+//! savepoint (a failing statement has no effect and is counted).
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+
+use serde_json::{json, Value};
+use sqlx::{PgConnection, Row};
+
+use super::*;
+
+/// A small deterministic generator (xorshift64*), so a failing run can be
+/// replayed exactly.
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Self {
+        Self(seed.max(1))
+    }
+
+    pub fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+
+    /// True with probability `percent` / 100.
+    pub fn chance(&mut self, percent: u64) -> bool {
+        self.below(100) < percent
+    }
+
+    pub fn key(&mut self, n: u64) -> String {
+        format!("k{}", self.below(n))
+    }
+
+    pub fn pick<'a>(&mut self, items: &[&'a str]) -> &'a str {
+        items[self.below(items.len() as u64) as usize]
+    }
+
+    /// `n` characters from a 64-symbol alphabet: incompressible enough
+    /// that Postgres cannot shrink them under an index row's limit.
+    pub fn noise(&mut self, n: usize) -> String {
+        const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+        (0..n)
+            .map(|_| ALPHABET[self.below(64) as usize] as char)
+            .collect()
+    }
+}
+
+/// One pipeline of the corpus.
+pub struct Case {
+    pub name: &'static str,
+    /// Tables, types and functions, created in the pipeline's own schema.
+    pub ddl: &'static str,
+    pub template: &'static str,
+    /// The tables whose contents are compared.
+    pub tables: &'static [&'static str],
+    /// The event at position `i`.
+    pub event: fn(&mut Rng, usize) -> Value,
+    /// The result does not depend on the order of the events (so it holds
+    /// with several batches in flight).
+    pub order_independent: bool,
+    /// The write path `ingestd check --db` must report.
+    pub path: &'static str,
+}
+
+/// The events of the corpus repeat keys on purpose: upserts, guards and
+/// `NOT EXISTS` only mean something when keys come back.
+pub fn corpus() -> Vec<Case> {
+    vec![
+        Case {
+            name: "upsert_set",
+            ddl: "CREATE TABLE kv (k text PRIMARY KEY, note text NOT NULL, n int NOT NULL);",
+            template: "INSERT INTO kv (k, note, n) VALUES ({{ event.k }}, {{ event.note }}, {{ event.n }})
+ON CONFLICT (k) DO UPDATE SET note = kv.note || {{ event.note }}, n = kv.n + {{ event.n }}",
+            tables: &["kv"],
+            event: |r, _| json!({"k": r.key(15), "note": r.pick(&["a", "b", "c"]), "n": r.below(100)}),
+            order_independent: false,
+            path: "per-row",
+        },
+        Case {
+            name: "excluded_version_guard",
+            ddl: "CREATE TABLE latest (k text PRIMARY KEY, v int NOT NULL, seq bigint NOT NULL);",
+            template: "INSERT INTO latest (k, v, seq) VALUES ({{ event.k }}, {{ event.v }}, {{ msg.seq }})
+ON CONFLICT (k) DO UPDATE SET v = EXCLUDED.v, seq = EXCLUDED.seq WHERE latest.seq < EXCLUDED.seq",
+            tables: &["latest"],
+            event: |r, _| json!({"k": r.key(12), "v": r.below(1000)}),
+            order_independent: true,
+            path: "unnest",
+        },
+        Case {
+            name: "cte_two_tables_foreign_key",
+            ddl: "CREATE TABLE users (id text PRIMARY KEY, name text NOT NULL);
+CREATE TABLE orders (id text PRIMARY KEY, user_id text NOT NULL REFERENCES users (id),
+                     amount numeric(10,2) NOT NULL);",
+            template: "WITH u AS (
+  INSERT INTO users (id, name) VALUES ({{ event.user }}, {{ event.name }})
+  ON CONFLICT (id) DO UPDATE SET name = EXCLUDED.name RETURNING id
+)
+INSERT INTO orders (id, user_id, amount) SELECT {{ event.order }}, u.id, {{ event.amount }} FROM u
+ON CONFLICT (id) DO NOTHING",
+            tables: &["users", "orders"],
+            event: |r, i| {
+                json!({"user": r.key(10), "name": r.pick(&["ann", "bob", "cy"]),
+                       "order": format!("o{}", i as u64 - r.below(3).min(i as u64)),
+                       "amount": format!("{}.{:02}", r.below(500), r.below(100))})
+            },
+            order_independent: false,
+            path: "per-row",
+        },
+        Case {
+            name: "update_by_key",
+            ddl: "CREATE TABLE counters (k text PRIMARY KEY, total bigint NOT NULL, last text);
+INSERT INTO counters SELECT 'k' || i, 0, NULL FROM generate_series(0, 14) i;",
+            template: "UPDATE counters SET total = total + {{ event.n }}, last = {{ event.note }}
+WHERE k = {{ event.k }}",
+            tables: &["counters"],
+            event: |r, _| json!({"k": r.key(20), "n": r.below(50), "note": r.pick(&["x", "y", "z"])}),
+            order_independent: false,
+            path: "per-row",
+        },
+        Case {
+            name: "delete_by_key",
+            ddl: "CREATE TABLE items (k text PRIMARY KEY, v int);
+INSERT INTO items SELECT 'k' || i, i FROM generate_series(0, 59) i;",
+            template: "DELETE FROM items WHERE k = {{ event.k }}",
+            tables: &["items"],
+            event: |r, _| json!({"k": r.key(80)}),
+            order_independent: true,
+            path: "per-row",
+        },
+        Case {
+            name: "insert_select_where_not_exists",
+            ddl: "CREATE TABLE firsts (k text NOT NULL, v text NOT NULL);",
+            template: "INSERT INTO firsts (k, v) SELECT {{ event.k }}, {{ event.v }}
+WHERE NOT EXISTS (SELECT 1 FROM firsts WHERE k = {{ event.k }})",
+            tables: &["firsts"],
+            event: |r, _| json!({"k": r.key(25), "v": r.pick(&["p", "q", "r", "s"])}),
+            order_independent: false,
+            path: "per-row",
+        },
+        Case {
+            name: "conditional_two_tables",
+            ddl: "CREATE TABLE ta (k text PRIMARY KEY, v text NOT NULL);
+CREATE TABLE tb (k text PRIMARY KEY, n int NOT NULL);",
+            template: "{% if event.kind == 'a' %}INSERT INTO ta (k, v) VALUES ({{ event.k }}, {{ event.v }})
+ON CONFLICT (k) DO UPDATE SET v = EXCLUDED.v
+{% else %}INSERT INTO tb (k, n) VALUES ({{ event.k }}, {{ event.n }})
+ON CONFLICT (k) DO UPDATE SET n = tb.n + EXCLUDED.n{% endif %}",
+            tables: &["ta", "tb"],
+            event: |r, _| {
+                json!({"kind": r.pick(&["a", "b"]), "k": r.key(10), "v": r.pick(&["v1", "v2"]),
+                       "n": r.below(10)})
+            },
+            order_independent: false,
+            path: "unnest",
+        },
+        Case {
+            name: "every_type",
+            ddl: "CREATE TYPE mood AS ENUM ('happy', 'sad');
+CREATE DOMAIN positive AS integer CHECK (VALUE > 0);
+CREATE TABLE typed (
+  id text PRIMARY KEY, c char(2), vc varchar(5), num numeric(6,2), b bit(3), ints int[],
+  texts text[], m mood, p positive, j json, jb jsonb, ts timestamp, tstz timestamptz,
+  d date, u uuid, big bigint, bin bytea, flag boolean, dbl double precision, moods mood[]);",
+            template: "INSERT INTO typed (id, c, vc, num, b, ints, texts, m, p, j, jb, ts, tstz, d, u, big, bin,
+                   flag, dbl, moods)
+VALUES ({{ event.id }}, {{ event.c }}, {{ event.vc }}, {{ event.num }}, {{ event.b }},
+        {{ event.ints }}, {{ event.texts }}, {{ event.m }}, {{ event.p }}, {{ event.j }},
+        {{ event.jb }}, {{ event.ts }}, {{ event.tstz }}, {{ event.d }}, {{ event.u }},
+        {{ event.big }}, {{ event.bin }}, {{ event.flag }}, {{ event.dbl }}, {{ event.moods }})
+ON CONFLICT (id) DO NOTHING",
+            tables: &["typed"],
+            event: typed_event,
+            order_independent: false,
+            path: "unnest",
+        },
+        Case {
+            name: "trigger_raises",
+            ddl: "CREATE TABLE payments (id text PRIMARY KEY, amount int NOT NULL);
+CREATE FUNCTION no_negative() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+  IF NEW.amount < 0 THEN RAISE EXCEPTION 'negative amount %', NEW.amount; END IF;
+  RETURN NEW;
+END $$;
+CREATE TRIGGER payments_check BEFORE INSERT ON payments
+  FOR EACH ROW EXECUTE FUNCTION no_negative();",
+            template: "INSERT INTO payments (id, amount) VALUES ({{ event.id }}, {{ event.amount }})
+ON CONFLICT (id) DO UPDATE SET amount = EXCLUDED.amount",
+            tables: &["payments"],
+            event: |r, _| {
+                let amount = if r.chance(6) { -1 - r.below(9) as i64 } else { r.below(900) as i64 };
+                json!({"id": r.key(40), "amount": amount})
+            },
+            order_independent: false,
+            path: "unnest",
+        },
+        Case {
+            name: "index_cannot_hold",
+            ddl: "CREATE TABLE docs (id text PRIMARY KEY, body text NOT NULL);
+CREATE INDEX docs_body ON docs (body);",
+            template: "INSERT INTO docs (id, body) VALUES ({{ event.id }}, {{ event.body }})
+ON CONFLICT (id) DO NOTHING",
+            tables: &["docs"],
+            event: |r, i| {
+                let body = if r.chance(5) { r.noise(6000) } else { r.noise(12) };
+                json!({"id": format!("d{i}"), "body": body})
+            },
+            order_independent: true,
+            path: "unnest",
+        },
+        Case {
+            name: "several_values_tuples",
+            ddl: "CREATE TABLE pairs (k text, side text, v int NOT NULL, PRIMARY KEY (k, side));",
+            template: "INSERT INTO pairs (k, side, v) VALUES ({{ event.k }}, 'l', {{ event.v }}),
+({{ event.k }}, 'r', {{ event.v }} + 1)
+ON CONFLICT (k, side) DO UPDATE SET v = EXCLUDED.v",
+            tables: &["pairs"],
+            event: |r, _| json!({"k": r.key(12), "v": r.below(100)}),
+            order_independent: false,
+            path: "per-row",
+        },
+        Case {
+            name: "upsert_returning",
+            ddl: "CREATE TABLE ret (k text PRIMARY KEY, v int NOT NULL);",
+            template: "INSERT INTO ret (k, v) VALUES ({{ event.k }}, {{ event.v }})
+ON CONFLICT (k) DO UPDATE SET v = ret.v * 2 + EXCLUDED.v RETURNING k, v",
+            tables: &["ret"],
+            event: |r, _| json!({"k": r.key(10), "v": r.below(10)}),
+            order_independent: false,
+            path: "unnest",
+        },
+        Case {
+            name: "subquery_sees_earlier_rows",
+            ddl: "CREATE TABLE arrivals (k text PRIMARY KEY, pos bigint NOT NULL);",
+            template: "INSERT INTO arrivals (k, pos) VALUES ({{ event.k }}, (SELECT count(*) FROM arrivals) + 1)
+ON CONFLICT (k) DO NOTHING",
+            tables: &["arrivals"],
+            event: |r, _| json!({"k": r.key(100)}),
+            order_independent: false,
+            path: "per-row",
+        },
+        Case {
+            name: "exactly_once_by_sequence",
+            ddl: "CREATE TABLE log (seq bigint PRIMARY KEY, k text NOT NULL, v int NOT NULL);",
+            template: "INSERT INTO log (seq, k, v) VALUES ({{ msg.seq }}, {{ event.k }}, {{ event.v }})
+ON CONFLICT (seq) DO NOTHING",
+            tables: &["log"],
+            event: |r, _| json!({"k": r.key(5), "v": r.below(3)}),
+            order_independent: true,
+            path: "unnest",
+        },
+        Case {
+            name: "select_of_a_function",
+            ddl: "CREATE TABLE tallies (k text PRIMARY KEY, n bigint NOT NULL);
+CREATE FUNCTION tally(key text, add int) RETURNS bigint LANGUAGE sql AS $$
+  INSERT INTO tallies VALUES (key, add)
+  ON CONFLICT (k) DO UPDATE SET n = tallies.n + EXCLUDED.n RETURNING n
+$$;",
+            template: "SELECT tally({{ event.k }}, {{ event.n }})",
+            tables: &["tallies"],
+            event: |r, _| json!({"k": r.key(8), "n": r.below(20)}),
+            order_independent: true,
+            path: "per-row",
+        },
+        Case {
+            name: "statement_level_trigger",
+            ddl: "CREATE TABLE seen (id text PRIMARY KEY);
+CREATE TABLE statements (n int NOT NULL);
+INSERT INTO statements VALUES (0);
+CREATE FUNCTION count_statement() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN UPDATE statements SET n = n + 1; RETURN NULL; END $$;
+CREATE TRIGGER seen_statements AFTER INSERT ON seen
+  FOR EACH STATEMENT EXECUTE FUNCTION count_statement();",
+            template: "INSERT INTO seen (id) VALUES ({{ event.id }}) ON CONFLICT (id) DO NOTHING",
+            tables: &["seen", "statements"],
+            event: |r, _| json!({"id": r.key(50)}),
+            order_independent: true,
+            path: "per-row",
+        },
+        Case {
+            name: "default_in_values",
+            ddl: "CREATE TABLE withdef (k text PRIMARY KEY, v int NOT NULL DEFAULT 42, note text);",
+            template: "INSERT INTO withdef (k, v, note) VALUES ({{ event.k }}, DEFAULT, {{ event.note }})
+ON CONFLICT (k) DO UPDATE SET note = EXCLUDED.note",
+            tables: &["withdef"],
+            event: |r, _| json!({"k": r.key(10), "note": r.pick(&["n1", "n2", "n3"])}),
+            order_independent: false,
+            path: "per-row",
+        },
+    ]
+}
+
+/// An event for the table of every type: mostly values each type takes
+/// (some that its modifier pads, rounds or folds), a few it must refuse.
+fn typed_event(r: &mut Rng, i: usize) -> Value {
+    let id = if i > 10 && r.chance(8) {
+        // A duplicate id: DO NOTHING keeps the first.
+        format!("t{}", r.below(i as u64))
+    } else {
+        format!("t{i}")
+    };
+    let bad = |r: &mut Rng, good: Value, bad: Value| if r.chance(3) { bad } else { good };
+    let vc = json!(r.pick(&["abc", "abcde", "é"]));
+    let num = json!(r.pick(&["1.005", "12.344", "9999.99"]));
+    let b = json!(r.pick(&["101", "010"]));
+    let m = json!(r.pick(&["happy", "sad"]));
+    let p = json!(r.below(100) + 1);
+    json!({
+        "id": id,
+        "c": r.pick(&["US", "D", "AB"]),
+        "vc": bad(r, vc, json!("abcdef")),
+        "num": bad(r, num, json!(10000)),
+        "b": bad(r, b, json!("1")),
+        "ints": if r.chance(20) { json!([]) } else { json!([r.below(10), 2, null]) },
+        "texts": json!(["a,b", "q\"uote", null, "back\\slash"]),
+        "m": bad(r, m, json!("angry")),
+        "p": bad(r, p, json!(-1)),
+        "j": {"a": r.below(5), "nested": [1, "x"]},
+        "jb": {"b": [1, 2, {"c": null}]},
+        "ts": "2026-01-02 03:04:05.678",
+        "tstz": r.pick(&["2026-01-02T03:04:05+02:00", "2026-06-30T23:59:59.999999Z"]),
+        "d": r.pick(&["2026-02-28", "2024-02-29"]),
+        "u": r.pick(&["0e7b3a34-3f5e-4c8a-9e8d-0b1f2c3d4e5f", "A0EEBC99-9C0B-4EF8-BB6D-6BB9BD380A11"]),
+        "big": 9_007_199_254_740_993_i64 + r.below(5) as i64,
+        "bin": r.pick(&["\\x0102ff", "plain"]),
+        "flag": r.chance(50),
+        "dbl": r.pick(&["0.1", "1e-7", "-0"]),
+        "moods": ["happy", "sad"],
+    })
+}
+
+/// The statement a template renders for one event: text with `$n`, and
+/// the values. The same rules as the engine's templates: every `{{ }}`
+/// becomes a placeholder; a missing field is null.
+pub fn render(template: &str, event: &Value, msg: &Value) -> (String, Vec<Value>) {
+    let values = Arc::new(Mutex::new(Vec::new()));
+    let mut env = minijinja::Environment::new();
+    env.set_undefined_behavior(minijinja::UndefinedBehavior::Chainable);
+    let sink = values.clone();
+    env.set_formatter(move |out, _state, value| {
+        let json = if value.is_undefined() || value.is_none() {
+            Value::Null
+        } else {
+            serde_json::to_value(value).unwrap_or(Value::Null)
+        };
+        let mut values = sink.lock().unwrap();
+        values.push(json);
+        write!(out, "${}", values.len())
+            .map_err(|_| minijinja::Error::new(minijinja::ErrorKind::WriteFailure, "write failed"))
+    });
+    let sql = env
+        .render_str(
+            template,
+            minijinja::context! {
+                event => minijinja::Value::from(minijinja::value::Serde(event)),
+                msg => minijinja::Value::from(minijinja::value::Serde(msg)),
+                subject => minijinja::Value::from(minijinja::value::Serde(&msg["subject"])),
+            },
+        )
+        .unwrap_or_else(|e| panic!("render {template}: {e}"));
+    let values = values.lock().unwrap().clone();
+    (sql, values)
+}
+
+/// A value as a SQL literal of unknown type, as a client sends a text
+/// parameter: strings as they are, arrays as array literals, everything
+/// else as its JSON text.
+fn literal(v: &Value) -> String {
+    let text = match v {
+        Value::Null => return "NULL".into(),
+        Value::String(s) => s.clone(),
+        Value::Array(items) => array_literal(items),
+        other => other.to_string(),
+    };
+    format!("'{}'", text.replace('\'', "''"))
+}
+
+fn array_literal(items: &[Value]) -> String {
+    let parts: Vec<String> = items
+        .iter()
+        .map(|v| match v {
+            Value::Null => "NULL".into(),
+            Value::Array(inner) => array_literal(inner),
+            Value::String(s) => format!("\"{}\"", s.replace('\\', "\\\\").replace('"', "\\\"")),
+            other => format!(
+                "\"{}\"",
+                other.to_string().replace('\\', "\\\\").replace('"', "\\\"")
+            ),
+        })
+        .collect();
+    format!("{{{}}}", parts.join(","))
+}
+
+/// Runs the rendered statements one by one in `schema`, in order, in one
+/// transaction, each in a savepoint; returns how many failed.
+pub async fn run_reference(
+    conn: &mut PgConnection,
+    schema: &str,
+    statements: &[(String, Vec<Value>)],
+) -> usize {
+    sqlx::raw_sql(&format!("SET search_path = {schema}; BEGIN"))
+        .execute(&mut *conn)
+        .await
+        .expect("begin the reference");
+    let mut prepared: BTreeMap<&str, usize> = BTreeMap::new();
+    let mut failed = 0;
+    for (sql, values) in statements {
+        let next = prepared.len();
+        let n = *prepared.entry(sql.as_str()).or_insert(next);
+        if n == next {
+            sqlx::raw_sql(&format!("PREPARE ref_{n} AS {sql}"))
+                .execute(&mut *conn)
+                .await
+                .unwrap_or_else(|e| panic!("PREPARE {sql}: {e}"));
+        }
+        let args: Vec<String> = values.iter().map(literal).collect();
+        let args = if args.is_empty() {
+            String::new()
+        } else {
+            format!("({})", args.join(", "))
+        };
+        let run = format!("SAVEPOINT ev; EXECUTE ref_{n}{args}; RELEASE SAVEPOINT ev");
+        if sqlx::raw_sql(&run).execute(&mut *conn).await.is_err() {
+            failed += 1;
+            sqlx::raw_sql("ROLLBACK TO SAVEPOINT ev")
+                .execute(&mut *conn)
+                .await
+                .expect("roll back a failed reference statement");
+        }
+    }
+    sqlx::raw_sql("COMMIT; DEALLOCATE ALL; RESET search_path")
+        .execute(&mut *conn)
+        .await
+        .expect("commit the reference");
+    failed
+}
+
+/// The contents of `table` in `schema`, as sorted JSON rows.
+pub async fn table_contents(conn: &mut PgConnection, schema: &str, table: &str) -> Value {
+    let sql = format!(
+        "SELECT coalesce(jsonb_agg(x ORDER BY x::text), '[]')::text FROM \
+         (SELECT to_jsonb(t) AS x FROM {schema}.{table} t) s"
+    );
+    let text: String = sqlx::query(&sql)
+        .fetch_one(&mut *conn)
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e}"))
+        .get(0);
+    serde_json::from_str(&text).expect("rows as JSON")
+}
+
+/// Creates `schema` with the case's tables, types and functions.
+pub async fn create_schema(conn: &mut PgConnection, schema: &str, ddl: &str) {
+    let sql =
+        format!("CREATE SCHEMA {schema}; SET search_path = {schema}; {ddl}; RESET search_path");
+    sqlx::raw_sql(&sql)
+        .execute(&mut *conn)
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e}"));
+}
+
+/// A pipeline file for `case` writing into `schema`, reading the events
+/// published on `diff.<index>.>`.
+pub fn pipeline_yaml(
+    env: &TestEnv,
+    case: &Case,
+    index: usize,
+    schema: &str,
+    in_flight: usize,
+) -> String {
+    let template: String = case
+        .template
+        .lines()
+        .map(|l| format!("      {l}\n"))
+        .collect();
+    format!(
+        r#"name: {schema}
+source:
+  nats:
+    stream:
+      name: {stream}
+      subjects: ["{prefix}>"]
+    consumer:
+      durable: {schema}-{id}
+      filter_subject: {prefix}diff.{index}.>
+      ack_wait: 30s
+sink:
+  postgres:
+    url: {url}?schema={schema}
+    pool_size: 2
+    insert: |
+{template}    batch:
+      max_rows: 64
+      max_wait: 5ms
+      max_in_flight: {in_flight}
+metrics:
+  prefix: {schema}
+"#,
+        stream = env.stream,
+        prefix = env.subject_prefix,
+        id = env.id,
+        url = env.database_url(),
+    )
+}
