@@ -9,6 +9,7 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 
 mod config;
+mod dbcheck;
 mod deadletter;
 mod engine;
 mod event;
@@ -59,6 +60,12 @@ enum Command {
     Check {
         /// Pipeline files or directories (default: pipelines/).
         paths: Vec<PathBuf>,
+        /// Also plan every statement against the database (no writes) and
+        /// show which write path each takes.
+        #[arg(long)]
+        db: bool,
+        #[arg(long, env = "DATABASE_URL", default_value = DEFAULT_DATABASE_URL, hide_env_values = true)]
+        database_url: String,
     },
     /// Run pipeline unit tests (NAME.test.yaml beside each pipeline) against a real database.
     #[command(
@@ -128,7 +135,11 @@ fn main() -> ExitCode {
     let running = matches!(cli.command, None | Some(Command::Run(_)));
     init_logging(if running { "info,sqlx=warn" } else { "warn" });
     let result = match cli.command {
-        Some(Command::Check { paths }) => return check(paths),
+        Some(Command::Check {
+            paths,
+            db,
+            database_url,
+        }) => return check(paths, db.then_some(database_url.as_str())),
         Some(Command::Run(args)) => run(*args),
         Some(Command::Healthcheck { port }) => healthcheck(port),
         Some(Command::Test {
@@ -241,8 +252,9 @@ fn pipeline_tests(paths: Vec<PathBuf>, database_url: &str) -> ExitCode {
     }
 }
 
-/// Checks files offline: everything but the database and NATS.
-fn check(paths: Vec<PathBuf>) -> ExitCode {
+/// Checks files offline (everything but the database and NATS), and with
+/// a database URL also every statement against the database.
+fn check(paths: Vec<PathBuf>, database_url: Option<&str>) -> ExitCode {
     let paths = if paths.is_empty() {
         vec![PathBuf::from("pipelines")]
     } else {
@@ -264,12 +276,15 @@ fn check(paths: Vec<PathBuf>) -> ExitCode {
     }
     let mut failed = 0;
     for f in &files {
-        match event::check_file(f) {
-            Ok(()) => println!("{}: ok", f.display()),
-            Err(e) => {
-                eprintln!("{e}");
-                failed += 1;
-            }
+        let checked = match database_url {
+            None => event::check_file(f)
+                .map(|()| println!("{}: ok", f.display()))
+                .map_err(|e| e.to_string()),
+            Some(url) => check_against_db(f, url),
+        };
+        if let Err(e) = checked {
+            eprintln!("{e}");
+            failed += 1;
         }
     }
     if failed > 0 {
@@ -277,6 +292,18 @@ fn check(paths: Vec<PathBuf>) -> ExitCode {
         ExitCode::FAILURE
     } else {
         ExitCode::SUCCESS
+    }
+}
+
+fn check_against_db(file: &std::path::Path, url: &str) -> Result<(), String> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())?;
+    match rt.block_on(dbcheck::check_file(file, url)) {
+        Ok(0) => Ok(()),
+        Ok(n) => Err(format!("{}: {n} statements cannot work", file.display())),
+        Err(e) => Err(e.to_string()),
     }
 }
 

@@ -111,7 +111,7 @@ impl Pipeline {
                 .await
                 .map_err(|e| file.error("migrations", e.to_string()))?;
         }
-        check_statement(&sink, &compiled.templates)
+        check_statement(&sink, &compiled.templates, &file.path)
             .await
             .map_err(|e| file.error("insert", e))?;
         let nats = &cfg.source.nats;
@@ -603,14 +603,27 @@ impl Pipeline {
     }
 }
 
-/// Renders the template over an empty event and prepares the statement, so
-/// a missing table or column fails the pipeline at load, not per event.
-async fn check_statement(sink: &PgSink, templates: &Templates) -> Result<(), String> {
-    let rendered = event::sample_render(templates)?;
-    sink.plan(&rendered)
+/// Plans every statement the template can render (see
+/// [`Templates::variants`]), so a missing table or column fails the
+/// pipeline at load, not per event. The statement most events produce (an
+/// empty event's) must work; another branch that does not is reported,
+/// since its condition may never hold, and fails the pipeline only if an
+/// event takes it.
+async fn check_statement(
+    sink: &PgSink,
+    templates: &Templates,
+    file: &std::path::Path,
+) -> Result<(), String> {
+    let sample = event::sample_render(templates)?;
+    sink.verify(&sample)
         .await
-        .map(|_| ())
-        .map_err(|e| format!("the insert statement is rejected by the database: {e}"))
+        .map_err(|e| format!("the insert statement is rejected by the database: {e}"))?;
+    for variant in templates.variants() {
+        if let Err(e) = sink.verify(&variant).await {
+            tracing::warn!(file = %file.display(), statement = %variant.sql, error = %e, "a branch of the insert template cannot work");
+        }
+    }
+    Ok(())
 }
 
 /// What a template sees of the message as `msg`.

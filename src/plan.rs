@@ -177,11 +177,13 @@ impl Plan {
 const TEXT_OID: u32 = 25;
 
 /// One row of `pg_type`, as much as encoding needs.
+#[derive(sqlx::FromRow)]
 struct TypeRow {
+    oid: i64,
     cast: String,
     kind: String,
-    base: u32,
-    elem: u32,
+    base: i64,
+    elem: i64,
     category: String,
     name: String,
     schema: String,
@@ -194,10 +196,12 @@ async fn param_types(conn: &mut PgConnection, oids: &[u32]) -> Result<Vec<Param>
     let mut wanted: BTreeSet<u32> = oids.iter().copied().collect();
     while !wanted.is_empty() {
         let batch: Vec<i64> = wanted.iter().map(|&o| i64::from(o)).collect();
-        let found: Vec<(i64, String, String, i64, i64, String, String, String)> = sqlx::query_as(
-            "SELECT t.oid::int8, quote_ident(n.nspname) || '.' || quote_ident(t.typname), \
-                    t.typtype::text, t.typbasetype::int8, t.typelem::int8, t.typcategory::text, \
-                    t.typname::text, n.nspname::text \
+        let found: Vec<TypeRow> = sqlx::query_as(
+            "SELECT t.oid::int8 AS oid, \
+                    quote_ident(n.nspname) || '.' || quote_ident(t.typname) AS cast, \
+                    t.typtype::text AS kind, t.typbasetype::int8 AS base, \
+                    t.typelem::int8 AS elem, t.typcategory::text AS category, \
+                    t.typname::text AS name, n.nspname::text AS schema \
              FROM pg_type t JOIN pg_namespace n ON n.oid = t.typnamespace \
              WHERE t.oid = ANY($1::int8[]::oid[])",
         )
@@ -205,22 +209,13 @@ async fn param_types(conn: &mut PgConnection, oids: &[u32]) -> Result<Vec<Param>
         .fetch_all(&mut *conn)
         .await?;
         wanted.clear();
-        for (oid, cast, kind, base, elem, category, name, schema) in found {
-            let row = TypeRow {
-                cast,
-                kind,
-                base: base as u32,
-                elem: elem as u32,
-                category,
-                name,
-                schema,
-            };
-            for next in [row.base, row.elem] {
+        for row in found {
+            for next in [row.base as u32, row.elem as u32] {
                 if next != 0 && !rows.contains_key(&next) {
                     wanted.insert(next);
                 }
             }
-            rows.insert(oid as u32, row);
+            rows.insert(row.oid as u32, row);
         }
         wanted.retain(|o| !rows.contains_key(o));
     }
@@ -240,8 +235,8 @@ fn encoding(rows: &HashMap<u32, TypeRow>, oid: u32) -> Encoding {
         return Encoding::Text;
     };
     match (t.kind.as_str(), t.category.as_str()) {
-        ("d", _) => encoding(rows, t.base),
-        (_, "A") if t.elem != 0 => Encoding::Array(Box::new(encoding(rows, t.elem))),
+        ("d", _) => encoding(rows, t.base as u32),
+        (_, "A") if t.elem != 0 => Encoding::Array(Box::new(encoding(rows, t.elem as u32))),
         _ if t.schema == "pg_catalog" && (t.name == "json" || t.name == "jsonb") => Encoding::Json,
         _ => Encoding::Text,
     }

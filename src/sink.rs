@@ -154,6 +154,20 @@ impl PgSink {
         Ok(plan)
     }
 
+    /// Plans a statement and creates its per-row function on one
+    /// connection (a temporary object: nothing is written), so that a
+    /// statement the database refuses, or a missing TEMPORARY privilege,
+    /// shows at load and in `ingestd check --db`.
+    pub async fn verify(&self, rendered: &Rendered) -> Result<Arc<Plan>, WriteError> {
+        let plan = self.plan(rendered).await?;
+        let mut conn = self.acquire().await?;
+        sqlx::query(&plan.function.create)
+            .execute(&mut *conn)
+            .await
+            .map_err(|e| WriteError::from_sqlx(&e))?;
+        Ok(plan)
+    }
+
     fn cached(&self, sql: &str) -> Option<Arc<Plan>> {
         self.plans.lock().expect("plans lock").get(sql).cloned()
     }
@@ -361,13 +375,18 @@ impl Failed {
     }
 
     fn into_write_error(self) -> WriteError {
-        let text = match &self {
-            Failed::Sql(e) => sqlstate::describe(e),
-            Failed::Caught { state, message } => format!("SQLSTATE {state}: {message}"),
+        let (text, code) = match &self {
+            Failed::Sql(e) => (sqlstate::describe(e), db_code(e)),
+            Failed::Caught { state, message } => {
+                (format!("SQLSTATE {state}: {message}"), Some(state.clone()))
+            }
         };
         match self.fault() {
             Fault::Transient => WriteError::Transient(text),
-            _ => WriteError::Pipeline(text),
+            _ => match code.as_deref().and_then(sqlstate::meaning) {
+                Some(meaning) => WriteError::Pipeline(format!("{text} ({meaning})")),
+                None => WriteError::Pipeline(text),
+            },
         }
     }
 }

@@ -95,6 +95,14 @@ pub fn fault_of(code: &str) -> Fault {
         .map_or(Pipeline, |r| r.fault)
 }
 
+/// What the table says an error with this SQLSTATE means.
+pub fn meaning(code: &str) -> Option<&'static str> {
+    RULES
+        .iter()
+        .find(|r| code.starts_with(r.prefix))
+        .map(|r| r.meaning)
+}
+
 /// The fault of any error from the driver: database errors by SQLSTATE;
 /// I/O, TLS, pool time-outs and protocol errors are transient.
 pub fn fault(e: &sqlx::Error) -> Fault {

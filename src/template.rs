@@ -39,15 +39,6 @@ pub struct MsgMeta {
     pub delivered: Option<i64>,
 }
 
-impl MsgMeta {
-    pub fn subject(subject: &str) -> Self {
-        Self {
-            subject: subject.to_string(),
-            ..Self::default()
-        }
-    }
-}
-
 /// A template compile error, with its line inside the template.
 #[derive(Debug)]
 pub struct TemplateError {
@@ -55,9 +46,19 @@ pub struct TemplateError {
     pub message: String,
 }
 
+/// Conditions beyond this many are not combined exhaustively (2^n
+/// renders): each is then taken alone, plus all of them and none.
+const MAX_COMBINED_CONDITIONS: usize = 8;
+
+/// The name the branch-enumerating copy of the template reads its
+/// conditions from.
+const BRANCHES: &str = "__ingestd_branch";
+
 /// The compiled templates of one pipeline.
 pub struct Templates {
     insert: Environment<'static>,
+    /// How many `if`/`elif` conditions the insert template has.
+    conditions: usize,
     labels: Environment<'static>,
     label_names: Vec<String>,
 }
@@ -77,6 +78,9 @@ impl Templates {
         });
         env.add_template_owned("insert", insert.to_string())
             .map_err(template_error)?;
+        let (branches, conditions) = with_branch_conditions(insert);
+        env.add_template_owned("branches", branches)
+            .map_err(template_error)?;
         let mut label_env = base_env();
         for (name, text) in labels {
             label_env
@@ -85,6 +89,7 @@ impl Templates {
         }
         Ok(Self {
             insert: env,
+            conditions,
             labels: label_env,
             label_names: labels.keys().cloned().collect(),
         })
@@ -110,6 +115,44 @@ impl Templates {
             .map_err(|e| format!("insert template: {e:#}"));
         let params = PARAMS.with(|p| std::mem::take(&mut *p.borrow_mut()));
         Ok(Rendered { sql: sql?, params })
+    }
+
+    /// The distinct statements the insert template can render: every
+    /// combination of its `if`/`elif` conditions, over an empty event.
+    /// Loops run zero times, so a statement built by a loop shows only its
+    /// empty form.
+    pub fn variants(&self) -> Vec<Rendered> {
+        let n = self.conditions;
+        let combos: Vec<Vec<bool>> = if n <= MAX_COMBINED_CONDITIONS {
+            (0..1u32 << n)
+                .map(|bits| (0..n).map(|k| bits & (1 << k) != 0).collect())
+                .collect()
+        } else {
+            let mut c = vec![vec![false; n], vec![true; n]];
+            c.extend((0..n).map(|k| (0..n).map(|j| j == k).collect()));
+            c
+        };
+        let mut out: Vec<Rendered> = Vec::new();
+        for combo in combos {
+            let ctx = minijinja::context! {
+                event => Value::from(Serde(Json::Object(Default::default()))),
+                msg => Value::from(Serde(MsgMeta::default())),
+                headers => Value::from(Serde(BTreeMap::<String, String>::new())),
+                __ingestd_branch => combo,
+            };
+            PARAMS.with(|p| p.borrow_mut().clear());
+            let sql = self
+                .insert
+                .get_template("branches")
+                .and_then(|t| t.render(ctx));
+            let params = PARAMS.with(|p| std::mem::take(&mut *p.borrow_mut()));
+            if let Ok(sql) = sql {
+                if !out.iter().any(|r| r.sql == sql) {
+                    out.push(Rendered { sql, params });
+                }
+            }
+        }
+        out
     }
 
     /// Label values in the order of the label names (sorted by name).
@@ -138,6 +181,43 @@ fn base_env() -> Environment<'static> {
         chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
     });
     env
+}
+
+/// The template with the condition of its `k`-th `{% if %}` or
+/// `{% elif %}` tag replaced by `__ingestd_branch[k]`, and how many there
+/// are.
+fn with_branch_conditions(source: &str) -> (String, usize) {
+    let mut out = String::with_capacity(source.len());
+    let mut rest = source;
+    let mut k = 0;
+    while let Some(open) = rest.find("{%") {
+        let Some(close) = rest[open..].find("%}").map(|c| open + c) else {
+            break;
+        };
+        let inner = &rest[open + 2..close];
+        let trimmed = inner.trim_start_matches(['-', '+']).trim_start();
+        let keyword = ["if ", "elif "]
+            .into_iter()
+            .find(|w| trimmed.starts_with(w));
+        out.push_str(&rest[..open + 2]);
+        match keyword {
+            Some(w) => {
+                let lead = &inner[..inner.len() - trimmed.len()];
+                let trail = if inner.trim_end().ends_with(['-', '+']) {
+                    &inner[inner.trim_end().len() - 1..]
+                } else {
+                    " "
+                };
+                out.push_str(&format!("{lead}{w}{BRANCHES}[{k}] {trail}"));
+                k += 1;
+            }
+            None => out.push_str(inner),
+        }
+        out.push_str("%}");
+        rest = &rest[close + 2..];
+    }
+    out.push_str(rest);
+    (out, k)
 }
 
 fn template_error(e: minijinja::Error) -> TemplateError {
@@ -171,6 +251,13 @@ mod tests {
         };
         t.render_insert(&Templates::context(&event, &msg, &BTreeMap::new()))
             .unwrap()
+    }
+
+    fn subject_only(subject: &str) -> MsgMeta {
+        MsgMeta {
+            subject: subject.into(),
+            ..MsgMeta::default()
+        }
     }
 
     #[test]
@@ -223,6 +310,28 @@ mod tests {
     }
 
     #[test]
+    fn variants_cover_every_branch() {
+        let tpl = "{%- if event.a == 1 -%}INSERT INTO a VALUES ({{ event.x }})\
+                   {%- elif event.b %}INSERT INTO b VALUES ({{ event.y }}, {{ event.z }})\
+                   {%- else %}UPDATE c SET n = n + 1{% endif %}\
+                   {% if event.r %} RETURNING *{% endif %}";
+        let t = Templates::compile(tpl, &BTreeMap::new()).unwrap();
+        let mut sqls: Vec<String> = t.variants().into_iter().map(|r| r.sql).collect();
+        sqls.sort();
+        assert_eq!(
+            sqls,
+            vec![
+                "INSERT INTO a VALUES ($1)",
+                "INSERT INTO a VALUES ($1) RETURNING *",
+                "INSERT INTO b VALUES ($1, $2)",
+                "INSERT INTO b VALUES ($1, $2) RETURNING *",
+                "UPDATE c SET n = n + 1",
+                "UPDATE c SET n = n + 1 RETURNING *",
+            ]
+        );
+    }
+
+    #[test]
     fn cuid_is_v1() {
         let r = render("{{ cuid() }}", json!({}));
         let id = r.params[0].as_str().unwrap();
@@ -242,7 +351,7 @@ mod tests {
     fn templates_cannot_reach_files_or_the_environment() {
         // No loader: includes and imports cannot read files.
         let t = Templates::compile("{% include '/etc/passwd' %}", &BTreeMap::new()).unwrap();
-        let ctx = Templates::context(&json!({}), &MsgMeta::subject("s"), &BTreeMap::new());
+        let ctx = Templates::context(&json!({}), &subject_only("s"), &BTreeMap::new());
         assert!(t.render_insert(&ctx).is_err());
         // Only event, subject and headers are in scope: `env` is undefined.
         std::env::set_var("INGESTD_TEMPLATE_SECRET", "hunter2");
@@ -257,7 +366,7 @@ mod tests {
     fn labels_render_as_text() {
         let labels = BTreeMap::from([("a".to_string(), "{{ event.k }}".to_string())]);
         let t = Templates::compile("x", &labels).unwrap();
-        let ctx = Templates::context(&json!({"k": "v"}), &MsgMeta::subject("s"), &BTreeMap::new());
+        let ctx = Templates::context(&json!({"k": "v"}), &subject_only("s"), &BTreeMap::new());
         assert_eq!(t.render_labels(&ctx).unwrap(), vec!["v".to_string()]);
     }
 }

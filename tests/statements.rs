@@ -99,7 +99,8 @@ async fn batches_equal_the_single_row_statements_in_stream_order() {
         }
         for (schema, in_flight) in variants {
             create_schema(&mut conn, &schema, case.ddl).await;
-            let yaml = pipeline_yaml(&env, case, index, &schema, in_flight);
+            let filter = format!("diff.{index}.>");
+            let yaml = pipeline_yaml(&env, &schema, &filter, case.template, in_flight, "");
             env.write_pipeline(&format!("{schema}.yaml"), &yaml);
             runs.push((index, schema));
         }
@@ -145,4 +146,336 @@ async fn batches_equal_the_single_row_statements_in_stream_order() {
         }
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+/// `ingestd check --db` plans every statement of every pipeline against
+/// the database without writing, names the path each takes (as the corpus
+/// expects), and reports a statement that cannot work at the file's
+/// `insert` line with exit status 1.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_db_shows_each_statements_path_and_what_cannot_work() {
+    let env = TestEnv::new().await;
+    let dir = env.fresh_dir("check");
+    let cases = corpus();
+    let mut conn = env.db.acquire().await.expect("a connection");
+    for (index, case) in cases.iter().enumerate() {
+        let schema = format!("chk_{index}");
+        create_schema(&mut conn, &schema, case.ddl).await;
+        let yaml = pipeline_yaml(&env, &schema, "x.>", case.template, 1, "");
+        std::fs::write(dir.join(format!("{schema}.yaml")), yaml).expect("write pipeline");
+    }
+    let dir_arg = dir.display().to_string();
+    let out = env.engine().output(&["check", "--db", &dir_arg]).await;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut rows_before = 0;
+    for (index, case) in cases.iter().enumerate() {
+        let section = stdout
+            .split(&format!("chk_{index}.yaml:\n"))
+            .nth(1)
+            .unwrap_or_else(|| panic!("no section for {}: {stdout}", case.name));
+        let first = section.lines().next().unwrap_or_default();
+        assert!(
+            first.contains(&format!(": {}", case.path)),
+            "{}: expected the {} path, got `{first}`",
+            case.name,
+            case.path
+        );
+        rows_before += table_contents(&mut conn, &format!("chk_{index}"), case.tables[0])
+            .await
+            .as_array()
+            .map_or(0, Vec::len);
+    }
+    // Only the fixtures' own rows: checking wrote nothing.
+    assert_eq!(rows_before, 15 + 60, "{stdout}");
+
+    let broken = "INSERT INTO kv (k, nope) VALUES ({{ event.k }}, {{ event.v }})";
+    let yaml = pipeline_yaml(&env, "chk_0", "x.>", broken, 1, "");
+    let file = dir.join("broken.yaml");
+    std::fs::write(&file, &yaml).expect("write pipeline");
+    let file_arg = file.display().to_string();
+    let out = env.engine().output(&["check", "--db", &file_arg]).await;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    let line = line_of(&yaml, "insert:");
+    assert!(names_location(&stderr, "broken.yaml", line), "{stderr}");
+    assert!(
+        stderr.contains("42703") && stderr.contains("nope"),
+        "{stderr}"
+    );
+}
+
+/// What a pipeline must do for an error of each row of the SQLSTATE
+/// table in `src/sqlstate.rs`, read from the source so that a new row is
+/// tested too: the prefix, and `Event`, `Pipeline` or `Transient`.
+fn sqlstate_rules() -> Vec<(String, String)> {
+    let source =
+        std::fs::read_to_string(repo_root().join("src/sqlstate.rs")).expect("read sqlstate.rs");
+    let rules: Vec<(String, String)> = source
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("rule(\""))
+        .map(|rest| {
+            let (prefix, rest) = rest.split_once('"').expect("a prefix");
+            let fault = rest
+                .trim_start_matches(", ")
+                .split(',')
+                .next()
+                .expect("a fault");
+            (prefix.to_string(), fault.to_string())
+        })
+        .collect();
+    assert!(rules.len() > 30, "the table was not found: {rules:?}");
+    rules
+}
+
+/// Every row of the SQLSTATE table, raised for real by a trigger: the
+/// event's fault is counted as failed and acknowledged at once; the
+/// pipeline's fault turns the pipeline `failing` (and `/ready` 503), a
+/// transient error `retrying`; in both cases the event is held, and
+/// stored once the cause is gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_sqlstate_class_gets_its_policy() {
+    let env = TestEnv::new().await;
+    std::fs::remove_file(env.pipelines_dir().join("tiktok.yaml")).expect("remove tiktok.yaml");
+    let mut conn = env.db.acquire().await.expect("a connection");
+    create_schema(
+        &mut conn,
+        "codes",
+        "CREATE TABLE fail_with (code text PRIMARY KEY);
+CREATE TABLE stored (id text PRIMARY KEY, code text);
+CREATE FUNCTION raise_code() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+  IF EXISTS (SELECT 1 FROM fail_with WHERE code = NEW.code) THEN
+    RAISE EXCEPTION 'forced %', NEW.code USING ERRCODE = NEW.code;
+  END IF;
+  RETURN NEW;
+END $$;
+CREATE TRIGGER stored_raise BEFORE INSERT ON stored FOR EACH ROW EXECUTE FUNCTION raise_code();",
+    )
+    .await;
+    let template = "INSERT INTO stored (id, code) VALUES ({{ event.id }}, {{ event.code }})";
+    let on_error = "transient:\n  backoff_initial: 20ms\n  backoff_max: 200ms";
+    env.write_pipeline(
+        "codes.yaml",
+        &pipeline_yaml(&env, "codes", "codes.>", template, 1, on_error),
+    );
+    let engine = env.engine().spawn();
+    engine.wait_ready().await;
+    let mut failed = 0.0;
+    for (prefix, fault) in sqlstate_rules() {
+        let code = format!("{prefix:0<5}");
+        env.exec(&format!("INSERT INTO codes.fail_with VALUES ('{code}')"))
+            .await;
+        let event = json!({"id": format!("e-{code}"), "code": code});
+        env.publish("codes.e", event.to_string()).await;
+        let stored = || async {
+            let n: i64 = sqlx::query_scalar("SELECT count(*) FROM codes.stored WHERE code = $1")
+                .bind(&code)
+                .fetch_one(&env.db)
+                .await
+                .map_err(state("count"))?;
+            expect_eq(n, 1)
+        };
+        if fault == "Event" {
+            failed += 1.0;
+            engine
+                .wait_metric(
+                    "codes_events_failed_total",
+                    &[("reason", "validation_error")],
+                    failed,
+                )
+                .await;
+            let s = status(&engine, "codes").await;
+            assert!(s["problem"].is_null(), "{code}: {s}");
+            continue;
+        }
+        let (state, ready) = if fault == "Pipeline" {
+            ("failing", "degraded")
+        } else {
+            ("retrying", "degraded")
+        };
+        wait_for(
+            &format!("{code} to make the pipeline {state}"),
+            DEADLINE,
+            || async {
+                let s = status(&engine, "codes").await;
+                expect_eq(s["state"].as_str(), Some(state)).map_err(|e| format!("{e}: {s}"))?;
+                let r = engine.get("/ready").await;
+                expect_eq(
+                    (r.status, r.json()["status"].as_str().map(str::to_string)),
+                    (503, Some(ready.into())),
+                )
+            },
+        )
+        .await;
+        let metrics = engine.metrics().await;
+        let severity = if fault == "Pipeline" {
+            "failing"
+        } else {
+            "retrying"
+        };
+        assert_eq!(
+            metrics.sum(
+                "ingestd_pipeline_problem",
+                &[("pipeline", "codes"), ("severity", severity)]
+            ),
+            1.0,
+            "{code}"
+        );
+        env.exec(&format!(
+            "DELETE FROM codes.fail_with WHERE code = '{code}'"
+        ))
+        .await;
+        wait_for(&format!("the {code} event to be stored"), DEADLINE, stored).await;
+        wait_for("the pipeline to recover", DEADLINE, || async {
+            let s = status(&engine, "codes").await;
+            expect_eq(s["state"].as_str(), Some("running"))
+        })
+        .await;
+    }
+}
+
+/// A table change that refuses every event (a new CHECK … NOT VALID) is
+/// not taken for a flood of bad events: after `failing_after` rejections
+/// in a row with the same SQLSTATE the pipeline turns `failing` and holds
+/// the rest; once the constraint is dropped they are stored. The first
+/// ones, before the threshold, followed the invalid policy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_of_identical_rejections_fails_the_pipeline_instead_of_acking() {
+    let env = TestEnv::new().await;
+    std::fs::remove_file(env.pipelines_dir().join("tiktok.yaml")).expect("remove tiktok.yaml");
+    let mut conn = env.db.acquire().await.expect("a connection");
+    create_schema(
+        &mut conn,
+        "guarded",
+        "CREATE TABLE t (id int PRIMARY KEY, v text);",
+    )
+    .await;
+    let template = "INSERT INTO t (id, v) VALUES ({{ event.id }}, {{ event.v }})";
+    let on_error = "invalid:\n  failing_after: 5\ntransient:\n  backoff_max: 200ms";
+    env.write_pipeline(
+        "guarded.yaml",
+        &pipeline_yaml(&env, "guarded", "g.>", template, 1, on_error),
+    );
+    let engine = env.engine().spawn();
+    engine.wait_ready().await;
+    env.publish("g.e", json!({"id": 0, "v": "ok"}).to_string())
+        .await;
+    engine
+        .wait_metric("guarded_events_processed_total", &[], 1.0)
+        .await;
+    env.exec("ALTER TABLE guarded.t ADD CONSTRAINT v_short CHECK (length(v) < 3) NOT VALID")
+        .await;
+    for id in 1..=12 {
+        env.publish("g.e", json!({"id": id, "v": "long"}).to_string())
+            .await;
+    }
+    wait_for("the pipeline to fail", DEADLINE, || async {
+        let s = status(&engine, "guarded").await;
+        expect_eq(s["state"].as_str(), Some("failing")).map_err(|e| format!("{e}: {s}"))
+    })
+    .await;
+    let s = status(&engine, "guarded").await;
+    let error = s["problem"]["error"].as_str().unwrap_or_default();
+    assert!(error.contains("23514") && error.contains("v_short"), "{s}");
+    assert_eq!(engine.get("/ready").await.status, 503);
+    let rejected = engine.metrics().await.sum(
+        "guarded_events_failed_total",
+        &[("reason", "validation_error")],
+    );
+    assert!(
+        rejected < 5.0,
+        "{rejected} events were acknowledged away before the pipeline failed"
+    );
+    env.exec("ALTER TABLE guarded.t DROP CONSTRAINT v_short")
+        .await;
+    let expected = 13 - rejected as i64;
+    wait_for("the held events to be stored", DEADLINE, || async {
+        let n: i64 = sqlx::query_scalar("SELECT count(*) FROM guarded.t")
+            .fetch_one(&env.db)
+            .await
+            .map_err(state("count"))?;
+        expect_eq(n, expected)
+    })
+    .await;
+    wait_for("the pipeline to recover", DEADLINE, || async {
+        expect_eq(
+            status(&engine, "guarded").await["state"].as_str(),
+            Some("running"),
+        )
+    })
+    .await;
+}
+
+/// A column the statement needs is dropped while the engine runs: the
+/// pipeline turns `failing` with the database's error, `/ready` answers
+/// 503, nothing is acknowledged; the column comes back and every held
+/// event is stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broken_statement_fails_the_pipeline_until_fixed() {
+    let env = TestEnv::new().await;
+    std::fs::remove_file(env.pipelines_dir().join("tiktok.yaml")).expect("remove tiktok.yaml");
+    let mut conn = env.db.acquire().await.expect("a connection");
+    create_schema(
+        &mut conn,
+        "cols",
+        "CREATE TABLE t (id int PRIMARY KEY, note text);",
+    )
+    .await;
+    let template = "INSERT INTO t (id, note) VALUES ({{ event.id }}, {{ event.note }})";
+    let on_error = "transient:\n  backoff_max: 200ms";
+    env.write_pipeline(
+        "cols.yaml",
+        &pipeline_yaml(&env, "cols", "c.>", template, 1, on_error),
+    );
+    let engine = env.engine().spawn();
+    engine.wait_ready().await;
+    env.exec("ALTER TABLE cols.t DROP COLUMN note").await;
+    for id in 0..3 {
+        env.publish("c.e", json!({"id": id, "note": "n"}).to_string())
+            .await;
+    }
+    wait_for("the pipeline to fail", DEADLINE, || async {
+        let s = status(&engine, "cols").await;
+        expect_eq(s["state"].as_str(), Some("failing")).map_err(|e| format!("{e}: {s}"))
+    })
+    .await;
+    let s = status(&engine, "cols").await;
+    assert!(
+        s["problem"]["error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("42703"),
+        "{s}"
+    );
+    assert_eq!(
+        s["failed"].as_u64(),
+        s["received"].as_u64(),
+        "only processing errors: {s}"
+    );
+    assert_eq!(engine.get("/ready").await.status, 503);
+    let info = consumer_info(&env.js, &env.stream, &format!("cols-{}", env.id))
+        .await
+        .expect("consumer");
+    assert_eq!(info.num_ack_pending, 3, "nothing acknowledged");
+    env.exec("ALTER TABLE cols.t ADD COLUMN note text").await;
+    wait_for("the held events to be stored", DEADLINE, || async {
+        let n: i64 = sqlx::query_scalar("SELECT count(*) FROM cols.t WHERE note = 'n'")
+            .fetch_one(&env.db)
+            .await
+            .map_err(state("count"))?;
+        expect_eq(n, 3)
+    })
+    .await;
+    engine
+        .wait_reply(
+            "/ready",
+            200,
+            &json!({"status": "ok", "checks": {"database": "up", "nats": "up"}}),
+        )
+        .await;
 }

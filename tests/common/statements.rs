@@ -473,42 +473,44 @@ pub async fn create_schema(conn: &mut PgConnection, schema: &str, ddl: &str) {
         .unwrap_or_else(|e| panic!("{sql}: {e}"));
 }
 
-/// A pipeline file for `case` writing into `schema`, reading the events
-/// published on `diff.<index>.>`.
+/// A pipeline file named `name` that reads `<prefix><filter>`, writes
+/// with `template` into the database's `schema`, with `in_flight`
+/// batches; `on_error` is the YAML of its `on_error` section, if any.
 pub fn pipeline_yaml(
     env: &TestEnv,
-    case: &Case,
-    index: usize,
-    schema: &str,
+    name: &str,
+    filter: &str,
+    template: &str,
     in_flight: usize,
+    on_error: &str,
 ) -> String {
-    let template: String = case
-        .template
-        .lines()
-        .map(|l| format!("      {l}\n"))
-        .collect();
+    let template: String = template.lines().map(|l| format!("      {l}\n")).collect();
+    let on_error: String = match on_error {
+        "" => " {}\n".into(),
+        text => text.lines().map(|l| format!("\n  {l}")).collect::<String>() + "\n",
+    };
     format!(
-        r#"name: {schema}
+        r#"name: {name}
 source:
   nats:
     stream:
       name: {stream}
       subjects: ["{prefix}>"]
     consumer:
-      durable: {schema}-{id}
-      filter_subject: {prefix}diff.{index}.>
+      durable: {name}-{id}
+      filter_subject: {prefix}{filter}
       ack_wait: 30s
 sink:
   postgres:
-    url: {url}?schema={schema}
+    url: {url}?schema={name}
     pool_size: 2
     insert: |
 {template}    batch:
       max_rows: 64
       max_wait: 5ms
       max_in_flight: {in_flight}
-metrics:
-  prefix: {schema}
+on_error:{on_error}metrics:
+  prefix: {name}
 "#,
         stream = env.stream,
         prefix = env.subject_prefix,
