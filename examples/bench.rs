@@ -177,6 +177,16 @@ async fn phases(names: Names, args: Args) -> anyhow::Result<()> {
     drain.print(&copy);
     same_rows(&bench, &copy).await?;
 
+    println!("\n== [2b] the per-row path: the same backlog again, through an upsert in a CTE");
+    let general = drain_per_row_path(&bench, args.events).await?;
+    println!(
+        "   per-row path: {} rows/s = {:.0}% of COPY (the unnest path above: {:.0}%)",
+        thousands(general.rate() as u64),
+        100.0 * general.rate() / copy.rate(),
+        100.0 * drain.rate() / copy.rate()
+    );
+    general.cpu.print("the per-row drain", general.total);
+
     println!(
         "\n== [3] publish → commit latency at {} events/s for {} s",
         thousands(args.rate),
@@ -1007,7 +1017,6 @@ fn print_problems(problems: &(usize, Option<String>)) {
 /// Starts ingestd on the published backlog and times it until every event
 /// is committed and acknowledged, sampling its memory meanwhile.
 async fn drain(b: &Bench, n: u64) -> anyhow::Result<DrainFigures> {
-    let consumer = b.consumer().await?;
     let cpu_before = CpuSnapshot::take();
     let mut engine = Engine::spawn(b, "drain").await?;
     let within = Duration::from_secs(120 + n / 500);
@@ -1028,7 +1037,8 @@ async fn drain(b: &Bench, n: u64) -> anyhow::Result<DrainFigures> {
             }
             continue;
         }
-        let info = consumer.get_info().await?;
+        // Looked up on each poll: the per-row phase starts without one.
+        let info = b.consumer().await?.cached_info().clone();
         if info.num_pending == 0 && info.num_ack_pending == 0 {
             break engine.started.elapsed();
         }
@@ -1059,6 +1069,49 @@ async fn drain(b: &Bench, n: u64) -> anyhow::Result<DrainFigures> {
         exit,
         problems,
     })
+}
+
+/// The per-row (general) path's statement: values in an upsert's SET, a
+/// data-modifying CTE, an INSERT … SELECT: nothing the UNNEST rewrite may
+/// take, so every event runs the statement of its own.
+const PER_ROW_INSERT: &str = r#"    insert: |
+      WITH seen AS (
+        INSERT INTO "TiktokSeen" ("eventId", "seq") VALUES ({{ event.eventId }}, {{ msg.seq }})
+        ON CONFLICT ("eventId") DO UPDATE SET "seq" = {{ msg.seq }}
+        RETURNING "eventId"
+      )
+      INSERT INTO "TiktokEvent" ("id", "eventId", "timestamp", "funnelStage", "eventType", "data")
+      SELECT {{ cuid() }}, seen."eventId", {{ event.timestamp }}::timestamptz AT TIME ZONE 'UTC',
+             {{ event.funnelStage }}, {{ event.eventType }}, {{ event.data }}
+      FROM seen
+      ON CONFLICT ("eventId") DO NOTHING
+"#;
+
+/// Drains the same backlog again through [`PER_ROW_INSERT`]: the table is
+/// emptied, the durable consumer deleted (the engine recreates it from the
+/// stream's start), and the pipeline file put back afterwards.
+async fn drain_per_row_path(b: &Bench, n: u64) -> anyhow::Result<DrainFigures> {
+    let path = b.names.pipelines_dir().join("tiktok.yaml");
+    let original = std::fs::read_to_string(&path)?;
+    let (start, end) = match (original.find("    insert: |"), original.find("    batch:")) {
+        (Some(s), Some(e)) if s < e => (s, e),
+        _ => anyhow::bail!("{}: no insert block to replace", path.display()),
+    };
+    let per_row = format!("{}{PER_ROW_INSERT}{}", &original[..start], &original[end..]);
+    std::fs::write(&path, per_row)?;
+    sqlx::raw_sql(
+        r#"TRUNCATE "TiktokEvent";
+           CREATE TABLE "TiktokSeen" ("eventId" text PRIMARY KEY, "seq" bigint NOT NULL)"#,
+    )
+    .execute(&b.pool)
+    .await?;
+    b.js.get_stream(&b.names.stream)
+        .await?
+        .delete_consumer(&b.names.durable)
+        .await?;
+    let figures = drain(b, n).await;
+    std::fs::write(&path, original)?;
+    figures
 }
 
 /// Checks that ingestd stored exactly the rows the COPY wrote (so the two

@@ -209,6 +209,48 @@ async fn check_db_shows_each_statements_path_and_what_cannot_work() {
     );
 }
 
+/// An engine running one pipeline `name`, reading `<name>.>` and writing
+/// with `template` into a schema `name` made by `ddl`.
+async fn one_pipeline(
+    env: &TestEnv,
+    name: &str,
+    ddl: &str,
+    template: &str,
+    on_error: &str,
+) -> Engine {
+    std::fs::remove_file(env.pipelines_dir().join("tiktok.yaml")).expect("remove tiktok.yaml");
+    let mut conn = env.db.acquire().await.expect("a connection");
+    create_schema(&mut conn, name, ddl).await;
+    let filter = format!("{name}.>");
+    let yaml = pipeline_yaml(env, name, &filter, template, 1, on_error);
+    env.write_pipeline(&format!("{name}.yaml"), &yaml);
+    let engine = env.engine().spawn();
+    engine.wait_ready().await;
+    engine
+}
+
+/// Waits until `/pipelines` shows pipeline `name` in `state`.
+async fn wait_state(engine: &Engine, name: &str, want: &str) -> Value {
+    wait_for(&format!("{name} to be {want}"), DEADLINE, || async {
+        let s = status(engine, name).await;
+        expect_eq(s["state"].as_str(), Some(want)).map_err(|e| format!("{e}: {s}"))?;
+        Ok(s)
+    })
+    .await
+}
+
+/// Waits until `sql` (a count) returns `want`.
+async fn wait_count(env: &TestEnv, sql: &str, want: i64) {
+    wait_for(sql, DEADLINE, || async {
+        let n: i64 = sqlx::query_scalar(sql)
+            .fetch_one(&env.db)
+            .await
+            .map_err(state("count"))?;
+        expect_eq(n, want)
+    })
+    .await;
+}
+
 /// What a pipeline must do for an error of each row of the SQLSTATE
 /// table in `src/sqlstate.rs`, read from the source so that a new row is
 /// tested too: the prefix, and `Event`, `Pipeline` or `Transient`.
@@ -240,12 +282,7 @@ fn sqlstate_rules() -> Vec<(String, String)> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_sqlstate_class_gets_its_policy() {
     let env = TestEnv::new().await;
-    std::fs::remove_file(env.pipelines_dir().join("tiktok.yaml")).expect("remove tiktok.yaml");
-    let mut conn = env.db.acquire().await.expect("a connection");
-    create_schema(
-        &mut conn,
-        "codes",
-        "CREATE TABLE fail_with (code text PRIMARY KEY);
+    let ddl = "CREATE TABLE fail_with (code text PRIMARY KEY);
 CREATE TABLE stored (id text PRIMARY KEY, code text);
 CREATE FUNCTION raise_code() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
@@ -254,17 +291,10 @@ BEGIN
   END IF;
   RETURN NEW;
 END $$;
-CREATE TRIGGER stored_raise BEFORE INSERT ON stored FOR EACH ROW EXECUTE FUNCTION raise_code();",
-    )
-    .await;
+CREATE TRIGGER stored_raise BEFORE INSERT ON stored FOR EACH ROW EXECUTE FUNCTION raise_code();";
     let template = "INSERT INTO stored (id, code) VALUES ({{ event.id }}, {{ event.code }})";
     let on_error = "transient:\n  backoff_initial: 20ms\n  backoff_max: 200ms";
-    env.write_pipeline(
-        "codes.yaml",
-        &pipeline_yaml(&env, "codes", "codes.>", template, 1, on_error),
-    );
-    let engine = env.engine().spawn();
-    engine.wait_ready().await;
+    let engine = one_pipeline(&env, "codes", ddl, template, on_error).await;
     let mut failed = 0.0;
     for (prefix, fault) in sqlstate_rules() {
         let code = format!("{prefix:0<5}");
@@ -272,57 +302,34 @@ CREATE TRIGGER stored_raise BEFORE INSERT ON stored FOR EACH ROW EXECUTE FUNCTIO
             .await;
         let event = json!({"id": format!("e-{code}"), "code": code});
         env.publish("codes.e", event.to_string()).await;
-        let stored = || async {
-            let n: i64 = sqlx::query_scalar("SELECT count(*) FROM codes.stored WHERE code = $1")
-                .bind(&code)
-                .fetch_one(&env.db)
-                .await
-                .map_err(state("count"))?;
-            expect_eq(n, 1)
-        };
         if fault == "Event" {
             failed += 1.0;
+            let rejected = [("reason", "validation_error")];
             engine
-                .wait_metric(
-                    "codes_events_failed_total",
-                    &[("reason", "validation_error")],
-                    failed,
-                )
+                .wait_metric("codes_events_failed_total", &rejected, failed)
                 .await;
             let s = status(&engine, "codes").await;
             assert!(s["problem"].is_null(), "{code}: {s}");
             continue;
         }
-        let (state, ready) = if fault == "Pipeline" {
-            ("failing", "degraded")
-        } else {
-            ("retrying", "degraded")
-        };
-        wait_for(
-            &format!("{code} to make the pipeline {state}"),
-            DEADLINE,
-            || async {
-                let s = status(&engine, "codes").await;
-                expect_eq(s["state"].as_str(), Some(state)).map_err(|e| format!("{e}: {s}"))?;
-                let r = engine.get("/ready").await;
-                expect_eq(
-                    (r.status, r.json()["status"].as_str().map(str::to_string)),
-                    (503, Some(ready.into())),
-                )
-            },
-        )
-        .await;
-        let metrics = engine.metrics().await;
         let severity = if fault == "Pipeline" {
             "failing"
         } else {
             "retrying"
         };
+        wait_state(&engine, "codes", severity).await;
+        let ready = engine.get("/ready").await;
         assert_eq!(
-            metrics.sum(
-                "ingestd_pipeline_problem",
-                &[("pipeline", "codes"), ("severity", severity)]
-            ),
+            (ready.status, &ready.json()["status"]),
+            (503, &json!("degraded")),
+            "{code}"
+        );
+        let problem = [("pipeline", "codes"), ("severity", severity)];
+        assert_eq!(
+            engine
+                .metrics()
+                .await
+                .sum("ingestd_pipeline_problem", &problem),
             1.0,
             "{code}"
         );
@@ -330,12 +337,9 @@ CREATE TRIGGER stored_raise BEFORE INSERT ON stored FOR EACH ROW EXECUTE FUNCTIO
             "DELETE FROM codes.fail_with WHERE code = '{code}'"
         ))
         .await;
-        wait_for(&format!("the {code} event to be stored"), DEADLINE, stored).await;
-        wait_for("the pipeline to recover", DEADLINE, || async {
-            let s = status(&engine, "codes").await;
-            expect_eq(s["state"].as_str(), Some("running"))
-        })
-        .await;
+        let sql = format!("SELECT count(*) FROM codes.stored WHERE code = '{code}'");
+        wait_count(&env, &sql, 1).await;
+        wait_state(&engine, "codes", "running").await;
     }
 }
 
@@ -347,23 +351,11 @@ CREATE TRIGGER stored_raise BEFORE INSERT ON stored FOR EACH ROW EXECUTE FUNCTIO
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_run_of_identical_rejections_fails_the_pipeline_instead_of_acking() {
     let env = TestEnv::new().await;
-    std::fs::remove_file(env.pipelines_dir().join("tiktok.yaml")).expect("remove tiktok.yaml");
-    let mut conn = env.db.acquire().await.expect("a connection");
-    create_schema(
-        &mut conn,
-        "guarded",
-        "CREATE TABLE t (id int PRIMARY KEY, v text);",
-    )
-    .await;
+    let ddl = "CREATE TABLE t (id int PRIMARY KEY, v text);";
     let template = "INSERT INTO t (id, v) VALUES ({{ event.id }}, {{ event.v }})";
     let on_error = "invalid:\n  failing_after: 5\ntransient:\n  backoff_max: 200ms";
-    env.write_pipeline(
-        "guarded.yaml",
-        &pipeline_yaml(&env, "guarded", "g.>", template, 1, on_error),
-    );
-    let engine = env.engine().spawn();
-    engine.wait_ready().await;
-    env.publish("g.e", json!({"id": 0, "v": "ok"}).to_string())
+    let engine = one_pipeline(&env, "guarded", ddl, template, on_error).await;
+    env.publish("guarded.e", json!({"id": 0, "v": "ok"}).to_string())
         .await;
     engine
         .wait_metric("guarded_events_processed_total", &[], 1.0)
@@ -371,44 +363,31 @@ async fn a_run_of_identical_rejections_fails_the_pipeline_instead_of_acking() {
     env.exec("ALTER TABLE guarded.t ADD CONSTRAINT v_short CHECK (length(v) < 3) NOT VALID")
         .await;
     for id in 1..=12 {
-        env.publish("g.e", json!({"id": id, "v": "long"}).to_string())
+        env.publish("guarded.e", json!({"id": id, "v": "long"}).to_string())
             .await;
     }
-    wait_for("the pipeline to fail", DEADLINE, || async {
-        let s = status(&engine, "guarded").await;
-        expect_eq(s["state"].as_str(), Some("failing")).map_err(|e| format!("{e}: {s}"))
-    })
-    .await;
-    let s = status(&engine, "guarded").await;
+    let s = wait_state(&engine, "guarded", "failing").await;
     let error = s["problem"]["error"].as_str().unwrap_or_default();
     assert!(error.contains("23514") && error.contains("v_short"), "{s}");
     assert_eq!(engine.get("/ready").await.status, 503);
-    let rejected = engine.metrics().await.sum(
-        "guarded_events_failed_total",
-        &[("reason", "validation_error")],
-    );
+    let rejected = [("reason", "validation_error")];
+    let acked_away = engine
+        .metrics()
+        .await
+        .sum("guarded_events_failed_total", &rejected);
     assert!(
-        rejected < 5.0,
-        "{rejected} events were acknowledged away before the pipeline failed"
+        acked_away < 5.0,
+        "{acked_away} events were acknowledged away before the pipeline failed"
     );
     env.exec("ALTER TABLE guarded.t DROP CONSTRAINT v_short")
         .await;
-    let expected = 13 - rejected as i64;
-    wait_for("the held events to be stored", DEADLINE, || async {
-        let n: i64 = sqlx::query_scalar("SELECT count(*) FROM guarded.t")
-            .fetch_one(&env.db)
-            .await
-            .map_err(state("count"))?;
-        expect_eq(n, expected)
-    })
+    wait_count(
+        &env,
+        "SELECT count(*) FROM guarded.t",
+        13 - acked_away as i64,
+    )
     .await;
-    wait_for("the pipeline to recover", DEADLINE, || async {
-        expect_eq(
-            status(&engine, "guarded").await["state"].as_str(),
-            Some("running"),
-        )
-    })
-    .await;
+    wait_state(&engine, "guarded", "running").await;
 }
 
 /// A column the statement needs is dropped while the engine runs: the
@@ -418,33 +397,22 @@ async fn a_run_of_identical_rejections_fails_the_pipeline_instead_of_acking() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_broken_statement_fails_the_pipeline_until_fixed() {
     let env = TestEnv::new().await;
-    std::fs::remove_file(env.pipelines_dir().join("tiktok.yaml")).expect("remove tiktok.yaml");
-    let mut conn = env.db.acquire().await.expect("a connection");
-    create_schema(
-        &mut conn,
+    let ddl = "CREATE TABLE t (id int PRIMARY KEY, note text);";
+    let template = "INSERT INTO t (id, note) VALUES ({{ event.id }}, {{ event.note }})";
+    let engine = one_pipeline(
+        &env,
         "cols",
-        "CREATE TABLE t (id int PRIMARY KEY, note text);",
+        ddl,
+        template,
+        "transient:\n  backoff_max: 200ms",
     )
     .await;
-    let template = "INSERT INTO t (id, note) VALUES ({{ event.id }}, {{ event.note }})";
-    let on_error = "transient:\n  backoff_max: 200ms";
-    env.write_pipeline(
-        "cols.yaml",
-        &pipeline_yaml(&env, "cols", "c.>", template, 1, on_error),
-    );
-    let engine = env.engine().spawn();
-    engine.wait_ready().await;
     env.exec("ALTER TABLE cols.t DROP COLUMN note").await;
     for id in 0..3 {
-        env.publish("c.e", json!({"id": id, "note": "n"}).to_string())
+        env.publish("cols.e", json!({"id": id, "note": "n"}).to_string())
             .await;
     }
-    wait_for("the pipeline to fail", DEADLINE, || async {
-        let s = status(&engine, "cols").await;
-        expect_eq(s["state"].as_str(), Some("failing")).map_err(|e| format!("{e}: {s}"))
-    })
-    .await;
-    let s = status(&engine, "cols").await;
+    let s = wait_state(&engine, "cols", "failing").await;
     assert!(
         s["problem"]["error"]
             .as_str()
@@ -458,24 +426,13 @@ async fn a_broken_statement_fails_the_pipeline_until_fixed() {
         "only processing errors: {s}"
     );
     assert_eq!(engine.get("/ready").await.status, 503);
-    let info = consumer_info(&env.js, &env.stream, &format!("cols-{}", env.id))
+    let durable = format!("cols-{}", env.id);
+    let info = consumer_info(&env.js, &env.stream, &durable)
         .await
         .expect("consumer");
     assert_eq!(info.num_ack_pending, 3, "nothing acknowledged");
     env.exec("ALTER TABLE cols.t ADD COLUMN note text").await;
-    wait_for("the held events to be stored", DEADLINE, || async {
-        let n: i64 = sqlx::query_scalar("SELECT count(*) FROM cols.t WHERE note = 'n'")
-            .fetch_one(&env.db)
-            .await
-            .map_err(state("count"))?;
-        expect_eq(n, 3)
-    })
-    .await;
-    engine
-        .wait_reply(
-            "/ready",
-            200,
-            &json!({"status": "ok", "checks": {"database": "up", "nats": "up"}}),
-        )
-        .await;
+    wait_count(&env, "SELECT count(*) FROM cols.t WHERE note = 'n'", 3).await;
+    let ok = json!({"status": "ok", "checks": {"database": "up", "nats": "up"}});
+    engine.wait_reply("/ready", 200, &ok).await;
 }
