@@ -11,12 +11,46 @@ use crate::config::{self, PipelineFile};
 use crate::template::{MsgMeta, Rendered, Templates};
 use crate::validate::EventValidator;
 
-/// Why an event can never be stored; `kind` names the class in logs, test
-/// files and dead-letter headers (`too_large`, `not_json`, `schema`,
-/// `template`, `unstorable`).
+/// The class of an event that can never be stored, as logs, pipeline test
+/// files and dead-letter headers name it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum InvalidKind {
+    /// Larger than `max_payload`.
+    TooLarge,
+    /// Not JSON (or not UTF-8).
+    NotJson,
+    /// Refused by the JSON Schema.
+    Schema,
+    /// The template cannot render for this event.
+    Template,
+    /// Refused by the database for a reason of its own (a value, a
+    /// constraint, a trigger).
+    Unstorable,
+}
+
+impl InvalidKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            InvalidKind::TooLarge => "too_large",
+            InvalidKind::NotJson => "not_json",
+            InvalidKind::Schema => "schema",
+            InvalidKind::Template => "template",
+            InvalidKind::Unstorable => "unstorable",
+        }
+    }
+}
+
+impl std::fmt::Display for InvalidKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Why an event can never be stored.
 #[derive(Debug)]
 pub struct Invalid {
-    pub kind: &'static str,
+    pub kind: InvalidKind,
     pub error: String,
     /// Known when the event was JSON with an `eventId`.
     pub event_id: Option<String>,
@@ -86,23 +120,23 @@ impl Compiled {
                 payload.len(),
                 self.max_payload
             );
-            return Err(invalid("too_large", e, None));
+            return Err(invalid(InvalidKind::TooLarge, e, None));
         }
         let mut event: Json = serde_json::from_slice(payload)
-            .map_err(|e| invalid("not_json", format!("not JSON: {e}"), None))?;
+            .map_err(|e| invalid(InvalidKind::NotJson, format!("not JSON: {e}"), None))?;
         if let Some(v) = &self.validator {
             v.apply(&mut event)
-                .map_err(|e| invalid("schema", e, Some(&event)))?;
+                .map_err(|e| invalid(InvalidKind::Schema, e, Some(&event)))?;
         }
         let ctx = Templates::context(&event, msg, headers);
         let rendered = self
             .templates
             .render_insert(&ctx)
-            .map_err(|e| invalid("template", e, Some(&event)))?;
+            .map_err(|e| invalid(InvalidKind::Template, e, Some(&event)))?;
         let labels = self
             .templates
             .render_labels(&ctx)
-            .map_err(|e| invalid("template", e, Some(&event)))?;
+            .map_err(|e| invalid(InvalidKind::Template, e, Some(&event)))?;
         Ok(Prepared {
             rendered,
             labels,

@@ -21,7 +21,7 @@ use tokio::time::Instant;
 
 use crate::config::{self, InvalidAction, PipelineFile};
 use crate::deadletter::{self, DeadLetters, Letter};
-use crate::event::{self, Compiled, Invalid, Prepared};
+use crate::event::{self, Compiled, Invalid, InvalidKind, Prepared};
 use crate::health::{Health, Severity, Side};
 use crate::metrics::{duration_values, FailureLabels, FamilySet, Metrics};
 use crate::sink::{Finish, Outcome, PgSink, Rejection, SinkRow, WriteError};
@@ -495,7 +495,7 @@ impl Pipeline {
                 Outcome::Stored => self.processed(row).await,
                 Outcome::Rejected(rejection) => {
                     let invalid = Invalid {
-                        kind: "unstorable",
+                        kind: InvalidKind::Unstorable,
                         error: rejection.error,
                         event_id: row.event_id,
                     };
@@ -546,7 +546,7 @@ impl Pipeline {
             subject = %held.msg.subject,
             stream_seq = ?held.msg.info().ok().map(|i| i.stream_sequence),
             event_id = ?invalid.event_id,
-            kind = invalid.kind,
+            kind = invalid.kind.as_str(),
             error = %truncate(&invalid.error, 500),
             "invalid event"
         );
@@ -583,7 +583,7 @@ impl Pipeline {
                 stream: info.stream,
                 stream_seq: info.stream_sequence,
                 delivered: info.delivered,
-                reason: invalid.kind,
+                reason: invalid.kind.as_str(),
                 error: &invalid.error,
             })
             .await?;

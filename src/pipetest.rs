@@ -15,7 +15,7 @@ use serde::Deserialize;
 use serde_json::Value as Json;
 
 use crate::config::PipelineFile;
-use crate::event::Compiled;
+use crate::event::{Compiled, InvalidKind};
 use crate::sink::{Finish, Outcome, PgSink, SinkRow, Trial};
 use crate::template::MsgMeta;
 
@@ -65,7 +65,7 @@ struct Expect {
     row: Option<BTreeMap<String, Json>>,
     /// Expected error class: too_large, not_json, schema, template, unstorable.
     #[serde(default)]
-    invalid: Option<String>,
+    invalid: Option<InvalidKind>,
 }
 
 /// Runs the test files found in `paths` (files or directories); prints a
@@ -144,8 +144,8 @@ async fn run_file(path: &Path, database_url: &str) -> anyhow::Result<(usize, usi
 
 /// What the production path did with one case.
 enum CaseOutcome {
-    /// Never became a row: (error class, error).
-    Invalid(String, String),
+    /// Never became a row: its class and error.
+    Invalid(InvalidKind, String),
     /// Written in the batch; the rendered statement, for showing its row.
     Stored(crate::template::Rendered),
     /// Could not be run at all (a bad test case, the database).
@@ -175,7 +175,7 @@ async fn run_batch(
         let prepared = payload(case, dir).map(|p| compiled.prepare(&p, &meta, &case.headers));
         outcomes.push(match prepared {
             Err(e) => CaseOutcome::Broken(e),
-            Ok(Err(invalid)) => CaseOutcome::Invalid(invalid.kind.to_string(), invalid.error),
+            Ok(Err(invalid)) => CaseOutcome::Invalid(invalid.kind, invalid.error),
             Ok(Ok(prepared)) => {
                 rows.push((
                     i,
@@ -194,7 +194,7 @@ async fn run_batch(
         outcomes[i] = match (&written, row.outcome) {
             (Err(e), _) => CaseOutcome::Broken(format!("database error: {e}")),
             (Ok(()), Outcome::Stored) => CaseOutcome::Stored(row.rendered),
-            (Ok(()), Outcome::Rejected(r)) => CaseOutcome::Invalid("unstorable".into(), r.error),
+            (Ok(()), Outcome::Rejected(r)) => CaseOutcome::Invalid(InvalidKind::Unstorable, r.error),
             (Ok(()), Outcome::Pending) => {
                 CaseOutcome::Broken("the batch left the row pending".into())
             }
