@@ -194,7 +194,9 @@ async fn run_batch(
         outcomes[i] = match (&written, row.outcome) {
             (Err(e), _) => CaseOutcome::Broken(format!("database error: {e}")),
             (Ok(()), Outcome::Stored) => CaseOutcome::Stored(row.rendered),
-            (Ok(()), Outcome::Rejected(r)) => CaseOutcome::Invalid(InvalidKind::Unstorable, r.error),
+            (Ok(()), Outcome::Rejected(r)) => {
+                CaseOutcome::Invalid(InvalidKind::Unstorable, r.error)
+            }
             (Ok(()), Outcome::Pending) => {
                 CaseOutcome::Broken("the batch left the row pending".into())
             }

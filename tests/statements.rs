@@ -8,7 +8,6 @@ mod statements;
 
 use std::time::Duration;
 
-use async_nats::jetstream::stream::{self, StorageType};
 use common::*;
 use serde_json::{json, Value};
 use statements::*;
@@ -23,15 +22,7 @@ const DRAIN: Duration = Duration::from_secs(120);
 /// engine runs, and returns each case's statements as the reference
 /// renders them, in stream order.
 async fn publish_corpus(env: &TestEnv, cases: &[Case]) -> Vec<Vec<(String, Vec<Value>)>> {
-    env.js
-        .get_or_create_stream(stream::Config {
-            name: env.stream.clone(),
-            subjects: vec![env.subject(">")],
-            storage: StorageType::File,
-            ..Default::default()
-        })
-        .await
-        .expect("create the test's stream");
+    env.create_stream().await;
     let mut statements = Vec::new();
     for (index, case) in cases.iter().enumerate() {
         let mut rng = Rng::new(0x5eed + index as u64);
@@ -435,4 +426,54 @@ async fn a_broken_statement_fails_the_pipeline_until_fixed() {
     wait_count(&env, "SELECT count(*) FROM cols.t WHERE note = 'n'", 3).await;
     let ok = json!({"status": "ok", "checks": {"database": "up", "nats": "up"}});
     engine.wait_reply("/ready", 200, &ok).await;
+}
+
+/// `ingestd test` writes a file's cases as one batch through the engine's
+/// writer, rolled back: a case sees the cases before it (a child row whose
+/// parent an earlier case inserts is stored; one whose parent no case
+/// inserts is `unstorable`), and nothing remains in the database.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipeline_test_cases_share_one_rolled_back_batch() {
+    let env = TestEnv::new().await;
+    let mut conn = env.db.acquire().await.expect("a connection");
+    let ddl = "CREATE TABLE parent (id text PRIMARY KEY);
+CREATE TABLE child (id text PRIMARY KEY, parent_id text NOT NULL REFERENCES parent (id));";
+    create_schema(&mut conn, "family", ddl).await;
+    let template = "{% if event.parent %}INSERT INTO child (id, parent_id) VALUES ({{ event.id }}, {{ event.parent }})
+{% else %}INSERT INTO parent (id) VALUES ({{ event.id }}){% endif %}";
+    let dir = env.fresh_dir("family");
+    let yaml = pipeline_yaml(&env, "family", "f.>", template, 1, "");
+    std::fs::write(dir.join("family.yaml"), yaml).expect("write pipeline");
+    let cases = r#"cases:
+  - name: a parent
+    subject: f.e
+    event: { id: p1 }
+    expect: { row: { id: p1 } }
+  - name: its child, in the same batch
+    subject: f.e
+    event: { id: c1, parent: p1 }
+    expect: {}
+  - name: an orphan
+    subject: f.e
+    event: { id: c2, parent: p9 }
+    expect: { invalid: unstorable }
+"#;
+    let test_file = dir.join("family.test.yaml");
+    std::fs::write(&test_file, cases).expect("write test file");
+    let arg = test_file.display().to_string();
+    let out = env.engine().output(&["test", &arg]).await;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("3 passed, 0 failed"), "{stdout}");
+    for table in ["parent", "child"] {
+        assert_eq!(
+            table_contents(&mut conn, "family", table).await,
+            json!([]),
+            "{table}"
+        );
+    }
 }

@@ -9,7 +9,6 @@ use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream::consumer;
-use async_nats::jetstream::stream::{self, StorageType};
 use serde_json::{json, Value};
 
 use crate::common::{adapt_pipeline, example_event, repo_root, wait_for, Engine, TestEnv};
@@ -40,21 +39,10 @@ pub fn top_event(event_id: &str) -> Value {
 }
 
 /// Publishes `events` in order on [`TOP_VIEW`], with [`PUBLISH_WINDOW`]
-/// acks outstanding, and returns once JetStream confirmed every one.
-///
-/// The test's stream is created first when missing, with the pipeline's
-/// subjects: a backlog must be stored before any engine runs, and the
-/// engine uses an existing stream as it is.
+/// acks outstanding, and returns once JetStream confirmed every one (the
+/// test's stream is created first when missing).
 pub async fn publish_backlog(env: &TestEnv, events: impl IntoIterator<Item = Value>) -> u64 {
-    env.js
-        .get_or_create_stream(stream::Config {
-            name: env.stream.clone(),
-            subjects: vec![env.subject(">")],
-            storage: StorageType::File,
-            ..Default::default()
-        })
-        .await
-        .expect("create the test's stream");
+    env.create_stream().await;
     let subject = env.subject(TOP_VIEW);
     let mut acks = VecDeque::with_capacity(PUBLISH_WINDOW);
     let mut published = 0;

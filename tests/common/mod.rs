@@ -316,6 +316,21 @@ impl TestEnv {
         self.publish(&format!("tiktok.{stage}.{kind}"), body).await;
     }
 
+    /// Creates the test's stream (all of its subjects) unless it exists:
+    /// a backlog must be stored before any engine runs, and the engine uses
+    /// an existing stream as it is.
+    pub async fn create_stream(&self) {
+        self.js
+            .get_or_create_stream(stream::Config {
+                name: self.stream.clone(),
+                subjects: vec![self.subject(">")],
+                storage: stream::StorageType::File,
+                ..Default::default()
+            })
+            .await
+            .expect("create the test's stream");
+    }
+
     pub async fn stream_info(&self) -> stream::Info {
         let stream = self.js.get_stream(&self.stream).await.expect("get stream");
         stream.get_info().await.expect("stream info")
