@@ -304,7 +304,7 @@ impl Pipeline {
         for h in held {
             match self
                 .compiled
-                .prepare(&h.msg.payload, &meta(&h.msg), &headers(&h.msg))
+                .prepare(&h.msg.payload, &self.meta(&h.msg), &self.headers(&h.msg))
             {
                 Ok(Prepared {
                     rendered,
@@ -323,6 +323,41 @@ impl Pipeline {
             }
         }
         rows
+    }
+
+    /// What a template sees of the message as `msg` (only the subject
+    /// when no template reads `msg`).
+    fn meta(&self, msg: &Message) -> MsgMeta {
+        if !self.compiled.templates.reads_msg {
+            return MsgMeta {
+                subject: msg.subject.to_string(),
+                ..MsgMeta::default()
+            };
+        }
+        let info = msg.info().ok();
+        MsgMeta {
+            subject: msg.subject.to_string(),
+            stream: info.as_ref().map(|i| i.stream.to_string()),
+            seq: info.as_ref().map(|i| i.stream_sequence),
+            delivered: info.as_ref().map(|i| i.delivered),
+            time: info.as_ref().map(|i| {
+                let nanos = i.published.unix_timestamp_nanos();
+                chrono::DateTime::from_timestamp_nanos(nanos as i64)
+                    .to_rfc3339_opts(chrono::SecondsFormat::Nanos, true)
+            }),
+        }
+    }
+
+    /// The first value of each header (none when no template reads them).
+    fn headers(&self, msg: &Message) -> BTreeMap<String, String> {
+        if !self.compiled.templates.reads_headers {
+            return BTreeMap::new();
+        }
+        msg.headers
+            .iter()
+            .flat_map(|h| h.iter())
+            .filter_map(|(k, v)| v.first().map(|v| (k.to_string(), v.to_string())))
+            .collect()
     }
 
     /// Waits for a write slot while keeping `rows` and the puller's
@@ -626,22 +661,6 @@ async fn check_statement(
     Ok(())
 }
 
-/// What a template sees of the message as `msg`.
-fn meta(msg: &Message) -> MsgMeta {
-    let info = msg.info().ok();
-    MsgMeta {
-        subject: msg.subject.to_string(),
-        stream: info.as_ref().map(|i| i.stream.to_string()),
-        seq: info.as_ref().map(|i| i.stream_sequence),
-        delivered: info.as_ref().map(|i| i.delivered),
-        time: info.as_ref().map(|i| {
-            let nanos = i.published.unix_timestamp_nanos();
-            chrono::DateTime::from_timestamp_nanos(nanos as i64)
-                .to_rfc3339_opts(chrono::SecondsFormat::Nanos, true)
-        }),
-    }
-}
-
 async fn progress<'a>(messages: impl Iterator<Item = &'a Message>) {
     for m in messages {
         let _ = m.ack_with(AckKind::Progress).await;
@@ -654,12 +673,4 @@ async fn recv<T>(rx: &mut Option<mpsc::UnboundedReceiver<T>>) -> Option<T> {
         Some(rx) => rx.recv().await,
         None => std::future::pending().await,
     }
-}
-
-fn headers(msg: &Message) -> BTreeMap<String, String> {
-    msg.headers
-        .iter()
-        .flat_map(|h| h.iter())
-        .filter_map(|(k, v)| v.first().map(|v| (k.to_string(), v.to_string())))
-        .collect()
 }

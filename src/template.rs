@@ -61,6 +61,10 @@ pub struct Templates {
     conditions: usize,
     labels: Environment<'static>,
     label_names: Vec<String>,
+    /// Whether any template names `msg` / `headers`: building them costs an
+    /// allocation or more per event, so events skip what no template reads.
+    pub reads_msg: bool,
+    pub reads_headers: bool,
 }
 
 impl Templates {
@@ -87,11 +91,14 @@ impl Templates {
                 .add_template_owned(name.clone(), text.clone())
                 .map_err(template_error)?;
         }
+        let sources = || std::iter::once(insert).chain(labels.values().map(String::as_str));
         Ok(Self {
             insert: env,
             conditions,
             labels: label_env,
             label_names: labels.keys().cloned().collect(),
+            reads_msg: sources().any(|t| names_word(t, "msg")),
+            reads_headers: sources().any(|t| names_word(t, "headers")),
         })
     }
 
@@ -181,6 +188,17 @@ fn base_env() -> Environment<'static> {
         chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
     });
     env
+}
+
+/// True when `word` stands in `text` as a whole word (a template that may
+/// read the variable of that name).
+fn names_word(text: &str, word: &str) -> bool {
+    let is_word = |c: char| c.is_alphanumeric() || c == '_';
+    text.match_indices(word).any(|(i, _)| {
+        let before = text[..i].chars().next_back();
+        let after = text[i + word.len()..].chars().next();
+        !before.is_some_and(is_word) && !after.is_some_and(is_word)
+    })
 }
 
 /// The template with the condition of its `k`-th `{% if %}` or
@@ -329,6 +347,20 @@ mod tests {
                 "UPDATE c SET n = n + 1 RETURNING *",
             ]
         );
+    }
+
+    #[test]
+    fn knows_which_variables_templates_read() {
+        let t = Templates::compile(
+            "INSERT INTO t VALUES ({{ msg.seq }}, {{ event.messages }})",
+            &BTreeMap::new(),
+        )
+        .unwrap();
+        assert!(t.reads_msg && !t.reads_headers);
+        let labels = BTreeMap::from([("h".to_string(), "{{ headers['x'] }}".to_string())]);
+        let t =
+            Templates::compile("INSERT INTO t VALUES ({{ event.msg_count }})", &labels).unwrap();
+        assert!(!t.reads_msg && t.reads_headers);
     }
 
     #[test]
