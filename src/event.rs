@@ -128,14 +128,9 @@ impl Compiled {
             v.apply(&mut event)
                 .map_err(|e| invalid(InvalidKind::Schema, e, Some(&event)))?;
         }
-        let ctx = Templates::context(&event, msg, headers);
-        let rendered = self
+        let (rendered, labels) = self
             .templates
-            .render_insert(&ctx)
-            .map_err(|e| invalid(InvalidKind::Template, e, Some(&event)))?;
-        let labels = self
-            .templates
-            .render_labels(&ctx)
+            .render(&event, msg, headers)
             .map_err(|e| invalid(InvalidKind::Template, e, Some(&event)))?;
         Ok(Prepared {
             rendered,

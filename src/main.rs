@@ -11,6 +11,7 @@ use clap::{Parser, Subcommand};
 mod config;
 mod dbcheck;
 mod deadletter;
+mod direct;
 mod engine;
 mod event;
 mod health;

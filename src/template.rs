@@ -12,6 +12,8 @@ use minijinja::value::Serde;
 use minijinja::{Environment, UndefinedBehavior, Value};
 use serde_json::Value as Json;
 
+use crate::direct::{Direct, Expr};
+
 thread_local! {
     /// Values of the `{{ }}` expressions of the render in progress on this
     /// thread. Rendering is synchronous, so a thread-local is exact.
@@ -65,6 +67,11 @@ pub struct Templates {
     /// allocation or more per event, so events skip what no template reads.
     pub reads_msg: bool,
     pub reads_headers: bool,
+    /// The insert template evaluated without the engine, where it has no
+    /// logic and gives the same statement (see [`crate::direct`]).
+    direct_insert: Option<Direct>,
+    /// Likewise each label template that is one plain value.
+    direct_labels: Vec<Option<Expr>>,
 }
 
 impl Templates {
@@ -92,14 +99,72 @@ impl Templates {
                 .map_err(template_error)?;
         }
         let sources = || std::iter::once(insert).chain(labels.values().map(String::as_str));
-        Ok(Self {
+        let mut templates = Self {
             insert: env,
             conditions,
             labels: label_env,
             label_names: labels.keys().cloned().collect(),
             reads_msg: sources().any(|t| names_word(t, "msg")),
             reads_headers: sources().any(|t| names_word(t, "headers")),
-        })
+            direct_insert: None,
+            direct_labels: labels.values().map(|t| direct_label(t)).collect(),
+        };
+        templates.direct_insert = Direct::parse(insert).filter(|d| templates.same_as_engine(d));
+        Ok(templates)
+    }
+
+    /// True when `direct` renders the sample event exactly as the engine
+    /// does (ids and clocks compared by kind: they differ on every call).
+    fn same_as_engine(&self, direct: &Direct) -> bool {
+        let (event, headers) = direct.sample();
+        let msg = MsgMeta {
+            subject: "s".into(),
+            stream: Some("S".into()),
+            seq: Some(7),
+            time: Some("t".into()),
+            delivered: Some(1),
+        };
+        let Ok(engine) = self.render_insert(&Self::context(&event, &msg, &headers)) else {
+            return false;
+        };
+        let ours = direct.values(&event, &msg, &headers);
+        engine.sql == direct.sql
+            && engine.params.len() == ours.len()
+            && engine
+                .params
+                .iter()
+                .zip(&ours)
+                .enumerate()
+                .all(|(k, (a, b))| a == b || (direct.is_call(k) && a.is_string() && b.is_string()))
+    }
+
+    /// The event's statement and metric labels.
+    pub fn render(
+        &self,
+        event: &Json,
+        msg: &MsgMeta,
+        headers: &BTreeMap<String, String>,
+    ) -> Result<(Rendered, Vec<String>), String> {
+        let mut ctx = None;
+        let mut context = || {
+            ctx.get_or_insert_with(|| Self::context(event, msg, headers))
+                .clone()
+        };
+        let rendered = match &self.direct_insert {
+            Some(d) => Rendered {
+                sql: d.sql.clone(),
+                params: d.values(event, msg, headers),
+            },
+            None => self.render_insert(&context())?,
+        };
+        let mut labels = Vec::with_capacity(self.label_names.len());
+        for (name, direct) in self.label_names.iter().zip(&self.direct_labels) {
+            match direct.as_ref().and_then(|e| e.label(event, msg, headers)) {
+                Some(text) => labels.push(text),
+                None => labels.push(self.render_label(name, &context())?),
+            }
+        }
+        Ok((rendered, labels))
     }
 
     /// The values visible to templates: `event`, `msg`, `subject` (also
@@ -162,17 +227,11 @@ impl Templates {
         out
     }
 
-    /// Label values in the order of the label names (sorted by name).
-    pub fn render_labels(&self, ctx: &Value) -> Result<Vec<String>, String> {
-        self.label_names
-            .iter()
-            .map(|name| {
-                self.labels
-                    .get_template(name)
-                    .and_then(|t| t.render(ctx))
-                    .map_err(|e| format!("metric label `{name}`: {e}"))
-            })
-            .collect()
+    fn render_label(&self, name: &str, ctx: &Value) -> Result<String, String> {
+        self.labels
+            .get_template(name)
+            .and_then(|t| t.render(ctx))
+            .map_err(|e| format!("metric label `{name}`: {e}"))
     }
 }
 
@@ -188,6 +247,13 @@ fn base_env() -> Environment<'static> {
         chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
     });
     env
+}
+
+/// The one plain value a label template is, if that is all it is.
+fn direct_label(text: &str) -> Option<Expr> {
+    Direct::parse(text)
+        .filter(|d| d.sql == "$1")
+        .and_then(|d| d.exprs.into_iter().next())
 }
 
 /// True when `word` stands in `text` as a whole word (a template that may
@@ -363,6 +429,60 @@ mod tests {
         assert!(!t.reads_msg && t.reads_headers);
     }
 
+    /// The engine-free evaluation of plain templates (values and labels)
+    /// against the template engine, over events of every JSON shape.
+    #[test]
+    fn direct_evaluation_matches_the_engine() {
+        let insert = "INSERT INTO t VALUES ({{ uuid() }}, {{ event.a }}, {{ event.b.c }},\n {{ msg.seq }}, {{ subject }}, {{ headers.h }})\n";
+        let labels = BTreeMap::from([
+            ("l1".to_string(), "{{ event.a }}".to_string()),
+            ("l2".to_string(), "{{ event.b.c }}".to_string()),
+            ("l3".to_string(), "{{ subject }}".to_string()),
+        ]);
+        let t = Templates::compile(insert, &labels).unwrap();
+        assert!(t.direct_insert.is_some() && t.direct_labels.iter().all(Option::is_some));
+        let msg = MsgMeta {
+            subject: "s.x".into(),
+            seq: Some(3),
+            ..MsgMeta::default()
+        };
+        let headers = BTreeMap::from([("h".to_string(), "hv".to_string())]);
+        let shapes = [
+            json!("text"),
+            json!(""),
+            json!(null),
+            json!(true),
+            json!(0),
+            json!(-17),
+            json!(9007199254740993_i64),
+            json!(u64::MAX),
+            json!(1.5),
+            json!(1e300),
+            json!([1, "x", null]),
+            json!({"k": {"n": [true]}}),
+        ];
+        for a in &shapes {
+            for c in &shapes {
+                for event in [
+                    json!({"a": a, "b": {"c": c}}),
+                    json!({"a": a}),
+                    json!({"b": c}),
+                ] {
+                    let (direct, direct_labels) = t.render(&event, &msg, &headers).unwrap();
+                    let ctx = Templates::context(&event, &msg, &headers);
+                    let engine = t.render_insert(&ctx).unwrap();
+                    assert_eq!(direct.sql, engine.sql);
+                    assert_eq!(direct.params[1..], engine.params[1..], "{event}");
+                    let engine_labels: Vec<String> = ["l1", "l2", "l3"]
+                        .iter()
+                        .map(|l| t.render_label(l, &ctx).unwrap())
+                        .collect();
+                    assert_eq!(direct_labels, engine_labels, "{event}");
+                }
+            }
+        }
+    }
+
     #[test]
     fn cuid_is_v1() {
         let r = render("{{ cuid() }}", json!({}));
@@ -399,6 +519,6 @@ mod tests {
         let labels = BTreeMap::from([("a".to_string(), "{{ event.k }}".to_string())]);
         let t = Templates::compile("x", &labels).unwrap();
         let ctx = Templates::context(&json!({"k": "v"}), &subject_only("s"), &BTreeMap::new());
-        assert_eq!(t.render_labels(&ctx).unwrap(), vec!["v".to_string()]);
+        assert_eq!(t.render_label("a", &ctx).unwrap(), "v");
     }
 }
