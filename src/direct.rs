@@ -158,8 +158,11 @@ fn set_path(event: &mut Json, path: &[String], value: Json) {
 /// each value, and where each value comes from.
 #[derive(Debug, Clone)]
 pub struct Direct {
-    pub sql: String,
+    pub sql: std::sync::Arc<str>,
     pub exprs: Vec<Expr>,
+    /// True when no event path is used twice or inside another, so each
+    /// value can be moved out of the event rather than copied.
+    movable: bool,
 }
 
 impl Direct {
@@ -194,7 +197,24 @@ impl Direct {
                 sql.pop();
             }
         }
-        Some(Self { sql, exprs })
+        let paths: Vec<&Vec<String>> = exprs
+            .iter()
+            .filter_map(|e| match e {
+                Expr::Event(p) => Some(p),
+                _ => None,
+            })
+            .collect();
+        let movable = paths.iter().enumerate().all(|(i, a)| {
+            paths
+                .iter()
+                .skip(i + 1)
+                .all(|b| !a.starts_with(b) && !b.starts_with(a))
+        });
+        Some(Self {
+            sql: sql.into(),
+            exprs,
+            movable,
+        })
     }
 
     pub fn values(
@@ -206,6 +226,30 @@ impl Direct {
         self.exprs
             .iter()
             .map(|e| e.eval(event, msg, headers))
+            .collect()
+    }
+
+    /// The values, moved out of the event where that is safe (the event
+    /// is left with nulls there).
+    pub fn take_values(
+        &self,
+        event: &mut Json,
+        msg: &MsgMeta,
+        headers: &BTreeMap<String, String>,
+    ) -> Vec<Json> {
+        if !self.movable {
+            return self.values(event, msg, headers);
+        }
+        self.exprs
+            .iter()
+            .map(|e| match e {
+                Expr::Event(path) => path
+                    .iter()
+                    .try_fold(&mut *event, |v, k| v.get_mut(k))
+                    .map(std::mem::take)
+                    .unwrap_or(Json::Null),
+                other => other.eval(event, msg, headers),
+            })
             .collect()
     }
 
@@ -238,7 +282,7 @@ mod tests {
             "INSERT INTO t VALUES ({{ cuid() }}, {{event.a.b}}, {{ msg.seq }}, {{ subject }}, {{ headers.x }})\n",
         )
         .unwrap();
-        assert_eq!(d.sql, "INSERT INTO t VALUES ($1, $2, $3, $4, $5)");
+        assert_eq!(&*d.sql, "INSERT INTO t VALUES ($1, $2, $3, $4, $5)");
         let msg = MsgMeta {
             subject: "s".into(),
             seq: Some(9),
@@ -249,6 +293,15 @@ mod tests {
         assert!(values[0].as_str().is_some_and(|id| id.starts_with('c')));
         assert_eq!(values[1..], [json!([1]), json!(9), json!("s"), json!("h")]);
         assert_eq!(d.values(&json!({"a": 1}), &msg, &headers)[1], Json::Null);
+        let mut event = json!({"a": {"b": "moved"}, "c": 1});
+        assert_eq!(d.take_values(&mut event, &msg, &headers)[1], json!("moved"));
+        assert_eq!(event, json!({"a": {"b": null}, "c": 1}));
+        let twice = Direct::parse("{{ event.a }} {{ event.a.b }}").unwrap();
+        let mut event = json!({"a": {"b": 2}});
+        assert_eq!(
+            twice.take_values(&mut event, &msg, &headers),
+            [json!({"b": 2}), json!(2)]
+        );
     }
 
     #[test]

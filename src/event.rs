@@ -128,14 +128,19 @@ impl Compiled {
             v.apply(&mut event)
                 .map_err(|e| invalid(InvalidKind::Schema, e, Some(&event)))?;
         }
+        let id = event_id(&event);
         let (rendered, labels) = self
             .templates
-            .render(&event, msg, headers)
-            .map_err(|e| invalid(InvalidKind::Template, e, Some(&event)))?;
+            .render(event, msg, headers)
+            .map_err(|error| Invalid {
+                kind: InvalidKind::Template,
+                error,
+                event_id: id.clone(),
+            })?;
         Ok(Prepared {
             rendered,
             labels,
-            event_id: event_id(&event),
+            event_id: id,
         })
     }
 }

@@ -392,16 +392,32 @@ pub struct NulError;
 /// A JSON value as the text input of a type with this encoding. Null is
 /// SQL NULL; see [`Encoding`] for the rest.
 fn encode_value(v: &Json, encoding: &Encoding) -> Result<Option<String>, NulError> {
-    if has_nul(v) {
-        return Err(NulError);
+    match (v, encoding) {
+        (Json::Null, _) => Ok(None),
+        (Json::String(s), Encoding::Text | Encoding::Array(_)) if s.contains('\0') => Err(NulError),
+        (Json::String(s), Encoding::Text | Encoding::Array(_)) => Ok(Some(s.clone())),
+        (Json::Array(items), Encoding::Array(elem)) if !has_nul(v) => {
+            Ok(Some(array_literal(items, elem)))
+        }
+        (Json::Array(_), Encoding::Array(_)) => Err(NulError),
+        (other, _) => json_text(other).map(Some),
     }
-    Ok(match (v, encoding) {
-        (Json::Null, _) => None,
-        (_, Encoding::Json) => Some(v.to_string()),
-        (Json::Array(items), Encoding::Array(elem)) => Some(array_literal(items, elem)),
-        (Json::String(s), _) => Some(s.clone()),
-        (other, _) => Some(other.to_string()),
-    })
+}
+
+/// JSON text; a NUL anywhere (serde_json writes it as `\u0000`) is
+/// refused, since Postgres stores no NUL in text or JSON.
+fn json_text(v: &Json) -> Result<String, NulError> {
+    let text = v.to_string();
+    // `\\u0000` is an escaped backslash before the text `u0000`: a NUL
+    // escape has an odd number of backslashes.
+    let nul = text
+        .match_indices("u0000")
+        .any(|(i, _)| text[..i].bytes().rev().take_while(|&b| b == b'\\').count() % 2 == 1);
+    if nul {
+        Err(NulError)
+    } else {
+        Ok(text)
+    }
 }
 
 fn has_nul(v: &Json) -> bool {
@@ -474,6 +490,14 @@ mod tests {
         assert_eq!(
             encode_value(&json!({"k": ["x\u{0}"]}), &json_enc),
             Err(NulError)
+        );
+        assert_eq!(encode_value(&json!({"k\u{0}": 1}), &text), Err(NulError));
+        assert_eq!(encode_value(&json!("a\u{0}"), &texts), Err(NulError));
+        // The text `\u0000` (a backslash, then u0000) is no NUL.
+        let literal = json!({"k": "\\u0000 is text, \\\\\\u0000 too"});
+        assert_eq!(
+            encode_value(&literal, &json_enc),
+            Ok(Some(literal.to_string()))
         );
     }
 

@@ -150,7 +150,7 @@ impl PgSink {
         if plans.len() >= MAX_PLANS {
             plans.clear();
         }
-        plans.insert(rendered.sql.clone(), plan.clone());
+        plans.insert(rendered.sql.to_string(), plan.clone());
         Ok(plan)
     }
 
@@ -191,11 +191,16 @@ impl PgSink {
     /// error every pending row stays `Pending`.
     pub async fn write(&self, rows: &mut [&mut SinkRow], finish: Finish) -> Result<(), WriteError> {
         let mut batch = Vec::new();
+        let mut last: Option<(Arc<str>, Arc<Plan>)> = None;
         for (index, row) in rows.iter_mut().enumerate() {
             if row.outcome != Outcome::Pending {
                 continue;
             }
-            let plan = self.plan(&row.rendered).await?;
+            let plan = match &last {
+                Some((sql, plan)) if Arc::ptr_eq(sql, &row.rendered.sql) => plan.clone(),
+                _ => self.plan(&row.rendered).await?,
+            };
+            last = Some((row.rendered.sql.clone(), plan.clone()));
             match plan.encode(&row.rendered.params) {
                 Ok(values) => batch.push(Encoded {
                     index,

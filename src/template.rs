@@ -7,6 +7,7 @@
 
 use std::cell::RefCell;
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use minijinja::value::Serde;
 use minijinja::{Environment, UndefinedBehavior, Value};
@@ -23,7 +24,10 @@ thread_local! {
 /// One rendered row: SQL with `$1..$n` placeholders and their values.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Rendered {
-    pub sql: String,
+    /// Shared by every event of a plain template: cloning it per event
+    /// costs a reference count, and the sink recognises the same statement
+    /// by pointer.
+    pub sql: Arc<str>,
     pub params: Vec<Json>,
 }
 
@@ -128,7 +132,7 @@ impl Templates {
             return false;
         };
         let ours = direct.values(&event, &msg, &headers);
-        engine.sql == direct.sql
+        *engine.sql == *direct.sql
             && engine.params.len() == ours.len()
             && engine
                 .params
@@ -138,32 +142,35 @@ impl Templates {
                 .all(|(k, (a, b))| a == b || (direct.is_call(k) && a.is_string() && b.is_string()))
     }
 
-    /// The event's statement and metric labels.
+    /// The event's statement and metric labels. The event is consumed: a
+    /// plain template moves its values out instead of copying them.
     pub fn render(
         &self,
-        event: &Json,
+        mut event: Json,
         msg: &MsgMeta,
         headers: &BTreeMap<String, String>,
     ) -> Result<(Rendered, Vec<String>), String> {
         let mut ctx = None;
-        let mut context = || {
-            ctx.get_or_insert_with(|| Self::context(event, msg, headers))
-                .clone()
-        };
+        let mut labels = Vec::with_capacity(self.label_names.len());
+        for (name, direct) in self.label_names.iter().zip(&self.direct_labels) {
+            match direct.as_ref().and_then(|e| e.label(&event, msg, headers)) {
+                Some(text) => labels.push(text),
+                None => {
+                    let ctx = ctx.get_or_insert_with(|| Self::context(&event, msg, headers));
+                    labels.push(self.render_label(name, ctx)?)
+                }
+            }
+        }
         let rendered = match &self.direct_insert {
             Some(d) => Rendered {
                 sql: d.sql.clone(),
-                params: d.values(event, msg, headers),
+                params: d.take_values(&mut event, msg, headers),
             },
-            None => self.render_insert(&context())?,
-        };
-        let mut labels = Vec::with_capacity(self.label_names.len());
-        for (name, direct) in self.label_names.iter().zip(&self.direct_labels) {
-            match direct.as_ref().and_then(|e| e.label(event, msg, headers)) {
-                Some(text) => labels.push(text),
-                None => labels.push(self.render_label(name, &context())?),
+            None => {
+                let ctx = ctx.get_or_insert_with(|| Self::context(&event, msg, headers));
+                self.render_insert(ctx)?
             }
-        }
+        };
         Ok((rendered, labels))
     }
 
@@ -186,7 +193,10 @@ impl Templates {
             .and_then(|t| t.render(ctx))
             .map_err(|e| format!("insert template: {e:#}"));
         let params = PARAMS.with(|p| std::mem::take(&mut *p.borrow_mut()));
-        Ok(Rendered { sql: sql?, params })
+        Ok(Rendered {
+            sql: Arc::from(sql?),
+            params,
+        })
     }
 
     /// The distinct statements the insert template can render: every
@@ -219,8 +229,11 @@ impl Templates {
                 .and_then(|t| t.render(ctx));
             let params = PARAMS.with(|p| std::mem::take(&mut *p.borrow_mut()));
             if let Ok(sql) = sql {
-                if !out.iter().any(|r| r.sql == sql) {
-                    out.push(Rendered { sql, params });
+                if !out.iter().any(|r| *r.sql == *sql) {
+                    out.push(Rendered {
+                        sql: Arc::from(sql),
+                        params,
+                    });
                 }
             }
         }
@@ -252,7 +265,7 @@ fn base_env() -> Environment<'static> {
 /// The one plain value a label template is, if that is all it is.
 fn direct_label(text: &str) -> Option<Expr> {
     Direct::parse(text)
-        .filter(|d| d.sql == "$1")
+        .filter(|d| &*d.sql == "$1")
         .and_then(|d| d.exprs.into_iter().next())
 }
 
@@ -350,7 +363,7 @@ mod tests {
             "INSERT INTO t VALUES ({{ event.a }}, {{ event.b }}, {{ subject }}, {{ event.missing.deep }})",
             json!({"a": "'); DROP TABLE t; --", "b": {"x": [1, true]}}),
         );
-        assert_eq!(r.sql, "INSERT INTO t VALUES ($1, $2, $3, $4)");
+        assert_eq!(&*r.sql, "INSERT INTO t VALUES ($1, $2, $3, $4)");
         assert_eq!(
             r.params,
             vec![
@@ -384,7 +397,7 @@ mod tests {
     fn control_flow_shapes_the_sql() {
         let tpl = "INSERT INTO t VALUES ({{ event.a }}{% if event.b %}, {{ event.b }}{% endif %})";
         assert_eq!(
-            render(tpl, json!({"a": 1})).sql,
+            &*render(tpl, json!({"a": 1})).sql,
             "INSERT INTO t VALUES ($1)"
         );
         assert_eq!(
@@ -400,7 +413,11 @@ mod tests {
                    {%- else %}UPDATE c SET n = n + 1{% endif %}\
                    {% if event.r %} RETURNING *{% endif %}";
         let t = Templates::compile(tpl, &BTreeMap::new()).unwrap();
-        let mut sqls: Vec<String> = t.variants().into_iter().map(|r| r.sql).collect();
+        let mut sqls: Vec<String> = t
+            .variants()
+            .into_iter()
+            .map(|r| r.sql.to_string())
+            .collect();
         sqls.sort();
         assert_eq!(
             sqls,
@@ -468,10 +485,12 @@ mod tests {
                     json!({"a": a}),
                     json!({"b": c}),
                 ] {
-                    let (direct, direct_labels) = t.render(&event, &msg, &headers).unwrap();
+                    let (direct, direct_labels) = t.render(event.clone(), &msg, &headers).unwrap();
                     let ctx = Templates::context(&event, &msg, &headers);
                     let engine = t.render_insert(&ctx).unwrap();
                     assert_eq!(direct.sql, engine.sql);
+                    let again = t.render(event.clone(), &msg, &headers).unwrap();
+                    assert!(Arc::ptr_eq(&direct.sql, &again.0.sql));
                     assert_eq!(direct.params[1..], engine.params[1..], "{event}");
                     let engine_labels: Vec<String> = ["l1", "l2", "l3"]
                         .iter()
