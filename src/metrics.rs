@@ -16,6 +16,7 @@ use prometheus::{CounterVec, Gauge, HistogramOpts, HistogramVec, IntCounterVec, 
 
 use crate::config::MetricsConfig;
 use crate::health::HealthMetrics;
+use crate::lag::LagMetrics;
 
 /// The collector's histogram buckets, in seconds.
 pub const DURATION_BUCKETS: [f64; 8] = [0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0];
@@ -50,6 +51,8 @@ pub struct EngineMetrics {
     pub reloads: IntCounterVec,
     /// Pipelines' problems (see [`crate::health`]).
     pub health: HealthMetrics,
+    /// Pipelines' lag and freshness (see [`crate::lag`]).
+    pub lag: LagMetrics,
 }
 
 /// The per-event families of one prefix.
@@ -92,11 +95,13 @@ impl Metrics {
                 &["file", "result"],
             )?,
             health: HealthMetrics::new()?,
+            lag: LagMetrics::new()?,
         };
         registry.register(Box::new(engine.sink_retries.clone()))?;
         registry.register(Box::new(engine.dead_letters.clone()))?;
         registry.register(Box::new(engine.reloads.clone()))?;
         engine.health.register(&registry)?;
+        engine.lag.register(&registry)?;
         Ok(Self {
             registry,
             sets: Mutex::new(HashMap::new()),

@@ -23,6 +23,7 @@ use crate::config::{self, InvalidAction, PipelineFile};
 use crate::deadletter::{self, DeadLetters, Letter};
 use crate::event::{self, Compiled, Invalid, Prepared};
 use crate::health::{Health, Severity, Side};
+use crate::lag;
 use crate::metrics::{duration_values, FailureLabels, FamilySet, Metrics};
 use crate::sink::{Finish, Outcome, PgSink, Rejection, SinkRow, WriteError};
 use crate::source::{self, Handoff, Puller};
@@ -53,6 +54,8 @@ pub struct Pipeline {
     pub stats: Arc<Stats>,
     /// Consecutive database rejections (see `suspect_rejections`).
     rejected_run: std::sync::Mutex<RejectedRun>,
+    /// Lag, freshness and held-message series (shared with other versions).
+    lag: Arc<lag::PipelineLag>,
     /// Set by a reload: who gets this version's open pull requests.
     successor: std::sync::Mutex<Option<mpsc::UnboundedSender<Handoff>>>,
 }
@@ -76,6 +79,7 @@ pub struct Deps {
 struct Held {
     msg: Message,
     received: Instant,
+    _held: lag::HeldGuard,
 }
 
 /// An event on its way to the database: the message, what to write, and
@@ -148,6 +152,7 @@ impl Pipeline {
         Ok(Self {
             name: cfg.name.clone(),
             health: Health::new(&cfg.name, deps.metrics.engine.health.clone()),
+            lag: Arc::new(deps.metrics.engine.lag.pipeline(&cfg.name)),
             file: file.path.clone(),
             failure: FailureLabels::new(&cfg.metrics),
             cfg,
@@ -199,6 +204,11 @@ impl Pipeline {
         let batch = &self.cfg.sink.postgres.batch;
         let slots = Arc::new(Semaphore::new(batch.max_in_flight.get()));
         let mut puller = Puller::new(self.consumer.clone(), batch.max_rows.get());
+        let poller = lag::Poller::start(
+            self.lag.clone(),
+            self.consumer.clone(),
+            self.cfg.source.nats.lag_interval,
+        );
         tracing::info!(pipeline = %self.name, file = %self.file.display(), "pipeline running");
         if let Some(letters) = &self.dead_letters {
             let durable = self.durable().to_string();
@@ -230,6 +240,7 @@ impl Pipeline {
             self.dispatch(chunk, &slots, &mut puller, &stop).await;
         }
         let _ = slots.acquire_many(batch.max_in_flight.get() as u32).await;
+        poller.finish().await;
         tracing::info!(pipeline = %self.name, "pipeline stopped");
     }
 
@@ -293,6 +304,7 @@ impl Pipeline {
     fn receive(&self, msg: Message) -> Held {
         self.count_received(msg.subject.as_str());
         Held {
+            _held: self.lag.hold(&msg),
             msg,
             received: Instant::now(),
         }
@@ -511,6 +523,7 @@ impl Pipeline {
         if let Err(e) = row.held.msg.ack().await {
             tracing::warn!(pipeline = %self.name, error = %e, "ack failed; the event will be redelivered and deduplicated");
         }
+        self.lag.committed(&row.held.msg);
         let labels: Vec<&str> = row.labels.iter().map(String::as_str).collect();
         self.families.processed.with_label_values(&labels).inc();
         self.stats.processed.fetch_add(1, Ordering::Relaxed);
