@@ -102,7 +102,7 @@ impl LagMetrics {
             ack_pending: self.ack_pending.with_label_values(&labels),
             redelivered: self.redelivered.with_label_values(&labels),
             age: self.age.with_label_values(&labels),
-            last_commit: self.last_commit.with_label_values(&labels),
+            last_commit: std::sync::OnceLock::new(),
             held_messages: self.held_messages.with_label_values(&labels),
             held_bytes: self.held_bytes.with_label_values(&labels),
             families: self.clone(),
@@ -128,7 +128,9 @@ pub struct PipelineLag {
     ack_pending: IntGauge,
     redelivered: IntGauge,
     age: Histogram,
-    last_commit: Gauge,
+    /// Created at the first commit: a pipeline that never committed has no
+    /// last commit (not one in 1970).
+    last_commit: std::sync::OnceLock<Gauge>,
     held_messages: IntGauge,
     held_bytes: IntGauge,
     families: LagMetrics,
@@ -154,7 +156,9 @@ impl PipelineLag {
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .unwrap_or_default();
-        self.last_commit.set(now.as_secs_f64());
+        self.last_commit
+            .get_or_init(|| self.families.last_commit.with_label_values(&[&self.name]))
+            .set(now.as_secs_f64());
         if let Ok(info) = msg.info() {
             let published = info.published.unix_timestamp_nanos() as f64 / 1e9;
             self.age.observe((now.as_secs_f64() - published).max(0.0));
