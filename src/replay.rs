@@ -53,8 +53,8 @@ pub struct Args {
 
 #[derive(Debug, thiserror::Error)]
 pub enum ReplayError {
-    #[error("cannot connect to NATS: {0:#}")]
-    Connect(anyhow::Error),
+    #[error("{0:#}")]
+    Setup(anyhow::Error),
     #[error("no stream captures the dead-letter subject `{subject}`: {error}")]
     NoStream { subject: String, error: String },
     #[error("reading the dead letters: {0}")]
@@ -106,17 +106,17 @@ pub fn main(args: Args) -> anyhow::Result<()> {
 }
 
 pub async fn run(args: &Args) -> Result<Counts, ReplayError> {
-    let metrics =
-        std::sync::Arc::new(crate::metrics::Metrics::new().map_err(ReplayError::Connect)?);
+    let metrics = std::sync::Arc::new(crate::metrics::Metrics::new().map_err(ReplayError::Setup)?);
     let client = source::connect(&args.nats_url, "ingestd-replay", &args.nats_auth, metrics)
         .await
-        .map_err(ReplayError::Connect)?;
+        .map_err(ReplayError::Setup)?;
     let js = jetstream::new(client);
     let stream = js
         .get_stream(stream_of(&js, &args.dead_letters).await?)
         .await
         .map_err(|e| ReplayError::Read(e.to_string()))?;
     let read = |e: &dyn std::fmt::Display| ReplayError::Read(e.to_string());
+    let last = stream.cached_info().state.last_sequence;
     let mut consumer = stream
         .create_consumer(pull::OrderedConfig {
             filter_subject: args.dead_letters.clone(),
@@ -135,6 +135,9 @@ pub async fn run(args: &Args) -> Result<Counts, ReplayError> {
             Ok(None) | Err(_) => return Err(read(&"the dead-letter stream stopped answering")),
         };
         let info = msg.info().map_err(|e| read(&e))?;
+        if info.stream_sequence > last {
+            break; // dead-lettered since the start (maybe by this replay)
+        }
         left = info.pending;
         let Some(letter) = Letter::read(&msg, info.stream_sequence, info.published) else {
             counts.not_letters += 1;
