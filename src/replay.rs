@@ -255,3 +255,63 @@ fn original_headers(letter: Option<&HeaderMap>) -> HeaderMap {
     }
     headers
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn letter(at: &str) -> Letter {
+        Letter {
+            seq: 7,
+            pipeline: "tiktok".into(),
+            reason: "schema".into(),
+            subject: "raw.events.tiktok.top.like".into(),
+            dead_lettered: config::parse_time(at).unwrap(),
+        }
+    }
+
+    fn args(argv: &[&str]) -> Args {
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            args: Args,
+        }
+        let mut all = vec!["replay", "--dead-letters", "dlq"];
+        all.extend_from_slice(argv);
+        <Cli as clap::Parser>::parse_from(all).args
+    }
+
+    #[test]
+    fn filters_select_by_pipeline_reason_subject_and_time() {
+        let l = letter("2026-11-25T12:00:00Z");
+        assert!(args(&[]).selects(&l));
+        assert!(args(&["--pipeline", "tiktok", "--reason", "schema"]).selects(&l));
+        assert!(!args(&["--pipeline", "facebook"]).selects(&l));
+        assert!(!args(&["--reason", "not_json"]).selects(&l));
+        assert!(args(&["--subject", "raw.events.tiktok.>"]).selects(&l));
+        assert!(!args(&["--subject", "raw.events.tiktok.bottom.>"]).selects(&l));
+        assert!(args(&["--since", "2026-11-25T12:00:00Z"]).selects(&l));
+        assert!(!args(&["--until", "2026-11-25T12:00:00Z"]).selects(&l));
+        assert!(!args(&[
+            "--since",
+            "2026-11-25T13:00:00+01:00",
+            "--until",
+            "2026-11-25T11:00:00Z"
+        ])
+        .selects(&l));
+    }
+
+    #[test]
+    fn replayed_headers_drop_dead_letter_and_control_headers() {
+        let mut letter = HeaderMap::new();
+        letter.insert("Nats-Msg-Id", "S:1");
+        letter.insert("Ingestd-Reason", "schema");
+        letter.insert("Original-Nats-Msg-Id", "abc");
+        letter.insert("Trace-Id", "t1");
+        let kept = original_headers(Some(&letter));
+        let names: Vec<String> = kept.iter().map(|(n, _)| n.to_string()).collect();
+        let mut names = names;
+        names.sort();
+        assert_eq!(names, ["Original-Nats-Msg-Id", "Trace-Id"]);
+    }
+}
