@@ -769,6 +769,30 @@ mod tests {
     }
 
     #[test]
+    fn start_positions_go_with_their_deliver_policy() {
+        let file = |consumer: &str| {
+            let text = format!("name: x\nsource:\n  nats:\n    stream: {{name: s, subjects: [a]}}\n    consumer: {{durable: d, filter_subject: a, {consumer}}}\nsink: {{postgres: {{insert: x}}}}\n");
+            PipelineFile::parse(Path::new("p.yaml"), &text)
+        };
+        assert!(file("deliver_policy: by_start_sequence, start_sequence: 3").is_ok());
+        let t = file("deliver_policy: by_start_time, start_time: '2026-11-25T00:00:00Z'").unwrap();
+        assert_eq!(
+            t.pipeline
+                .source
+                .nats
+                .consumer
+                .start_time
+                .unwrap()
+                .timestamp(),
+            1_795_564_800
+        );
+        assert!(file("deliver_policy: by_start_sequence").is_err());
+        assert!(file("deliver_policy: by_start_time, start_sequence: 3").is_err());
+        assert!(file("deliver_policy: all, start_sequence: 3").is_err());
+        assert!(file("deliver_policy: by_start_time, start_time: yesterday").is_err());
+    }
+
+    #[test]
     fn shipped_pipeline_parses() {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("pipelines/tiktok.yaml");
         let file = PipelineFile::load(&path).unwrap();
@@ -816,30 +840,6 @@ mod tests {
         assert_eq!(err.line, Some(5), "{err}");
         assert!(err.message.contains("bogus"), "{err}");
         assert!(err.to_string().starts_with("p.yaml:5:"), "{err}");
-    }
-
-    #[test]
-    fn start_positions_go_with_their_deliver_policy() {
-        let file = |consumer: &str| {
-            let text = format!("name: x\nsource:\n  nats:\n    stream: {{name: s, subjects: [a]}}\n    consumer: {{durable: d, filter_subject: a, {consumer}}}\nsink: {{postgres: {{insert: x}}}}\n");
-            PipelineFile::parse(Path::new("p.yaml"), &text)
-        };
-        assert!(file("deliver_policy: by_start_sequence, start_sequence: 3").is_ok());
-        let t = file("deliver_policy: by_start_time, start_time: '2026-11-25T00:00:00Z'").unwrap();
-        assert_eq!(
-            t.pipeline
-                .source
-                .nats
-                .consumer
-                .start_time
-                .unwrap()
-                .timestamp(),
-            1_795_564_800
-        );
-        assert!(file("deliver_policy: by_start_sequence").is_err());
-        assert!(file("deliver_policy: by_start_time, start_sequence: 3").is_err());
-        assert!(file("deliver_policy: all, start_sequence: 3").is_err());
-        assert!(file("deliver_policy: by_start_time, start_time: yesterday").is_err());
     }
 
     #[test]

@@ -49,10 +49,10 @@ pub struct EngineMetrics {
     pub dead_letters: IntCounterVec,
     /// Pipeline (re)loads by file and result (`success`, `failure`).
     pub reloads: IntCounterVec,
-    /// Pipelines' problems (see [`crate::health`]).
-    pub health: HealthMetrics,
     /// Pipelines' lag and freshness (see [`crate::lag`]).
     pub lag: LagMetrics,
+    /// Pipelines' problems (see [`crate::health`]).
+    pub health: HealthMetrics,
 }
 
 /// The per-event families of one prefix.
@@ -94,14 +94,14 @@ impl Metrics {
                 ),
                 &["file", "result"],
             )?,
-            health: HealthMetrics::new()?,
             lag: LagMetrics::new()?,
+            health: HealthMetrics::new()?,
         };
         registry.register(Box::new(engine.sink_retries.clone()))?;
         registry.register(Box::new(engine.dead_letters.clone()))?;
         registry.register(Box::new(engine.reloads.clone()))?;
-        engine.health.register(&registry)?;
         engine.lag.register(&registry)?;
+        engine.health.register(&registry)?;
         Ok(Self {
             registry,
             sets: Mutex::new(HashMap::new()),

@@ -47,6 +47,8 @@ pub struct Pipeline {
     engine: Arc<Metrics>,
     dead_letters: Option<DeadLetters>,
     stream: jetstream::stream::Stream,
+    /// Lag, freshness and held-message series (shared with other versions).
+    lag: Arc<lag::PipelineLag>,
     failure: FailureLabels,
     /// What keeps the pipeline from progressing, for probes and metrics.
     pub health: Health,
@@ -54,8 +56,6 @@ pub struct Pipeline {
     pub stats: Arc<Stats>,
     /// Consecutive database rejections (see `suspect_rejections`).
     rejected_run: std::sync::Mutex<RejectedRun>,
-    /// Lag, freshness and held-message series (shared with other versions).
-    lag: Arc<lag::PipelineLag>,
     /// Set by a reload: who gets this version's open pull requests.
     successor: std::sync::Mutex<Option<mpsc::UnboundedSender<Handoff>>>,
 }
@@ -152,7 +152,6 @@ impl Pipeline {
         Ok(Self {
             name: cfg.name.clone(),
             health: Health::new(&cfg.name, deps.metrics.engine.health.clone()),
-            lag: Arc::new(deps.metrics.engine.lag.pipeline(&cfg.name)),
             file: file.path.clone(),
             failure: FailureLabels::new(&cfg.metrics),
             cfg,
@@ -166,6 +165,7 @@ impl Pipeline {
             rejected_run: std::sync::Mutex::new(RejectedRun::default()),
             dead_letters,
             stream,
+            lag: Arc::new(deps.metrics.engine.lag.pipeline(&file.pipeline.name)),
         })
     }
 
@@ -204,12 +204,12 @@ impl Pipeline {
         let batch = &self.cfg.sink.postgres.batch;
         let slots = Arc::new(Semaphore::new(batch.max_in_flight.get()));
         let mut puller = Puller::new(self.consumer.clone(), batch.max_rows.get());
+        tracing::info!(pipeline = %self.name, file = %self.file.display(), "pipeline running");
         let poller = lag::Poller::start(
             self.lag.clone(),
             self.consumer.clone(),
             self.cfg.source.nats.lag_interval,
         );
-        tracing::info!(pipeline = %self.name, file = %self.file.display(), "pipeline running");
         if let Some(letters) = &self.dead_letters {
             let durable = self.durable().to_string();
             let watch = deadletter::watch_max_deliveries(
