@@ -218,6 +218,103 @@ async fn failing_pipeline_and_failed_reload_fire_their_alerts() {
     assert!(file.ends_with("broken.yaml"), "{fired:?}");
 }
 
+/// The lag gauges follow the consumer and what the engine holds while the
+/// database is away, the freshness series follow the commits once it is
+/// back, and every series leaves with its pipeline file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lag_series_follow_the_consumer_and_leave_with_their_pipeline() {
+    let env = TestEnv::new().await;
+    let bus = Bus::shared(&env);
+    pipeline(&env).write(&env);
+    let mut proxy = TcpProxy::to_postgres().await;
+    let engine = env
+        .engine()
+        .database_url(proxied(&env, &proxy))
+        .start()
+        .await;
+    proxy.stop().await;
+    let ids = event_ids("lag", 4);
+    bus.publish_events(&ids).await;
+    let bytes: usize = ids.iter().map(|id| to_bytes(&event(id)).len()).sum();
+    let tiktok = [("pipeline", "tiktok")];
+    engine
+        .wait_metric("ingestd_held_messages", &tiktok, 4.0)
+        .await;
+    engine
+        .wait_metric("ingestd_held_bytes", &tiktok, bytes as f64)
+        .await;
+    engine
+        .wait_metric("ingestd_consumer_ack_pending_messages", &tiktok, 4.0)
+        .await;
+    let m = engine.metrics().await;
+    assert_eq!(
+        m.series("ingestd_last_commit_timestamp_seconds", &[])
+            .count(),
+        0
+    );
+
+    proxy.start().await;
+    wait_settled(&engine, 4.0).await;
+    engine
+        .wait_metric("ingestd_held_messages", &tiktok, 0.0)
+        .await;
+    engine.wait_metric("ingestd_held_bytes", &tiktok, 0.0).await;
+    engine
+        .wait_metric("ingestd_consumer_ack_pending_messages", &tiktok, 0.0)
+        .await;
+    let m = engine
+        .wait_metric("ingestd_publish_to_commit_seconds_count", &tiktok, 4.0)
+        .await;
+    let last = m
+        .one("ingestd_last_commit_timestamp_seconds", &tiktok)
+        .value;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    assert!(
+        (now - 60.0..=now + 1.0).contains(&last),
+        "last commit {last}, now {now}"
+    );
+
+    env.write_pipeline("other.yaml", &other_pipeline(&env));
+    std::fs::remove_file(env.pipelines_dir().join("tiktok.yaml")).unwrap();
+    wait_for(
+        "the removed pipeline's lag series to go",
+        DEADLINE,
+        || async {
+            let m = engine.try_metrics().await?;
+            let left: Vec<&Sample> = m
+                .samples
+                .iter()
+                .filter(|s| s.name.starts_with("ingestd_") && s.has_labels(&tiktok))
+                .filter(|s| !s.name.contains("total") && !s.name.contains("problem"))
+                .collect();
+            if left.is_empty() {
+                Ok(())
+            } else {
+                Err(format!("{left:?}"))
+            }
+        },
+    )
+    .await;
+}
+
+/// A second pipeline on the test's stream (so the engine keeps running
+/// when tiktok.yaml goes).
+fn other_pipeline(env: &TestEnv) -> String {
+    let tiktok = env.tiktok_pipeline();
+    let durable = format!("other-{}", env.id);
+    adapt_pipeline(
+        &tiktok,
+        &[
+            ("name: tiktok".into(), "name: other".into()),
+            (env.durable.clone(), durable),
+            ("prefix: collector".into(), "prefix: other".into()),
+        ],
+    )
+}
+
 // ---------------------------------------------------------------------------
 // Replay
 // ---------------------------------------------------------------------------
