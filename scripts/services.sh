@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Makes sure NATS (with JetStream) listens on 127.0.0.1:4222 and PostgreSQL on
 # 127.0.0.1:5432 accepts user postgres without a password, installing and
-# starting the Debian packages when they are missing. Idempotent: a machine
+# starting the Debian packages when they are missing, and that Prometheus'
+# `prometheus` and `promtool` are installed (not started). Idempotent: a machine
 # that already runs both is left as it is.
 set -euo pipefail
 
@@ -52,8 +53,25 @@ ensure_postgres() {
   return 1
 }
 
+# The operations tests start their own Prometheus (and use promtool) on a
+# free port with their own config: the package's system service is kept from
+# starting (policy-rc.d denies it during the install).
+ensure_prometheus() {
+  command -v prometheus >/dev/null && command -v promtool >/dev/null && return 0
+  local policy=/usr/sbin/policy-rc.d added=""
+  if [ ! -e "$policy" ]; then
+    printf '#!/bin/sh\nexit 101\n' | $SUDO tee "$policy" >/dev/null
+    $SUDO chmod +x "$policy"
+    added=1
+  fi
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends prometheus >/dev/null
+  [ -z "$added" ] || $SUDO rm -f "$policy"
+}
+
 ensure_nats
 ensure_postgres
+ensure_prometheus
 # The quick start reads the HTTP endpoints with curl.
 command -v curl >/dev/null || apt_install curl
-echo "services: NATS on 127.0.0.1:4222 and PostgreSQL on 127.0.0.1:5432 are up"
+echo "services: NATS on 127.0.0.1:4222 and PostgreSQL on 127.0.0.1:5432 are up; prometheus and promtool installed"

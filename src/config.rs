@@ -85,6 +85,16 @@ pub struct Source {
 pub struct NatsSource {
     pub stream: StreamConfig,
     pub consumer: ConsumerConfig,
+    /// How often the consumer's state is read for the lag gauges
+    /// (`ingestd_consumer_pending_messages` and the like): each read is one
+    /// request to the server.
+    #[serde(default = "default_lag_interval", deserialize_with = "de_duration")]
+    #[schemars(with = "DurationText")]
+    pub lag_interval: Duration,
+}
+
+fn default_lag_interval() -> Duration {
+    Duration::from_secs(5)
 }
 
 /// The stream is ensured: created with these settings when missing, used as
@@ -163,6 +173,13 @@ pub struct ConsumerConfig {
     /// plus a batch of acknowledgements the server may not have processed.
     #[serde(default)]
     pub max_ack_pending: Option<i64>,
+    /// First stream sequence delivered, with `deliver_policy: by_start_sequence`.
+    #[serde(default)]
+    pub start_sequence: Option<u64>,
+    /// First publish time delivered (RFC 3339), with `deliver_policy: by_start_time`.
+    #[serde(default, deserialize_with = "de_opt_time")]
+    #[schemars(with = "Option<String>")]
+    pub start_time: Option<chrono::DateTime<chrono::Utc>>,
 }
 
 fn default_ack_wait() -> Duration {
@@ -181,6 +198,10 @@ pub enum DeliverPolicy {
     Last,
     New,
     LastPerSubject,
+    /// From `start_sequence` on (a backfill: see README "Backfill").
+    ByStartSequence,
+    /// From the first message published at or after `start_time`.
+    ByStartTime,
 }
 
 /// Only explicit acks let the engine acknowledge after the commit.
@@ -476,6 +497,7 @@ impl PipelineFile {
         if inv.delay.is_some() && inv.action != InvalidAction::Nak {
             return Err(self.error("delay", "`delay` is used by action `nak` only"));
         }
+        self.check_start()?;
         let b = &p.sink.postgres.batch;
         if let Some(pending) = p.source.nats.consumer.max_ack_pending {
             if pending > 0 && (pending as usize) < b.max_rows.get() {
@@ -489,6 +511,24 @@ impl PipelineFile {
             }
         }
         Ok(())
+    }
+}
+
+impl PipelineFile {
+    /// `start_sequence` and `start_time` go with their deliver policies.
+    fn check_start(&self) -> Result<(), ConfigError> {
+        let c = &self.pipeline.source.nats.consumer;
+        let needs = match (c.deliver_policy, c.start_sequence, c.start_time) {
+            (DeliverPolicy::ByStartSequence, None, _) => "by_start_sequence needs `start_sequence`",
+            (DeliverPolicy::ByStartTime, _, None) => "by_start_time needs `start_time`",
+            (DeliverPolicy::ByStartSequence, _, Some(_)) | (DeliverPolicy::ByStartTime, Some(_), _) => {
+                "give either `start_sequence` or `start_time`, as the deliver policy says"
+            }
+            (DeliverPolicy::ByStartSequence | DeliverPolicy::ByStartTime, _, _) => return Ok(()),
+            (_, None, None) => return Ok(()),
+            _ => "`start_sequence` and `start_time` go with deliver_policy by_start_sequence or by_start_time",
+        };
+        Err(self.error("deliver_policy", needs))
     }
 }
 
@@ -619,6 +659,20 @@ fn de_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
     })
 }
 
+fn de_opt_time<'de, D: Deserializer<'de>>(
+    d: D,
+) -> Result<Option<chrono::DateTime<chrono::Utc>>, D::Error> {
+    let s = String::deserialize(d)?;
+    parse_time(&s).map(Some).map_err(serde::de::Error::custom)
+}
+
+/// An RFC 3339 time such as `2026-11-25T21:00:00Z`.
+pub fn parse_time(s: &str) -> Result<chrono::DateTime<chrono::Utc>, String> {
+    chrono::DateTime::parse_from_rfc3339(s.trim())
+        .map(|t| t.with_timezone(&chrono::Utc))
+        .map_err(|e| format!("invalid time `{s}`: {e} (e.g. 2026-11-25T21:00:00Z)"))
+}
+
 fn de_opt_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
     de_duration(d).map(Some)
 }
@@ -712,6 +766,30 @@ mod tests {
         assert_eq!(parse_size("1GiB").unwrap(), 1 << 30);
         assert_eq!(parse_size("512").unwrap(), 512);
         assert!(parse_size("1 parsec").is_err());
+    }
+
+    #[test]
+    fn start_positions_go_with_their_deliver_policy() {
+        let file = |consumer: &str| {
+            let text = format!("name: x\nsource:\n  nats:\n    stream: {{name: s, subjects: [a]}}\n    consumer: {{durable: d, filter_subject: a, {consumer}}}\nsink: {{postgres: {{insert: x}}}}\n");
+            PipelineFile::parse(Path::new("p.yaml"), &text)
+        };
+        assert!(file("deliver_policy: by_start_sequence, start_sequence: 3").is_ok());
+        let t = file("deliver_policy: by_start_time, start_time: '2026-11-25T00:00:00Z'").unwrap();
+        assert_eq!(
+            t.pipeline
+                .source
+                .nats
+                .consumer
+                .start_time
+                .unwrap()
+                .timestamp(),
+            1_795_564_800
+        );
+        assert!(file("deliver_policy: by_start_sequence").is_err());
+        assert!(file("deliver_policy: by_start_time, start_sequence: 3").is_err());
+        assert!(file("deliver_policy: all, start_sequence: 3").is_err());
+        assert!(file("deliver_policy: by_start_time, start_time: yesterday").is_err());
     }
 
     #[test]

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 
+mod backfill;
 mod config;
 mod dbcheck;
 mod deadletter;
@@ -16,10 +17,12 @@ mod engine;
 mod event;
 mod health;
 mod http;
+mod lag;
 mod metrics;
 mod pipeline;
 mod pipetest;
 mod plan;
+mod replay;
 mod sink;
 mod source;
 mod sql;
@@ -101,6 +104,16 @@ enum Command {
         #[arg(long, env = "NATS_URL", default_value = "nats://localhost:4222")]
         nats_url: String,
     },
+    /// Re-publish dead letters to their original subjects (then delete them).
+    #[command(
+        after_help = "Example:\n  ingestd replay --dead-letters deadletter.tiktok --reason schema --dry-run"
+    )]
+    Replay(Box<replay::Args>),
+    /// Re-read a stream from a sequence or a time into a pipeline, on a consumer of its own.
+    #[command(
+        after_help = "Example:\n  ingestd backfill pipelines/tiktok.yaml --from-time 2026-11-25T00:00:00Z"
+    )]
+    Backfill(Box<backfill::Args>),
 }
 
 #[derive(clap::Args)]
@@ -156,6 +169,8 @@ fn main() -> ExitCode {
             files,
             nats_url,
         }) => publish(&nats_url, &subject, files),
+        Some(Command::Replay(args)) => replay::main(*args),
+        Some(Command::Backfill(args)) => backfill::main(*args),
         None => run(cli.run),
     };
     match result {

@@ -16,6 +16,7 @@ use prometheus::{CounterVec, Gauge, HistogramOpts, HistogramVec, IntCounterVec, 
 
 use crate::config::MetricsConfig;
 use crate::health::HealthMetrics;
+use crate::lag::LagMetrics;
 
 /// The collector's histogram buckets, in seconds.
 pub const DURATION_BUCKETS: [f64; 8] = [0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0];
@@ -48,6 +49,8 @@ pub struct EngineMetrics {
     pub dead_letters: IntCounterVec,
     /// Pipeline (re)loads by file and result (`success`, `failure`).
     pub reloads: IntCounterVec,
+    /// Pipelines' lag and freshness (see [`crate::lag`]).
+    pub lag: LagMetrics,
     /// Pipelines' problems (see [`crate::health`]).
     pub health: HealthMetrics,
 }
@@ -91,11 +94,13 @@ impl Metrics {
                 ),
                 &["file", "result"],
             )?,
+            lag: LagMetrics::new()?,
             health: HealthMetrics::new()?,
         };
         registry.register(Box::new(engine.sink_retries.clone()))?;
         registry.register(Box::new(engine.dead_letters.clone()))?;
         registry.register(Box::new(engine.reloads.clone()))?;
+        engine.lag.register(&registry)?;
         engine.health.register(&registry)?;
         Ok(Self {
             registry,

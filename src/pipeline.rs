@@ -23,6 +23,7 @@ use crate::config::{self, InvalidAction, PipelineFile};
 use crate::deadletter::{self, DeadLetters, Letter};
 use crate::event::{self, Compiled, Invalid, InvalidKind, Prepared};
 use crate::health::{Health, Severity, Side};
+use crate::lag;
 use crate::metrics::{duration_values, FailureLabels, FamilySet, Metrics};
 use crate::sink::{Finish, Outcome, PgSink, Rejection, SinkRow, WriteError};
 use crate::source::{self, Handoff, Puller};
@@ -46,6 +47,8 @@ pub struct Pipeline {
     engine: Arc<Metrics>,
     dead_letters: Option<DeadLetters>,
     stream: jetstream::stream::Stream,
+    /// Lag, freshness and held-message series (shared with other versions).
+    lag: Arc<lag::PipelineLag>,
     failure: FailureLabels,
     /// What keeps the pipeline from progressing, for probes and metrics.
     pub health: Health,
@@ -76,6 +79,7 @@ pub struct Deps {
 struct Held {
     msg: Message,
     received: Instant,
+    _held: lag::HeldGuard,
 }
 
 /// An event on its way to the database: the message, what to write, and
@@ -161,6 +165,7 @@ impl Pipeline {
             rejected_run: std::sync::Mutex::new(RejectedRun::default()),
             dead_letters,
             stream,
+            lag: Arc::new(deps.metrics.engine.lag.pipeline(&file.pipeline.name)),
         })
     }
 
@@ -200,6 +205,11 @@ impl Pipeline {
         let slots = Arc::new(Semaphore::new(batch.max_in_flight.get()));
         let mut puller = Puller::new(self.consumer.clone(), batch.max_rows.get());
         tracing::info!(pipeline = %self.name, file = %self.file.display(), "pipeline running");
+        let poller = lag::Poller::start(
+            self.lag.clone(),
+            self.consumer.clone(),
+            self.cfg.source.nats.lag_interval,
+        );
         if let Some(letters) = &self.dead_letters {
             let durable = self.durable().to_string();
             let watch = deadletter::watch_max_deliveries(
@@ -230,6 +240,7 @@ impl Pipeline {
             self.dispatch(chunk, &slots, &mut puller, &stop).await;
         }
         let _ = slots.acquire_many(batch.max_in_flight.get() as u32).await;
+        poller.finish().await;
         tracing::info!(pipeline = %self.name, "pipeline stopped");
     }
 
@@ -293,6 +304,7 @@ impl Pipeline {
     fn receive(&self, msg: Message) -> Held {
         self.count_received(msg.subject.as_str());
         Held {
+            _held: self.lag.hold(&msg),
             msg,
             received: Instant::now(),
         }
@@ -546,6 +558,7 @@ impl Pipeline {
         if let Err(e) = row.held.msg.ack().await {
             tracing::warn!(pipeline = %self.name, error = %e, "ack failed; the event will be redelivered and deduplicated");
         }
+        self.lag.committed(&row.held.msg);
         let labels: Vec<&str> = row.labels.iter().map(String::as_str).collect();
         self.families.processed.with_label_values(&labels).inc();
         self.stats.processed.fetch_add(1, Ordering::Relaxed);

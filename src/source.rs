@@ -213,6 +213,12 @@ fn consumer_config(c: &ConsumerConfig, max_ack_pending: i64) -> pull::Config {
             config::DeliverPolicy::Last => DeliverPolicy::Last,
             config::DeliverPolicy::New => DeliverPolicy::New,
             config::DeliverPolicy::LastPerSubject => DeliverPolicy::LastPerSubject,
+            config::DeliverPolicy::ByStartSequence => DeliverPolicy::ByStartSequence {
+                start_sequence: c.start_sequence.unwrap_or(1),
+            },
+            config::DeliverPolicy::ByStartTime => DeliverPolicy::ByStartTime {
+                start_time: crate::backfill::offset_time(c.start_time.unwrap_or_default()),
+            },
         },
         ack_policy: match c.ack_policy {
             config::AckPolicy::Explicit => AckPolicy::Explicit,

@@ -656,6 +656,15 @@ impl Variant {
         )
     }
 
+    /// How often the lag gauges are read from the consumer.
+    pub fn lag_interval(self, value: Duration) -> Self {
+        let ms = value.as_millis();
+        self.replace(
+            "    consumer:\n",
+            format!("    lag_interval: {ms}ms\n    consumer:\n"),
+        )
+    }
+
     pub fn max_payload(self, size: &str) -> Self {
         self.replace(
             "name: tiktok\n",
