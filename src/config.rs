@@ -218,10 +218,43 @@ pub struct PostgresSink {
     pub batch: BatchConfig,
     #[serde(default = "default_pool_size")]
     pub pool_size: u32,
+    /// Longest a statement may run (Postgres `statement_timeout`): a
+    /// database that stops answering becomes a transient error, retried,
+    /// instead of a batch that waits forever.
+    #[serde(
+        default = "default_statement_timeout",
+        deserialize_with = "de_duration"
+    )]
+    #[schemars(with = "DurationText")]
+    pub statement_timeout: Duration,
+    /// Longest opening a connection may take (TCP, TLS and the start-up
+    /// exchange), so a server that accepts connections but never answers
+    /// is an error, not a hang.
+    #[serde(default = "default_connect_timeout", deserialize_with = "de_duration")]
+    #[schemars(with = "DurationText")]
+    pub connect_timeout: Duration,
+    /// Longest a migration waits for a lock (Postgres `lock_timeout`): a
+    /// table locked by another session fails the (re)load with a clear
+    /// message instead of blocking it.
+    #[serde(default = "default_lock_timeout", deserialize_with = "de_duration")]
+    #[schemars(with = "DurationText")]
+    pub lock_timeout: Duration,
 }
 
 fn default_pool_size() -> u32 {
     4
+}
+
+fn default_statement_timeout() -> Duration {
+    Duration::from_secs(30)
+}
+
+fn default_connect_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+
+fn default_lock_timeout() -> Duration {
+    Duration::from_secs(10)
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq, JsonSchema)]
@@ -234,6 +267,12 @@ pub struct BatchConfig {
     pub max_wait: Duration,
     #[serde(default = "default_in_flight")]
     pub max_in_flight: NonZeroUsize,
+    /// Payload bytes per batch (and per pull request): with `max_rows` it
+    /// bounds what a pipeline holds, whatever the size of its events. At
+    /// least `max_payload`.
+    #[serde(default = "default_batch_bytes", deserialize_with = "de_size")]
+    #[schemars(with = "SizeRepr")]
+    pub max_bytes: u64,
 }
 
 impl Default for BatchConfig {
@@ -242,6 +281,7 @@ impl Default for BatchConfig {
             max_rows: default_max_rows(),
             max_wait: default_max_wait(),
             max_in_flight: default_in_flight(),
+            max_bytes: default_batch_bytes(),
         }
     }
 }
@@ -256,6 +296,10 @@ fn default_max_wait() -> Duration {
 
 fn default_in_flight() -> NonZeroUsize {
     NonZeroUsize::new(2).expect("non-zero")
+}
+
+fn default_batch_bytes() -> u64 {
+    16 << 20
 }
 
 #[derive(Debug, Clone, Default, Deserialize, PartialEq, JsonSchema)]
@@ -357,6 +401,15 @@ pub struct MetricsConfig {
     /// Export process metrics (CPU, memory, fds) under this prefix.
     #[serde(default)]
     pub process_metrics: bool,
+    /// Label sets a family may hold; further ones are folded into label
+    /// value `other` (counted by `ingestd_metric_label_folds_total`), so
+    /// labels taken from events (subjects, fields) cannot exhaust memory.
+    #[serde(default = "default_max_label_sets")]
+    pub max_label_sets: usize,
+}
+
+fn default_max_label_sets() -> usize {
+    10_000
 }
 
 impl Default for MetricsConfig {
@@ -368,6 +421,7 @@ impl Default for MetricsConfig {
             duration_labels: Vec::new(),
             failed_labels: BTreeMap::new(),
             process_metrics: false,
+            max_label_sets: default_max_label_sets(),
         }
     }
 }
@@ -466,6 +520,15 @@ impl PipelineFile {
             return Err(self.error("delay", "`delay` is used by action `nak` only"));
         }
         let b = &p.sink.postgres.batch;
+        if b.max_bytes < p.max_payload {
+            return Err(self.error(
+                "max_bytes",
+                format!(
+                    "batch.max_bytes ({}) is below max_payload ({}): the largest event could never be pulled",
+                    b.max_bytes, p.max_payload
+                ),
+            ));
+        }
         if let Some(pending) = p.source.nats.consumer.max_ack_pending {
             if pending > 0 && (pending as usize) < b.max_rows.get() {
                 return Err(self.error(

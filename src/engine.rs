@@ -128,7 +128,10 @@ impl Engine {
 
     pub fn statuses(&self) -> Vec<Status> {
         let slots = self.slots.lock().expect("slots lock");
-        slots.iter().map(|(path, slot)| slot.status(path)).collect()
+        slots
+            .iter()
+            .map(|(path, slot)| slot.status(&self.shown(path), &self.dir))
+            .collect()
     }
 
     /// Brings the running set in line with the directory. Returns the load
@@ -272,8 +275,18 @@ impl Engine {
         }
     }
 
+    /// A pipeline file as `/pipelines`, metrics and errors show it: relative
+    /// to the pipelines directory (where the engine runs is nobody's
+    /// business).
+    fn shown(&self, path: &Path) -> String {
+        path.strip_prefix(&self.dir)
+            .unwrap_or(path)
+            .display()
+            .to_string()
+    }
+
     fn count(&self, path: &Path, result: &str) {
-        let file = path.display().to_string();
+        let file = self.shown(path);
         self.metrics
             .engine
             .reloads
@@ -317,12 +330,13 @@ impl Engine {
 }
 
 impl Slot {
-    fn status(&self, path: &Path) -> Status {
+    /// `dir` is cut out of the load error, which names the file.
+    fn status(&self, file: &str, dir: &Path) -> Status {
         let r = self.running.as_ref();
         let problem = r.and_then(|r| r.pipeline.health.worst());
         Status {
             name: r.map(|r| r.pipeline.name.clone()),
-            file: path.display().to_string(),
+            file: file.to_string(),
             state: match (r, &problem, &self.error) {
                 (Some(_), Some(p), _) if p.severity == Severity::Failing => "failing",
                 (Some(_), Some(_), _) => "retrying",
@@ -333,7 +347,10 @@ impl Slot {
             problem,
             version: r.map(|r| format!("{:016x}", r.fingerprint)),
             loaded_at: r.map(|r| r.loaded_at.to_rfc3339()),
-            last_error: self.error.clone(),
+            last_error: self
+                .error
+                .as_ref()
+                .map(|e| e.replace(&format!("{}/", dir.display()), "")),
             received: self.stats.received.load(Relaxed),
             processed: self.stats.processed.load(Relaxed),
             failed: self.stats.failed.load(Relaxed),

@@ -17,6 +17,7 @@ mod http;
 mod metrics;
 mod pipeline;
 mod pipetest;
+mod redact;
 mod sink;
 mod source;
 mod sql;

@@ -24,7 +24,7 @@ use crate::deadletter::{self, DeadLetters, Letter};
 use crate::event::{self, Compiled, Invalid, Prepared};
 use crate::health::{Health, Severity, Side};
 use crate::metrics::{duration_values, FailureLabels, FamilySet, Metrics};
-use crate::sink::{Outcome, PgSink};
+use crate::sink::{Limits, Outcome, PgSink};
 use crate::source::{self, Handoff, Puller};
 use crate::template::{Rendered, Templates};
 use crate::validate::truncate;
@@ -48,7 +48,9 @@ pub struct Pipeline {
     stream: jetstream::stream::Stream,
     failure: FailureLabels,
     /// What keeps the pipeline from progressing, for probes and metrics.
-    pub health: Health,
+    pub health: Arc<Health>,
+    /// Where the stream and consumer are recreated should they vanish.
+    target: source::Target,
     /// Counts shared by every version of the pipeline file.
     pub stats: Arc<Stats>,
     /// Set by a reload: who gets this version's open pull requests.
@@ -91,7 +93,7 @@ impl Pipeline {
         let compiled = Compiled::new(&file)?;
         let pg = &cfg.sink.postgres;
         let url = pg.url.clone().unwrap_or_else(|| deps.database_url.clone());
-        let sink = PgSink::connect(&url, pg.pool_size)
+        let sink = PgSink::connect_with(&url, pg.pool_size, Limits::of(pg))
             .await
             .map_err(|e| file.error("postgres", e.to_string()))?;
         if let Some(dir) = &pg.migrations {
@@ -103,11 +105,17 @@ impl Pipeline {
             .await
             .map_err(|e| file.error("insert", e))?;
         let nats = &cfg.source.nats;
+        let target = source::Target {
+            js: deps.js.clone(),
+            stream: nats.stream.clone(),
+            consumer: nats.consumer.clone(),
+            max_ack_pending: cfg.max_ack_pending(),
+        };
         let (stream, consumer) = source::ensure(
-            &deps.js,
-            &nats.stream,
-            &nats.consumer,
-            cfg.max_ack_pending(),
+            &target.js,
+            &target.stream,
+            &target.consumer,
+            target.max_ack_pending,
         )
         .await
         .map_err(|e| file.error("consumer", format!("{e:#}")))?;
@@ -135,7 +143,8 @@ impl Pipeline {
             .map_err(|e| file.error("metrics", e.to_string()))?;
         Ok(Self {
             name: cfg.name.clone(),
-            health: Health::new(&cfg.name, deps.metrics.engine.health.clone()),
+            health: Arc::new(Health::new(&cfg.name, deps.metrics.engine.health.clone())),
+            target,
             file: file.path.clone(),
             failure: FailureLabels::new(&cfg.metrics),
             cfg,
@@ -185,7 +194,14 @@ impl Pipeline {
     ) {
         let batch = &self.cfg.sink.postgres.batch;
         let slots = Arc::new(Semaphore::new(batch.max_in_flight.get()));
-        let mut puller = Puller::new(self.consumer.clone(), batch.max_rows.get());
+        let mut puller = Puller::new(
+            self.consumer.clone(),
+            batch.max_rows.get(),
+            batch.max_bytes as usize,
+            self.target.clone(),
+            self.health.clone(),
+            &self.name,
+        );
         tracing::info!(pipeline = %self.name, file = %self.file.display(), "pipeline running");
         if let Some(letters) = &self.dead_letters {
             let durable = self.durable().to_string();
@@ -262,10 +278,14 @@ impl Pipeline {
             }
         };
         let deadline = Instant::now() + b.max_wait;
+        let mut bytes = first.payload.len() as u64;
         let mut held = vec![self.receive(first)];
-        while held.len() < b.max_rows.get() {
+        while held.len() < b.max_rows.get() && bytes < b.max_bytes {
             match puller.next(Some(deadline)).await {
-                Some(m) => held.push(self.receive(m)),
+                Some(m) => {
+                    bytes += m.payload.len() as u64;
+                    held.push(self.receive(m));
+                }
                 None => break,
             }
         }
@@ -355,7 +375,7 @@ impl Pipeline {
         let oldest = rows.iter().map(|r| r.held.received).min();
         let mut next_progress = oldest.unwrap_or_else(Instant::now) + self.keepalive_period();
         loop {
-            let attempt = self.sink.write(&rendered, &mut outcomes);
+            let attempt = self.sink.write_bounded(&rendered, &mut outcomes);
             let Err(e) = self.keeping_alive(attempt, &rows, &mut next_progress).await else {
                 break;
             };
