@@ -7,6 +7,9 @@
 //! polls `/pipelines`, `/metrics`, the database or the server against
 //! [`DEADLINE`].
 
+// Shared by several test binaries, each using part of it.
+#![allow(dead_code)]
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
