@@ -263,7 +263,12 @@ fn check(paths: Vec<PathBuf>) -> ExitCode {
     }
     let mut failed = 0;
     for f in &files {
-        match event::check_file(f) {
+        let checked = if pipetest::is_test_file(f) {
+            pipetest::check(f).map_err(|e| format!("{e:#}"))
+        } else {
+            event::check_file(f).map_err(|e| e.to_string())
+        };
+        match checked {
             Ok(()) => println!("{}: ok", f.display()),
             Err(e) => {
                 eprintln!("{e}");

@@ -31,6 +31,10 @@ use crate::validate::truncate;
 
 /// The `reason` label of events that can never be stored.
 const VALIDATION_ERROR: &str = "validation_error";
+/// First and longest pause between attempts to publish a dead letter.
+const DEAD_LETTER_BACKOFF: (Duration, Duration) =
+    (Duration::from_millis(100), Duration::from_secs(5));
+
 /// The `reason` label of events left unacknowledged for redelivery.
 const PROCESSING_ERROR: &str = "processing_error";
 
@@ -53,6 +57,8 @@ pub struct Pipeline {
     target: source::Target,
     /// Counts shared by every version of the pipeline file.
     pub stats: Arc<Stats>,
+    /// This version's stop signal, once it runs.
+    stop: std::sync::OnceLock<watch::Receiver<bool>>,
     /// Set by a reload: who gets this version's open pull requests.
     successor: std::sync::Mutex<Option<mpsc::UnboundedSender<Handoff>>>,
 }
@@ -155,6 +161,7 @@ impl Pipeline {
             engine: deps.metrics.clone(),
             stats,
             successor: std::sync::Mutex::new(None),
+            stop: std::sync::OnceLock::new(),
             dead_letters,
             stream,
         })
@@ -192,6 +199,7 @@ impl Pipeline {
         mut stop: watch::Receiver<bool>,
         mut adopt: Option<mpsc::UnboundedReceiver<Handoff>>,
     ) {
+        let _ = self.stop.set(stop.clone());
         let batch = &self.cfg.sink.postgres.batch;
         let slots = Arc::new(Semaphore::new(batch.max_in_flight.get()));
         let mut puller = Puller::new(
@@ -515,11 +523,16 @@ impl Pipeline {
 
     /// Publishes the original payload with headers explaining the failure,
     /// waits for JetStream to confirm it, and only then acks the original.
+    /// A refused publish (the dead-letter stream gone, NATS down) is retried
+    /// with backoff while the original is held and kept alive; a pipeline
+    /// that stops meanwhile leaves the original for redelivery. Never a
+    /// silent loss.
     async fn dead_letter(&self, msg: &Message, invalid: &Invalid) -> Result<(), String> {
         let letters = self.dead_letters.as_ref().expect("checked at load");
         let info = msg.info().map_err(|e| e.to_string())?;
-        letters
-            .publish(Letter {
+        let mut backoff = DEAD_LETTER_BACKOFF.0;
+        loop {
+            let letter = Letter {
                 payload: msg.payload.clone(),
                 headers: msg.headers.as_ref(),
                 subject: msg.subject.as_str(),
@@ -528,9 +541,26 @@ impl Pipeline {
                 delivered: info.delivered,
                 reason: invalid.kind,
                 error: &invalid.error,
-            })
-            .await?;
+            };
+            let Err(e) = letters.publish(letter).await else {
+                break;
+            };
+            if backoff == DEAD_LETTER_BACKOFF.0 {
+                tracing::warn!(pipeline = %self.name, error = %e, "dead letter refused; holding the event and retrying");
+            }
+            if self.stopping() {
+                return Err(format!("{e}; left for redelivery"));
+            }
+            let _ = msg.ack_with(AckKind::Progress).await;
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(DEAD_LETTER_BACKOFF.1);
+        }
         msg.ack().await.map_err(|e| e.to_string())
+    }
+
+    /// True once this version has been told to stop.
+    fn stopping(&self) -> bool {
+        self.stop.get().is_some_and(|s| *s.borrow())
     }
 
     fn count_failure(&self, held: &Held, reason: &str) {

@@ -43,6 +43,11 @@ pub struct Transient(pub String);
 pub struct PgSink {
     pool: PgPool,
     limits: Limits,
+    /// How the probe connects (the pool's options).
+    options: PgConnectOptions,
+    probe: tokio::sync::Mutex<Probe>,
+    /// The probe's last answer.
+    probe_up: std::sync::atomic::AtomicBool,
     plans: Mutex<HashMap<String, Arc<Plan>>>,
 }
 
@@ -55,6 +60,34 @@ pub struct Plan {
     row_sql: String,
     /// The batch statement, when the insert has one plain VALUES tuple.
     unnest_sql: Option<String>,
+}
+
+/// How long a probe's answer stands: probes at any rate cost the database
+/// at most one query per sink per this period.
+const PROBE_FRESH: Duration = Duration::from_millis(500);
+
+/// The health probe's own connection and when it last checked.
+#[derive(Default)]
+struct Probe {
+    conn: Option<sqlx::PgConnection>,
+    checked: Option<std::time::Instant>,
+}
+
+impl Probe {
+    async fn check(&mut self, options: &PgConnectOptions) -> bool {
+        use sqlx::Connection as _;
+        if self.conn.is_none() {
+            self.conn = sqlx::PgConnection::connect_with(options).await.ok();
+        }
+        match &mut self.conn {
+            Some(conn) => conn.execute("SELECT 1").await.is_ok(),
+            None => false,
+        }
+    }
+}
+
+fn probe_answer(up: &std::sync::atomic::AtomicBool) -> bool {
+    up.load(std::sync::atomic::Ordering::Relaxed)
 }
 
 /// Time limits of a sink's connections (see the `sink.postgres` fields of
@@ -108,7 +141,7 @@ impl PgSink {
         let connecting = PgPoolOptions::new()
             .max_connections(pool_size.max(1))
             .acquire_timeout(limits.connect)
-            .connect_with(options);
+            .connect_with(options.clone());
         let pool = match tokio::time::timeout(limits.connect, connecting).await {
             Ok(Ok(pool)) => pool,
             Ok(Err(e)) => anyhow::bail!(
@@ -125,6 +158,9 @@ impl PgSink {
         Ok(Self {
             pool,
             limits,
+            options,
+            probe: tokio::sync::Mutex::new(Probe::default()),
+            probe_up: std::sync::atomic::AtomicBool::new(true),
             plans: Mutex::new(HashMap::new()),
         })
     }
@@ -181,13 +217,27 @@ impl PgSink {
             })
     }
 
-    /// True when a trivial query answers within two seconds.
+    /// True when the database answers a trivial query within two seconds,
+    /// on the probe's own connection: probes never take a connection from
+    /// the write pool. Checked at most once per [`PROBE_FRESH`]; probes
+    /// arriving meanwhile (or while a check runs) get the last answer.
     pub async fn ping(&self) -> bool {
-        let q = sqlx::query("SELECT 1").execute(&self.pool);
-        matches!(
-            tokio::time::timeout(Duration::from_secs(2), q).await,
-            Ok(Ok(_))
-        )
+        let Ok(mut probe) = self.probe.try_lock() else {
+            return probe_answer(&self.probe_up);
+        };
+        if probe.checked.is_some_and(|t| t.elapsed() < PROBE_FRESH) {
+            return probe_answer(&self.probe_up);
+        }
+        let up = tokio::time::timeout(Duration::from_secs(2), probe.check(&self.options))
+            .await
+            .unwrap_or(false);
+        if !up {
+            probe.conn = None;
+        }
+        probe.checked = Some(std::time::Instant::now());
+        self.probe_up
+            .store(up, std::sync::atomic::Ordering::Relaxed);
+        up
     }
 
     /// The plan of a statement text, described against the database once.
