@@ -123,3 +123,196 @@ async fn replaced_stream_fails_the_pipeline_with_backoff_until_repaired() {
     env.publish_event(&event("repaired")).await;
     env.wait_row("repaired").await;
 }
+
+// ---------------------------------------------------------------------------
+// 2. A rename is a move
+// ---------------------------------------------------------------------------
+
+/// Polls `/pipelines` in the background and records every answer in which
+/// no file runs the pipeline: a gap in processing.
+struct GapWatch {
+    stop: tokio::sync::watch::Sender<bool>,
+    task: tokio::task::JoinHandle<(u32, Vec<String>)>,
+}
+
+impl GapWatch {
+    fn start(engine: &Engine) -> Self {
+        let port = engine.port;
+        let (stop, mut stopped) = tokio::sync::watch::channel(false);
+        let task = tokio::spawn(async move {
+            let http = reqwest::Client::new();
+            let url = format!("http://127.0.0.1:{port}/pipelines");
+            let (mut polls, mut gaps) = (0, Vec::new());
+            loop {
+                if let Ok(reply) = http.get(&url).send().await {
+                    let body = reply.text().await.unwrap_or_default();
+                    polls += 1;
+                    if !body.contains("\"state\":\"running\"") {
+                        gaps.push(body);
+                    }
+                }
+                tokio::select! {
+                    _ = stopped.changed() => return (polls, gaps),
+                    _ = tokio::time::sleep(Duration::from_millis(20)) => {}
+                }
+            }
+        });
+        Self { stop, task }
+    }
+
+    /// Stops; panics if any answer showed a gap.
+    async fn assert_no_gap(self) {
+        let _ = self.stop.send(true);
+        let (polls, gaps) = self.task.await.expect("gap watch");
+        assert!(polls > 3, "only {polls} polls");
+        assert!(
+            gaps.is_empty(),
+            "{} of {polls} answers without a running pipeline: {:?}",
+            gaps.len(),
+            gaps.first()
+        );
+    }
+}
+
+/// Starts the engine on the test's tiktok pipeline and waits until it stores.
+async fn started(env: &TestEnv) -> Engine {
+    let engine = env.engine().start().await;
+    reload::assert_stores(env, "first").await;
+    engine
+}
+
+/// `mv tiktok.yaml renamed.yaml`: the new name takes over the running
+/// pipeline like a reload, with no moment without it, and nothing is
+/// refused as a duplicate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn renamed_file_keeps_its_pipeline_running() {
+    let env = TestEnv::new().await;
+    let engine = started(&env).await;
+    let gaps = GapWatch::start(&engine);
+    let dir = env.pipelines_dir();
+    std::fs::rename(dir.join("tiktok.yaml"), dir.join("renamed.yaml")).expect("rename");
+    reload::wait_running(&engine, "renamed.yaml").await;
+    reload::wait_unlisted(&engine, "tiktok.yaml").await;
+    gaps.assert_no_gap().await;
+    reload::assert_stores(&env, "after-rename").await;
+    let log = engine.log();
+    assert!(
+        !log.contains("already run by"),
+        "refused as a duplicate:\n{log}"
+    );
+    assert!(
+        !log.contains("pipeline file removed"),
+        "stopped as removed:\n{log}"
+    );
+    assert!(log.contains("pipeline file moved"), "{log}");
+}
+
+/// A Kubernetes ConfigMap update: the files are links into `..data`, which
+/// is swapped atomically for a new timestamped directory.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn configmap_update_reloads_without_a_gap() {
+    let env = TestEnv::new().await;
+    let dir = env.dir.join("configmap");
+    let write_version = |stamp: &str, yaml: &str| {
+        let version = dir.join(stamp);
+        std::fs::create_dir_all(&version).expect("version dir");
+        std::fs::write(version.join("tiktok.yaml"), yaml).expect("write");
+    };
+    let yaml = env.tiktok_pipeline();
+    write_version("..2026_11_25_01", &yaml);
+    std::os::unix::fs::symlink("..2026_11_25_01", dir.join("..data")).expect("link");
+    std::os::unix::fs::symlink("..data/tiktok.yaml", dir.join("tiktok.yaml")).expect("link");
+    let engine = env.engine().pipelines_dir(&dir).start().await;
+    reload::assert_stores(&env, "first").await;
+    let before = reload::wait_running(&engine, "tiktok.yaml").await;
+    let gaps = GapWatch::start(&engine);
+    write_version("..2026_11_25_02", &reload::revision(&yaml, "2"));
+    std::os::unix::fs::symlink("..2026_11_25_02", dir.join("..data_tmp")).expect("link");
+    std::fs::rename(dir.join("..data_tmp"), dir.join("..data")).expect("swap");
+    std::fs::remove_dir_all(dir.join("..2026_11_25_01")).expect("remove old");
+    reload::wait_new_version(&engine, "tiktok.yaml", &before).await;
+    gaps.assert_no_gap().await;
+    reload::assert_stores(&env, "after-update").await;
+    let statuses = reload::try_statuses(&engine).await.expect("statuses");
+    assert_eq!(statuses.len(), 1, "{statuses:?}");
+}
+
+/// A second file claiming the running pipeline's name is refused loudly;
+/// the first keeps running the same version throughout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn duplicate_pipeline_is_refused_and_the_first_never_stops() {
+    let env = TestEnv::new().await;
+    let engine = started(&env).await;
+    let before = reload::wait_running(&engine, "tiktok.yaml").await;
+    let gaps = GapWatch::start(&engine);
+    env.write_pipeline(
+        "copy.yaml",
+        &reload::revision(&env.tiktok_pipeline(), "copy"),
+    );
+    let refused = reload::wait_status(&engine, "copy.yaml", "refused", |s| {
+        s.state == "failed"
+            && s.last_error
+                .as_deref()
+                .is_some_and(|e| e.contains("already run by tiktok.yaml"))
+    })
+    .await;
+    assert!(
+        refused.last_error.unwrap().starts_with("copy.yaml:"),
+        "path relative to the pipelines dir"
+    );
+    gaps.assert_no_gap().await;
+    let after = reload::status(&engine, "tiktok.yaml").await;
+    assert_eq!(
+        (after.state.as_str(), &after.version),
+        ("running", &before.version)
+    );
+    reload::assert_stores(&env, "still-stored").await;
+    assert!(engine.log().contains("already run by"), "not logged");
+}
+
+/// Changes that never stop (a file rewritten every 100 ms) do not starve
+/// the debounce: an edit still reloads within seconds. Editor swap, backup
+/// and lock files are not pipeline files.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restless_directory_still_reloads_and_editor_files_are_ignored() {
+    let env = TestEnv::new().await;
+    let engine = started(&env).await;
+    let dir = env.pipelines_dir();
+    for name in [
+        ".tiktok.yaml.swp",
+        "tiktok.yaml~",
+        "#tiktok.yaml#",
+        ".#tiktok.yaml",
+    ] {
+        std::fs::write(dir.join(name), "name: [broken").expect("write editor file");
+    }
+    let before = reload::wait_running(&engine, "tiktok.yaml").await;
+    let (stop, mut stopped) = tokio::sync::watch::channel(false);
+    let noise = dir.join("notes.txt");
+    let churn = tokio::spawn(async move {
+        for i in 0u64.. {
+            std::fs::write(&noise, i.to_string()).expect("write noise");
+            tokio::select! {
+                _ = stopped.changed() => return,
+                _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+            }
+        }
+    });
+    let edited = std::time::Instant::now();
+    env.write_pipeline(
+        "tiktok.yaml",
+        &reload::revision(&env.tiktok_pipeline(), "edited"),
+    );
+    reload::wait_new_version(&engine, "tiktok.yaml", &before).await;
+    let took = edited.elapsed();
+    let _ = stop.send(true);
+    churn.await.expect("churn");
+    assert!(
+        took < Duration::from_secs(5),
+        "reload took {took:?} while files kept changing"
+    );
+    let statuses = reload::try_statuses(&engine).await.expect("statuses");
+    assert_eq!(statuses.len(), 1, "editor files loaded: {statuses:?}");
+    let m = engine.metrics().await;
+    assert_eq!(m.sum(reload::RELOADS, &[("result", "failure")]), 0.0);
+}
