@@ -50,6 +50,8 @@ pub struct Engine {
     /// One slot per pipeline file. Only the reconcile task changes it, and
     /// never holds the lock across an await.
     slots: Mutex<BTreeMap<PathBuf, Slot>>,
+    /// Replaced versions still finishing their batches.
+    retiring: Mutex<Vec<JoinHandle<()>>>,
 }
 
 /// A pipeline file's state: the version running (if any) and the last
@@ -349,7 +351,7 @@ impl Engine {
         if let Some(old) = old {
             tracing::info!(file = %path.display(), "pipeline reloaded: stopping the previous version");
             old.pipeline.hand_over_to(handoff_tx);
-            stop(old).await;
+            self.retire(old);
         }
         if let Some(from) = moved_from {
             self.metrics.release(from);
@@ -375,7 +377,17 @@ impl Engine {
             .inc();
     }
 
-    /// Stops every pipeline, letting each finish its in-flight batches.
+    /// Stops a replaced version in the background: it finishes its
+    /// in-flight batches (a slow one may take long) while the reload goes
+    /// on and the next reload may follow at once.
+    fn retire(&self, old: Running) {
+        let mut retiring = self.retiring.lock().expect("retiring lock");
+        retiring.retain(|t| !t.is_finished());
+        retiring.push(tokio::spawn(stop(old)));
+    }
+
+    /// Stops every pipeline, letting each finish its in-flight batches,
+    /// and waits for the versions still retiring.
     async fn stop_all(&self) {
         let running: Vec<Running> = {
             let mut slots = self.slots.lock().expect("slots lock");
@@ -384,7 +396,9 @@ impl Engine {
                 .filter_map(|s| s.running.take())
                 .collect()
         };
+        let retiring = std::mem::take(&mut *self.retiring.lock().expect("retiring lock"));
         futures::future::join_all(running.into_iter().map(stop)).await;
+        futures::future::join_all(retiring).await;
     }
 
     /// Makes the next reconcile retry every file that failed, even if it is
@@ -527,6 +541,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         },
         nats,
         slots: Mutex::new(BTreeMap::new()),
+        retiring: Mutex::new(Vec::new()),
     });
     let errors = engine.reconcile().await;
     if !errors.is_empty() {

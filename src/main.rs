@@ -113,8 +113,9 @@ struct RunArgs {
     /// NATS connection name (default: collector-$HOSTNAME, as the TTK collector).
     #[arg(long, env = "NATS_NAME")]
     nats_name: Option<String>,
-    /// How long shutdown waits for in-flight batches.
-    #[arg(long, default_value = "25s", value_parser = humantime::parse_duration)]
+    /// How long shutdown waits for in-flight batches (the process exits at
+    /// most a few seconds later, whatever it is doing).
+    #[arg(long, env = "SHUTDOWN_GRACE", default_value = "25s", value_parser = humantime::parse_duration)]
     shutdown_grace: Duration,
     #[command(flatten)]
     nats_auth: source::NatsAuth,

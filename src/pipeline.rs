@@ -226,10 +226,15 @@ impl Pipeline {
         }
         let successor = self.successor.lock().expect("successor lock").take();
         let rest: Vec<Held> = match successor {
-            Some(next) => {
-                let _ = next.send(puller.hand_over());
-                Vec::new()
-            }
+            Some(next) => match next.send(puller.hand_over(adopt.take())) {
+                Ok(()) => Vec::new(),
+                // The successor stopped before taking them (shutdown): this
+                // version reads them itself rather than let them time out.
+                Err(mpsc::error::SendError(back)) => {
+                    puller.adopt(back);
+                    puller.finish().await
+                }
+            },
             None => puller.finish().await,
         }
         .into_iter()
@@ -276,11 +281,9 @@ impl Pipeline {
                 biased;
                 _ = stop.wait_for(|s| *s) => return None,
                 handoff = recv(adopt) => {
-                    if let Some(handoff) = handoff {
-                        puller.adopt(handoff);
-                    }
-                    // One handoff at most; a closed channel means none.
-                    *adopt = None;
+                    // A closed channel means none; a handoff may name the
+                    // channel of one still to come.
+                    *adopt = handoff.and_then(|h| puller.adopt(h));
                 }
                 m = puller.next(None) => break m?,
             }

@@ -14,6 +14,7 @@ use anyhow::Context as _;
 use async_nats::jetstream::consumer::{pull, PullConsumer};
 use async_nats::jetstream::{self, stream, Message};
 use futures::{FutureExt, StreamExt};
+use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use crate::config::{self, ConsumerConfig, StreamConfig};
@@ -316,9 +317,14 @@ struct Request {
 /// [`PULL_EXPIRES`]; whoever reads them must be the version that is
 /// running, or events published just after a reload would meet the old
 /// rules.
+///
+/// A version stopped before its own predecessor handed over passes that
+/// predecessor's channel on (`pending`), so back-to-back reloads form a
+/// chain that ends at the running version.
 pub struct Handoff {
     requests: VecDeque<Request>,
     buffered: VecDeque<Message>,
+    pending: Option<mpsc::UnboundedReceiver<Handoff>>,
 }
 
 /// What a pipeline pulls from, so that a consumer or stream deleted (or
@@ -581,19 +587,23 @@ impl Puller {
         rest
     }
 
-    /// Stops pulling and gives away the open requests and the messages not
-    /// yet taken (see [`Handoff`]).
-    pub fn hand_over(&mut self) -> Handoff {
+    /// Stops pulling and gives away the open requests, the messages not
+    /// yet taken and the channel of a handoff still to come (see
+    /// [`Handoff`]).
+    pub fn hand_over(&mut self, pending: Option<mpsc::UnboundedReceiver<Handoff>>) -> Handoff {
         Handoff {
             requests: std::mem::take(&mut self.requests),
             buffered: std::mem::take(&mut self.buffered),
+            pending,
         }
     }
 
-    /// Takes over a predecessor's requests and messages.
-    pub fn adopt(&mut self, handoff: Handoff) {
+    /// Takes over a predecessor's requests and messages; returns the
+    /// channel of a handoff still to come, if any.
+    pub fn adopt(&mut self, handoff: Handoff) -> Option<mpsc::UnboundedReceiver<Handoff>> {
         self.buffered.extend(handoff.buffered);
         self.requests.extend(handoff.requests);
+        handoff.pending
     }
 
     pub fn buffered(&self) -> impl Iterator<Item = &Message> {

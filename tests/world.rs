@@ -316,3 +316,180 @@ async fn restless_directory_still_reloads_and_editor_files_are_ignored() {
     let m = engine.metrics().await;
     assert_eq!(m.sum(reload::RELOADS, &[("result", "failure")]), 0.0);
 }
+
+// ---------------------------------------------------------------------------
+// 4. Nothing waits forever
+// ---------------------------------------------------------------------------
+
+/// The test's pipeline with `lines` added to `sink.postgres`.
+fn with_sink_settings(env: &TestEnv, lines: &str) -> String {
+    reload::edit(
+        &env.tiktok_pipeline(),
+        "    batch:\n",
+        &format!("{lines}    batch:\n"),
+    )
+}
+
+const SHORT_TIMEOUTS: &str = "    statement_timeout: 1s\n    connect_timeout: 1s\n";
+
+/// A database that accepts TCP and never answers (a frozen proxy): the
+/// write in progress ends as a transient error within connect_timeout +
+/// statement_timeout (+1 s), /ready says so, and once it answers again the
+/// event is stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hung_database_is_a_transient_error_within_the_timeouts() {
+    let env = TestEnv::new().await;
+    let proxy = TcpProxy::to_postgres().await;
+    env.write_pipeline("tiktok.yaml", &with_sink_settings(&env, SHORT_TIMEOUTS));
+    let url = postgres_url(proxy.port(), &env.db_name);
+    let engine = env.engine().database_url(url).start().await;
+    reload::assert_stores(&env, "first").await;
+    proxy.freeze();
+    let frozen = std::time::Instant::now();
+    env.publish_event(&event("while-hung")).await;
+    engine.wait_metric_at_least(SINK_RETRIES, &[], 1.0).await;
+    let to_error = frozen.elapsed();
+    eprintln!("hung database: transient error after {to_error:?}");
+    assert!(to_error < Duration::from_secs(6), "took {to_error:?}");
+    wait_for("/ready 503", DEADLINE, || async {
+        expect_eq(engine.try_get("/ready").await?.status, 503)
+    })
+    .await;
+    proxy.thaw();
+    env.wait_row("while-hung").await;
+}
+
+/// Whether a session of the engine waits on a lock in the test's database.
+async fn engine_waits_on_a_lock(env: &TestEnv) -> Result<(), String> {
+    let waiting: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM pg_stat_activity
+         WHERE datname = $1 AND application_name = 'ingestd' AND wait_event_type = 'Lock'",
+    )
+    .bind(&env.db_name)
+    .fetch_one(&env.db)
+    .await
+    .map_err(state("pg_stat_activity"))?;
+    if waiting > 0 {
+        Ok(())
+    } else {
+        Err("no engine session waits on a lock".into())
+    }
+}
+
+/// A private copy of the shipped migrations, so a test can add one.
+fn private_migrations(env: &TestEnv) -> std::path::PathBuf {
+    let dir = env.dir.join("migrations");
+    std::fs::create_dir_all(&dir).expect("migrations dir");
+    for entry in std::fs::read_dir(repo_root().join("migrations")).expect("read migrations") {
+        let path = entry.expect("entry").path();
+        std::fs::copy(&path, dir.join(path.file_name().unwrap())).expect("copy migration");
+    }
+    dir
+}
+
+/// A pipeline whose migrations are a private copy, with `settings` added
+/// to `sink.postgres`.
+fn with_private_migrations(env: &TestEnv, settings: &str) -> (String, std::path::PathBuf) {
+    let dir = private_migrations(env);
+    let shipped = format!("{}/migrations", repo_root().display());
+    let yaml = reload::edit(
+        &with_sink_settings(env, settings),
+        &shipped,
+        &dir.display().to_string(),
+    );
+    (yaml, dir)
+}
+
+const ALTER_MIGRATION: &str = r#"ALTER TABLE "TiktokEvent" ADD COLUMN "note" text;"#;
+
+/// A migration that waits on another session's lock fails the reload with
+/// a clear message after lock_timeout; the running version stays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migration_waiting_on_a_lock_fails_the_reload_after_lock_timeout() {
+    let env = TestEnv::new().await;
+    let (yaml, migrations) = with_private_migrations(&env, "    lock_timeout: 1s\n");
+    env.write_pipeline("tiktok.yaml", &yaml);
+    let engine = started(&env).await;
+    let before = reload::wait_running(&engine, "tiktok.yaml").await;
+    let mut locker = env.db.begin().await.expect("begin");
+    sqlx::query(r#"LOCK TABLE "TiktokEvent" IN ACCESS EXCLUSIVE MODE"#)
+        .execute(&mut *locker)
+        .await
+        .expect("lock");
+    std::fs::write(migrations.join("20990101000000_note.sql"), ALTER_MIGRATION).expect("write");
+    let failed = reload::wait_status(&engine, "tiktok.yaml", "a failed reload", |s| {
+        s.last_error
+            .as_deref()
+            .is_some_and(|e| e.contains("lock_timeout"))
+    })
+    .await;
+    assert_eq!(failed.version, before.version, "the running version stays");
+    assert_eq!(failed.state, "degraded");
+    locker.rollback().await.expect("unlock");
+}
+
+/// SIGTERM while a reload's migration waits on a lock (with a long
+/// lock_timeout) and the directory keeps changing: the engine exits within
+/// shutdown_grace + 5 s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_during_a_migration_lock_wait_exits_in_bounded_time() {
+    let env = TestEnv::new().await;
+    let (yaml, migrations) = with_private_migrations(&env, "    lock_timeout: 10m\n");
+    env.write_pipeline("tiktok.yaml", &yaml);
+    let engine = env.engine().var("SHUTDOWN_GRACE", "2s").start().await;
+    reload::assert_stores(&env, "first").await;
+    let mut locker = env.db.begin().await.expect("begin");
+    sqlx::query(r#"LOCK TABLE "TiktokEvent" IN ACCESS EXCLUSIVE MODE"#)
+        .execute(&mut *locker)
+        .await
+        .expect("lock");
+    std::fs::write(migrations.join("20990101000000_note.sql"), ALTER_MIGRATION).expect("write");
+    wait_for("the migration to wait on the lock", DEADLINE, || {
+        engine_waits_on_a_lock(&env)
+    })
+    .await;
+    let noise = env.pipelines_dir().join("notes.txt");
+    let churn = tokio::spawn(async move {
+        for i in 0u64..200 {
+            let _ = std::fs::write(&noise, i.to_string());
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    });
+    let asked = std::time::Instant::now();
+    signal(engine.pid(), "TERM");
+    engine.wait_exit().await;
+    let took = asked.elapsed();
+    churn.abort();
+    eprintln!("SIGTERM during a migration lock wait: exited after {took:?}");
+    assert!(took < Duration::from_secs(7), "took {took:?}");
+    locker.rollback().await.expect("unlock");
+}
+
+/// SIGTERM while the database does not answer and a batch is held: the
+/// engine exits within shutdown_grace + 5 s and the held event is stored
+/// later by another engine.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_while_the_database_hangs_exits_in_bounded_time() {
+    let env = TestEnv::new().await;
+    let proxy = TcpProxy::to_postgres().await;
+    env.write_pipeline("tiktok.yaml", &with_sink_settings(&env, SHORT_TIMEOUTS));
+    let url = postgres_url(proxy.port(), &env.db_name);
+    let engine = env
+        .engine()
+        .database_url(url)
+        .var("SHUTDOWN_GRACE", "2s")
+        .start()
+        .await;
+    reload::assert_stores(&env, "first").await;
+    proxy.freeze();
+    env.publish_event(&event("held")).await;
+    engine.wait_metric_at_least(SINK_RETRIES, &[], 1.0).await;
+    let asked = std::time::Instant::now();
+    signal(engine.pid(), "TERM");
+    engine.wait_exit().await;
+    let took = asked.elapsed();
+    eprintln!("SIGTERM while the database hangs: exited after {took:?}");
+    assert!(took < Duration::from_secs(7), "took {took:?}");
+    let _second = env.engine().start().await;
+    env.wait_row("held").await;
+}

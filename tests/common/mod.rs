@@ -932,6 +932,9 @@ pub struct TcpProxy {
     addr: SocketAddr,
     upstream: SocketAddr,
     running: Option<(oneshot::Sender<()>, JoinHandle<()>)>,
+    /// While true, connections stay open but no byte is forwarded (and new
+    /// ones are accepted but not forwarded): a server that stopped answering.
+    frozen: tokio::sync::watch::Sender<bool>,
 }
 
 impl TcpProxy {
@@ -948,6 +951,7 @@ impl TcpProxy {
             addr,
             upstream,
             running: None,
+            frozen: tokio::sync::watch::channel(false).0,
         };
         proxy.serve(listener);
         proxy
@@ -980,9 +984,20 @@ impl TcpProxy {
         self.serve(listener);
     }
 
+    /// Stops forwarding while keeping every connection open.
+    pub fn freeze(&self) {
+        self.frozen.send_replace(true);
+    }
+
+    /// Forwards again what was held.
+    pub fn thaw(&self) {
+        self.frozen.send_replace(false);
+    }
+
     fn serve(&mut self, listener: TcpListener) {
         let (shutdown, signal) = oneshot::channel();
-        let task = tokio::spawn(accept_loop(listener, self.upstream, signal));
+        let frozen = self.frozen.subscribe();
+        let task = tokio::spawn(accept_loop(listener, self.upstream, signal, frozen));
         self.running = Some((shutdown, task));
     }
 }
@@ -1008,6 +1023,7 @@ async fn accept_loop(
     listener: TcpListener,
     upstream: SocketAddr,
     mut shutdown: oneshot::Receiver<()>,
+    frozen: tokio::sync::watch::Receiver<bool>,
 ) {
     let mut connections = JoinSet::new();
     loop {
@@ -1015,7 +1031,7 @@ async fn accept_loop(
             _ = &mut shutdown => break,
             accepted = listener.accept() => {
                 if let Ok((client, _)) = accepted {
-                    connections.spawn(forward(client, upstream));
+                    connections.spawn(forward(client, upstream, frozen.clone()));
                 }
             }
             Some(_) = connections.join_next(), if !connections.is_empty() => {}
@@ -1025,8 +1041,39 @@ async fn accept_loop(
     connections.shutdown().await;
 }
 
-async fn forward(mut client: TcpStream, upstream: SocketAddr) {
-    if let Ok(mut server) = TcpStream::connect(upstream).await {
-        let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+async fn forward(
+    client: TcpStream,
+    upstream: SocketAddr,
+    mut frozen: tokio::sync::watch::Receiver<bool>,
+) {
+    let _ = frozen.wait_for(|f| !*f).await;
+    if let Ok(server) = TcpStream::connect(upstream).await {
+        let (client_read, client_write) = client.into_split();
+        let (server_read, server_write) = server.into_split();
+        tokio::join!(
+            pump(client_read, server_write, frozen.clone()),
+            pump(server_read, client_write, frozen)
+        );
     }
+}
+
+/// Copies one direction of a connection, holding each chunk while frozen.
+async fn pump(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    mut frozen: tokio::sync::watch::Receiver<bool>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = match from.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        let _ = frozen.wait_for(|f| !*f).await;
+        if to.write_all(&buf[..n]).await.is_err() {
+            break;
+        }
+    }
+    let _ = to.shutdown().await;
 }
