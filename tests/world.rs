@@ -493,3 +493,186 @@ async fn sigterm_while_the_database_hangs_exits_in_bounded_time() {
     let _second = env.engine().start().await;
     env.wait_row("held").await;
 }
+
+// ---------------------------------------------------------------------------
+// 5. Dead letters are always deliverable
+// ---------------------------------------------------------------------------
+
+/// The original's JetStream control headers would make the dead-letter
+/// stream refuse the letter (an expected stream that is not the queue's):
+/// they travel as `Original-*`. While the queue's stream is missing, the
+/// letter is retried and the original held, not acked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_letters_keep_control_headers_aside_and_are_retried_until_accepted() {
+    let env = TestEnv::new().await;
+    let bus = Bus::shared(&env);
+    let dlq = DeadLetterQueue::create(&env, &bus).await;
+    Variant::of(&env).dead_letter_to(&dlq).write(&env);
+    let engine = bus.start(env.engine()).await;
+    env.js
+        .delete_stream(&dlq.stream)
+        .await
+        .expect("delete the queue");
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert("Nats-Expected-Stream", env.stream.as_str());
+    headers.insert("Nats-Msg-Id", "original-id");
+    bus.publish(TOP_VIEW, headers, b"not json".to_vec()).await;
+    wait_for("the refused dead letter to be logged", DEADLINE, || async {
+        if engine.log().contains("dead letter refused") {
+            Ok(())
+        } else {
+            Err("not yet".to_string())
+        }
+    })
+    .await;
+    let held = bus.consumer_info().await;
+    assert_eq!(
+        (held.num_ack_pending, held.num_pending),
+        (1, 0),
+        "the original is held"
+    );
+    env.js
+        .create_stream(stream::Config {
+            name: dlq.stream.clone(),
+            subjects: vec![dlq.subject.clone()],
+            ..Default::default()
+        })
+        .await
+        .expect("recreate the queue");
+    let letters = dlq.wait_letters(1).await;
+    let letter = &letters[0];
+    assert_eq!(letter.header("Original-Nats-Expected-Stream"), env.stream);
+    assert_eq!(letter.header("Original-Nats-Msg-Id"), "original-id");
+    assert_eq!(letter.header("Nats-Expected-Stream"), "");
+    assert_eq!(letter.header("Ingestd-Reason"), "not_json");
+    let info = bus.wait_all_acked(DEADLINE).await;
+    assert_eq!(redeliveries(&info), 0);
+}
+
+// ---------------------------------------------------------------------------
+// 6. Secrets stay secret
+// ---------------------------------------------------------------------------
+
+/// Everything the engine showed: its log and three endpoints.
+async fn everything_shown(engine: &Engine) -> String {
+    let mut shown = engine.log();
+    for path in ["/pipelines", "/metrics", "/ready"] {
+        shown.push_str(&engine.get(path).await.body);
+    }
+    shown
+}
+
+/// A database URL with a `?password=` parameter and NATS credentials of
+/// every kind (the shared server has no auth and ignores them): none is
+/// ever shown, at debug level, in the log or the endpoints, and none is in
+/// the errors of a start that fails.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn secrets_never_show_in_logs_endpoints_or_errors() {
+    let env = TestEnv::new().await;
+    let secret = |what: &str| format!("{what}Zq{}", env.id);
+    let creds = env.dir.join("bad.creds");
+    std::fs::write(&creds, secret("CredsContent")).expect("write creds");
+    let db_url = format!(
+        "postgresql://postgres@127.0.0.1:{PG_PORT}/{}?password={}",
+        env.db_name,
+        secret("QueryPassword")
+    );
+    let engine = env
+        .engine()
+        .database_url(db_url)
+        .var("RUST_LOG", "debug")
+        .var("NATS_TOKEN", secret("NatsToken"))
+        .start()
+        .await;
+    reload::assert_stores(&env, "first").await;
+    let shown = everything_shown(&engine).await;
+    for s in [secret("QueryPassword"), secret("NatsToken")] {
+        assert!(!shown.contains(&s), "{s} shown:\n{shown}");
+    }
+    let closed = free_port();
+    let failing_starts: [(&str, String); 5] = [
+        (
+            "DATABASE_URL",
+            format!(
+                "postgresql://postgres@127.0.0.1:{closed}/x?password={}",
+                secret("QueryPassword")
+            ),
+        ),
+        ("NATS_TOKEN", secret("NatsToken")),
+        ("NATS_PASSWORD", secret("NatsPassword")),
+        ("NATS_NKEY", secret("SUAnkeySeed")),
+        ("NATS_CREDS", creds.display().to_string()),
+    ];
+    let dir = env.pipelines_dir();
+    for (var, value) in failing_starts {
+        let mut builder = env.engine().var("RUST_LOG", "debug").var(var, value);
+        if var != "DATABASE_URL" {
+            builder = builder.var("NATS_URL", format!("nats://127.0.0.1:{closed}"));
+        }
+        if var == "NATS_PASSWORD" {
+            builder = builder.var("NATS_USER", "ingestd");
+        }
+        let out = builder
+            .output(&["run", "--pipelines", dir.to_str().unwrap()])
+            .await;
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(!out.status.success(), "{var}: started");
+        for what in [
+            "QueryPassword",
+            "NatsToken",
+            "NatsPassword",
+            "SUAnkeySeed",
+            "CredsContent",
+        ] {
+            assert!(
+                !text.contains(&secret(what)),
+                "{var}: {what} printed:\n{text}"
+            );
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// 8. Cardinality guard
+// ---------------------------------------------------------------------------
+
+/// Subjects chosen by whoever publishes become `received{subject}` label
+/// sets; beyond `max_label_sets` they are folded into `other`, counted and
+/// warned about once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn label_sets_beyond_the_cap_fold_into_other() {
+    let env = TestEnv::new().await;
+    let yaml = reload::edit(
+        &env.tiktok_pipeline(),
+        "metrics:\n",
+        "metrics:\n  max_label_sets: 3\n",
+    );
+    env.write_pipeline("tiktok.yaml", &yaml);
+    let engine = env.engine().start().await;
+    for i in 0..10 {
+        let body = serde_json::to_vec(&event(&format!("e{i}"))).unwrap();
+        env.publish(&format!("tiktok.top.s{i}"), body).await;
+    }
+    let m = engine.wait_metric(PROCESSED, &[], 10.0).await;
+    let received: Vec<_> = m.series(RECEIVED, &[]).collect();
+    assert_eq!(received.len(), 4, "{received:#?}");
+    assert_eq!(m.sum(RECEIVED, &[("subject", "other")]), 7.0);
+    assert_eq!(m.sum(RECEIVED, &[]), 10.0);
+    let folds = m.sum("ingestd_metric_label_folds_total", &[("family", RECEIVED)]);
+    assert_eq!(folds, 7.0);
+    assert_eq!(
+        m.series(PROCESSED, &[]).count(),
+        1,
+        "below the cap labels stay"
+    );
+    assert_eq!(
+        log_lines(&engine, "reached max_label_sets"),
+        1,
+        "{}",
+        engine.log()
+    );
+}

@@ -525,7 +525,7 @@ pub async fn kill9(engine: &Engine) {
 /// drop.
 pub struct DeadLetterQueue {
     pub subject: String,
-    stream: String,
+    pub stream: String,
     js: jetstream::Context,
     url: String,
 }
