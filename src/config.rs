@@ -299,7 +299,7 @@ fn default_in_flight() -> NonZeroUsize {
 }
 
 fn default_batch_bytes() -> u64 {
-    16 << 20
+    8 << 20
 }
 
 #[derive(Debug, Clone, Default, Deserialize, PartialEq, JsonSchema)]

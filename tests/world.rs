@@ -676,3 +676,83 @@ async fn label_sets_beyond_the_cap_fold_into_other() {
         engine.log()
     );
 }
+
+// ---------------------------------------------------------------------------
+// 3. Bounded by bytes, not only by count
+// ---------------------------------------------------------------------------
+
+/// A pipeline of the test's stream storing any JSON event `{id, body}`
+/// into table `big` (no schema: the tiktok one refuses such events).
+fn large_event_pipeline(env: &TestEnv) -> String {
+    format!(
+        r#"name: big
+max_payload: 1MiB
+source:
+  nats:
+    stream: {{name: {stream}, subjects: ["{prefix}>"]}}
+    consumer: {{durable: {durable}, filter_subject: "{prefix}>"}}
+sink:
+  postgres:
+    insert: INSERT INTO big (id, body) VALUES ({{{{ event.id }}}}, {{{{ event.body }}}}) ON CONFLICT (id) DO NOTHING
+metrics:
+  prefix: big
+"#,
+        stream = env.stream,
+        prefix = env.subject_prefix,
+        durable = env.durable
+    )
+}
+
+/// Peak resident memory of a process, in MiB (VmHWM).
+fn peak_rss_mib(pid: u32) -> f64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
+    let kib: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .expect("VmHWM");
+    kib / 1024.0
+}
+
+/// A backlog of 200 events of about 600 KB: with 1,000-message pulls NATS
+/// would have to push 120 MB at once and drop the engine as a slow
+/// consumer. Pulls and batches are bounded by bytes, so it drains without
+/// a disconnect and in bounded memory.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_event_backlog_drains_without_disconnect_in_bounded_memory() {
+    const EVENTS: usize = 200;
+    let env = TestEnv::new().await;
+    env.exec("CREATE TABLE big (id text PRIMARY KEY, body text NOT NULL)")
+        .await;
+    env.write_pipeline("tiktok.yaml", &large_event_pipeline(&env));
+    let engine = env.engine().start().await;
+    let stop = engine.terminate().await;
+    assert!(stop.success());
+    let body = "x".repeat(600 * 1000);
+    for i in 0..EVENTS {
+        let event = serde_json::json!({"id": format!("big-{i}"), "body": body});
+        env.publish("big", serde_json::to_vec(&event).unwrap())
+            .await;
+    }
+    let started = std::time::Instant::now();
+    let engine = env.engine().start().await;
+    wait_for(
+        "the large backlog to be stored",
+        Duration::from_secs(60),
+        || async {
+            let n: i64 = sqlx::query_scalar("SELECT count(*) FROM big")
+                .fetch_one(&env.db)
+                .await
+                .map_err(state("count"))?;
+            expect_eq(n, EVENTS as i64)
+        },
+    )
+    .await;
+    let took = started.elapsed();
+    env.wait_all_acked().await;
+    let rss = peak_rss_mib(engine.pid());
+    let disconnects = log_lines(&engine, "NATS disconnected");
+    eprintln!("large events: {EVENTS} × 600 KB drained in {took:?}, peak RSS {rss:.1} MiB, {disconnects} disconnects");
+    assert_eq!(disconnects, 0, "{}", engine.log());
+    assert!(rss < 256.0, "peak RSS {rss:.1} MiB");
+}
