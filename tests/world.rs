@@ -4,6 +4,8 @@
 //! against the machine's NATS and PostgreSQL (or processes it starts
 //! itself: a TCP proxy, a NATS server).
 
+#[path = "common/batching.rs"]
+mod batching;
 mod common;
 #[path = "common/faults.rs"]
 mod faults;
@@ -755,4 +757,79 @@ async fn large_event_backlog_drains_without_disconnect_in_bounded_memory() {
     eprintln!("large events: {EVENTS} × 600 KB drained in {took:?}, peak RSS {rss:.1} MiB, {disconnects} disconnects");
     assert_eq!(disconnects, 0, "{}", engine.log());
     assert!(rss < 256.0, "peak RSS {rss:.1} MiB");
+}
+
+// ---------------------------------------------------------------------------
+// 7. Probes don't compete with writes
+// ---------------------------------------------------------------------------
+
+/// Requests `/ready` and `/health` as fast as 8 clients pacing 8 ms can
+/// (about 500 per second on the 2-core machine) until stopped; returns how many were answered.
+fn hammer(
+    port: u16,
+) -> (
+    tokio::sync::watch::Sender<bool>,
+    tokio::task::JoinHandle<u64>,
+) {
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let task = tokio::spawn(async move {
+        let clients = (0..8).map(|i| {
+            let mut stopped = stopped.clone();
+            async move {
+                let http = reqwest::Client::new();
+                let path = if i % 2 == 0 { "ready" } else { "health" };
+                let url = format!("http://127.0.0.1:{port}/{path}");
+                let mut answered = 0u64;
+                while !*stopped.borrow() {
+                    if http.get(&url).send().await.is_ok() {
+                        answered += 1;
+                    }
+                    tokio::select! {
+                        _ = stopped.changed() => {}
+                        _ = tokio::time::sleep(Duration::from_millis(8)) => {}
+                    }
+                }
+                answered
+            }
+        });
+        futures::future::join_all(clients).await.into_iter().sum()
+    });
+    (stop, task)
+}
+
+/// Publishes a backlog of `n` events, starts an engine (with a probe
+/// hammer when `hammered`) and returns how long it took to store them all
+/// and the probe rate.
+async fn drain_time(n: usize, hammered: bool) -> (Duration, f64) {
+    let env = TestEnv::new().await;
+    let ids: Vec<String> = (0..n).map(|i| format!("e{i:06}")).collect();
+    batching::publish_backlog(&env, ids.iter().map(|id| batching::top_event(id))).await;
+    let started = std::time::Instant::now();
+    let engine = env.engine().spawn();
+    let probes = hammered.then(|| hammer(engine.port));
+    batching::wait_drained(&env, n as u64, Duration::from_secs(120)).await;
+    wait_rows_at_least(&env, n as i64, DEADLINE).await;
+    let took = started.elapsed();
+    let rate = match probes {
+        Some((stop, task)) => {
+            let _ = stop.send(true);
+            task.await.expect("hammer") as f64 / took.as_secs_f64()
+        }
+        None => 0.0,
+    };
+    (took, rate)
+}
+
+/// Draining a backlog while `/ready` and `/health` are hammered at about
+/// 500 requests per second takes not much longer than without: probes
+/// use a cached answer and a connection of their own, never the write pool.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn probe_hammer_does_not_slow_the_drain() {
+    const N: usize = 20_000;
+    let (plain, _) = drain_time(N, false).await;
+    let (hammered, rate) = drain_time(N, true).await;
+    let ratio = hammered.as_secs_f64() / plain.as_secs_f64();
+    eprintln!("probe hammer: drain {plain:?} alone, {hammered:?} with {rate:.0} probes/s: ratio {ratio:.2}");
+    assert!(rate > 350.0, "the hammer only reached {rate:.0} requests/s");
+    assert!(ratio < 1.8, "the probes slowed the drain {ratio:.2}×");
 }
