@@ -245,15 +245,15 @@ fn default_pool_size() -> u32 {
     4
 }
 
-fn default_statement_timeout() -> Duration {
+pub fn default_statement_timeout() -> Duration {
     Duration::from_secs(30)
 }
 
-fn default_connect_timeout() -> Duration {
-    Duration::from_secs(10)
+pub fn default_connect_timeout() -> Duration {
+    Duration::from_secs(3)
 }
 
-fn default_lock_timeout() -> Duration {
+pub fn default_lock_timeout() -> Duration {
     Duration::from_secs(10)
 }
 

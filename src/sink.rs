@@ -118,11 +118,15 @@ impl Limits {
 }
 
 impl Default for Limits {
+    /// The defaults of the pipeline file's fields.
     fn default() -> Self {
+        use crate::config::{
+            default_connect_timeout, default_lock_timeout, default_statement_timeout,
+        };
         Self {
-            statement: Duration::from_secs(30),
-            connect: Duration::from_secs(10),
-            lock: Duration::from_secs(10),
+            statement: default_statement_timeout(),
+            connect: default_connect_timeout(),
+            lock: default_lock_timeout(),
         }
     }
 }

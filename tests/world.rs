@@ -833,3 +833,92 @@ async fn probe_hammer_does_not_slow_the_drain() {
     assert!(rate > 350.0, "the hammer only reached {rate:.0} requests/s");
     assert!(ratio < 1.8, "the probes slowed the drain {ratio:.2}×");
 }
+
+/// Holds a row of eventId `event_id` in an open transaction: the engine's
+/// insert of that event waits for it (a slow batch), nothing else does.
+async fn block_event(env: &TestEnv, event_id: &str) -> sqlx::Transaction<'static, sqlx::Postgres> {
+    let mut tx = env.db.begin().await.expect("begin");
+    sqlx::query(
+        r#"INSERT INTO "TiktokEvent" ("id", "eventId", "timestamp", "funnelStage", "eventType", "data")
+           VALUES ('blocker', $1, now(), 'top', 'video.view', '{}')"#,
+    )
+    .bind(event_id)
+    .execute(&mut *tx)
+    .await
+    .expect("hold the row");
+    tx
+}
+
+/// Four reloads in quick succession while a batch waits on a row lock:
+/// each reload takes effect at once (the replaced versions finish in the
+/// background), the pull requests handed down the chain of versions are
+/// all read, and every event is stored once without a redelivery.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn back_to_back_reloads_during_a_slow_batch_lose_no_pull_request() {
+    let env = TestEnv::new().await;
+    let engine = started(&env).await;
+    let bus = Bus::shared(&env);
+    let blocker = block_event(&env, "slow").await;
+    env.publish_event(&event("slow")).await;
+    wait_for("the slow batch to wait", DEADLINE, || {
+        engine_waits_on_a_lock(&env)
+    })
+    .await;
+    let mut ids = vec!["first".to_string(), "slow".to_string()];
+    let yaml = env.tiktok_pipeline();
+    let began = std::time::Instant::now();
+    for round in 0..4 {
+        let round_ids = event_ids(&format!("r{round}"), 25);
+        bus.publish_events(&round_ids).await;
+        ids.extend(round_ids);
+        let before = reload::status(&engine, "tiktok.yaml").await;
+        env.write_pipeline("tiktok.yaml", &reload::revision(&yaml, &round.to_string()));
+        reload::wait_new_version(&engine, "tiktok.yaml", &before).await;
+    }
+    let reloading = began.elapsed();
+    eprintln!("4 reloads during a slow batch took {reloading:?}");
+    assert!(
+        reloading < Duration::from_secs(8),
+        "reloads waited for the slow batch: {reloading:?}"
+    );
+    blocker.rollback().await.expect("release the row");
+    ids.sort();
+    wait_for("every event stored once", DEADLINE, || async {
+        expect_eq(stored_ids(&env).await, ids.clone())
+    })
+    .await;
+    let info = bus.wait_all_acked(DEADLINE).await;
+    assert_eq!(redeliveries(&info), 0, "{info:?}");
+}
+
+/// A reload while the database is down fails (the running version stays)
+/// and costs the held event no delivery attempt.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reload_during_a_database_outage_costs_no_delivery_attempt() {
+    let env = TestEnv::new().await;
+    let mut proxy = TcpProxy::to_postgres().await;
+    let url = postgres_url(proxy.port(), &env.db_name);
+    let engine = env.engine().database_url(url).start().await;
+    reload::assert_stores(&env, "first").await;
+    proxy.stop().await;
+    env.publish_event(&event("held")).await;
+    engine.wait_metric_at_least(SINK_RETRIES, &[], 1.0).await;
+    env.write_pipeline(
+        "tiktok.yaml",
+        &reload::revision(&env.tiktok_pipeline(), "outage"),
+    );
+    let failed = reload::wait_status(&engine, "tiktok.yaml", "a failed reload", |s| {
+        s.last_error
+            .as_deref()
+            .is_some_and(|e| e.contains("cannot connect to Postgres"))
+    })
+    .await;
+    assert_eq!(
+        failed.state, "retrying",
+        "the running version holds the event"
+    );
+    proxy.start().await;
+    env.wait_row("held").await;
+    let info = env.wait_all_acked().await;
+    assert_eq!(redeliveries(&info), 0, "{info:?}");
+}
