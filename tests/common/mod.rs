@@ -33,7 +33,21 @@ pub const DEADLINE: Duration = Duration::from_secs(20);
 /// How often [`wait_for`] probes its condition.
 const POLL_INTERVAL: Duration = Duration::from_millis(50);
 
-pub const NATS_URL: &str = "nats://127.0.0.1:4222";
+/// The NATS server of the tests: `$NATS_URL`, by default the machine's
+/// (to run the suite against another server version, start one and point
+/// `NATS_URL` at it; see also [`nats_server_bin`]).
+pub fn nats_url() -> &'static str {
+    static URL: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    URL.get_or_init(|| {
+        std::env::var("NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".to_owned())
+    })
+}
+
+/// The `nats-server` binary tests start servers of their own with:
+/// `$NATS_SERVER`, by default Debian's.
+pub fn nats_server_bin() -> String {
+    std::env::var("NATS_SERVER").unwrap_or_else(|_| "/usr/sbin/nats-server".to_owned())
+}
 pub const PG_HOST: &str = "127.0.0.1";
 pub const PG_PORT: u16 = 5432;
 
@@ -225,7 +239,7 @@ impl TestEnv {
             .connect(&postgres_url(PG_PORT, &db_name))
             .await
             .expect("connect to the test database");
-        let nats = async_nats::connect(NATS_URL)
+        let nats = async_nats::connect(nats_url())
             .await
             .expect("connect to NATS");
         let env = Self {
@@ -399,7 +413,7 @@ impl Drop for TestEnv {
     fn drop(&mut self) {
         let (db_name, stream) = (self.db_name.clone(), self.stream.clone());
         on_own_runtime(async move {
-            delete_stream(NATS_URL.to_owned(), stream).await;
+            delete_stream(nats_url().to_owned(), stream).await;
             let _ = drop_database(&db_name).await;
         });
         if std::thread::panicking() {
@@ -486,7 +500,7 @@ impl<'a> EngineBuilder<'a> {
     fn new(env: &'a TestEnv) -> Self {
         let vars = [
             ("DATABASE_URL", env.database_url()),
-            ("NATS_URL", NATS_URL.to_owned()),
+            ("NATS_URL", nats_url().to_owned()),
             ("PORT", free_port().to_string()),
             ("HOSTNAME", format!("test-{}", env.id)),
             ("NODE_ENV", "test".to_owned()),

@@ -373,7 +373,7 @@ impl Drop for Clicks {
                 .build()
                 .expect("cleanup runtime");
             rt.block_on(async {
-                if let Ok(client) = async_nats::connect(NATS_URL).await {
+                if let Ok(client) = async_nats::connect(nats_url()).await {
                     let _ = jetstream::new(client).delete_stream(&stream).await;
                 }
             });
