@@ -141,8 +141,9 @@ pub async fn connect(
     Ok(client)
 }
 
-/// Ensures the stream (created when missing, used as is when present) and
-/// the durable consumer (created, or its settings updated to the file's).
+/// Ensures the stream (created when missing, used as is when present, but
+/// refused when its subjects do not cover the consumer's filter) and the
+/// durable consumer (created, or its settings updated to the file's).
 pub async fn ensure(
     js: &jetstream::Context,
     s: &StreamConfig,
@@ -157,19 +158,19 @@ pub async fn ensure(
         .info()
         .await
         .with_context(|| format!("stream {}", s.name))?;
-    if !info
-        .config
-        .subjects
-        .iter()
-        .any(|p| subject_covers(p, &c.filter_subject))
-    {
-        tracing::warn!(
-            stream = %s.name,
-            subjects = ?info.config.subjects,
-            filter = %c.filter_subject,
-            "the existing stream's subjects do not cover the consumer's filter: it will receive nothing"
-        );
-    }
+    // Servers before 2.10 refuse such a consumer, later ones accept it and
+    // deliver nothing: refuse it on every version.
+    anyhow::ensure!(
+        info.config
+            .subjects
+            .iter()
+            .any(|p| subject_covers(p, &c.filter_subject)),
+        "the existing stream {} has subjects {:?}, which do not cover the consumer's filter {}: \
+         it would receive nothing",
+        s.name,
+        info.config.subjects,
+        c.filter_subject
+    );
     let consumer = stream
         .create_consumer(consumer_config(c, max_ack_pending))
         .await

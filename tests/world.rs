@@ -60,7 +60,7 @@ async fn deleted_consumer_is_recreated_and_storing_continues() {
 }
 
 /// The stream deleted and recreated by someone else with subjects that do
-/// not cover the pipeline's filter: the consumer cannot be recreated, so the
+/// not cover the pipeline's filter: the consumer cannot be recreated on it, so the
 /// pipeline is failing (503, `/pipelines`, metric) and retries with backoff
 /// rather than hot; once the stream is gone again, the engine recreates
 /// both and stores what is published.
