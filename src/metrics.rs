@@ -279,13 +279,16 @@ pub struct Guarded<V> {
     /// Hashes of the label sets admitted (a collision admits a set
     /// uncounted, which is harmless).
     seen: Mutex<std::collections::HashSet<u64>>,
-    folds: prometheus::IntCounter,
+    /// The engine's fold counter; its series for this family appears with
+    /// the first fold (an idle family leaves no trace once removed).
+    folds: IntCounterVec,
+    family: String,
     warned: std::sync::atomic::AtomicBool,
 }
 
 impl<T: MetricVecBuilder> Guarded<MetricVec<T>> {
     fn new(vec: MetricVec<T>, cap: usize, folds: &IntCounterVec) -> Self {
-        let name = vec
+        let family = vec
             .desc()
             .first()
             .map(|d| d.fq_name.clone())
@@ -293,7 +296,8 @@ impl<T: MetricVecBuilder> Guarded<MetricVec<T>> {
         Self {
             cap,
             seen: Mutex::new(std::collections::HashSet::new()),
-            folds: folds.with_label_values(&[name]),
+            folds: folds.clone(),
+            family,
             warned: std::sync::atomic::AtomicBool::new(false),
             vec,
         }
@@ -305,11 +309,10 @@ impl<T: MetricVecBuilder> Guarded<MetricVec<T>> {
         if self.admit(values) {
             return self.vec.with_label_values(values);
         }
-        self.folds.inc();
+        self.folds.with_label_values(&[&self.family]).inc();
         if !self.warned.swap(true, std::sync::atomic::Ordering::Relaxed) {
-            let family = self.vec.desc().first().map(|d| d.fq_name.clone());
             tracing::warn!(
-                ?family,
+                family = %self.family,
                 cap = self.cap,
                 "metric family reached max_label_sets: new label sets are recorded as `other`"
             );
