@@ -255,8 +255,9 @@ impl Names {
         format!("{}_LARGE", self.stream)
     }
 
+    /// `<id>.large.`: apart from the tiktok stream's `<id>.raw.events.>`.
     fn large_prefix(&self) -> String {
-        format!("{}large.", self.prefix)
+        format!("{}large.", self.prefix.trim_end_matches("raw.events."))
     }
 
     fn large_pipelines_dir(&self) -> PathBuf {
