@@ -39,9 +39,7 @@ fn log_lines(engine: &Engine, needle: &str) -> usize {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deleted_consumer_is_recreated_and_storing_continues() {
     let env = TestEnv::new().await;
-    let engine = env.engine().start().await;
-    env.publish_event(&event("before")).await;
-    env.wait_row("before").await;
+    let engine = started(&env).await;
     let stream = env.js.get_stream(&env.stream).await.expect("stream");
     stream.delete_consumer(&env.durable).await.expect("delete");
     env.publish_event(&event("after")).await;
@@ -60,16 +58,14 @@ async fn deleted_consumer_is_recreated_and_storing_continues() {
 }
 
 /// The stream deleted and recreated by someone else with subjects that do
-/// not cover the pipeline's filter: the consumer cannot be recreated on it, so the
-/// pipeline is failing (503, `/pipelines`, metric) and retries with backoff
-/// rather than hot; once the stream is gone again, the engine recreates
-/// both and stores what is published.
+/// not cover the pipeline's filter: the consumer cannot be recreated on it,
+/// so the pipeline is failing (503, `/pipelines`, metric) and retries with
+/// backoff rather than hot; once the stream is gone again, the engine
+/// recreates both and stores what is published.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replaced_stream_fails_the_pipeline_with_backoff_until_repaired() {
     let env = TestEnv::new().await;
-    let engine = env.engine().start().await;
-    env.publish_event(&event("before")).await;
-    env.wait_row("before").await;
+    let engine = started(&env).await;
     // The engine recreates its stream as soon as it misses it: replace it
     // until the foreign one wins the race.
     wait_for(
