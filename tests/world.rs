@@ -330,6 +330,22 @@ fn with_sink_settings(env: &TestEnv, lines: &str) -> String {
 
 const SHORT_TIMEOUTS: &str = "    statement_timeout: 1s\n    connect_timeout: 1s\n";
 
+/// An engine (short timeouts, `SHUTDOWN_GRACE=2s`) whose database is
+/// behind a proxy, storing.
+async fn behind_a_proxy(env: &TestEnv) -> (Engine, TcpProxy) {
+    let proxy = TcpProxy::to_postgres().await;
+    env.write_pipeline("tiktok.yaml", &with_sink_settings(env, SHORT_TIMEOUTS));
+    let url = postgres_url(proxy.port(), &env.db_name);
+    let engine = env
+        .engine()
+        .database_url(url)
+        .var("SHUTDOWN_GRACE", "2s")
+        .start()
+        .await;
+    reload::assert_stores(env, "first").await;
+    (engine, proxy)
+}
+
 /// A database that accepts TCP and never answers (a frozen proxy): the
 /// write in progress ends as a transient error within connect_timeout +
 /// statement_timeout (+1 s), /ready says so, and once it answers again the
@@ -337,11 +353,7 @@ const SHORT_TIMEOUTS: &str = "    statement_timeout: 1s\n    connect_timeout: 1s
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hung_database_is_a_transient_error_within_the_timeouts() {
     let env = TestEnv::new().await;
-    let proxy = TcpProxy::to_postgres().await;
-    env.write_pipeline("tiktok.yaml", &with_sink_settings(&env, SHORT_TIMEOUTS));
-    let url = postgres_url(proxy.port(), &env.db_name);
-    let engine = env.engine().database_url(url).start().await;
-    reload::assert_stores(&env, "first").await;
+    let (engine, proxy) = behind_a_proxy(&env).await;
     proxy.freeze();
     let frozen = std::time::Instant::now();
     env.publish_event(&event("while-hung")).await;
@@ -400,6 +412,21 @@ fn with_private_migrations(env: &TestEnv, settings: &str) -> (String, std::path:
 
 const ALTER_MIGRATION: &str = r#"ALTER TABLE "TiktokEvent" ADD COLUMN "note" text;"#;
 
+/// Locks the table in a transaction of the test's, then adds a migration
+/// that needs the lock (a reload follows). Returns the locking transaction.
+async fn migrate_against_a_lock(
+    env: &TestEnv,
+    migrations: &std::path::Path,
+) -> sqlx::Transaction<'static, sqlx::Postgres> {
+    let mut locker = env.db.begin().await.expect("begin");
+    sqlx::query(r#"LOCK TABLE "TiktokEvent" IN ACCESS EXCLUSIVE MODE"#)
+        .execute(&mut *locker)
+        .await
+        .expect("lock");
+    std::fs::write(migrations.join("20990101000000_note.sql"), ALTER_MIGRATION).expect("write");
+    locker
+}
+
 /// A migration that waits on another session's lock fails the reload with
 /// a clear message after lock_timeout; the running version stays.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -409,12 +436,7 @@ async fn migration_waiting_on_a_lock_fails_the_reload_after_lock_timeout() {
     env.write_pipeline("tiktok.yaml", &yaml);
     let engine = started(&env).await;
     let before = reload::wait_running(&engine, "tiktok.yaml").await;
-    let mut locker = env.db.begin().await.expect("begin");
-    sqlx::query(r#"LOCK TABLE "TiktokEvent" IN ACCESS EXCLUSIVE MODE"#)
-        .execute(&mut *locker)
-        .await
-        .expect("lock");
-    std::fs::write(migrations.join("20990101000000_note.sql"), ALTER_MIGRATION).expect("write");
+    let locker = migrate_against_a_lock(&env, &migrations).await;
     let failed = reload::wait_status(&engine, "tiktok.yaml", "a failed reload", |s| {
         s.last_error
             .as_deref()
@@ -436,12 +458,7 @@ async fn sigterm_during_a_migration_lock_wait_exits_in_bounded_time() {
     env.write_pipeline("tiktok.yaml", &yaml);
     let engine = env.engine().var("SHUTDOWN_GRACE", "2s").start().await;
     reload::assert_stores(&env, "first").await;
-    let mut locker = env.db.begin().await.expect("begin");
-    sqlx::query(r#"LOCK TABLE "TiktokEvent" IN ACCESS EXCLUSIVE MODE"#)
-        .execute(&mut *locker)
-        .await
-        .expect("lock");
-    std::fs::write(migrations.join("20990101000000_note.sql"), ALTER_MIGRATION).expect("write");
+    let locker = migrate_against_a_lock(&env, &migrations).await;
     wait_for("the migration to wait on the lock", DEADLINE, || {
         engine_waits_on_a_lock(&env)
     })
@@ -469,16 +486,7 @@ async fn sigterm_during_a_migration_lock_wait_exits_in_bounded_time() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_while_the_database_hangs_exits_in_bounded_time() {
     let env = TestEnv::new().await;
-    let proxy = TcpProxy::to_postgres().await;
-    env.write_pipeline("tiktok.yaml", &with_sink_settings(&env, SHORT_TIMEOUTS));
-    let url = postgres_url(proxy.port(), &env.db_name);
-    let engine = env
-        .engine()
-        .database_url(url)
-        .var("SHUTDOWN_GRACE", "2s")
-        .start()
-        .await;
-    reload::assert_stores(&env, "first").await;
+    let (engine, proxy) = behind_a_proxy(&env).await;
     proxy.freeze();
     env.publish_event(&event("held")).await;
     engine.wait_metric_at_least(SINK_RETRIES, &[], 1.0).await;
