@@ -269,7 +269,7 @@ pub struct BatchConfig {
     pub max_in_flight: NonZeroUsize,
     /// Payload bytes per batch (and per pull request): with `max_rows` it
     /// bounds what a pipeline holds, whatever the size of its events. At
-    /// least `max_payload`.
+    /// least `max_payload`, at most 256 MiB.
     #[serde(default = "default_batch_bytes", deserialize_with = "de_size")]
     #[schemars(with = "SizeRepr")]
     pub max_bytes: u64,
@@ -297,6 +297,10 @@ fn default_max_wait() -> Duration {
 fn default_in_flight() -> NonZeroUsize {
     NonZeroUsize::new(2).expect("non-zero")
 }
+
+/// The largest `batch.max_bytes`: a batch travels as text arrays that may
+/// take a few times its payload, and Postgres refuses messages over 1 GB.
+const MAX_BATCH_BYTES: u64 = 256 << 20;
 
 fn default_batch_bytes() -> u64 {
     8 << 20
@@ -520,6 +524,15 @@ impl PipelineFile {
             return Err(self.error("delay", "`delay` is used by action `nak` only"));
         }
         let b = &p.sink.postgres.batch;
+        if b.max_bytes > MAX_BATCH_BYTES {
+            return Err(self.error(
+                "max_bytes",
+                format!(
+                    "batch.max_bytes ({}) is above {MAX_BATCH_BYTES}: a batch's statement must stay far below Postgres' 1 GB message limit",
+                    b.max_bytes
+                ),
+            ));
+        }
         if b.max_bytes < p.max_payload {
             return Err(self.error(
                 "max_bytes",
@@ -814,6 +827,17 @@ mod tests {
         assert_eq!(err.line, Some(5), "{err}");
         assert!(err.message.contains("bogus"), "{err}");
         assert!(err.to_string().starts_with("p.yaml:5:"), "{err}");
+    }
+
+    #[test]
+    fn batch_bytes_are_bounded_both_ways() {
+        let text = |bytes: &str| {
+            format!("name: x\nsource:\n  nats:\n    stream: {{name: s, subjects: [a]}}\n    consumer: {{durable: d, filter_subject: a}}\nsink:\n  postgres:\n    insert: x\n    batch: {{max_bytes: {bytes}}}\n")
+        };
+        let parse = |bytes| PipelineFile::parse(Path::new("p.yaml"), &text(bytes));
+        assert!(parse("8MiB").is_ok());
+        assert!(parse("1GiB").unwrap_err().message.contains("1 GB"));
+        assert!(parse("512KiB").unwrap_err().message.contains("max_payload"));
     }
 
     #[test]
