@@ -98,7 +98,8 @@ async fn replaced_stream_fails_the_pipeline_with_backoff_until_repaired() {
     let failures = |m: &Metrics| m.sum(SOURCE_FAILURES, &[("side", "source")]);
     let first = failures(&engine.metrics().await);
     let logged = log_lines(&engine, "cannot pull");
-    let window = Duration::from_secs(4);
+    // Longer than the longest backoff (5 s): at least one retry falls in it.
+    let window = Duration::from_secs(6);
     tokio::time::sleep(window).await; // the property is a rate over time
     let later = failures(&engine.metrics().await);
     assert!(
