@@ -14,7 +14,7 @@ mod reload;
 
 use std::time::Duration;
 
-use async_nats::jetstream::stream;
+use async_nats::jetstream::{consumer, stream};
 use common::*;
 use faults::*;
 
@@ -55,6 +55,37 @@ async fn deleted_consumer_is_recreated_and_storing_continues() {
     assert_eq!(ready_status(&engine).await, 200);
     assert_eq!(log_lines(&engine, "cannot pull"), 1, "{}", engine.log());
     assert_eq!(log_lines(&engine, "pulling again"), 1, "{}", engine.log());
+}
+
+/// Someone changes the consumer so that the server rejects the engine's
+/// pulls (`max_batch` below the engine's batch: 409 at once): the engine
+/// notices, puts the consumer back to the file's settings and goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn changed_consumer_rejecting_pulls_is_restored() {
+    let env = TestEnv::new().await;
+    let engine = started(&env).await;
+    let stream = env.js.get_stream(&env.stream).await.expect("stream");
+    let config = env.consumer_info().await.config;
+    stream
+        .create_consumer(consumer::pull::Config {
+            durable_name: config.durable_name.clone(),
+            name: config.name.clone(),
+            filter_subject: config.filter_subject.clone(),
+            ack_wait: config.ack_wait,
+            max_deliver: config.max_deliver,
+            max_ack_pending: config.max_ack_pending,
+            max_batch: 10,
+            ..Default::default()
+        })
+        .await
+        .expect("change the consumer");
+    env.publish_event(&event("after")).await;
+    env.wait_row("after").await;
+    engine
+        .wait_metric_at_least(SOURCE_FAILURES, &[("side", "source")], 1.0)
+        .await;
+    assert_eq!(env.consumer_info().await.config.max_batch, 0, "restored");
+    assert_eq!(log_lines(&engine, "cannot pull"), 1, "{}", engine.log());
 }
 
 /// The stream deleted and recreated by someone else with subjects that do
