@@ -39,6 +39,10 @@ const PG_BASE: &str = "postgresql://postgres@127.0.0.1:5432";
 const TARGET_DRAIN_SHARE: f64 = 0.50;
 const TARGET_P99_MS: f64 = 25.0;
 const TARGET_RSS_MIB: f64 = 64.0;
+/// The large-events phase: its backlog and its memory target.
+const LARGE_EVENTS: u64 = 200;
+const LARGE_EVENT_BYTES: usize = 600_000;
+const TARGET_LARGE_RSS_MIB: f64 = 256.0;
 const TARGET_RATE: u64 = 2_000;
 const TARGET_EVENTS: u64 = 200_000;
 /// Publish acks kept outstanding while filling the backlog: enough to keep
@@ -195,7 +199,14 @@ async fn phases(names: Names, args: Args) -> anyhow::Result<()> {
     let latency = latency(&bench, args.rate, args.latency_secs).await?;
     latency.print();
 
-    summary(&args, &copy, &drain, &latency);
+    println!(
+        "\n== [5] large events: a backlog of {LARGE_EVENTS} events of {} KB",
+        LARGE_EVENT_BYTES / 1000
+    );
+    let large = large_events(&bench).await?;
+    large.print();
+
+    summary(&args, &copy, &drain, &latency, &large);
     Ok(())
 }
 
@@ -247,6 +258,20 @@ impl Names {
 
     fn pipelines_dir(&self) -> PathBuf {
         self.dir.join("pipelines")
+    }
+
+    /// The large-events phase's stream, subjects and pipelines dir.
+    fn large_stream(&self) -> String {
+        format!("{}_LARGE", self.stream)
+    }
+
+    /// `<id>.large.`: apart from the tiktok stream's `<id>.raw.events.>`.
+    fn large_prefix(&self) -> String {
+        format!("{}large.", self.prefix.trim_end_matches("raw.events."))
+    }
+
+    fn large_pipelines_dir(&self) -> PathBuf {
+        self.dir.join("pipelines-large")
     }
 
     /// `pipelines/tiktok.yaml` made this run's own: stream, subjects and
@@ -400,9 +425,11 @@ async fn cleanup(names: &Names) {
     match async_nats::connect(NATS_URL).await {
         Ok(client) => {
             let js = jetstream::new(client);
-            if let Err(e) = js.delete_stream(&names.stream).await {
-                if !e.to_string().contains("not found") {
-                    eprintln!("cleanup: cannot delete stream {}: {e}", names.stream);
+            for stream in [&names.stream, &names.large_stream()] {
+                if let Err(e) = js.delete_stream(stream).await {
+                    if !e.to_string().contains("not found") {
+                        eprintln!("cleanup: cannot delete stream {stream}: {e}");
+                    }
                 }
             }
         }
@@ -447,6 +474,11 @@ impl Engine {
     /// Starts the engine as an operator would: env configuration, RUST_LOG=warn,
     /// a free HTTP port on loopback, an empty working dir (no stray `.env`).
     async fn spawn(b: &Bench, label: &str) -> anyhow::Result<Self> {
+        Self::spawn_in(b, label, &b.names.pipelines_dir()).await
+    }
+
+    /// As [`Self::spawn`], on the pipeline files of `pipelines`.
+    async fn spawn_in(b: &Bench, label: &str, pipelines: &Path) -> anyhow::Result<Self> {
         let port = free_port()?;
         let log = b.names.dir.join(format!("engine-{label}.log"));
         let log_file = std::fs::File::create(&log)?;
@@ -454,7 +486,7 @@ impl Engine {
         let child = Command::new(&b.names.ingestd)
             .arg("run")
             .arg("--pipelines")
-            .arg(b.names.pipelines_dir())
+            .arg(pipelines)
             .current_dir(&b.names.dir)
             .env("DATABASE_URL", b.names.database_url())
             .env("NATS_URL", NATS_URL)
@@ -1582,11 +1614,99 @@ async fn created_latencies(pool: &PgPool) -> anyhow::Result<Vec<f64>> {
 }
 
 // ---------------------------------------------------------------------------
+// [5] Large events
+// ---------------------------------------------------------------------------
+
+/// What the large-events phase measured.
+struct LargeFigures {
+    total: Duration,
+    hwm_kib: u64,
+    disconnects: usize,
+}
+
+impl LargeFigures {
+    fn print(&self) {
+        println!(
+            "   drained in {} (from start), peak RSS {}, {} NATS disconnects",
+            secs(self.total),
+            mib(self.hwm_kib),
+            self.disconnects
+        );
+    }
+}
+
+/// A pipeline storing any `{id, body}` event into table `big`, on a stream
+/// of its own (the tiktok schema refuses such events).
+fn large_pipeline(names: &Names) -> String {
+    let prefix = names.large_prefix();
+    format!(
+        "name: large\nmax_payload: 1MiB\nsource:\n  nats:\n    stream: {{name: {}, subjects: [\"{prefix}>\"]}}\n    consumer: {{durable: {}-large, filter_subject: \"{prefix}>\"}}\nsink:\n  postgres:\n    insert: INSERT INTO big (id, body) VALUES ({{{{ event.id }}}}, {{{{ event.body }}}}) ON CONFLICT (id) DO NOTHING\nmetrics:\n  prefix: large\n",
+        names.large_stream(),
+        names.durable
+    )
+}
+
+/// Publishes [`LARGE_EVENTS`] events of [`LARGE_EVENT_BYTES`] before the
+/// engine starts, then measures the drain: time, peak memory and whether
+/// NATS dropped the engine as a slow consumer.
+async fn large_events(b: &Bench) -> anyhow::Result<LargeFigures> {
+    let dir = b.names.large_pipelines_dir();
+    std::fs::create_dir_all(&dir)?;
+    std::fs::write(dir.join("large.yaml"), large_pipeline(&b.names))?;
+    sqlx::raw_sql("CREATE TABLE big (id text PRIMARY KEY, body text NOT NULL)")
+        .execute(&b.pool)
+        .await?;
+    b.js.get_or_create_stream(jetstream::stream::Config {
+        name: b.names.large_stream(),
+        subjects: vec![format!("{}>", b.names.large_prefix())],
+        ..Default::default()
+    })
+    .await?;
+    let body = "x".repeat(LARGE_EVENT_BYTES);
+    for i in 0..LARGE_EVENTS {
+        let event = serde_json::to_vec(&json!({"id": format!("large-{i}"), "body": body}))?;
+        let subject = format!("{}event", b.names.large_prefix());
+        b.js.publish(subject, event.into()).await?.await?;
+    }
+    let mut engine = Engine::spawn_in(b, "large", &dir).await?;
+    let mut poll = Poller::new(
+        "ingestd to drain the large events",
+        Duration::from_secs(120),
+        DRAIN_POLL,
+    );
+    let total = loop {
+        poll.tick().await?;
+        engine.ensure_running()?;
+        let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM big")
+            .fetch_one(&b.pool)
+            .await?;
+        if rows as u64 == LARGE_EVENTS {
+            break engine.started.elapsed();
+        }
+    };
+    let hwm_kib = engine.status_kib("VmHWM").unwrap_or(0);
+    let log = std::fs::read_to_string(&engine.log).unwrap_or_default();
+    let disconnects = log.matches("NATS disconnected").count();
+    engine.stop().await?;
+    Ok(LargeFigures {
+        total,
+        hwm_kib,
+        disconnects,
+    })
+}
+
+// ---------------------------------------------------------------------------
 // Summary and formatting
 // ---------------------------------------------------------------------------
 
 /// The figures next to the targets.
-fn summary(args: &Args, copy: &CopyFigures, drain: &DrainFigures, lat: &LatencyFigures) {
+fn summary(
+    args: &Args,
+    copy: &CopyFigures,
+    drain: &DrainFigures,
+    lat: &LatencyFigures,
+    large: &LargeFigures,
+) {
     let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
     let verdict = |ok: bool| if ok { "met" } else { "NOT met" };
     let share = drain.rate() / copy.rate();
@@ -1643,6 +1763,12 @@ fn summary(args: &Args, copy: &CopyFigures, drain: &DrainFigures, lat: &LatencyF
         "[4] ingestd peak RSS (drain)       {:>9}   target < {TARGET_RSS_MIB:.0} MiB: {}{at_target_n}",
         mib(drain.hwm_kib),
         verdict(rss_mib < TARGET_RSS_MIB)
+    );
+    println!(
+        "[5] large events: peak RSS         {:>9}   target < {TARGET_LARGE_RSS_MIB:.0} MiB: {}; {} NATS disconnects",
+        mib(large.hwm_kib),
+        verdict(large.hwm_kib as f64 / 1024.0 < TARGET_LARGE_RSS_MIB && large.disconnects == 0),
+        large.disconnects
     );
     println!(
         "    CPU of other processes (and of processes that exited meanwhile): {:.0}% of the machine during the drain, {:.0}% during the latency phase; high values mean noisy figures",

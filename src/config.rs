@@ -239,10 +239,43 @@ pub struct PostgresSink {
     pub batch: BatchConfig,
     #[serde(default = "default_pool_size")]
     pub pool_size: u32,
+    /// Longest a statement may run (Postgres `statement_timeout`): a
+    /// database that stops answering becomes a transient error, retried,
+    /// instead of a batch that waits forever.
+    #[serde(
+        default = "default_statement_timeout",
+        deserialize_with = "de_duration"
+    )]
+    #[schemars(with = "DurationText")]
+    pub statement_timeout: Duration,
+    /// Longest opening a connection may take (TCP, TLS and the start-up
+    /// exchange), so a server that accepts connections but never answers
+    /// is an error, not a hang.
+    #[serde(default = "default_connect_timeout", deserialize_with = "de_duration")]
+    #[schemars(with = "DurationText")]
+    pub connect_timeout: Duration,
+    /// Longest a migration waits for a lock (Postgres `lock_timeout`): a
+    /// table locked by another session fails the (re)load with a clear
+    /// message instead of blocking it.
+    #[serde(default = "default_lock_timeout", deserialize_with = "de_duration")]
+    #[schemars(with = "DurationText")]
+    pub lock_timeout: Duration,
 }
 
 fn default_pool_size() -> u32 {
     4
+}
+
+pub fn default_statement_timeout() -> Duration {
+    Duration::from_secs(30)
+}
+
+pub fn default_connect_timeout() -> Duration {
+    Duration::from_secs(3)
+}
+
+pub fn default_lock_timeout() -> Duration {
+    Duration::from_secs(10)
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq, JsonSchema)]
@@ -255,6 +288,12 @@ pub struct BatchConfig {
     pub max_wait: Duration,
     #[serde(default = "default_in_flight")]
     pub max_in_flight: NonZeroUsize,
+    /// Payload bytes per batch (and per pull request): with `max_rows` it
+    /// bounds what a pipeline holds, whatever the size of its events. At
+    /// least `max_payload`, at most 256 MiB.
+    #[serde(default = "default_batch_bytes", deserialize_with = "de_size")]
+    #[schemars(with = "SizeRepr")]
+    pub max_bytes: u64,
 }
 
 impl Default for BatchConfig {
@@ -263,6 +302,7 @@ impl Default for BatchConfig {
             max_rows: default_max_rows(),
             max_wait: default_max_wait(),
             max_in_flight: default_in_flight(),
+            max_bytes: default_batch_bytes(),
         }
     }
 }
@@ -277,6 +317,14 @@ fn default_max_wait() -> Duration {
 
 fn default_in_flight() -> NonZeroUsize {
     NonZeroUsize::new(2).expect("non-zero")
+}
+
+/// The largest `batch.max_bytes`: a batch travels as text arrays that may
+/// take a few times its payload, and Postgres refuses messages over 1 GB.
+const MAX_BATCH_BYTES: u64 = 256 << 20;
+
+fn default_batch_bytes() -> u64 {
+    8 << 20
 }
 
 #[derive(Debug, Clone, Default, Deserialize, PartialEq, JsonSchema)]
@@ -389,6 +437,15 @@ pub struct MetricsConfig {
     /// Export process metrics (CPU, memory, fds) under this prefix.
     #[serde(default)]
     pub process_metrics: bool,
+    /// Label sets a family may hold; further ones are folded into label
+    /// value `other` (counted by `ingestd_metric_label_folds_total`), so
+    /// labels taken from events (subjects, fields) cannot exhaust memory.
+    #[serde(default = "default_max_label_sets")]
+    pub max_label_sets: usize,
+}
+
+fn default_max_label_sets() -> usize {
+    10_000
 }
 
 impl Default for MetricsConfig {
@@ -400,6 +457,7 @@ impl Default for MetricsConfig {
             duration_labels: Vec::new(),
             failed_labels: BTreeMap::new(),
             process_metrics: false,
+            max_label_sets: default_max_label_sets(),
         }
     }
 }
@@ -499,6 +557,24 @@ impl PipelineFile {
         }
         self.check_start()?;
         let b = &p.sink.postgres.batch;
+        if b.max_bytes > MAX_BATCH_BYTES {
+            return Err(self.error(
+                "max_bytes",
+                format!(
+                    "batch.max_bytes ({}) is above {MAX_BATCH_BYTES}: a batch's statement must stay far below Postgres' 1 GB message limit",
+                    b.max_bytes
+                ),
+            ));
+        }
+        if b.max_bytes < p.max_payload {
+            return Err(self.error(
+                "max_bytes",
+                format!(
+                    "batch.max_bytes ({}) is below max_payload ({}): the largest event could never be pulled",
+                    b.max_bytes, p.max_payload
+                ),
+            ));
+        }
         if let Some(pending) = p.source.nats.consumer.max_ack_pending {
             if pending > 0 && (pending as usize) < b.max_rows.get() {
                 return Err(self.error(
@@ -840,6 +916,17 @@ mod tests {
         assert_eq!(err.line, Some(5), "{err}");
         assert!(err.message.contains("bogus"), "{err}");
         assert!(err.to_string().starts_with("p.yaml:5:"), "{err}");
+    }
+
+    #[test]
+    fn batch_bytes_are_bounded_both_ways() {
+        let text = |bytes: &str| {
+            format!("name: x\nsource:\n  nats:\n    stream: {{name: s, subjects: [a]}}\n    consumer: {{durable: d, filter_subject: a}}\nsink:\n  postgres:\n    insert: x\n    batch: {{max_bytes: {bytes}}}\n")
+        };
+        let parse = |bytes| PipelineFile::parse(Path::new("p.yaml"), &text(bytes));
+        assert!(parse("8MiB").is_ok());
+        assert!(parse("1GiB").unwrap_err().message.contains("1 GB"));
+        assert!(parse("512KiB").unwrap_err().message.contains("max_payload"));
     }
 
     #[test]

@@ -41,7 +41,7 @@ impl DeadLetters {
     /// Publishes and waits for JetStream's confirmation: only then may the
     /// original be acknowledged.
     pub async fn publish(&self, letter: Letter<'_>) -> Result<(), String> {
-        let mut headers = letter.headers.cloned().unwrap_or_default();
+        let mut headers = carried_headers(letter.headers);
         headers.insert(
             "Nats-Msg-Id",
             format!("{}:{}", letter.stream, letter.stream_seq).as_str(),
@@ -87,6 +87,30 @@ impl DeadLetters {
                 )
             })
     }
+}
+
+/// The original's headers for its dead letter. JetStream control headers
+/// (`Nats-Expected-*`, `Nats-Msg-Id`, `Nats-Rollup`, `Nats-TTL`, any
+/// `Nats-*`) would make the dead-letter stream judge the letter by the
+/// original's conditions (an expected stream or sequence, a rollup it does
+/// not allow) and refuse it, so they are kept under `Original-<name>`.
+fn carried_headers(original: Option<&HeaderMap>) -> HeaderMap {
+    let mut headers = HeaderMap::new();
+    for (name, values) in original.into_iter().flat_map(|h| h.iter()) {
+        let name = name.to_string();
+        let control = name
+            .get(..5)
+            .is_some_and(|p| p.eq_ignore_ascii_case("nats-"));
+        let name = if control {
+            format!("Original-{name}")
+        } else {
+            name
+        };
+        for value in values {
+            headers.append(name.as_str(), value.as_str());
+        }
+    }
+    headers
 }
 
 /// JetStream's advisory for a message that reached `max_deliver`.
@@ -152,4 +176,30 @@ async fn dead_letter_sequence(
             error: "JetStream stopped redelivering: max_deliver reached",
         })
         .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn control_headers_are_kept_under_original() {
+        let mut h = HeaderMap::new();
+        h.insert("Nats-Expected-Stream", "S");
+        h.insert("nats-msg-id", "m1");
+        h.insert("Trace", "t");
+        let carried = carried_headers(Some(&h));
+        assert_eq!(
+            carried
+                .get("Original-Nats-Expected-Stream")
+                .map(|v| v.as_str()),
+            Some("S")
+        );
+        assert_eq!(
+            carried.get("Original-nats-msg-id").map(|v| v.as_str()),
+            Some("m1")
+        );
+        assert_eq!(carried.get("Trace").map(|v| v.as_str()), Some("t"));
+        assert!(carried.get("Nats-Expected-Stream").is_none());
+    }
 }

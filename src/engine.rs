@@ -50,6 +50,8 @@ pub struct Engine {
     /// One slot per pipeline file. Only the reconcile task changes it, and
     /// never holds the lock across an await.
     slots: Mutex<BTreeMap<PathBuf, Slot>>,
+    /// Replaced versions still finishing their batches.
+    retiring: Mutex<Vec<JoinHandle<()>>>,
 }
 
 /// A pipeline file's state: the version running (if any) and the last
@@ -128,43 +130,79 @@ impl Engine {
 
     pub fn statuses(&self) -> Vec<Status> {
         let slots = self.slots.lock().expect("slots lock");
-        slots.iter().map(|(path, slot)| slot.status(path)).collect()
+        slots
+            .iter()
+            .map(|(path, slot)| slot.status(&self.shown(path), &self.dir))
+            .collect()
     }
 
     /// Brings the running set in line with the directory. Returns the load
     /// errors (already logged, counted and recorded for `/pipelines`).
+    ///
+    /// A file that disappeared while another file with its pipeline (name
+    /// or durable consumer) appeared is a move (a rename, an editor's
+    /// atomic save, a ConfigMap update): the new file's version takes over
+    /// from the running one like a reload, without a gap.
     pub async fn reconcile(&self) -> Vec<String> {
         let files = match pipeline_files(&self.dir) {
             Ok(f) => f,
             Err(e) => return vec![e.to_string()],
         };
         let mut errors = Vec::new();
+        let gone = self.gone(&files);
         for path in &files {
-            if let Err(e) = self.reconcile_file(path).await {
+            if let Err(e) = self.reconcile_file(path, &gone).await {
                 errors.push(e);
             }
         }
-        let gone: Vec<PathBuf> = {
-            let slots = self.slots.lock().expect("slots lock");
-            slots
-                .keys()
-                .filter(|p| !files.contains(p))
-                .cloned()
-                .collect()
-        };
-        for path in gone {
-            let slot = self.slots.lock().expect("slots lock").remove(&path);
+        let gone = self.gone(&files);
+        for path in &gone {
+            let slot = self.slots.lock().expect("slots lock").remove(path);
             if let Some(running) = slot.and_then(|s| s.running) {
                 tracing::info!(file = %path.display(), "pipeline file removed: stopping its pipeline");
                 stop(running).await;
             }
-            self.metrics.release(&path);
+            self.metrics.release(path);
+        }
+        if !gone.is_empty() && self.forget_refusals() {
+            // A file refused as a duplicate of one just removed may run now.
+            errors = Vec::new();
+            for path in &files {
+                if let Err(e) = self.reconcile_file(path, &[]).await {
+                    errors.push(e);
+                }
+            }
         }
         errors
     }
 
-    /// Loads one file if its content changed, and swaps versions.
-    async fn reconcile_file(&self, path: &Path) -> Result<(), String> {
+    /// The files that have a slot but are no longer in `files`.
+    fn gone(&self, files: &[PathBuf]) -> Vec<PathBuf> {
+        let slots = self.slots.lock().expect("slots lock");
+        slots
+            .keys()
+            .filter(|p| !files.contains(p))
+            .cloned()
+            .collect()
+    }
+
+    /// Makes files that failed to load without running anything be tried
+    /// again. True if there were any.
+    fn forget_refusals(&self) -> bool {
+        let mut slots = self.slots.lock().expect("slots lock");
+        let mut any = false;
+        for slot in slots.values_mut() {
+            if slot.running.is_none() && slot.error.is_some() {
+                slot.attempted = None;
+                any = true;
+            }
+        }
+        any
+    }
+
+    /// Loads one file if its content changed, and swaps versions (taking
+    /// over the pipeline of a `gone` file it moved from).
+    async fn reconcile_file(&self, path: &Path, gone: &[PathBuf]) -> Result<(), String> {
         let loaded = PipelineFile::load(path).map_err(|e| e.to_string());
         let fingerprint = loaded.as_ref().map_or_else(|e| hash_of(e), fingerprint);
         {
@@ -185,13 +223,14 @@ impl Engine {
             slot.attempted = Some(fingerprint);
         }
         let built = match loaded {
-            Ok(file) => self.build(path, file).await,
+            Ok(file) => self.build(path, file, gone).await,
             Err(e) => Err(e),
         };
         match built {
-            Ok(pipeline) => {
+            Ok((pipeline, moved_from)) => {
                 self.count(path, "success");
-                self.swap(path, pipeline, fingerprint).await;
+                self.swap(path, pipeline, fingerprint, moved_from.as_deref())
+                    .await;
                 Ok(())
             }
             Err(e) => {
@@ -208,46 +247,78 @@ impl Engine {
         }
     }
 
-    async fn build(&self, path: &Path, file: PipelineFile) -> Result<Pipeline, String> {
-        self.check_unique(path, &file)?;
+    /// Builds the file's pipeline. Also returns the `gone` file whose
+    /// pipeline it takes over, if it is a move; its counts carry over.
+    async fn build(
+        &self,
+        path: &Path,
+        file: PipelineFile,
+        gone: &[PathBuf],
+    ) -> Result<(Pipeline, Option<PathBuf>), String> {
+        let moved_from = self.check_unique(path, &file, gone)?;
         let stats = {
             let mut slots = self.slots.lock().expect("slots lock");
-            slots.entry(path.to_path_buf()).or_default().stats.clone()
+            let from = moved_from.as_ref().and_then(|f| slots.get(f));
+            let carried = from.map(|s| s.stats.clone());
+            let slot = slots.entry(path.to_path_buf()).or_default();
+            if let Some(stats) = carried {
+                slot.stats = stats;
+            }
+            slot.stats.clone()
         };
-        Pipeline::build(file, &self.deps, stats)
+        let pipeline = Pipeline::build(file, &self.deps, stats)
             .await
-            .map_err(|e| format!("{e:#}"))
+            .map_err(|e| format!("{e:#}"))?;
+        Ok((pipeline, moved_from))
     }
 
     /// Two files may not run the same pipeline name or durable consumer:
-    /// their events would be split between them unpredictably.
-    fn check_unique(&self, path: &Path, file: &PipelineFile) -> Result<(), String> {
+    /// their events would be split between them unpredictably. The file
+    /// that runs it keeps it; the other is refused, unless the running one
+    /// is `gone` (a move), whose path is returned.
+    fn check_unique(
+        &self,
+        path: &Path,
+        file: &PipelineFile,
+        gone: &[PathBuf],
+    ) -> Result<Option<PathBuf>, String> {
         let slots = self.slots.lock().expect("slots lock");
         let p = &file.pipeline;
+        let mut moved_from = None;
         for (other, slot) in slots.iter().filter(|(o, _)| *o != path) {
-            if let Some(r) = &slot.running {
-                if r.pipeline.name == p.name
-                    || r.pipeline.durable() == p.source.nats.consumer.durable
-                {
-                    return Err(file
-                        .error(
-                            "name",
-                            format!(
-                                "pipeline `{}` (or its durable consumer) is already run by {}",
-                                p.name,
-                                other.display()
-                            ),
-                        )
-                        .to_string());
-                }
+            let Some(r) = &slot.running else { continue };
+            if r.pipeline.name != p.name && r.pipeline.durable() != p.source.nats.consumer.durable {
+                continue;
             }
+            if gone.contains(other) && moved_from.is_none() {
+                moved_from = Some(other.clone());
+                continue;
+            }
+            return Err(file
+                .error(
+                    "name",
+                    format!(
+                        "pipeline `{}` (or its durable consumer) is already run by {}; \
+                         this file is not loaded",
+                        p.name,
+                        self.shown(other)
+                    ),
+                )
+                .to_string());
         }
-        Ok(())
+        Ok(moved_from)
     }
 
-    /// Starts the new version, then stops the old one, which hands its open
-    /// pull requests to the new one (see the module doc).
-    async fn swap(&self, path: &Path, pipeline: Pipeline, fingerprint: u64) {
+    /// Starts the new version, then stops the old one (of this file, or of
+    /// the file it `moved_from`), which hands its open pull requests to the
+    /// new one (see the module doc).
+    async fn swap(
+        &self,
+        path: &Path,
+        pipeline: Pipeline,
+        fingerprint: u64,
+        moved_from: Option<&Path>,
+    ) {
         let pipeline = Arc::new(pipeline);
         let (stop_tx, stop_rx) = watch::channel(false);
         let (handoff_tx, handoff_rx) = tokio::sync::mpsc::unbounded_channel();
@@ -259,21 +330,46 @@ impl Engine {
             fingerprint,
             loaded_at: chrono::Utc::now(),
         };
-        let old = {
+        let (old, orphan) = {
             let mut slots = self.slots.lock().expect("slots lock");
+            let moved = moved_from
+                .and_then(|from| slots.remove(from))
+                .and_then(|m| m.running);
             let slot = slots.entry(path.to_path_buf()).or_default();
             slot.error = None;
-            slot.running.replace(new)
+            match slot.running.replace(new) {
+                Some(old) => (Some(old), moved),
+                None => (moved, None),
+            }
         };
+        if let Some(orphan) = orphan {
+            stop(orphan).await;
+        }
+        if let Some(from) = moved_from {
+            tracing::info!(from = %from.display(), to = %path.display(), "pipeline file moved: the new file takes over");
+        }
         if let Some(old) = old {
             tracing::info!(file = %path.display(), "pipeline reloaded: stopping the previous version");
             old.pipeline.hand_over_to(handoff_tx);
-            stop(old).await;
+            self.retire(old);
+        }
+        if let Some(from) = moved_from {
+            self.metrics.release(from);
         }
     }
 
+    /// A pipeline file as `/pipelines`, metrics and errors show it: relative
+    /// to the pipelines directory (where the engine runs is nobody's
+    /// business).
+    fn shown(&self, path: &Path) -> String {
+        path.strip_prefix(&self.dir)
+            .unwrap_or(path)
+            .display()
+            .to_string()
+    }
+
     fn count(&self, path: &Path, result: &str) {
-        let file = path.display().to_string();
+        let file = self.shown(path);
         self.metrics
             .engine
             .reloads
@@ -281,7 +377,17 @@ impl Engine {
             .inc();
     }
 
-    /// Stops every pipeline, letting each finish its in-flight batches.
+    /// Stops a replaced version in the background: it finishes its
+    /// in-flight batches (a slow one may take long) while the reload goes
+    /// on and the next reload may follow at once.
+    fn retire(&self, old: Running) {
+        let mut retiring = self.retiring.lock().expect("retiring lock");
+        retiring.retain(|t| !t.is_finished());
+        retiring.push(tokio::spawn(stop(old)));
+    }
+
+    /// Stops every pipeline, letting each finish its in-flight batches,
+    /// and waits for the versions still retiring.
     async fn stop_all(&self) {
         let running: Vec<Running> = {
             let mut slots = self.slots.lock().expect("slots lock");
@@ -290,7 +396,9 @@ impl Engine {
                 .filter_map(|s| s.running.take())
                 .collect()
         };
+        let retiring = std::mem::take(&mut *self.retiring.lock().expect("retiring lock"));
         futures::future::join_all(running.into_iter().map(stop)).await;
+        futures::future::join_all(retiring).await;
     }
 
     /// Makes the next reconcile retry every file that failed, even if it is
@@ -317,12 +425,13 @@ impl Engine {
 }
 
 impl Slot {
-    fn status(&self, path: &Path) -> Status {
+    /// `dir` is cut out of the load error, which names the file.
+    fn status(&self, file: &str, dir: &Path) -> Status {
         let r = self.running.as_ref();
         let problem = r.and_then(|r| r.pipeline.health.worst());
         Status {
             name: r.map(|r| r.pipeline.name.clone()),
-            file: path.display().to_string(),
+            file: file.to_string(),
             state: match (r, &problem, &self.error) {
                 (Some(_), Some(p), _) if p.severity == Severity::Failing => "failing",
                 (Some(_), Some(_), _) => "retrying",
@@ -333,7 +442,10 @@ impl Slot {
             problem,
             version: r.map(|r| format!("{:016x}", r.fingerprint)),
             loaded_at: r.map(|r| r.loaded_at.to_rfc3339()),
-            last_error: self.error.clone(),
+            last_error: self
+                .error
+                .as_ref()
+                .map(|e| e.replace(&format!("{}/", dir.display()), "")),
             received: self.stats.received.load(Relaxed),
             processed: self.stats.processed.load(Relaxed),
             failed: self.stats.failed.load(Relaxed),
@@ -429,6 +541,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         },
         nats,
         slots: Mutex::new(BTreeMap::new()),
+        retiring: Mutex::new(Vec::new()),
     });
     let errors = engine.reconcile().await;
     if !errors.is_empty() {
@@ -450,8 +563,17 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
             return res?;
         }
     }
+    exit_after(settings.shutdown_grace + SHUTDOWN_MARGIN);
     let _ = stop_tx.send(true);
-    let _ = watcher.await;
+    // A reload may be waiting on a lock or a database that does not answer:
+    // it is abandoned, not awaited.
+    let mut watcher = watcher;
+    if tokio::time::timeout(Duration::from_secs(1), &mut watcher)
+        .await
+        .is_err()
+    {
+        watcher.abort();
+    }
     if tokio::time::timeout(settings.shutdown_grace, engine.stop_all())
         .await
         .is_err()
@@ -459,6 +581,24 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         tracing::warn!("in-flight batches did not finish in time; they will be redelivered");
     }
     Ok(())
+}
+
+/// What shutdown may take beyond `shutdown_grace` before the process exits
+/// regardless (abandoning a reload, closing connections).
+const SHUTDOWN_MARGIN: Duration = Duration::from_secs(4);
+
+/// Ends the process after `limit` whatever the engine is doing: a stop
+/// request must stop it in bounded time even if some task ignores it. A
+/// thread, not a task, so that a busy or stuck runtime cannot delay it.
+fn exit_after(limit: Duration) {
+    std::thread::spawn(move || {
+        std::thread::sleep(limit);
+        tracing::error!(
+            ?limit,
+            "shutdown took too long: exiting now; unacknowledged messages will be redelivered"
+        );
+        std::process::exit(1);
+    });
 }
 
 async fn shutdown_signal() {

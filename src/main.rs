@@ -22,6 +22,7 @@ mod metrics;
 mod pipeline;
 mod pipetest;
 mod plan;
+mod redact;
 mod replay;
 mod sink;
 mod source;
@@ -135,8 +136,9 @@ struct RunArgs {
     /// NATS connection name (default: collector-$HOSTNAME, as the TTK collector).
     #[arg(long, env = "NATS_NAME")]
     nats_name: Option<String>,
-    /// How long shutdown waits for in-flight batches.
-    #[arg(long, default_value = "25s", value_parser = humantime::parse_duration)]
+    /// How long shutdown waits for in-flight batches (the process exits at
+    /// most a few seconds later, whatever it is doing).
+    #[arg(long, env = "SHUTDOWN_GRACE", default_value = "25s", value_parser = humantime::parse_duration)]
     shutdown_grace: Duration,
     #[command(flatten)]
     nats_auth: source::NatsAuth,
@@ -293,6 +295,9 @@ fn check(paths: Vec<PathBuf>, database_url: Option<&str>) -> ExitCode {
     let mut failed = 0;
     for f in &files {
         let checked = match database_url {
+            _ if pipetest::is_test_file(f) => pipetest::check(f)
+                .map(|()| println!("{}: ok", f.display()))
+                .map_err(|e| format!("{e:#}")),
             None => event::check_file(f)
                 .map(|()| println!("{}: ok", f.display()))
                 .map_err(|e| e.to_string()),

@@ -10,7 +10,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-use prometheus::core::{Collector, Desc};
+use prometheus::core::{Collector, Desc, MetricVec, MetricVecBuilder};
 use prometheus::proto::{LabelPair, MetricFamily};
 use prometheus::{CounterVec, Gauge, HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry};
 
@@ -53,6 +53,8 @@ pub struct EngineMetrics {
     pub lag: LagMetrics,
     /// Pipelines' problems (see [`crate::health`]).
     pub health: HealthMetrics,
+    /// Label sets folded into `other` by a family's cap, per family.
+    pub label_folds: IntCounterVec,
 }
 
 /// The per-event families of one prefix.
@@ -62,10 +64,10 @@ pub struct FamilySet {
     /// again with other label names, so a set whose labels change is
     /// replaced whole, registry and all.
     registry: Registry,
-    pub received: CounterVec,
-    pub processed: CounterVec,
-    pub failed: CounterVec,
-    pub duration: HistogramVec,
+    pub received: Guarded<CounterVec>,
+    pub processed: Guarded<CounterVec>,
+    pub failed: Guarded<CounterVec>,
+    pub duration: Guarded<HistogramVec>,
     pub nats_up: Gauge,
 }
 
@@ -96,7 +98,15 @@ impl Metrics {
             )?,
             lag: LagMetrics::new()?,
             health: HealthMetrics::new()?,
+            label_folds: IntCounterVec::new(
+                Opts::new(
+                    "ingestd_metric_label_folds_total",
+                    "Observations recorded under label value `other` because their family reached max_label_sets",
+                ),
+                &["family"],
+            )?,
         };
+        registry.register(Box::new(engine.label_folds.clone()))?;
         registry.register(Box::new(engine.sink_retries.clone()))?;
         registry.register(Box::new(engine.dead_letters.clone()))?;
         registry.register(Box::new(engine.reloads.clone()))?;
@@ -133,7 +143,7 @@ impl Metrics {
                     .map_or(String::new(), |o| o.display().to_string())
             );
         }
-        let set = Arc::new(FamilySet::new(cfg, key)?);
+        let set = Arc::new(FamilySet::new(cfg, key, &self.engine.label_folds)?);
         let up = self
             .nats_connected
             .load(std::sync::atomic::Ordering::Relaxed);
@@ -188,7 +198,8 @@ impl Metrics {
 }
 
 impl FamilySet {
-    fn new(cfg: &MetricsConfig, key: String) -> anyhow::Result<Self> {
+    fn new(cfg: &MetricsConfig, key: String, folds: &IntCounterVec) -> anyhow::Result<Self> {
+        let cap = cfg.max_label_sets;
         let p = &cfg.prefix;
         let opts = |name: &str, help: &str| {
             Opts::new(format!("{p}_{name}"), help)
@@ -206,25 +217,37 @@ impl FamilySet {
         let set = Self {
             key,
             registry: Registry::new(),
-            received: CounterVec::new(
-                opts(
-                    "events_received_total",
-                    "Deliveries received from NATS, redeliveries included",
-                ),
-                &["subject"],
-            )?,
-            processed: CounterVec::new(
-                opts(
-                    "events_processed_total",
-                    "Events stored (or already stored) and acknowledged",
-                ),
-                &labels,
-            )?,
-            failed: CounterVec::new(
-                opts("events_failed_total", "Events that failed, by reason"),
-                &failed,
-            )?,
-            duration: HistogramVec::new(hist, &duration)?,
+            received: Guarded::new(
+                CounterVec::new(
+                    opts(
+                        "events_received_total",
+                        "Deliveries received from NATS, redeliveries included",
+                    ),
+                    &["subject"],
+                )?,
+                cap,
+                folds,
+            ),
+            processed: Guarded::new(
+                CounterVec::new(
+                    opts(
+                        "events_processed_total",
+                        "Events stored (or already stored) and acknowledged",
+                    ),
+                    &labels,
+                )?,
+                cap,
+                folds,
+            ),
+            failed: Guarded::new(
+                CounterVec::new(
+                    opts("events_failed_total", "Events that failed, by reason"),
+                    &failed,
+                )?,
+                cap,
+                folds,
+            ),
+            duration: Guarded::new(HistogramVec::new(hist, &duration)?, cap, folds),
             nats_up: Gauge::with_opts(opts(
                 "nats_connection_status",
                 "1 when connected to NATS, 0 when not",
@@ -236,15 +259,86 @@ impl FamilySet {
 
     fn register(&self, cfg: &MetricsConfig) -> prometheus::Result<()> {
         let r = &self.registry;
-        r.register(Box::new(self.received.clone()))?;
-        r.register(Box::new(self.processed.clone()))?;
-        r.register(Box::new(self.failed.clone()))?;
-        r.register(Box::new(self.duration.clone()))?;
+        r.register(Box::new(self.received.vec.clone()))?;
+        r.register(Box::new(self.processed.vec.clone()))?;
+        r.register(Box::new(self.failed.vec.clone()))?;
+        r.register(Box::new(self.duration.vec.clone()))?;
         r.register(Box::new(self.nats_up.clone()))?;
         if cfg.process_metrics {
             r.register(Box::new(Labelled::process(cfg)))?;
         }
         Ok(())
+    }
+}
+
+/// Label value of every label of the observations a full family folds.
+const OTHER: &str = "other";
+
+/// A metric family that holds at most `cap` label sets: labels taken from
+/// events (subjects, fields) are chosen by whoever publishes, and each new
+/// set costs memory forever. Observations with a new set beyond the cap are
+/// recorded under `other` for every label, counted, and warned about once.
+pub struct Guarded<V> {
+    vec: V,
+    cap: usize,
+    /// Hashes of the label sets admitted (a collision admits a set
+    /// uncounted, which is harmless).
+    seen: Mutex<std::collections::HashSet<u64>>,
+    /// The engine's fold counter; its series for this family appears with
+    /// the first fold (an idle family leaves no trace once removed).
+    folds: IntCounterVec,
+    family: String,
+    warned: std::sync::atomic::AtomicBool,
+}
+
+impl<T: MetricVecBuilder> Guarded<MetricVec<T>> {
+    fn new(vec: MetricVec<T>, cap: usize, folds: &IntCounterVec) -> Self {
+        let family = vec
+            .desc()
+            .first()
+            .map(|d| d.fq_name.clone())
+            .unwrap_or_default();
+        Self {
+            cap,
+            seen: Mutex::new(std::collections::HashSet::new()),
+            folds: folds.clone(),
+            family,
+            warned: std::sync::atomic::AtomicBool::new(false),
+            vec,
+        }
+    }
+
+    /// The series of `values`, or the `other` series when the family is
+    /// full and `values` is a new set.
+    pub fn with_label_values<V: AsRef<str> + std::fmt::Debug>(&self, values: &[V]) -> T::M {
+        if self.admit(values) {
+            return self.vec.with_label_values(values);
+        }
+        self.folds.with_label_values(&[&self.family]).inc();
+        if !self.warned.swap(true, std::sync::atomic::Ordering::Relaxed) {
+            tracing::warn!(
+                family = %self.family,
+                cap = self.cap,
+                "metric family reached max_label_sets: new label sets are recorded as `other`"
+            );
+        }
+        self.vec.with_label_values(&vec![OTHER; values.len()])
+    }
+
+    fn admit<V: AsRef<str>>(&self, values: &[V]) -> bool {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        values.iter().for_each(|v| v.as_ref().hash(&mut h));
+        let key = h.finish();
+        let mut seen = self.seen.lock().expect("label set lock");
+        if seen.contains(&key) {
+            return true;
+        }
+        if seen.len() >= self.cap {
+            return false;
+        }
+        seen.insert(key);
+        true
     }
 }
 

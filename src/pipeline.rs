@@ -25,13 +25,17 @@ use crate::event::{self, Compiled, Invalid, InvalidKind, Prepared};
 use crate::health::{Health, Severity, Side};
 use crate::lag;
 use crate::metrics::{duration_values, FailureLabels, FamilySet, Metrics};
-use crate::sink::{Finish, Outcome, PgSink, Rejection, SinkRow, WriteError};
+use crate::sink::{Finish, Limits, Outcome, PgSink, Rejection, SinkRow, WriteError};
 use crate::source::{self, Handoff, Puller};
 use crate::template::{MsgMeta, Templates};
 use crate::validate::truncate;
 
 /// The `reason` label of events that can never be stored.
 const VALIDATION_ERROR: &str = "validation_error";
+/// First and longest pause between attempts to publish a dead letter.
+const DEAD_LETTER_BACKOFF: (Duration, Duration) =
+    (Duration::from_millis(100), Duration::from_secs(5));
+
 /// The `reason` label of events left unacknowledged for redelivery.
 const PROCESSING_ERROR: &str = "processing_error";
 
@@ -51,11 +55,15 @@ pub struct Pipeline {
     lag: Arc<lag::PipelineLag>,
     failure: FailureLabels,
     /// What keeps the pipeline from progressing, for probes and metrics.
-    pub health: Health,
+    pub health: Arc<Health>,
+    /// Where the stream and consumer are recreated should they vanish.
+    target: source::Target,
     /// Counts shared by every version of the pipeline file.
     pub stats: Arc<Stats>,
     /// Consecutive database rejections (see `suspect_rejections`).
     rejected_run: std::sync::Mutex<RejectedRun>,
+    /// This version's stop signal, once it runs.
+    stop: std::sync::OnceLock<watch::Receiver<bool>>,
     /// Set by a reload: who gets this version's open pull requests.
     successor: std::sync::Mutex<Option<mpsc::UnboundedSender<Handoff>>>,
 }
@@ -107,7 +115,7 @@ impl Pipeline {
         let compiled = Compiled::new(&file)?;
         let pg = &cfg.sink.postgres;
         let url = pg.url.clone().unwrap_or_else(|| deps.database_url.clone());
-        let sink = PgSink::connect(&url, pg.pool_size)
+        let sink = PgSink::connect_with(&url, pg.pool_size, Limits::of(pg))
             .await
             .map_err(|e| file.error("postgres", e.to_string()))?;
         if let Some(dir) = &pg.migrations {
@@ -119,11 +127,17 @@ impl Pipeline {
             .await
             .map_err(|e| file.error("insert", e))?;
         let nats = &cfg.source.nats;
+        let target = source::Target {
+            js: deps.js.clone(),
+            stream: nats.stream.clone(),
+            consumer: nats.consumer.clone(),
+            max_ack_pending: cfg.max_ack_pending(),
+        };
         let (stream, consumer) = source::ensure(
-            &deps.js,
-            &nats.stream,
-            &nats.consumer,
-            cfg.max_ack_pending(),
+            &target.js,
+            &target.stream,
+            &target.consumer,
+            target.max_ack_pending,
         )
         .await
         .map_err(|e| file.error("consumer", format!("{e:#}")))?;
@@ -151,7 +165,8 @@ impl Pipeline {
             .map_err(|e| file.error("metrics", e.to_string()))?;
         Ok(Self {
             name: cfg.name.clone(),
-            health: Health::new(&cfg.name, deps.metrics.engine.health.clone()),
+            health: Arc::new(Health::new(&cfg.name, deps.metrics.engine.health.clone())),
+            target,
             file: file.path.clone(),
             failure: FailureLabels::new(&cfg.metrics),
             cfg,
@@ -163,6 +178,7 @@ impl Pipeline {
             stats,
             successor: std::sync::Mutex::new(None),
             rejected_run: std::sync::Mutex::new(RejectedRun::default()),
+            stop: std::sync::OnceLock::new(),
             dead_letters,
             stream,
             lag: Arc::new(deps.metrics.engine.lag.pipeline(&file.pipeline.name)),
@@ -201,9 +217,17 @@ impl Pipeline {
         mut stop: watch::Receiver<bool>,
         mut adopt: Option<mpsc::UnboundedReceiver<Handoff>>,
     ) {
+        let _ = self.stop.set(stop.clone());
         let batch = &self.cfg.sink.postgres.batch;
         let slots = Arc::new(Semaphore::new(batch.max_in_flight.get()));
-        let mut puller = Puller::new(self.consumer.clone(), batch.max_rows.get());
+        let mut puller = Puller::new(
+            self.consumer.clone(),
+            batch.max_rows.get(),
+            batch.max_bytes as usize,
+            self.target.clone(),
+            self.health.clone(),
+            &self.name,
+        );
         tracing::info!(pipeline = %self.name, file = %self.file.display(), "pipeline running");
         let poller = lag::Poller::start(
             self.lag.clone(),
@@ -225,10 +249,15 @@ impl Pipeline {
         }
         let successor = self.successor.lock().expect("successor lock").take();
         let rest: Vec<Held> = match successor {
-            Some(next) => {
-                let _ = next.send(puller.hand_over());
-                Vec::new()
-            }
+            Some(next) => match next.send(puller.hand_over(adopt.take())) {
+                Ok(()) => Vec::new(),
+                // The successor stopped before taking them (shutdown): this
+                // version reads them itself rather than let them time out.
+                Err(mpsc::error::SendError(back)) => {
+                    puller.adopt(back);
+                    puller.finish().await
+                }
+            },
             None => puller.finish().await,
         }
         .into_iter()
@@ -276,20 +305,22 @@ impl Pipeline {
                 biased;
                 _ = stop.wait_for(|s| *s) => return None,
                 handoff = recv(adopt) => {
-                    if let Some(handoff) = handoff {
-                        puller.adopt(handoff);
-                    }
-                    // One handoff at most; a closed channel means none.
-                    *adopt = None;
+                    // A closed channel means none; a handoff may name the
+                    // channel of one still to come.
+                    *adopt = handoff.and_then(|h| puller.adopt(h));
                 }
                 m = puller.next(None) => break m?,
             }
         };
         let deadline = Instant::now() + b.max_wait;
+        let mut bytes = first.payload.len() as u64;
         let mut held = vec![self.receive(first)];
-        while held.len() < b.max_rows.get() {
+        while held.len() < b.max_rows.get() && bytes < b.max_bytes {
             match puller.next(Some(deadline)).await {
-                Some(m) => held.push(self.receive(m)),
+                Some(m) => {
+                    bytes += m.payload.len() as u64;
+                    held.push(self.receive(m));
+                }
                 None => break,
             }
         }
@@ -418,7 +449,7 @@ impl Pipeline {
             let result = {
                 let (messages, mut writes): (Vec<&Message>, Vec<&mut SinkRow>) =
                     rows.iter_mut().map(|r| (&r.held.msg, &mut r.write)).unzip();
-                let attempt = self.sink.write(&mut writes, Finish::Commit);
+                let attempt = self.sink.write_bounded(&mut writes, Finish::Commit);
                 self.keeping_alive(attempt, &messages, &mut next_progress)
                     .await
             };
@@ -620,11 +651,16 @@ impl Pipeline {
 
     /// Publishes the original payload with headers explaining the failure,
     /// waits for JetStream to confirm it, and only then acks the original.
+    /// A refused publish (the dead-letter stream gone, NATS down) is retried
+    /// with backoff while the original is held and kept alive; a pipeline
+    /// that stops meanwhile leaves the original for redelivery. Never a
+    /// silent loss.
     async fn dead_letter(&self, msg: &Message, invalid: &Invalid) -> Result<(), String> {
         let letters = self.dead_letters.as_ref().expect("checked at load");
         let info = msg.info().map_err(|e| e.to_string())?;
-        letters
-            .publish(Letter {
+        let mut backoff = DEAD_LETTER_BACKOFF.0;
+        loop {
+            let letter = Letter {
                 payload: msg.payload.clone(),
                 headers: msg.headers.as_ref(),
                 subject: msg.subject.as_str(),
@@ -633,9 +669,26 @@ impl Pipeline {
                 delivered: info.delivered,
                 reason: invalid.kind.as_str(),
                 error: &invalid.error,
-            })
-            .await?;
+            };
+            let Err(e) = letters.publish(letter).await else {
+                break;
+            };
+            if backoff == DEAD_LETTER_BACKOFF.0 {
+                tracing::warn!(pipeline = %self.name, error = %e, "dead letter refused; holding the event and retrying");
+            }
+            if self.stopping() {
+                return Err(format!("{e}; left for redelivery"));
+            }
+            let _ = msg.ack_with(AckKind::Progress).await;
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(DEAD_LETTER_BACKOFF.1);
+        }
         msg.ack().await.map_err(|e| e.to_string())
+    }
+
+    /// True once this version has been told to stop.
+    fn stopping(&self) -> bool {
+        self.stop.get().is_some_and(|s| *s.borrow())
     }
 
     fn count_failure(&self, held: &Held, reason: &str) {

@@ -107,7 +107,8 @@ fn find(paths: &[PathBuf]) -> anyhow::Result<Vec<PathBuf>> {
     Ok(out)
 }
 
-async fn run_file(path: &Path, database_url: &str) -> anyhow::Result<(usize, usize)> {
+/// Reads a test file; returns it with the path of its pipeline file.
+fn load(path: &Path) -> anyhow::Result<(TestFile, PathBuf)> {
     let text =
         std::fs::read_to_string(path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
     let tests: TestFile =
@@ -117,6 +118,30 @@ async fn run_file(path: &Path, database_url: &str) -> anyhow::Result<(usize, usi
         Some(p) => dir.join(p),
         None => PathBuf::from(path.to_string_lossy().replace(".test.", ".")),
     };
+    Ok((tests, pipeline_path))
+}
+
+/// Checks a test file offline (for `ingestd check`): it parses, its
+/// pipeline file exists, and every case's event can be read.
+pub fn check(path: &Path) -> anyhow::Result<()> {
+    let (tests, pipeline_path) = load(path)?;
+    anyhow::ensure!(
+        pipeline_path.is_file(),
+        "{}: its pipeline file {} does not exist",
+        path.display(),
+        pipeline_path.display()
+    );
+    let dir = path.parent().unwrap_or(Path::new("."));
+    for case in &tests.cases {
+        payload(case, dir)
+            .map_err(|e| anyhow::anyhow!("{}: case `{}`: {e}", path.display(), case.name))?;
+    }
+    Ok(())
+}
+
+async fn run_file(path: &Path, database_url: &str) -> anyhow::Result<(usize, usize)> {
+    let (tests, pipeline_path) = load(path)?;
+    let dir = path.parent().unwrap_or(Path::new("."));
     let file = PipelineFile::load(&pipeline_path)?;
     let compiled = Compiled::new(&file)?;
     let pg = &file.pipeline.sink.postgres;

@@ -19,7 +19,7 @@ use std::time::Duration;
 use serde_json::Value as Json;
 use sqlx::pool::PoolConnection;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
-use sqlx::{Acquire, PgConnection, Postgres};
+use sqlx::{Acquire, Executor, PgConnection, Postgres};
 
 use crate::plan::{Plan, PlanError, WritePath};
 use crate::sqlstate::{self, Fault};
@@ -84,49 +84,195 @@ pub enum Finish {
 
 pub struct PgSink {
     pool: PgPool,
+    limits: Limits,
+    /// How the probe connects (the pool's options).
+    options: PgConnectOptions,
+    probe: tokio::sync::Mutex<Probe>,
+    /// The probe's last answer.
+    probe_up: std::sync::atomic::AtomicBool,
     plans: Mutex<HashMap<String, Arc<Plan>>>,
 }
 
+/// How long a probe's answer stands: probes at any rate cost the database
+/// at most one query per sink per this period.
+const PROBE_FRESH: Duration = Duration::from_millis(500);
+
+/// The health probe's own connection and when it last checked.
+#[derive(Default)]
+struct Probe {
+    conn: Option<sqlx::PgConnection>,
+    checked: Option<std::time::Instant>,
+}
+
+impl Probe {
+    async fn check(&mut self, options: &PgConnectOptions) -> bool {
+        use sqlx::Connection as _;
+        if self.conn.is_none() {
+            self.conn = sqlx::PgConnection::connect_with(options).await.ok();
+        }
+        match &mut self.conn {
+            Some(conn) => conn.execute("SELECT 1").await.is_ok(),
+            None => false,
+        }
+    }
+}
+
+fn probe_answer(up: &std::sync::atomic::AtomicBool) -> bool {
+    up.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// Time limits of a sink's connections (see the `sink.postgres` fields of
+/// the same names).
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub statement: Duration,
+    pub connect: Duration,
+    pub lock: Duration,
+}
+
+impl Limits {
+    pub fn of(pg: &crate::config::PostgresSink) -> Self {
+        Self {
+            statement: pg.statement_timeout,
+            connect: pg.connect_timeout,
+            lock: pg.lock_timeout,
+        }
+    }
+
+    /// The longest one write attempt may take by the engine's own clock:
+    /// a connection, then statements the server cancels after
+    /// `statement`. It also ends an attempt on a server that stopped
+    /// answering altogether, which no server-side timeout can.
+    pub fn attempt(&self) -> Duration {
+        self.connect + self.statement + Duration::from_secs(1)
+    }
+}
+
+impl Default for Limits {
+    /// The defaults of the pipeline file's fields.
+    fn default() -> Self {
+        use crate::config::{
+            default_connect_timeout, default_lock_timeout, default_statement_timeout,
+        };
+        Self {
+            statement: default_statement_timeout(),
+            connect: default_connect_timeout(),
+            lock: default_lock_timeout(),
+        }
+    }
+}
+
 impl PgSink {
+    /// Connects with the default [`Limits`].
+    pub async fn connect(url: &str, pool_size: u32) -> anyhow::Result<Self> {
+        Self::connect_with(url, pool_size, Limits::default()).await
+    }
+
     /// Connects lazily-checked: the first connection is opened here so a
     /// wrong URL fails at start-up, not on the first event.
-    pub async fn connect(url: &str, pool_size: u32) -> anyhow::Result<Self> {
-        let options = connect_options(url)?;
-        let pool = PgPoolOptions::new()
+    pub async fn connect_with(url: &str, pool_size: u32, limits: Limits) -> anyhow::Result<Self> {
+        let statement_timeout = format!("{}", limits.statement.as_millis());
+        let options = connect_options(url)?.options([("statement_timeout", statement_timeout)]);
+        let connecting = PgPoolOptions::new()
             .max_connections(pool_size.max(1))
-            .acquire_timeout(Duration::from_secs(3))
-            .connect_with(options)
-            .await
-            .map_err(|e| {
-                anyhow::anyhow!("cannot connect to Postgres at {}: {e}", redact_url(url))
-            })?;
+            .acquire_timeout(limits.connect)
+            .connect_with(options.clone());
+        let pool = match tokio::time::timeout(limits.connect, connecting).await {
+            Ok(Ok(pool)) => pool,
+            Ok(Err(e)) => anyhow::bail!(
+                "cannot connect to Postgres at {}: {}",
+                redact_url(url),
+                crate::redact::secrets_in(&e.to_string(), url)
+            ),
+            Err(_) => anyhow::bail!(
+                "cannot connect to Postgres at {}: no answer within {:?}",
+                redact_url(url),
+                limits.connect
+            ),
+        };
         Ok(Self {
             pool,
+            limits,
+            options,
+            probe: tokio::sync::Mutex::new(Probe::default()),
+            probe_up: std::sync::atomic::AtomicBool::new(true),
             plans: Mutex::new(HashMap::new()),
         })
     }
 
     /// Applies the `.sql` files of `dir` not yet applied (read at run time:
     /// adding a migration needs no recompiling). Versions are shared by all
-    /// directories that target one database, hence `ignore_missing`.
+    /// directories that target one database, hence `ignore_missing`. Runs on
+    /// a connection of its own whose lock waits end after `lock_timeout`
+    /// (a migration may run longer than `statement_timeout`, but must not
+    /// wait forever on another session's lock); the connection is closed
+    /// afterwards rather than returned with those settings.
     pub async fn migrate(&self, dir: &Path) -> anyhow::Result<()> {
         let mut migrator = sqlx::migrate::Migrator::new(dir)
             .await
             .map_err(|e| anyhow::anyhow!("migrations {}: {e}", dir.display()))?;
         migrator.set_ignore_missing(true);
-        migrator
-            .run(&self.pool)
-            .await
-            .map_err(|e| anyhow::anyhow!("migrations {}: {e}", dir.display()))
+        let mut conn = self.pool.acquire().await?;
+        let settings = format!(
+            "SET lock_timeout = {}; SET statement_timeout = 0",
+            self.limits.lock.as_millis()
+        );
+        conn.execute(settings.as_str()).await?;
+        let result = migrator.run_direct(&mut *conn).await;
+        let _ = conn.close().await;
+        result.map_err(|e| {
+            let text = e.to_string();
+            let hint = if text.contains("lock timeout") {
+                format!(
+                    " (waited more than lock_timeout = {:?} for a lock another session holds)",
+                    self.limits.lock
+                )
+            } else {
+                String::new()
+            };
+            anyhow::anyhow!("migrations {}: {text}{hint}", dir.display())
+        })
     }
 
-    /// True when a trivial query answers within two seconds.
+    /// One write attempt (see [`Self::write`]) bounded by the engine's own
+    /// clock ([`Limits::attempt`]). Rows committed before the bound passes
+    /// keep their outcome.
+    pub async fn write_bounded(
+        &self,
+        rows: &mut [&mut SinkRow],
+        finish: Finish,
+    ) -> Result<(), WriteError> {
+        let bound = self.limits.attempt();
+        tokio::time::timeout(bound, self.write(rows, finish))
+            .await
+            .unwrap_or_else(|_| {
+                Err(WriteError::Transient(format!(
+                    "the database did not answer within {bound:?}"
+                )))
+            })
+    }
+
+    /// True when the database answers a trivial query within two seconds,
+    /// on the probe's own connection: probes never take a connection from
+    /// the write pool. Checked at most once per [`PROBE_FRESH`]; probes
+    /// arriving meanwhile (or while a check runs) get the last answer.
     pub async fn ping(&self) -> bool {
-        let q = sqlx::query("SELECT 1").execute(&self.pool);
-        matches!(
-            tokio::time::timeout(Duration::from_secs(2), q).await,
-            Ok(Ok(_))
-        )
+        let Ok(mut probe) = self.probe.try_lock() else {
+            return probe_answer(&self.probe_up);
+        };
+        if probe.checked.is_some_and(|t| t.elapsed() < PROBE_FRESH) {
+            return probe_answer(&self.probe_up);
+        }
+        let up = tokio::time::timeout(Duration::from_secs(2), probe.check(&self.options))
+            .await
+            .unwrap_or(false);
+        if !up {
+            probe.conn = None;
+        }
+        probe.checked = Some(std::time::Instant::now());
+        self.probe_up
+            .store(up, std::sync::atomic::Ordering::Relaxed);
+        up
     }
 
     /// The plan of a statement text, described against the database once.
@@ -503,16 +649,9 @@ pub fn connect_options(url: &str) -> anyhow::Result<PgConnectOptions> {
     Ok(options.application_name("ingestd"))
 }
 
-/// The URL with its password replaced, for logs and errors.
+/// The URL with its passwords replaced, for logs and errors.
 pub fn redact_url(url: &str) -> String {
-    match url::Url::parse(url) {
-        Ok(mut u) if u.password().is_some() => {
-            let _ = u.set_password(Some("***"));
-            u.to_string()
-        }
-        Ok(u) => u.to_string(),
-        Err(_) => "<unparseable URL>".to_string(),
-    }
+    crate::redact::url(url)
 }
 
 #[cfg(test)]

@@ -14,9 +14,11 @@ use anyhow::Context as _;
 use async_nats::jetstream::consumer::{pull, PullConsumer};
 use async_nats::jetstream::{self, stream, Message};
 use futures::{FutureExt, StreamExt};
+use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use crate::config::{self, ConsumerConfig, StreamConfig};
+use crate::health::{Health, Severity, Side};
 use crate::metrics::Metrics;
 
 /// How long one pull request waits on the server for messages. A request
@@ -54,7 +56,7 @@ pub struct NatsAuth {
     pub nats_tls_cert: Option<std::path::PathBuf>,
     #[arg(long, env = "NATS_TLS_KEY")]
     pub nats_tls_key: Option<std::path::PathBuf>,
-    /// Refuse to connect without TLS.
+    /// Refuse to connect without TLS (implied by a CA or client certificate).
     #[arg(long, env = "NATS_TLS_REQUIRED")]
     pub nats_tls_required: bool,
 }
@@ -85,7 +87,11 @@ impl NatsAuth {
         if let (Some(cert), Some(key)) = (&self.nats_tls_cert, &self.nats_tls_key) {
             o = o.add_client_certificate(cert.clone(), key.clone());
         }
-        Ok(o.require_tls(self.nats_tls_required))
+        // Trusting a CA or presenting a certificate means TLS is intended:
+        // never fall back to plain text.
+        let tls =
+            self.nats_tls_required || self.nats_tls_ca.is_some() || self.nats_tls_cert.is_some();
+        Ok(o.require_tls(tls))
     }
 }
 
@@ -135,8 +141,9 @@ pub async fn connect(
     Ok(client)
 }
 
-/// Ensures the stream (created when missing, used as is when present) and
-/// the durable consumer (created, or its settings updated to the file's).
+/// Ensures the stream (created when missing, used as is when present, but
+/// refused when its subjects do not cover the consumer's filter) and the
+/// durable consumer (created, or its settings updated to the file's).
 pub async fn ensure(
     js: &jetstream::Context,
     s: &StreamConfig,
@@ -151,19 +158,19 @@ pub async fn ensure(
         .info()
         .await
         .with_context(|| format!("stream {}", s.name))?;
-    if !info
-        .config
-        .subjects
-        .iter()
-        .any(|p| subject_covers(p, &c.filter_subject))
-    {
-        tracing::warn!(
-            stream = %s.name,
-            subjects = ?info.config.subjects,
-            filter = %c.filter_subject,
-            "the existing stream's subjects do not cover the consumer's filter: it will receive nothing"
-        );
-    }
+    // Servers before 2.10 refuse such a consumer, later ones accept it and
+    // deliver nothing: refuse it on every version.
+    anyhow::ensure!(
+        info.config
+            .subjects
+            .iter()
+            .any(|p| subject_covers(p, &c.filter_subject)),
+        "the existing stream {} has subjects {:?}, which do not cover the consumer's filter {}: \
+         it would receive nothing",
+        s.name,
+        info.config.subjects,
+        c.filter_subject
+    );
     let consumer = stream
         .create_consumer(consumer_config(c, max_ack_pending))
         .await
@@ -290,14 +297,25 @@ pub fn subject_covers(pattern: &str, filter: &str) -> bool {
 pub const REQUESTS_AHEAD: usize = 1;
 
 /// Delivers messages from bounded pull requests ([`REQUESTS_AHEAD`] of
-/// `batch` messages each). Messages delivered while the pipeline is busy
-/// are buffered here, so the pipeline can keep them alive.
+/// at most `batch` messages and `max_bytes` bytes each). Messages delivered
+/// while the pipeline is busy are buffered here, so the pipeline can keep
+/// them alive.
 pub struct Puller {
     consumer: PullConsumer,
     batch: usize,
-    /// Open requests and when the server expires them.
-    requests: VecDeque<(jetstream::consumer::pull::Batch, Instant)>,
+    max_bytes: usize,
+    requests: VecDeque<Request>,
     buffered: VecDeque<Message>,
+    watch: SourceWatch,
+}
+
+/// An open pull request.
+struct Request {
+    batch: jetstream::consumer::pull::Batch,
+    /// When the server expires it.
+    expires: Instant,
+    /// Messages it delivered so far.
+    delivered: usize,
 }
 
 /// What a stopping pipeline version hands to its successor on the same
@@ -306,18 +324,126 @@ pub struct Puller {
 /// [`PULL_EXPIRES`]; whoever reads them must be the version that is
 /// running, or events published just after a reload would meet the old
 /// rules.
+///
+/// A version stopped before its own predecessor handed over passes that
+/// predecessor's channel on (`pending`), so back-to-back reloads form a
+/// chain that ends at the running version.
 pub struct Handoff {
-    requests: VecDeque<(jetstream::consumer::pull::Batch, Instant)>,
+    requests: VecDeque<Request>,
     buffered: VecDeque<Message>,
+    pending: Option<mpsc::UnboundedReceiver<Handoff>>,
+}
+
+/// What a pipeline pulls from, so that a consumer or stream deleted (or
+/// changed) under a running engine is recreated through the same path as a
+/// load ([`ensure`]).
+#[derive(Clone)]
+pub struct Target {
+    pub js: jetstream::Context,
+    pub stream: StreamConfig,
+    pub consumer: ConsumerConfig,
+    pub max_ack_pending: i64,
+}
+
+/// Longest pause between two repairs of a source the server keeps
+/// rejecting: a rejected pull must not loop hot.
+const REPAIR_BACKOFF_MAX: Duration = Duration::from_secs(5);
+
+/// A pull request that ends this long before its expiry without delivering
+/// anything was refused by the server (a 404 the client reads as "no
+/// messages").
+const EARLY_END: Duration = Duration::from_millis(500);
+
+/// The source side's health: pull errors are problems, their repair is
+/// [`ensure`] with backoff.
+struct SourceWatch {
+    target: Target,
+    health: Arc<Health>,
+    pipeline: String,
+    /// The last pull error, not yet repaired.
+    trouble: Option<String>,
+    /// Wait before the next repair (zero for the first one).
+    backoff: Duration,
+}
+
+impl SourceWatch {
+    /// A pull worked: the source is fine again.
+    fn healthy(&mut self) {
+        if self.backoff.is_zero() {
+            return;
+        }
+        self.backoff = Duration::ZERO;
+        if self.health.recover(Side::Source) {
+            tracing::info!(pipeline = %self.pipeline, "pulling again");
+        }
+    }
+
+    /// Reports the pending trouble, waits out the backoff and ensures the
+    /// stream and consumer. Returns the new consumer, or None (trouble kept)
+    /// when `deadline` comes first or the repair failed.
+    async fn repair(&mut self, deadline: Option<Instant>) -> Option<PullConsumer> {
+        let error = self.trouble.clone()?;
+        let wake = Instant::now() + self.backoff;
+        if deadline.is_some_and(|d| d < wake) {
+            return None;
+        }
+        if self.health.fail(Side::Source, Severity::Failing, &error) {
+            tracing::warn!(pipeline = %self.pipeline, %error,
+                "cannot pull: the consumer or stream is gone or refuses; recreating them");
+        }
+        tokio::time::sleep_until(wake).await;
+        self.backoff = (self.backoff * 2).clamp(Duration::from_millis(200), REPAIR_BACKOFF_MAX);
+        let t = &self.target;
+        match ensure(&t.js, &t.stream, &t.consumer, t.max_ack_pending).await {
+            Ok((_, consumer)) => {
+                self.trouble = None;
+                Some(consumer)
+            }
+            Err(e) => {
+                let error = format!("{e:#}");
+                self.health.fail(Side::Source, Severity::Failing, &error);
+                self.trouble = Some(error);
+                None
+            }
+        }
+    }
+}
+
+/// Why a pull request ended with an error, or None for the normal end of a
+/// request whose next message would exceed its `max_bytes`.
+fn pull_trouble(error: &str, delivered: usize) -> Option<String> {
+    let size_limit = error.contains("Message Size Exceeds MaxBytes");
+    match (size_limit, delivered) {
+        (true, 0) => Some(format!(
+            "{error} (a message is larger than a whole pull request)"
+        )),
+        (true, _) => None,
+        (false, _) => Some(error.to_string()),
+    }
 }
 
 impl Puller {
-    pub fn new(consumer: PullConsumer, batch: usize) -> Self {
+    pub fn new(
+        consumer: PullConsumer,
+        batch: usize,
+        max_bytes: usize,
+        target: Target,
+        health: Arc<Health>,
+        pipeline: &str,
+    ) -> Self {
         Self {
             consumer,
             batch,
+            max_bytes,
             requests: VecDeque::new(),
             buffered: VecDeque::new(),
+            watch: SourceWatch {
+                target,
+                health,
+                pipeline: pipeline.to_string(),
+                trouble: None,
+                backoff: Duration::ZERO,
+            },
         }
     }
 
@@ -330,7 +456,10 @@ impl Puller {
             }
             self.top_up(deadline).await;
             if self.requests.is_empty() {
-                return None;
+                if deadline.is_some() {
+                    return None;
+                }
+                continue; // a failed repair: the next one waits its backoff
             }
             match deadline {
                 Some(d) => tokio::time::timeout_at(d, self.drain_open()).await.ok()?,
@@ -339,12 +468,23 @@ impl Puller {
         }
     }
 
-    /// Opens requests until [`REQUESTS_AHEAD`] are open. When none is open
-    /// and NATS refuses (down), retries every second until `deadline`.
+    /// Repairs the source if a pull failed, then opens requests until
+    /// [`REQUESTS_AHEAD`] are open. When none is open and NATS refuses
+    /// (down), retries every second until `deadline`.
     async fn top_up(&mut self, deadline: Option<Instant>) {
+        if self.watch.trouble.is_some() {
+            match self.watch.repair(deadline).await {
+                Some(consumer) => self.consumer = consumer,
+                None => return,
+            }
+        }
         while self.requests.len() < REQUESTS_AHEAD {
             match self.open_request().await {
-                Ok(b) => self.requests.push_back((b, Instant::now() + PULL_EXPIRES)),
+                Ok(batch) => self.requests.push_back(Request {
+                    batch,
+                    expires: Instant::now() + PULL_EXPIRES,
+                    delivered: 0,
+                }),
                 Err(e) if self.requests.is_empty() => {
                     tracing::warn!(error = %e, "cannot open a pull request; retrying");
                     let wake = Instant::now() + Duration::from_secs(1);
@@ -362,6 +502,7 @@ impl Puller {
         self.consumer
             .batch()
             .max_messages(self.batch)
+            .max_bytes(self.max_bytes)
             .expires(PULL_EXPIRES)
             .messages()
             .await
@@ -370,17 +511,18 @@ impl Puller {
 
     /// Moves the next message of any open request (JetStream may deliver to
     /// any of them) into the buffer, without opening another; a request
-    /// that ends is dropped. Pending forever when none is open. Also used
-    /// while the pipeline waits, so delivered messages are held (and kept
-    /// alive), not left in a socket buffer to time out.
+    /// that ends is dropped, one the server refused is noted for repair.
+    /// Pending forever when none is open. Also used while the pipeline
+    /// waits, so delivered messages are held (and kept alive), not left in a
+    /// socket buffer to time out.
     pub async fn drain_open(&mut self) {
         if self.end_expired() {
             return; // the caller may open new ones
         }
-        let Some(first_expiry) = self.requests.iter().map(|(_, e)| *e).min() else {
+        let Some(first_expiry) = self.requests.iter().map(|r| r.expires).min() else {
             return std::future::pending().await;
         };
-        let polls = self.requests.iter_mut().map(|(r, _)| r.next());
+        let polls = self.requests.iter_mut().map(|r| r.batch.next());
         let (next, index) = tokio::select! {
             (next, index, _) = futures::future::select_all(polls) => (next, index),
             // The server may drop an expired request without its timeout
@@ -388,17 +530,30 @@ impl Puller {
             // wait for the client's 5 s fallback.
             _ = tokio::time::sleep_until(first_expiry + EXPIRY_GRACE) => {
                 self.end_expired();
+                self.watch.healthy();
                 return;
             }
         };
         match next {
-            Some(Ok(m)) => self.buffered.push_back(m),
+            Some(Ok(m)) => {
+                self.requests[index].delivered += 1;
+                self.watch.healthy();
+                self.buffered.push_back(m);
+            }
             Some(Err(e)) => {
-                tracing::warn!(error = %e, "pull request failed");
-                self.requests.remove(index);
+                let request = self.requests.remove(index).expect("polled request");
+                if let Some(trouble) = pull_trouble(&e.to_string(), request.delivered) {
+                    self.watch.trouble = Some(trouble);
+                }
             }
             None => {
-                self.requests.remove(index);
+                let request = self.requests.remove(index).expect("polled request");
+                if request.delivered == 0 && Instant::now() + EARLY_END < request.expires {
+                    self.watch.trouble =
+                        Some("the server ended a pull request at once, without messages".into());
+                } else {
+                    self.watch.healthy();
+                }
             }
         }
     }
@@ -410,12 +565,12 @@ impl Puller {
         let now = Instant::now();
         let open = self.requests.len();
         let mut kept = VecDeque::with_capacity(open);
-        for (mut request, expires) in self.requests.drain(..) {
-            if expires + EXPIRY_GRACE > now {
-                kept.push_back((request, expires));
+        for mut request in self.requests.drain(..) {
+            if request.expires + EXPIRY_GRACE > now {
+                kept.push_back(request);
                 continue;
             }
-            while let Some(Some(Ok(m))) = request.next().now_or_never() {
+            while let Some(Some(Ok(m))) = request.batch.next().now_or_never() {
                 self.buffered.push_back(m);
             }
         }
@@ -430,28 +585,32 @@ impl Puller {
     /// fallback waits 5 s more.
     pub async fn finish(&mut self) -> Vec<Message> {
         let mut rest: Vec<Message> = self.buffered.drain(..).collect();
-        while let Some((mut request, expires)) = self.requests.pop_front() {
-            let until = expires + EXPIRY_GRACE;
-            while let Ok(Some(Ok(m))) = tokio::time::timeout_at(until, request.next()).await {
+        while let Some(mut request) = self.requests.pop_front() {
+            let until = request.expires + EXPIRY_GRACE;
+            while let Ok(Some(Ok(m))) = tokio::time::timeout_at(until, request.batch.next()).await {
                 rest.push(m);
             }
         }
         rest
     }
 
-    /// Stops pulling and gives away the open requests and the messages not
-    /// yet taken (see [`Handoff`]).
-    pub fn hand_over(&mut self) -> Handoff {
+    /// Stops pulling and gives away the open requests, the messages not
+    /// yet taken and the channel of a handoff still to come (see
+    /// [`Handoff`]).
+    pub fn hand_over(&mut self, pending: Option<mpsc::UnboundedReceiver<Handoff>>) -> Handoff {
         Handoff {
             requests: std::mem::take(&mut self.requests),
             buffered: std::mem::take(&mut self.buffered),
+            pending,
         }
     }
 
-    /// Takes over a predecessor's requests and messages.
-    pub fn adopt(&mut self, handoff: Handoff) {
+    /// Takes over a predecessor's requests and messages; returns the
+    /// channel of a handoff still to come, if any.
+    pub fn adopt(&mut self, handoff: Handoff) -> Option<mpsc::UnboundedReceiver<Handoff>> {
         self.buffered.extend(handoff.buffered);
         self.requests.extend(handoff.requests);
+        handoff.pending
     }
 
     pub fn buffered(&self) -> impl Iterator<Item = &Message> {

@@ -5,10 +5,14 @@
 //! truncate-and-write, by writing a temporary file and renaming it over the
 //! original, or in several writes, and a watch on the file itself loses
 //! track after a rename. Events are debounced until the directory has been
-//! quiet for [`QUIET`], so one logical save is one reload.
+//! quiet for [`QUIET`], so one logical save is one reload, but for no longer
+//! than [`MAX_DELAY`]: a directory that never settles still reloads.
+//! Editors' swap and backup files and hidden files are not pipeline files
+//! and their changes are ignored; Kubernetes' `..data` links (a ConfigMap
+//! update swaps them) are not.
 
 use std::collections::BTreeSet;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -20,12 +24,18 @@ use crate::engine::Engine;
 /// How long the watched directories must be quiet before a reload.
 const QUIET: Duration = Duration::from_millis(300);
 
+/// The longest a reload waits for quiet after the first change.
+const MAX_DELAY: Duration = Duration::from_secs(2);
+
 /// Runs until `stop` turns true.
 pub async fn watch(engine: Arc<Engine>, mut stop: watch::Receiver<bool>) {
     let (tx, mut rx) = mpsc::unbounded_channel();
     let watcher =
         notify::recommended_watcher(move |res: notify::Result<notify::Event>| match res {
-            Ok(e) if !matches!(e.kind, EventKind::Access(_)) => {
+            Ok(e)
+                if !matches!(e.kind, EventKind::Access(_))
+                    && !e.paths.iter().all(|p| ignored(p)) =>
+            {
                 let _ = tx.send(());
             }
             Ok(_) => {}
@@ -82,9 +92,31 @@ async fn reload(engine: &Engine) {
     }
 }
 
-/// Waits until no event has arrived for [`QUIET`].
+/// Waits until no event has arrived for [`QUIET`], or [`MAX_DELAY`] has
+/// passed.
 async fn debounce(rx: &mut mpsc::UnboundedReceiver<()>) {
-    while let Ok(Some(())) = tokio::time::timeout(QUIET, rx.recv()).await {}
+    let latest = tokio::time::Instant::now() + MAX_DELAY;
+    loop {
+        let quiet = (tokio::time::Instant::now() + QUIET).min(latest);
+        match tokio::time::timeout_at(quiet, rx.recv()).await {
+            Ok(Some(())) if quiet < latest => {}
+            _ => return,
+        }
+    }
+}
+
+/// Files whose changes never change a pipeline: hidden files and editors'
+/// swap, backup and lock files (`.x.swp`, `x~`, `#x#`, `.#x`). Kubernetes'
+/// `..data` links are not hidden files in this sense.
+fn ignored(path: &Path) -> bool {
+    let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
+        return false;
+    };
+    (name.starts_with('.') && !name.starts_with(".."))
+        || name.ends_with('~')
+        || (name.starts_with('#') && name.ends_with('#'))
+        || name.ends_with(".swp")
+        || name.ends_with(".swx")
 }
 
 fn update_watches(watcher: &mut impl Watcher, watched: &mut BTreeSet<PathBuf>, dirs: Vec<PathBuf>) {
@@ -124,5 +156,27 @@ impl Hangup {
             return;
         }
         std::future::pending::<()>().await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ignored;
+    use std::path::Path;
+
+    #[test]
+    fn editor_files_are_ignored_configmap_links_not() {
+        for name in [
+            ".x.yaml.swp",
+            "x.yaml~",
+            "#x.yaml#",
+            ".#x.yaml",
+            ".hidden.yaml",
+        ] {
+            assert!(ignored(Path::new(name)), "{name}");
+        }
+        for name in ["x.yaml", "..data", "..data_tmp", "..2026_11_25_01"] {
+            assert!(!ignored(Path::new(name)), "{name}");
+        }
     }
 }

@@ -190,3 +190,20 @@ async fn tls_with_a_private_ca() {
     let vars = [("NATS_TLS_CA", ca.as_str()), ("NATS_TLS_REQUIRED", "true")];
     stores_through(&env, &url, &bus, &vars).await;
 }
+
+/// Giving a CA (without NATS_TLS_REQUIRED) means TLS is intended: against a
+/// server without TLS the engine refuses to start instead of talking plain
+/// text.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ca_alone_makes_tls_required() {
+    let env = TestEnv::new().await;
+    let (ca, _, _) = private_ca(&env.fresh_dir("tls"));
+    let refused = env
+        .engine()
+        .var("NATS_TLS_CA", &ca)
+        .output(&["run", "--pipelines", env.pipelines_dir().to_str().unwrap()])
+        .await;
+    let stderr = String::from_utf8_lossy(&refused.stderr).to_lowercase();
+    assert!(!refused.status.success(), "ran in plain text:\n{stderr}");
+    assert!(stderr.contains("cannot connect to nats"), "{stderr}");
+}

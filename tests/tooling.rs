@@ -312,3 +312,36 @@ async fn metric_families_follow_their_pipelines() {
     })
     .await;
 }
+
+/// `ingestd check pipelines/*.yaml`: the shell's glob includes the pipeline
+/// test file, which is checked as a test file (it parses, its pipeline
+/// exists); a test file whose pipeline is missing is a problem.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_takes_test_files_from_a_glob_as_test_files() {
+    let env = TestEnv::new().await;
+    let dir = repo_root().join("pipelines");
+    let mut files: Vec<String> = std::fs::read_dir(&dir)
+        .expect("read pipelines/")
+        .map(|e| e.expect("entry").path().display().to_string())
+        .filter(|p| p.ends_with(".yaml"))
+        .collect();
+    files.sort();
+    assert!(files.iter().any(|f| f.ends_with(".test.yaml")), "{files:?}");
+    let mut args = vec!["check"];
+    args.extend(files.iter().map(String::as_str));
+    let out = env.engine().output(&args).await;
+    assert!(out.status.success(), "{}", text(&out));
+
+    let orphan = env.dir.join("orphan.test.yaml");
+    std::fs::write(&orphan, "cases: []\n").expect("write");
+    let out = env
+        .engine()
+        .output(&["check", orphan.to_str().expect("utf-8 path")])
+        .await;
+    assert!(!out.status.success(), "{}", text(&out));
+    assert!(
+        text(&out).contains("orphan.yaml does not exist"),
+        "{}",
+        text(&out)
+    );
+}

@@ -5,6 +5,9 @@
 //! in full batches), the engine's table altered before its first write, and
 //! pipeline variants with other batch settings.
 
+// Shared by several test binaries, each using part of it.
+#![allow(dead_code)]
+
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 

@@ -19,8 +19,8 @@ use futures::StreamExt;
 use serde_json::{json, Value};
 
 use crate::common::{
-    adapt_pipeline, example_event, expect_eq, free_port, state, wait_for, Engine, EngineBuilder,
-    Metrics, TestEnv, DEADLINE, NATS_URL,
+    adapt_pipeline, example_event, expect_eq, free_port, nats_server_bin, nats_url, state,
+    wait_for, Engine, EngineBuilder, Metrics, TestEnv, DEADLINE,
 };
 
 pub const RECEIVED: &str = "collector_events_received_total";
@@ -169,7 +169,7 @@ pub struct Bus {
 impl Bus {
     /// The test's names on the machine's NATS.
     pub fn shared(env: &TestEnv) -> Self {
-        Self::with(env, NATS_URL, env.js.clone())
+        Self::with(env, nats_url(), env.js.clone())
     }
 
     /// The test's names on another server.
@@ -437,7 +437,7 @@ impl NatsServer {
             .append(true)
             .open(&self.log)
             .expect("open the nats log");
-        let child = Command::new("/usr/sbin/nats-server")
+        let child = Command::new(nats_server_bin())
             .arg("-c")
             .arg(&self.config)
             .stdin(Stdio::null())
@@ -525,7 +525,7 @@ pub async fn kill9(engine: &Engine) {
 /// drop.
 pub struct DeadLetterQueue {
     pub subject: String,
-    stream: String,
+    pub stream: String,
     js: jetstream::Context,
     url: String,
 }

@@ -33,7 +33,21 @@ pub const DEADLINE: Duration = Duration::from_secs(20);
 /// How often [`wait_for`] probes its condition.
 const POLL_INTERVAL: Duration = Duration::from_millis(50);
 
-pub const NATS_URL: &str = "nats://127.0.0.1:4222";
+/// The NATS server of the tests: `$NATS_URL`, by default the machine's
+/// (to run the suite against another server version, start one and point
+/// `NATS_URL` at it; see also [`nats_server_bin`]).
+pub fn nats_url() -> &'static str {
+    static URL: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    URL.get_or_init(|| {
+        std::env::var("NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".to_owned())
+    })
+}
+
+/// The `nats-server` binary tests start servers of their own with:
+/// `$NATS_SERVER`, by default Debian's.
+pub fn nats_server_bin() -> String {
+    std::env::var("NATS_SERVER").unwrap_or_else(|_| "/usr/sbin/nats-server".to_owned())
+}
 pub const PG_HOST: &str = "127.0.0.1";
 pub const PG_PORT: u16 = 5432;
 
@@ -225,7 +239,7 @@ impl TestEnv {
             .connect(&postgres_url(PG_PORT, &db_name))
             .await
             .expect("connect to the test database");
-        let nats = async_nats::connect(NATS_URL)
+        let nats = async_nats::connect(nats_url())
             .await
             .expect("connect to NATS");
         let env = Self {
@@ -414,7 +428,7 @@ impl Drop for TestEnv {
     fn drop(&mut self) {
         let (db_name, stream) = (self.db_name.clone(), self.stream.clone());
         on_own_runtime(async move {
-            delete_stream(NATS_URL.to_owned(), stream).await;
+            delete_stream(nats_url().to_owned(), stream).await;
             let _ = drop_database(&db_name).await;
         });
         if std::thread::panicking() {
@@ -501,7 +515,7 @@ impl<'a> EngineBuilder<'a> {
     fn new(env: &'a TestEnv) -> Self {
         let vars = [
             ("DATABASE_URL", env.database_url()),
-            ("NATS_URL", NATS_URL.to_owned()),
+            ("NATS_URL", nats_url().to_owned()),
             ("PORT", free_port().to_string()),
             ("HOSTNAME", format!("test-{}", env.id)),
             ("NODE_ENV", "test".to_owned()),
@@ -947,6 +961,9 @@ pub struct TcpProxy {
     addr: SocketAddr,
     upstream: SocketAddr,
     running: Option<(oneshot::Sender<()>, JoinHandle<()>)>,
+    /// While true, connections stay open but no byte is forwarded (and new
+    /// ones are accepted but not forwarded): a server that stopped answering.
+    frozen: tokio::sync::watch::Sender<bool>,
 }
 
 impl TcpProxy {
@@ -963,6 +980,7 @@ impl TcpProxy {
             addr,
             upstream,
             running: None,
+            frozen: tokio::sync::watch::channel(false).0,
         };
         proxy.serve(listener);
         proxy
@@ -995,9 +1013,20 @@ impl TcpProxy {
         self.serve(listener);
     }
 
+    /// Stops forwarding while keeping every connection open.
+    pub fn freeze(&self) {
+        self.frozen.send_replace(true);
+    }
+
+    /// Forwards again what was held.
+    pub fn thaw(&self) {
+        self.frozen.send_replace(false);
+    }
+
     fn serve(&mut self, listener: TcpListener) {
         let (shutdown, signal) = oneshot::channel();
-        let task = tokio::spawn(accept_loop(listener, self.upstream, signal));
+        let frozen = self.frozen.subscribe();
+        let task = tokio::spawn(accept_loop(listener, self.upstream, signal, frozen));
         self.running = Some((shutdown, task));
     }
 }
@@ -1023,6 +1052,7 @@ async fn accept_loop(
     listener: TcpListener,
     upstream: SocketAddr,
     mut shutdown: oneshot::Receiver<()>,
+    frozen: tokio::sync::watch::Receiver<bool>,
 ) {
     let mut connections = JoinSet::new();
     loop {
@@ -1030,7 +1060,7 @@ async fn accept_loop(
             _ = &mut shutdown => break,
             accepted = listener.accept() => {
                 if let Ok((client, _)) = accepted {
-                    connections.spawn(forward(client, upstream));
+                    connections.spawn(forward(client, upstream, frozen.clone()));
                 }
             }
             Some(_) = connections.join_next(), if !connections.is_empty() => {}
@@ -1040,8 +1070,39 @@ async fn accept_loop(
     connections.shutdown().await;
 }
 
-async fn forward(mut client: TcpStream, upstream: SocketAddr) {
-    if let Ok(mut server) = TcpStream::connect(upstream).await {
-        let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+async fn forward(
+    client: TcpStream,
+    upstream: SocketAddr,
+    mut frozen: tokio::sync::watch::Receiver<bool>,
+) {
+    let _ = frozen.wait_for(|f| !*f).await;
+    if let Ok(server) = TcpStream::connect(upstream).await {
+        let (client_read, client_write) = client.into_split();
+        let (server_read, server_write) = server.into_split();
+        tokio::join!(
+            pump(client_read, server_write, frozen.clone()),
+            pump(server_read, client_write, frozen)
+        );
     }
+}
+
+/// Copies one direction of a connection, holding each chunk while frozen.
+async fn pump(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    mut frozen: tokio::sync::watch::Receiver<bool>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = match from.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        let _ = frozen.wait_for(|f| !*f).await;
+        if to.write_all(&buf[..n]).await.is_err() {
+            break;
+        }
+    }
+    let _ = to.shutdown().await;
 }

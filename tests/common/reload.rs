@@ -7,6 +7,9 @@
 //! polls `/pipelines`, `/metrics`, the database or the server against
 //! [`DEADLINE`].
 
+// Shared by several test binaries, each using part of it.
+#![allow(dead_code)]
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -370,7 +373,7 @@ impl Drop for Clicks {
                 .build()
                 .expect("cleanup runtime");
             rt.block_on(async {
-                if let Ok(client) = async_nats::connect(NATS_URL).await {
+                if let Ok(client) = async_nats::connect(nats_url()).await {
                     let _ = jetstream::new(client).delete_stream(&stream).await;
                 }
             });
