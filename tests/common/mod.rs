@@ -606,6 +606,26 @@ impl HttpReply {
     }
 }
 
+/// Starts `command` with no input and its output in a new file at
+/// `log_path` (read back when a test fails).
+pub fn spawn_logged(mut command: Command, log_path: &Path) -> Child {
+    let log = std::fs::File::create(log_path).expect("create a log file");
+    command
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().expect("clone the log handle"))
+        .stderr(log)
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawn {:?}: {e}", command.get_program()))
+}
+
+/// The HTTP client of the tests: a request never waits more than 5 s.
+pub fn http_client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(5))
+        .build()
+        .expect("http client")
+}
+
 impl Engine {
     /// Runs the binary with `args` and exactly the given variables on top of
     /// the inherited environment, in the empty dir `dir` (which also gets the
@@ -619,24 +639,13 @@ impl Engine {
         let log_path = dir.join("engine.log");
         let cwd = dir.join("cwd");
         std::fs::create_dir_all(&cwd).expect("create engine cwd");
-        let log = std::fs::File::create(&log_path).expect("create engine log");
-        let child = Command::new(ingestd_bin())
-            .args(args)
-            .envs(vars)
-            .current_dir(&cwd)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().expect("clone log handle"))
-            .stderr(log)
-            .spawn()
-            .expect("spawn ingestd");
+        let mut command = Command::new(ingestd_bin());
+        command.args(args).envs(vars).current_dir(&cwd);
         Self {
-            child: Mutex::new(child),
+            child: Mutex::new(spawn_logged(command, &log_path)),
             port,
             log_path,
-            http: reqwest::Client::builder()
-                .timeout(Duration::from_secs(5))
-                .build()
-                .expect("http client"),
+            http: http_client(),
         }
     }
 

@@ -8,11 +8,13 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
-use std::time::Duration;
 
 use serde_json::Value;
 
-use crate::common::{adapt_pipeline, free_port, repo_file, state, wait_for, TestEnv, DEADLINE};
+use crate::common::{
+    adapt_pipeline, free_port, http_client, repo_file, spawn_logged, state, wait_for, TestEnv,
+    DEADLINE,
+};
 
 /// Scrape and rule-evaluation interval of the test's Prometheus.
 pub const SCRAPE_INTERVAL: &str = "1s";
@@ -62,8 +64,8 @@ impl Prometheus {
         std::fs::write(dir.join("prometheus.yml"), config).expect("write config");
         let port = free_port();
         let log_path = dir.join("prometheus.log");
-        let log = std::fs::File::create(&log_path).expect("create log");
-        let child = Command::new("prometheus")
+        let mut command = Command::new("prometheus");
+        command
             .arg(format!(
                 "--config.file={}",
                 dir.join("prometheus.yml").display()
@@ -73,20 +75,13 @@ impl Prometheus {
                 dir.join("data").display()
             ))
             .arg(format!("--web.listen-address=127.0.0.1:{port}"))
-            .current_dir(&dir)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().expect("clone log"))
-            .stderr(log)
-            .spawn()
-            .expect("spawn prometheus (apt-get install prometheus; scripts/services.sh does)");
+            .current_dir(&dir);
+        // Installed by scripts/services.sh (Debian's `prometheus` package).
         let prometheus = Self {
-            child,
+            child: spawn_logged(command, &log_path),
             port,
             log_path,
-            http: reqwest::Client::builder()
-                .timeout(Duration::from_secs(5))
-                .build()
-                .expect("http client"),
+            http: http_client(),
         };
         wait_for("Prometheus to be ready", DEADLINE, || async {
             let url = format!("http://127.0.0.1:{port}/-/ready");
