@@ -19,7 +19,7 @@ use std::time::Duration;
 use notify::{EventKind, RecursiveMode, Watcher};
 use tokio::sync::{mpsc, watch};
 
-use crate::engine::Engine;
+use crate::topology::engine::Engine;
 
 /// How long the watched directories must be quiet before a reload.
 const QUIET: Duration = Duration::from_millis(300);

@@ -20,9 +20,9 @@ use chrono::{DateTime, Utc};
 use tokio::sync::watch;
 
 use crate::config::{self, ConfigError, DeliverPolicy, PipelineFile};
-use crate::metrics::Metrics;
 use crate::pipeline::{Deps, Pipeline};
-use crate::source::{self, NatsAuth};
+use crate::source::nats::{self, NatsAuth};
+use crate::telemetry::metrics::Metrics;
 
 /// How often the backfill consumer's progress is read.
 const PROGRESS_POLL: Duration = Duration::from_millis(200);
@@ -38,7 +38,7 @@ pub struct Args {
     /// Re-read messages published at or after this time (RFC 3339).
     #[arg(long, group = "start", value_parser = config::parse_time)]
     pub from_time: Option<DateTime<Utc>>,
-    #[arg(long, env = "DATABASE_URL", default_value = crate::DEFAULT_DATABASE_URL, hide_env_values = true)]
+    #[arg(long, env = "DATABASE_URL", default_value = crate::cli::compat::DATABASE_URL, hide_env_values = true)]
     pub database_url: String,
     #[arg(long, env = "NATS_URL", default_value = "nats://localhost:4222")]
     pub nats_url: String,
@@ -81,7 +81,7 @@ pub async fn run(args: Args) -> Result<Summary, BackfillError> {
     let stream_name = file.pipeline.source.nats.stream.name.clone();
     let metrics = Arc::new(Metrics::new().map_err(BackfillError::Setup)?);
     let name = format!("ingestd-{}", file.pipeline.name);
-    let client = source::connect(&args.nats_url, &name, &args.nats_auth, metrics.clone())
+    let client = nats::connect(&args.nats_url, &name, &args.nats_auth, metrics.clone())
         .await
         .map_err(BackfillError::Setup)?;
     let js = jetstream::new(client);
@@ -152,11 +152,4 @@ async fn wait_caught_up(
         }
         tokio::time::sleep(PROGRESS_POLL).await;
     }
-}
-
-/// A JetStream time for a consumer's start.
-pub fn offset_time(t: DateTime<Utc>) -> time::OffsetDateTime {
-    let nanos = t.timestamp_nanos_opt().unwrap_or_default();
-    time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(nanos))
-        .unwrap_or(time::OffsetDateTime::UNIX_EPOCH)
 }

@@ -6,6 +6,8 @@
 //! error; a problem found later (template, schema) is located with
 //! [`PipelineFile::line_of_key`].
 
+pub mod files;
+
 use std::collections::BTreeMap;
 use std::fmt;
 use std::num::NonZeroUsize;
@@ -608,6 +610,14 @@ impl PipelineFile {
     }
 }
 
+/// Pull requests the source keeps open at once. It is part of the
+/// configuration model because the default `max_ack_pending` derives from
+/// it. One: with two, the server's count of unacknowledged messages can
+/// exceed the bound the engine promises
+/// (`max_rows × (max_in_flight + 1 + REQUESTS_AHEAD)`), for no measurable
+/// throughput gain.
+pub const REQUESTS_AHEAD: usize = 1;
+
 impl Pipeline {
     fn resolve_paths(&mut self, dir: &Path) {
         if let Some(v) = &mut self.validate {
@@ -625,7 +635,7 @@ impl Pipeline {
     /// engine has already acknowledged.
     pub fn max_ack_pending(&self) -> i64 {
         let b = &self.sink.postgres.batch;
-        let held = b.max_in_flight.get() + 1 + crate::source::REQUESTS_AHEAD + 1;
+        let held = b.max_in_flight.get() + 1 + REQUESTS_AHEAD + 1;
         self.source
             .nats
             .consumer

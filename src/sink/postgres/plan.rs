@@ -31,7 +31,7 @@ use std::hash::{Hash, Hasher};
 use serde_json::Value as Json;
 use sqlx::{Either, Executor, PgConnection};
 
-use crate::sql;
+use crate::sink::postgres::sql;
 
 /// How a run of consecutive rows with the same plan is written.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -57,7 +57,7 @@ impl WritePath {
 pub enum PlanError {
     #[error("the statement's placeholders do not line up with the template's expressions ({marks} placeholders, {values} values): write values only as {{{{ expression }}}}")]
     Placeholders { marks: usize, values: usize },
-    #[error("{}", crate::sqlstate::describe(.0))]
+    #[error("{}", crate::sink::postgres::sqlstate::describe(.0))]
     Database(#[from] sqlx::Error),
 }
 

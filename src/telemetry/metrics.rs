@@ -15,8 +15,8 @@ use prometheus::proto::{LabelPair, MetricFamily};
 use prometheus::{CounterVec, Gauge, HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry};
 
 use crate::config::MetricsConfig;
-use crate::health::HealthMetrics;
-use crate::lag::LagMetrics;
+use crate::telemetry::health::HealthMetrics;
+use crate::telemetry::lag::LagMetrics;
 
 /// The collector's histogram buckets, in seconds.
 pub const DURATION_BUCKETS: [f64; 8] = [0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0];
@@ -49,9 +49,9 @@ pub struct EngineMetrics {
     pub dead_letters: IntCounterVec,
     /// Pipeline (re)loads by file and result (`success`, `failure`).
     pub reloads: IntCounterVec,
-    /// Pipelines' lag and freshness (see [`crate::lag`]).
+    /// Pipelines' lag and freshness (see [`crate::telemetry::lag`]).
     pub lag: LagMetrics,
-    /// Pipelines' problems (see [`crate::health`]).
+    /// Pipelines' problems (see [`crate::telemetry::health`]).
     pub health: HealthMetrics,
     /// Label sets folded into `other` by a family's cap, per family.
     pub label_folds: IntCounterVec,

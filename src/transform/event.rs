@@ -8,8 +8,8 @@ use std::collections::BTreeMap;
 use serde_json::Value as Json;
 
 use crate::config::{self, PipelineFile};
-use crate::template::{MsgMeta, Rendered, Templates};
-use crate::validate::EventValidator;
+use crate::transform::template::{MsgMeta, Rendered, Templates};
+use crate::transform::validate::EventValidator;
 
 /// The class of an event that can never be stored, as logs, pipeline test
 /// files and dead-letter headers name it.
@@ -150,7 +150,7 @@ impl Compiled {
 /// values.
 fn check_placeholders(templates: &Templates) -> Result<(), String> {
     let sample = sample_render(templates)?;
-    let marks = crate::sql::placeholders(&sample.sql).len();
+    let marks = crate::sink::postgres::sql::placeholders(&sample.sql).len();
     if marks == sample.params.len() {
         return Ok(());
     }

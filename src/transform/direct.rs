@@ -13,7 +13,7 @@ use std::collections::BTreeMap;
 
 use serde_json::{Map, Value as Json};
 
-use crate::template::MsgMeta;
+use crate::transform::template::MsgMeta;
 
 /// Where one value comes from.
 #[derive(Debug, Clone)]

@@ -22,11 +22,12 @@ use serde::Serialize;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
+use crate::config::files::pipeline_files;
 use crate::config::PipelineFile;
-use crate::health::{Problem, Severity, Side};
-use crate::metrics::Metrics;
 use crate::pipeline::{Deps, Pipeline, Stats};
-use crate::source;
+use crate::source::nats;
+use crate::telemetry::health::{Problem, Severity, Side};
+use crate::telemetry::metrics::Metrics;
 
 /// What the engine needs from the command line and environment.
 #[derive(Clone)]
@@ -35,7 +36,7 @@ pub struct Settings {
     pub database_url: String,
     pub nats_url: String,
     pub nats_name: String,
-    pub nats_auth: source::NatsAuth,
+    pub nats_auth: nats::NatsAuth,
     pub listen: SocketAddr,
     /// How long shutdown waits for in-flight batches.
     pub shutdown_grace: Duration,
@@ -388,7 +389,7 @@ impl Engine {
 
     /// Stops every pipeline, letting each finish its in-flight batches,
     /// and waits for the versions still retiring.
-    async fn stop_all(&self) {
+    pub async fn stop_all(&self) {
         let running: Vec<Running> = {
             let mut slots = self.slots.lock().expect("slots lock");
             slots
@@ -488,30 +489,9 @@ fn hash_of(s: &str) -> u64 {
     h.finish()
 }
 
-/// The pipeline files of a directory (`*.yaml`, `*.yml`, but not hidden
-/// files or pipeline test files), sorted by name.
-pub fn pipeline_files(dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
-    let entries = std::fs::read_dir(dir)
-        .map_err(|e| anyhow::anyhow!("cannot read pipelines directory {}: {e}", dir.display()))?;
-    let mut files: Vec<PathBuf> = entries
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| matches!(p.extension().and_then(|e| e.to_str()), Some("yaml" | "yml")))
-        .filter(|p| {
-            let name = p
-                .file_name()
-                .map(|n| n.to_string_lossy())
-                .unwrap_or_default();
-            !name.starts_with('.') && !crate::pipetest::is_test_file(p)
-        })
-        .collect();
-    files.sort();
-    Ok(files)
-}
-
-/// Starts every pipeline, serves HTTP, reloads on changes and SIGHUP, and
-/// stops cleanly on SIGINT or SIGTERM. Any pipeline that cannot start
-/// fails the start-up.
-pub async fn run(settings: Settings) -> anyhow::Result<()> {
+/// Connects to NATS and starts every pipeline of the pipelines directory.
+/// Any pipeline that cannot start fails the start-up.
+pub async fn start(settings: &Settings) -> anyhow::Result<Arc<Engine>> {
     let dir = settings.pipelines_dir.canonicalize().map_err(|e| {
         anyhow::anyhow!(
             "cannot read pipelines directory {}: {e}",
@@ -524,7 +504,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         dir.display()
     );
     let metrics = Arc::new(Metrics::new()?);
-    let nats = source::connect(
+    let nats = nats::connect(
         &settings.nats_url,
         &settings.nats_name,
         &settings.nats_auth,
@@ -549,69 +529,5 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         anyhow::bail!("{}", errors.join("\n"));
     }
     metrics.set_nats_connected(engine.nats_up());
-    let (stop_tx, stop_rx) = watch::channel(false);
-    let http = tokio::spawn(crate::http::serve(
-        settings.listen,
-        engine.clone(),
-        stop_rx.clone(),
-    ));
-    let watcher = tokio::spawn(crate::watch::watch(engine.clone(), stop_rx));
-    tokio::select! {
-        _ = shutdown_signal() => tracing::info!("shutting down: finishing in-flight batches"),
-        res = http => {
-            engine.stop_all().await;
-            return res?;
-        }
-    }
-    exit_after(settings.shutdown_grace + SHUTDOWN_MARGIN);
-    let _ = stop_tx.send(true);
-    // A reload may be waiting on a lock or a database that does not answer:
-    // it is abandoned, not awaited.
-    let mut watcher = watcher;
-    if tokio::time::timeout(Duration::from_secs(1), &mut watcher)
-        .await
-        .is_err()
-    {
-        watcher.abort();
-    }
-    if tokio::time::timeout(settings.shutdown_grace, engine.stop_all())
-        .await
-        .is_err()
-    {
-        tracing::warn!("in-flight batches did not finish in time; they will be redelivered");
-    }
-    Ok(())
-}
-
-/// What shutdown may take beyond `shutdown_grace` before the process exits
-/// regardless (abandoning a reload, closing connections).
-const SHUTDOWN_MARGIN: Duration = Duration::from_secs(4);
-
-/// Ends the process after `limit` whatever the engine is doing: a stop
-/// request must stop it in bounded time even if some task ignores it. A
-/// thread, not a task, so that a busy or stuck runtime cannot delay it.
-fn exit_after(limit: Duration) {
-    std::thread::spawn(move || {
-        std::thread::sleep(limit);
-        tracing::error!(
-            ?limit,
-            "shutdown took too long: exiting now; unacknowledged messages will be redelivered"
-        );
-        std::process::exit(1);
-    });
-}
-
-async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .expect("SIGTERM handler");
-        tokio::select! {
-            _ = ctrl_c => {}
-            _ = term.recv() => {}
-        }
-    }
-    #[cfg(not(unix))]
-    let _ = ctrl_c.await;
+    Ok(engine)
 }

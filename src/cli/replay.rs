@@ -16,7 +16,7 @@ use chrono::{DateTime, Utc};
 use futures::StreamExt;
 
 use crate::config;
-use crate::source::{self, NatsAuth};
+use crate::source::nats::{self, NatsAuth};
 
 /// How long to wait for the next letter of those counted at start.
 const NEXT_LETTER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
@@ -106,8 +106,9 @@ pub fn main(args: Args) -> anyhow::Result<()> {
 }
 
 pub async fn run(args: &Args) -> Result<Counts, ReplayError> {
-    let metrics = std::sync::Arc::new(crate::metrics::Metrics::new().map_err(ReplayError::Setup)?);
-    let client = source::connect(&args.nats_url, "ingestd-replay", &args.nats_auth, metrics)
+    let metrics =
+        std::sync::Arc::new(crate::telemetry::metrics::Metrics::new().map_err(ReplayError::Setup)?);
+    let client = nats::connect(&args.nats_url, "ingestd-replay", &args.nats_auth, metrics)
         .await
         .map_err(ReplayError::Setup)?;
     let js = jetstream::new(client);
@@ -184,7 +185,7 @@ impl Args {
             && self
                 .subject
                 .as_deref()
-                .is_none_or(|s| source::subject_covers(s, &letter.subject))
+                .is_none_or(|s| nats::subject_covers(s, &letter.subject))
             && self.since.is_none_or(|t| letter.dead_lettered >= t)
             && self.until.is_none_or(|t| letter.dead_lettered < t)
     }

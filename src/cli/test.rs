@@ -14,21 +14,11 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 use serde_json::Value as Json;
 
+use crate::config::files::{is_test_file, SUFFIXES};
 use crate::config::PipelineFile;
-use crate::event::{Compiled, InvalidKind};
-use crate::sink::{Finish, Outcome, PgSink, SinkRow, Trial};
-use crate::template::MsgMeta;
-
-const SUFFIXES: [&str; 2] = [".test.yaml", ".test.yml"];
-
-/// True for pipeline test files, which the engine does not load.
-pub fn is_test_file(path: &Path) -> bool {
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy())
-        .unwrap_or_default();
-    SUFFIXES.iter().any(|s| name.ends_with(s))
-}
+use crate::sink::postgres::{Finish, Outcome, PgSink, SinkRow, Trial};
+use crate::transform::event::{Compiled, InvalidKind};
+use crate::transform::template::MsgMeta;
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -172,7 +162,7 @@ enum CaseOutcome {
     /// Never became a row: its class and error.
     Invalid(InvalidKind, String),
     /// Written in the batch; the rendered statement, for showing its row.
-    Stored(crate::template::Rendered),
+    Stored(crate::transform::template::Rendered),
     /// Could not be run at all (a bad test case, the database).
     Broken(String),
 }
@@ -297,6 +287,28 @@ fn same(expected: &Json, actual: &Json) -> bool {
 
 fn indent(s: &str) -> String {
     s.lines().map(|l| format!("        {l}\n")).collect()
+}
+
+/// `ingestd test`: runs the test files of `paths`; fails when a case fails.
+pub fn main(paths: Vec<PathBuf>, database_url: &str) -> std::process::ExitCode {
+    let paths = if paths.is_empty() {
+        vec![PathBuf::from("pipelines")]
+    } else {
+        paths
+    };
+    let result = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(anyhow::Error::from)
+        .and_then(|rt| rt.block_on(run(&paths, database_url)));
+    match result {
+        Ok(0) => std::process::ExitCode::SUCCESS,
+        Ok(_) => std::process::ExitCode::FAILURE,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
 }
 
 #[cfg(test)]

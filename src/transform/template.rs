@@ -13,22 +13,13 @@ use minijinja::value::Serde;
 use minijinja::{Environment, UndefinedBehavior, Value};
 use serde_json::Value as Json;
 
-use crate::direct::{Direct, Expr};
+pub use crate::sink::postgres::Rendered;
+use crate::transform::direct::{Direct, Expr};
 
 thread_local! {
     /// Values of the `{{ }}` expressions of the render in progress on this
     /// thread. Rendering is synchronous, so a thread-local is exact.
     static PARAMS: RefCell<Vec<Json>> = const { RefCell::new(Vec::new()) };
-}
-
-/// One rendered row: SQL with `$1..$n` placeholders and their values.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Rendered {
-    /// Shared by every event of a plain template: cloning it per event
-    /// costs a reference count, and the sink recognises the same statement
-    /// by pointer.
-    pub sql: Arc<str>,
-    pub params: Vec<Json>,
 }
 
 /// The message an event came in, as templates see it (`msg.seq`, ...).
@@ -72,7 +63,7 @@ pub struct Templates {
     pub reads_msg: bool,
     pub reads_headers: bool,
     /// The insert template evaluated without the engine, where it has no
-    /// logic and gives the same statement (see [`crate::direct`]).
+    /// logic and gives the same statement (see [`crate::transform::direct`]).
     direct_insert: Option<Direct>,
     /// Likewise each label template that is one plain value.
     direct_labels: Vec<Option<Expr>>,

@@ -12,7 +12,7 @@ use prometheus::Encoder;
 use serde_json::json;
 use tokio::sync::watch;
 
-use crate::engine::Engine;
+use crate::topology::engine::Engine;
 
 /// Serves until `stop` turns true.
 pub async fn serve(

@@ -12,6 +12,8 @@ use std::path::Path;
 
 use serde_json::{Map, Value};
 
+use crate::util::text::truncate;
+
 /// How many schema violations an error message lists.
 const MAX_REPORTED: usize = 3;
 
@@ -86,19 +88,6 @@ impl EventValidator {
 
 fn options() -> jsonschema::ValidationOptions<'static> {
     jsonschema::options().should_validate_formats(true)
-}
-
-/// Keeps error messages (and the log lines and dead-letter headers that
-/// carry them) bounded whatever the event holds.
-pub fn truncate(s: &str, max: usize) -> String {
-    if s.len() <= max {
-        return s.to_string();
-    }
-    let mut end = max;
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    format!("{}…", &s[..end])
 }
 
 /// What a schema declares, for stripping: the declared properties of an

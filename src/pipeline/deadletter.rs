@@ -14,7 +14,7 @@ use prometheus::IntCounterVec;
 use serde::Deserialize;
 use tokio::sync::watch;
 
-use crate::validate::truncate;
+use crate::util::text::truncate;
 
 /// Where a pipeline's dead letters go.
 #[derive(Clone)]

@@ -17,9 +17,9 @@ use futures::{FutureExt, StreamExt};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
-use crate::config::{self, ConsumerConfig, StreamConfig};
-use crate::health::{Health, Severity, Side};
-use crate::metrics::Metrics;
+use crate::config::{self, ConsumerConfig, StreamConfig, REQUESTS_AHEAD};
+use crate::telemetry::health::{Health, Severity, Side};
+use crate::telemetry::metrics::Metrics;
 
 /// How long one pull request waits on the server for messages. A request
 /// cannot be cancelled, so this bounds how long a stopping pipeline drains
@@ -137,7 +137,12 @@ pub async fn connect(
         })
         .connect(url)
         .await
-        .with_context(|| format!("cannot connect to NATS at {}", crate::sink::redact_url(url)))?;
+        .with_context(|| {
+            format!(
+                "cannot connect to NATS at {}",
+                crate::util::redact::url(url)
+            )
+        })?;
     Ok(client)
 }
 
@@ -224,7 +229,7 @@ fn consumer_config(c: &ConsumerConfig, max_ack_pending: i64) -> pull::Config {
                 start_sequence: c.start_sequence.unwrap_or(1),
             },
             config::DeliverPolicy::ByStartTime => DeliverPolicy::ByStartTime {
-                start_time: crate::backfill::offset_time(c.start_time.unwrap_or_default()),
+                start_time: offset_time(c.start_time.unwrap_or_default()),
             },
         },
         ack_policy: match c.ack_policy {
@@ -240,6 +245,13 @@ fn consumer_config(c: &ConsumerConfig, max_ack_pending: i64) -> pull::Config {
 /// Takes `user:password@` (or `token@`) out of the server URLs and returns
 /// them apart: passed in the URL, async-nats would print them in its debug
 /// logs.
+/// A JetStream time for a consumer's start.
+pub fn offset_time(t: chrono::DateTime<chrono::Utc>) -> time::OffsetDateTime {
+    let nanos = t.timestamp_nanos_opt().unwrap_or_default();
+    time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(nanos))
+        .unwrap_or(time::OffsetDateTime::UNIX_EPOCH)
+}
+
 fn split_credentials(urls: &str) -> (String, Option<(String, Option<String>)>) {
     let mut credentials = None;
     let cleaned: Vec<String> = urls
@@ -289,12 +301,6 @@ pub fn subject_covers(pattern: &str, filter: &str) -> bool {
     }
     f.next().is_none()
 }
-
-/// Pull requests kept open at once. One: with two, the server's count of
-/// unacknowledged messages was seen to exceed the bound the engine
-/// promises (`max_rows × (max_in_flight + 1 + REQUESTS_AHEAD)`), and the
-/// throughput gain could not be shown on the 2-core development machine.
-pub const REQUESTS_AHEAD: usize = 1;
 
 /// Delivers messages from bounded pull requests ([`REQUESTS_AHEAD`] of
 /// at most `batch` messages and `max_bytes` bytes each). Messages delivered

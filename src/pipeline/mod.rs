@@ -9,6 +9,8 @@
 //! - every message the pipeline holds is kept alive with progress acks
 //!   while it waits, so waiting never spends a delivery attempt.
 
+pub mod deadletter;
+
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -20,15 +22,15 @@ use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
 use crate::config::{self, InvalidAction, PipelineFile};
-use crate::deadletter::{self, DeadLetters, Letter};
-use crate::event::{self, Compiled, Invalid, InvalidKind, Prepared};
-use crate::health::{Health, Severity, Side};
-use crate::lag;
-use crate::metrics::{duration_values, FailureLabels, FamilySet, Metrics};
-use crate::sink::{Finish, Limits, Outcome, PgSink, Rejection, SinkRow, WriteError};
-use crate::source::{self, Handoff, Puller};
-use crate::template::{MsgMeta, Templates};
-use crate::validate::truncate;
+use crate::sink::postgres::{Finish, Limits, Outcome, PgSink, Rejection, SinkRow, WriteError};
+use crate::source::nats::{self, Handoff, Puller};
+use crate::telemetry::health::{Health, Severity, Side};
+use crate::telemetry::lag;
+use crate::telemetry::metrics::{duration_values, FailureLabels, FamilySet, Metrics};
+use crate::transform::event::{self, Compiled, Invalid, InvalidKind, Prepared};
+use crate::transform::template::{MsgMeta, Templates};
+use crate::util::text::truncate;
+use deadletter::{DeadLetters, Letter};
 
 /// The `reason` label of events that can never be stored.
 const VALIDATION_ERROR: &str = "validation_error";
@@ -57,7 +59,7 @@ pub struct Pipeline {
     /// What keeps the pipeline from progressing, for probes and metrics.
     pub health: Arc<Health>,
     /// Where the stream and consumer are recreated should they vanish.
-    target: source::Target,
+    target: nats::Target,
     /// Counts shared by every version of the pipeline file.
     pub stats: Arc<Stats>,
     /// Consecutive database rejections (see `suspect_rejections`).
@@ -127,13 +129,13 @@ impl Pipeline {
             .await
             .map_err(|e| file.error("insert", e))?;
         let nats = &cfg.source.nats;
-        let target = source::Target {
+        let target = nats::Target {
             js: deps.js.clone(),
             stream: nats.stream.clone(),
             consumer: nats.consumer.clone(),
             max_ack_pending: cfg.max_ack_pending(),
         };
-        let (stream, consumer) = source::ensure(
+        let (stream, consumer) = nats::ensure(
             &target.js,
             &target.stream,
             &target.consumer,

@@ -10,6 +10,10 @@
 //! the rows at fault are known after two round trips, whatever their
 //! number, and the others commit.
 
+pub mod plan;
+pub mod sql;
+pub mod sqlstate;
+
 use std::collections::HashMap;
 use std::path::Path;
 use std::str::FromStr;
@@ -21,9 +25,19 @@ use sqlx::pool::PoolConnection;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use sqlx::{Acquire, Executor, PgConnection, Postgres};
 
-use crate::plan::{Plan, PlanError, WritePath};
-use crate::sqlstate::{self, Fault};
-use crate::template::Rendered;
+use plan::{Plan, PlanError, WritePath};
+use sqlstate::Fault;
+
+/// One rendered row: SQL with `$1..$n` placeholders and their values (what
+/// a transform renders for the sink).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Rendered {
+    /// Shared by every event of a plain template: cloning it per event
+    /// costs a reference count, and the sink recognises the same statement
+    /// by pointer.
+    pub sql: Arc<str>,
+    pub params: Vec<Json>,
+}
 
 /// Distinct statement texts remembered per sink. Templates with `{% if %}`
 /// produce a few variants; more than this means something renders data into
@@ -182,7 +196,7 @@ impl PgSink {
             Ok(Err(e)) => anyhow::bail!(
                 "cannot connect to Postgres at {}: {}",
                 redact_url(url),
-                crate::redact::secrets_in(&e.to_string(), url)
+                crate::util::redact::secrets_in(&e.to_string(), url)
             ),
             Err(_) => anyhow::bail!(
                 "cannot connect to Postgres at {}: no answer within {:?}",
@@ -585,7 +599,7 @@ impl PgSink {
                 }))
             }
         };
-        if crate::sql::first_word(&plan.sql).as_deref() == Some("with") {
+        if crate::sink::postgres::sql::first_word(&plan.sql).as_deref() == Some("with") {
             return Ok(Trial::Unavailable);
         }
         let returning = if plan.returns_rows {
@@ -651,7 +665,7 @@ pub fn connect_options(url: &str) -> anyhow::Result<PgConnectOptions> {
 
 /// The URL with its passwords replaced, for logs and errors.
 pub fn redact_url(url: &str) -> String {
-    crate::redact::url(url)
+    crate::util::redact::url(url)
 }
 
 #[cfg(test)]

@@ -6,9 +6,9 @@
 use std::path::Path;
 
 use crate::config::{ConfigError, PipelineFile};
-use crate::event::Compiled;
-use crate::plan::WritePath;
-use crate::sink::PgSink;
+use crate::sink::postgres::plan::WritePath;
+use crate::sink::postgres::PgSink;
+use crate::transform::event::Compiled;
 
 /// Checks one file against its database; prints a line per statement.
 /// Returns the number of statements that cannot work.

@@ -1,0 +1,5 @@
+//! The set of running pipelines: started from the pipelines directory and
+//! changed with it.
+
+pub mod engine;
+pub mod watch;
