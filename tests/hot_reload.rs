@@ -37,7 +37,7 @@ async fn start(env: &TestEnv) -> (Engine, PipelineStatus) {
 async fn assert_untouched(engine: &Engine, before: &PipelineStatus) {
     let now = status(engine, FILE).await;
     assert_eq!(
-        (now.state.as_str(), &now.version, &now.loaded_at),
+        (&*now.state, &now.version, &now.loaded_at),
         ("running", &before.version, &before.loaded_at),
         "tiktok was disturbed: {now:?}, was {before:?}"
     );

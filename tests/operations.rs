@@ -538,7 +538,7 @@ async fn kubernetes_manifests_match_the_binary() {
         .and_then(|p| p.parse().ok())
         .unwrap_or_else(|| panic!("no default port in `ingestd run --help`:\n{help}"));
     assert_eq!(env["PORT"].parse::<u64>().unwrap(), default_port);
-    let routes = repo_file("src/http.rs");
+    let routes = repo_file("src/http/mod.rs");
     for (probe, path) in [("livenessProbe", "/live"), ("readinessProbe", "/ready")] {
         let get = &container[probe]["httpGet"];
         assert_eq!(get["path"], path, "{probe}");

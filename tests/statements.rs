@@ -250,11 +250,12 @@ async fn wait_count(env: &TestEnv, sql: &str, want: i64) {
 }
 
 /// What a pipeline must do for an error of each row of the SQLSTATE
-/// table in `src/sqlstate.rs`, read from the source so that a new row is
-/// tested too: the prefix, and `Event`, `Pipeline` or `Transient`.
+/// table in `src/sink/postgres/sqlstate.rs`, read from the source so that a
+/// new row is tested too: the prefix, and `Event`, `Pipeline` or
+/// `Transient`.
 fn sqlstate_rules() -> Vec<(String, String)> {
-    let source =
-        std::fs::read_to_string(repo_root().join("src/sqlstate.rs")).expect("read sqlstate.rs");
+    let source = std::fs::read_to_string(repo_root().join("src/sink/postgres/sqlstate.rs"))
+        .expect("read sqlstate.rs");
     let rules: Vec<(String, String)> = source
         .lines()
         .filter_map(|l| l.trim().strip_prefix("rule(\""))

@@ -293,7 +293,7 @@ async fn duplicate_pipeline_is_refused_and_the_first_never_stops() {
     gaps.assert_no_gap().await;
     let after = reload::status(&engine, "tiktok.yaml").await;
     assert_eq!(
-        (after.state.as_str(), &after.version),
+        (&*after.state, &after.version),
         ("running", &before.version)
     );
     reload::assert_stores(&env, "still-stored").await;

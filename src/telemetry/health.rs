@@ -12,10 +12,10 @@
 use std::sync::Mutex;
 
 use prometheus::{IntCounterVec, IntGaugeVec};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// The part of a pipeline a problem is in.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Side {
     Source,
@@ -32,7 +32,7 @@ impl Side {
 }
 
 /// How bad a problem is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Severity {
     /// Expected to pass by itself (an outage); retried with backoff.
@@ -43,7 +43,7 @@ pub enum Severity {
 }
 
 /// One side's current problem.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Problem {
     pub side: Side,
     pub severity: Severity,

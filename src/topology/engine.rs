@@ -9,6 +9,7 @@
 //! there is no gap in processing and every message is delivered to exactly
 //! one of them. A failed build leaves the running version untouched.
 
+use std::borrow::Cow;
 use std::collections::hash_map::DefaultHasher;
 use std::collections::BTreeMap;
 use std::hash::{Hash, Hasher};
@@ -18,7 +19,7 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
@@ -76,8 +77,8 @@ struct Running {
     loaded_at: chrono::DateTime<chrono::Utc>,
 }
 
-/// One pipeline as `/pipelines` shows it.
-#[derive(Debug, Serialize)]
+/// One pipeline as `/pipelines` shows it (and as clients read it back).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Status {
     pub name: Option<String>,
     pub file: String,
@@ -85,7 +86,7 @@ pub struct Status {
     /// consumer), `retrying` (running, waiting out an outage), `degraded`
     /// (running an older version because the file's current content failed
     /// to load), `running`, or `failed` (never loaded).
-    pub state: &'static str,
+    pub state: Cow<'static, str>,
     /// The running version's current problem, if any.
     pub problem: Option<Problem>,
     pub version: Option<String>,
@@ -439,7 +440,8 @@ impl Slot {
                 (Some(_), None, None) => "running",
                 (Some(_), None, Some(_)) => "degraded",
                 (None, _, _) => "failed",
-            },
+            }
+            .into(),
             problem,
             version: r.map(|r| format!("{:016x}", r.fingerprint)),
             loaded_at: r.map(|r| r.loaded_at.to_rfc3339()),

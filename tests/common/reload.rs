@@ -28,31 +28,23 @@ pub const RELOADS: &str = "ingestd_reloads_total";
 // GET /pipelines
 // ---------------------------------------------------------------------------
 
-/// One entry of `GET /pipelines`.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-pub struct PipelineStatus {
-    pub name: Option<String>,
-    /// The file's path as the engine knows it (also the `file` label of
-    /// [`RELOADS`]).
-    pub file: String,
-    pub state: String,
-    pub version: Option<String>,
-    pub loaded_at: Option<String>,
-    pub last_error: Option<String>,
-    pub received: u64,
-    pub processed: u64,
-    pub failed: u64,
+/// One entry of `GET /pipelines`: the engine's own type.
+pub use ingestd::topology::engine::Status as PipelineStatus;
+
+/// Whether `status` is about the pipelines-dir file `file_name`.
+fn is_file(status: &PipelineStatus, file_name: &str) -> bool {
+    Path::new(&status.file).file_name().and_then(|n| n.to_str()) == Some(file_name)
 }
 
-impl PipelineStatus {
-    /// Whether this entry is about the pipelines-dir file `file_name`.
-    fn is_file(&self, file_name: &str) -> bool {
-        Path::new(&self.file).file_name().and_then(|n| n.to_str()) == Some(file_name)
-    }
-
+/// What the tests read about a status beyond its fields.
+pub trait StatusExt {
     /// The number of reloads of this file with `result` (`success` or
     /// `failure`) that `metrics` counted.
-    pub fn reloads(&self, metrics: &Metrics, result: &str) -> f64 {
+    fn reloads(&self, metrics: &Metrics, result: &str) -> f64;
+}
+
+impl StatusExt for PipelineStatus {
+    fn reloads(&self, metrics: &Metrics, result: &str) -> f64 {
         metrics.sum(RELOADS, &[("file", &self.file), ("result", result)])
     }
 }
@@ -77,7 +69,7 @@ pub async fn try_status(
     file_name: &str,
 ) -> Result<Option<PipelineStatus>, String> {
     let statuses = try_statuses(engine).await?;
-    Ok(statuses.into_iter().find(|s| s.is_file(file_name)))
+    Ok(statuses.into_iter().find(|s| is_file(s, file_name)))
 }
 
 /// The `/pipelines` entry of `file_name`; panics when it is not listed.
