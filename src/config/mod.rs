@@ -66,6 +66,8 @@ pub struct Pipeline {
     pub on_error: OnError,
     #[serde(default)]
     pub metrics: MetricsConfig,
+    #[serde(default)]
+    pub log: LogConfig,
     /// Largest accepted payload; bigger messages are invalid events.
     #[serde(default = "default_max_payload", deserialize_with = "de_size")]
     #[schemars(with = "SizeRepr")]
@@ -419,6 +421,27 @@ fn default_backoff_max() -> Duration {
     Duration::from_secs(10)
 }
 
+/// What the pipeline's log lines say about an event.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct LogConfig {
+    /// JSON pointer (RFC 6901) to the event's id, e.g. `/eventId`: log lines
+    /// about an event (rejected, failed, retried) carry it as `event_id`
+    /// when the event is JSON and the pointer reaches a string. None by
+    /// default.
+    #[serde(default)]
+    pub event_id: Option<String>,
+}
+
+/// The default buckets of the duration histogram, in seconds: a log scale
+/// from a millisecond (a batched row) to seconds (a write held by an
+/// outage).
+pub const DEFAULT_DURATION_BUCKETS: [f64; 8] = [0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0];
+
+fn default_buckets() -> Vec<f64> {
+    DEFAULT_DURATION_BUCKETS.to_vec()
+}
+
 /// Naming of the pipeline's metric families and their labels.
 #[derive(Debug, Clone, Deserialize, PartialEq, JsonSchema)]
 #[serde(deny_unknown_fields)]
@@ -444,6 +467,11 @@ pub struct MetricsConfig {
     /// labels taken from events (subjects, fields) cannot exhaust memory.
     #[serde(default = "default_max_label_sets")]
     pub max_label_sets: usize,
+    /// Upper bounds, in seconds and increasing, of the buckets of
+    /// `<prefix>_event_processing_duration_seconds` (default: 0.001, 0.005,
+    /// 0.01, 0.05, 0.1, 0.5, 1, 5).
+    #[serde(default = "default_buckets")]
+    pub buckets: Vec<f64>,
 }
 
 fn default_max_label_sets() -> usize {
@@ -460,6 +488,7 @@ impl Default for MetricsConfig {
             failed_labels: BTreeMap::new(),
             process_metrics: false,
             max_label_sets: default_max_label_sets(),
+            buckets: default_buckets(),
         }
     }
 }
@@ -539,6 +568,17 @@ impl PipelineFile {
         }
         if m.failed_labels.contains_key("reason") {
             return Err(self.error("failed_labels", "`reason` is set by the engine"));
+        }
+        if m.buckets.is_empty() || m.buckets.windows(2).any(|w| w[0] >= w[1]) {
+            return Err(self.error("buckets", "buckets must be a non-empty increasing list"));
+        }
+        if let Some(ptr) = &p.log.event_id {
+            if !ptr.is_empty() && !ptr.starts_with('/') {
+                return Err(self.error(
+                    "event_id",
+                    "event_id is a JSON pointer: empty or starting with `/` (e.g. /eventId)",
+                ));
+            }
         }
         let inv = &p.on_error.invalid;
         match (inv.action, &inv.subject) {

@@ -18,9 +18,6 @@ use crate::config::MetricsConfig;
 use crate::telemetry::health::HealthMetrics;
 use crate::telemetry::lag::LagMetrics;
 
-/// The collector's histogram buckets, in seconds.
-pub const DURATION_BUCKETS: [f64; 8] = [0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0];
-
 /// Label value for duration labels of failed events that the pipeline's
 /// `failed_labels` do not fix (the event is not trusted).
 const UNKNOWN: &str = "unknown";
@@ -213,7 +210,7 @@ impl FamilySet {
             "event_processing_duration_seconds",
             "Time from receipt to acknowledgement of an event",
         ))
-        .buckets(DURATION_BUCKETS.to_vec());
+        .buckets(cfg.buckets.clone());
         let set = Self {
             key,
             registry: Registry::new(),

@@ -52,7 +52,7 @@ impl std::fmt::Display for InvalidKind {
 pub struct Invalid {
     pub kind: InvalidKind,
     pub error: String,
-    /// Known when the event was JSON with an `eventId`.
+    /// Known when the event was JSON and `log.event_id` points at a string.
     pub event_id: Option<String>,
 }
 
@@ -69,6 +69,8 @@ pub struct Prepared {
 /// templates.
 pub struct Compiled {
     max_payload: u64,
+    /// `log.event_id`: where the event's id is, for log lines.
+    event_id: Option<String>,
     validator: Option<EventValidator>,
     pub templates: Templates,
 }
@@ -96,9 +98,19 @@ impl Compiled {
         check_placeholders(&templates).map_err(|e| file.error("insert", e))?;
         Ok(Self {
             max_payload: cfg.max_payload,
+            event_id: cfg.log.event_id.clone(),
             validator,
             templates,
         })
+    }
+
+    /// The event's id for log lines, where `log.event_id` points.
+    fn event_id(&self, event: &Json) -> Option<String> {
+        let pointer = self.event_id.as_deref()?;
+        event
+            .pointer(pointer)
+            .and_then(Json::as_str)
+            .map(str::to_string)
     }
 
     /// Takes one payload as far as a row; anything that stops it is
@@ -112,7 +124,7 @@ impl Compiled {
         let invalid = |kind, error: String, event: Option<&Json>| Invalid {
             kind,
             error,
-            event_id: event.and_then(event_id),
+            event_id: event.and_then(|e| self.event_id(e)),
         };
         if payload.len() as u64 > self.max_payload {
             let e = format!(
@@ -128,7 +140,7 @@ impl Compiled {
             v.apply(&mut event)
                 .map_err(|e| invalid(InvalidKind::Schema, e, Some(&event)))?;
         }
-        let id = event_id(&event);
+        let id = self.event_id(&event);
         let (rendered, labels) = self
             .templates
             .render(event, msg, headers)
@@ -175,11 +187,4 @@ pub fn sample_render(templates: &Templates) -> Result<Rendered, String> {
 /// Checks a pipeline file offline (for `ingestd check`).
 pub fn check_file(path: &std::path::Path) -> Result<(), config::ConfigError> {
     Compiled::new(&PipelineFile::load(path)?).map(|_| ())
-}
-
-fn event_id(event: &Json) -> Option<String> {
-    event
-        .get("eventId")
-        .and_then(Json::as_str)
-        .map(str::to_string)
 }
