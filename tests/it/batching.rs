@@ -7,15 +7,11 @@
 //! duplicates, work shared by processes on one durable consumer, and a
 //! bounded number of messages held.
 
-#[path = "common/batching.rs"]
-mod batching;
-mod common;
-
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use batching::*;
-use common::*;
+use crate::harness::batching::*;
+use crate::harness::*;
 use serde_json::{json, Value};
 
 /// Deadline of a drain: the backlogs are larger than the contract tests'

@@ -9,6 +9,12 @@
 // Every test binary compiles this module but uses only part of it.
 #![allow(dead_code)]
 
+pub mod batching;
+pub mod faults;
+pub mod operations;
+pub mod reload;
+pub mod statements;
+
 use std::collections::BTreeMap;
 use std::fmt::Display;
 use std::future::Future;

@@ -2,12 +2,10 @@
 //! on the shipped pipelines and on a wrong expectation, `--help`, and the
 //! Facebook example dropped into a running engine.
 
-mod common;
-
 use std::path::{Path, PathBuf};
 use std::process::Output;
 
-use common::{adapt_pipeline, line_of, names_location, repo_file, repo_root, TestEnv};
+use crate::harness::{adapt_pipeline, line_of, names_location, repo_file, repo_root, TestEnv};
 
 /// One class of mistake: how to break the shipped tiktok pipeline, and the
 /// text on the line the error must point at.
@@ -220,15 +218,19 @@ async fn facebook_example_dropped_into_a_running_engine_stores_its_events() {
     let env = TestEnv::new().await;
     let engine = env.engine().start().await;
     env.write_pipeline("facebook.yaml", &facebook_pipeline(&env));
-    common::wait_for("the facebook pipeline to run", common::DEADLINE, || async {
-        let body = engine.try_get("/pipelines").await?.json();
-        let running = body["pipelines"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .any(|p| p["name"] == "facebook" && p["state"] == "running");
-        running.then_some(()).ok_or_else(|| body.to_string())
-    })
+    crate::harness::wait_for(
+        "the facebook pipeline to run",
+        crate::harness::DEADLINE,
+        || async {
+            let body = engine.try_get("/pipelines").await?.json();
+            let running = body["pipelines"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .any(|p| p["name"] == "facebook" && p["state"] == "running");
+            running.then_some(()).ok_or_else(|| body.to_string())
+        },
+    )
     .await;
     for (suffix, file) in [
         ("facebook.top.ad.view", "top-ad-view.json"),
@@ -243,14 +245,18 @@ async fn facebook_example_dropped_into_a_running_engine_stores_its_events() {
     engine
         .wait_metric("facebook_events_processed_total", &[], 2.0)
         .await;
-    env.publish_event(&common::example_event("top-video-view.json"))
+    env.publish_event(&crate::harness::example_event("top-video-view.json"))
         .await;
     env.wait_row("test-123").await;
 }
 
 /// Waits until `/metrics` satisfies `accept` (given the page's text).
-async fn wait_metrics_page(engine: &common::Engine, what: &str, accept: impl Fn(&str) -> bool) {
-    common::wait_for(what, common::DEADLINE, || async {
+async fn wait_metrics_page(
+    engine: &crate::harness::Engine,
+    what: &str,
+    accept: impl Fn(&str) -> bool,
+) {
+    crate::harness::wait_for(what, crate::harness::DEADLINE, || async {
         let page = engine.try_get("/metrics").await?.body;
         if accept(&page) {
             Ok(())
@@ -300,7 +306,7 @@ async fn metric_families_follow_their_pipelines() {
     engine
         .wait_metric("ingestd_reloads_total", &[("result", "success")], 3.0)
         .await;
-    env.publish_event(&common::example_event("top-video-view.json"))
+    env.publish_event(&crate::harness::example_event("top-video-view.json"))
         .await;
     env.wait_row("test-123").await;
     wait_metrics_page(&engine, "the new label", |p| {

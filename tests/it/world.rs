@@ -4,19 +4,11 @@
 //! against the machine's NATS and PostgreSQL (or processes it starts
 //! itself: a TCP proxy, a NATS server).
 
-#[path = "common/batching.rs"]
-mod batching;
-mod common;
-#[path = "common/faults.rs"]
-mod faults;
-#[path = "common/reload.rs"]
-mod reload;
-
 use std::time::Duration;
 
+use crate::harness::faults::*;
+use crate::harness::*;
 use async_nats::jetstream::{consumer, stream};
-use common::*;
-use faults::*;
 
 const SOURCE_FAILURES: &str = "ingestd_pipeline_failures_total";
 

@@ -7,20 +7,14 @@
 //! and `for:` durations shortened to seconds (see
 //! `operations::shortened_rules`) and waits for the alert to fire.
 
-mod common;
-#[path = "common/faults.rs"]
-mod faults;
-#[path = "common/operations.rs"]
-mod operations;
-
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Duration;
 
+use crate::harness::faults::*;
+use crate::harness::operations::*;
+use crate::harness::*;
 use async_nats::HeaderMap;
-use common::*;
-use faults::*;
-use operations::*;
 use serde_json::Value;
 
 const LAG_INTERVAL: Duration = Duration::from_millis(500);

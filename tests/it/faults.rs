@@ -7,16 +7,12 @@
 //! server of the test's own ([`NatsServer`]). The machine's servers are
 //! never stopped, so these tests run in parallel with every other.
 
-mod common;
-#[path = "common/faults.rs"]
-mod faults;
-
 use std::time::{Duration, Instant};
 
+use crate::harness::faults::*;
+use crate::harness::*;
 use async_nats::jetstream::AckKind;
 use async_nats::HeaderMap;
-use common::*;
-use faults::*;
 use serde_json::{json, Value};
 
 /// An `ack_wait` short enough that what a lost or killed engine held comes

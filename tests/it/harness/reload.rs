@@ -19,7 +19,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 use sqlx::PgPool;
 
-use crate::common::*;
+use crate::harness::*;
 
 /// The reload counter family of the engine.
 pub const RELOADS: &str = "ingestd_reloads_total";

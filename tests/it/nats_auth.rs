@@ -2,15 +2,11 @@
 //! user and password, a token, or TLS (against servers the tests start), and
 //! refuses to run without what the server demands.
 
-mod common;
-#[path = "common/faults.rs"]
-mod faults;
-
 use std::path::Path;
 use std::process::Command;
 
-use common::TestEnv;
-use faults::{Bus, NatsServer};
+use crate::harness::faults::{Bus, NatsServer};
+use crate::harness::TestEnv;
 
 /// Starts the engine on `nats` with `vars`, publishes one event on `bus`
 /// and waits for its row: the connection works end to end.
@@ -20,7 +16,7 @@ async fn stores_through(env: &TestEnv, nats_url: &str, bus: &Bus, vars: &[(&str,
         builder = builder.var(k, *v);
     }
     let engine = bus.start(builder).await;
-    let event = common::example_event("top-video-view.json");
+    let event = crate::harness::example_event("top-video-view.json");
     bus.publish(
         "tiktok.top.video.view",
         Default::default(),
@@ -77,7 +73,7 @@ async fn credentials_in_the_url_work_and_stay_out_of_the_logs() {
     bus.publish(
         "tiktok.top.video.view",
         Default::default(),
-        serde_json::to_vec(&common::example_event("top-video-view.json")).unwrap(),
+        serde_json::to_vec(&crate::harness::example_event("top-video-view.json")).unwrap(),
     )
     .await;
     env.wait_row("test-123").await;

@@ -18,7 +18,7 @@ use bytes::Bytes;
 use futures::StreamExt;
 use serde_json::{json, Value};
 
-use crate::common::{
+use crate::harness::{
     adapt_pipeline, example_event, expect_eq, free_port, nats_server_bin, nats_url, state,
     wait_for, Engine, EngineBuilder, Metrics, TestEnv, DEADLINE,
 };
@@ -263,7 +263,7 @@ impl Bus {
     }
 
     pub async fn try_consumer_info(&self) -> Result<consumer::Info, String> {
-        crate::common::consumer_info(&self.js, &self.stream, &self.durable).await
+        crate::harness::consumer_info(&self.js, &self.stream, &self.durable).await
     }
 
     /// `Ok` while no message was ever delivered twice and the dead-letter
@@ -622,7 +622,7 @@ impl Drop for DeadLetterQueue {
     /// Best effort, on its own runtime (the test's may be shutting down).
     fn drop(&mut self) {
         let (stream, url) = (self.stream.clone(), self.url.clone());
-        crate::common::on_own_runtime(crate::common::delete_stream(url, stream));
+        crate::harness::on_own_runtime(crate::harness::delete_stream(url, stream));
     }
 }
 

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use async_nats::jetstream::consumer;
 use serde_json::{json, Value};
 
-use crate::common::{adapt_pipeline, example_event, repo_root, wait_for, Engine, TestEnv};
+use crate::harness::{adapt_pipeline, example_event, repo_root, wait_for, Engine, TestEnv};
 
 pub const PROCESSED: &str = "collector_events_processed_total";
 pub const FAILED: &str = "collector_events_failed_total";

@@ -2,19 +2,15 @@
 //! are edited, added and removed under a running `ingestd`, which must keep
 //! storing every event exactly once, keep the running version when the new
 //! content is broken, and leave unchanged pipelines alone. Every test owns
-//! its database, streams and consumers (see `common::TestEnv`), so they run
+//! its database, streams and consumers (see `crate::harness::TestEnv`), so they run
 //! in parallel.
-
-mod common;
-#[path = "common/reload.rs"]
-mod reload;
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use common::*;
-use reload::*;
+use crate::harness::reload::*;
+use crate::harness::*;
 use serde_json::{json, Value};
 
 /// The pipeline file every test runs.

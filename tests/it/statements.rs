@@ -2,15 +2,11 @@
 //! sink against its reference (see `common/statements.rs`), and the
 //! pipeline's reaction to errors that are not the events' fault.
 
-mod common;
-#[path = "common/statements.rs"]
-mod statements;
-
 use std::time::Duration;
 
-use common::*;
+use crate::harness::statements::*;
+use crate::harness::*;
 use serde_json::{json, Value};
-use statements::*;
 
 /// Events per pipeline of the corpus.
 const EVENTS: usize = 300;

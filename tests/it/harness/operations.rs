@@ -11,7 +11,7 @@ use std::process::{Child, Command, Output, Stdio};
 
 use serde_json::Value;
 
-use crate::common::{
+use crate::harness::{
     adapt_pipeline, free_port, http_client, repo_file, spawn_logged, state, wait_for, TestEnv,
     DEADLINE,
 };
@@ -91,7 +91,7 @@ impl Prometheus {
                 .send()
                 .await
                 .map_err(state(&url))?;
-            crate::common::expect_eq(reply.status().as_u16(), 200)
+            crate::harness::expect_eq(reply.status().as_u16(), 200)
         })
         .await;
         prometheus

@@ -2,15 +2,13 @@
 //! shipped `pipelines/tiktok.yaml`, run by `ingestd` against real NATS and
 //! PostgreSQL, must behave as the TTK collector (plus the documented
 //! improvements). Every test owns its database, stream and consumer (see
-//! `common::TestEnv`), so they all run in parallel.
-
-mod common;
+//! `crate::harness::TestEnv`), so they all run in parallel.
 
 use std::time::Duration;
 
+use crate::harness::*;
 use async_nats::jetstream::consumer::{AckPolicy, DeliverPolicy};
 use async_nats::jetstream::stream::{self, DiscardPolicy, RetentionPolicy, StorageType};
-use common::*;
 use serde_json::{json, Value};
 
 const RECEIVED: &str = "collector_events_received_total";
