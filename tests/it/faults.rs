@@ -118,10 +118,7 @@ const OUTAGE_PUBLISH_INTERVAL: Duration = Duration::from_millis(14);
 /// stored once the database is back, without a redelivery or a dead letter.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_minute_database_outage_loses_nothing_and_spends_no_delivery() {
-    let env = TestEnv::new().await;
-    let bus = Bus::shared(&env);
-    let dlq = DeadLetterQueue::create(&env, &bus).await;
-    Variant::of(&env).dead_letter_to(&dlq).write(&env);
+    let (env, bus, dlq) = with_dead_letters(|v| v).await;
     let mut proxy = TcpProxy::to_postgres().await;
     let engine = bus
         .start(env.engine().database_url(proxied(&env, &proxy)))
@@ -157,7 +154,7 @@ async fn three_minute_database_outage_loses_nothing_and_spends_no_delivery() {
     wait_stored_exactly(&env, &ids, Duration::from_secs(90)).await;
     let caught_up = back.elapsed();
     let info = bus.wait_all_acked(DEADLINE).await;
-    assert_eq!(info.num_redelivered, 0);
+    assert_no_redelivery(&info);
     bus.nothing_redelivered(&dlq, 0)
         .await
         .expect("after the outage");
@@ -463,13 +460,7 @@ async fn hostile_payloads_are_dead_lettered_once_and_valid_ones_stored() {
 /// payload of exactly the limit is stored, one byte more is dead-lettered.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pipeline_max_payload_is_exact() {
-    let env = TestEnv::new().await;
-    let bus = Bus::shared(&env);
-    let dlq = DeadLetterQueue::create(&env, &bus).await;
-    Variant::of(&env)
-        .max_payload("1KiB")
-        .dead_letter_to(&dlq)
-        .write(&env);
+    let (env, bus, dlq) = with_dead_letters(|v| v.max_payload("1KiB")).await;
     let engine = bus.start(env.engine()).await;
 
     let at_limit = padded_event("at-limit", 1024);
@@ -510,14 +501,8 @@ async fn create_table_rejecting_some(env: &TestEnv) {
 /// take for now (it is down) is held, never dead-lettered.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn row_the_database_refuses_is_dead_lettered_at_once_a_transient_failure_never() {
-    let env = TestEnv::new().await;
-    let bus = Bus::shared(&env);
-    let dlq = DeadLetterQueue::create(&env, &bus).await;
-    Variant::of(&env)
-        .dead_letter_to(&dlq)
-        .ack_wait(SHORT_ACK_WAIT)
-        .max_deliver(SHORT_MAX_DELIVER)
-        .write(&env);
+    let (env, bus, dlq) =
+        with_dead_letters(|v| v.ack_wait(SHORT_ACK_WAIT).max_deliver(SHORT_MAX_DELIVER)).await;
     create_table_rejecting_some(&env).await;
     bus.create_stream().await;
 
@@ -572,14 +557,8 @@ async fn row_the_database_refuses_is_dead_lettered_at_once_a_transient_failure_n
 /// alive all the same.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn write_waiting_on_a_lock_keeps_its_messages_alive() {
-    let env = TestEnv::new().await;
-    let bus = Bus::shared(&env);
-    let dlq = DeadLetterQueue::create(&env, &bus).await;
-    Variant::of(&env)
-        .dead_letter_to(&dlq)
-        .ack_wait(SHORT_ACK_WAIT)
-        .max_deliver(SHORT_MAX_DELIVER)
-        .write(&env);
+    let (env, bus, dlq) =
+        with_dead_letters(|v| v.ack_wait(SHORT_ACK_WAIT).max_deliver(SHORT_MAX_DELIVER)).await;
     let engine = bus.start(env.engine()).await;
     bus.publish(TOP_VIEW, HeaderMap::new(), to_bytes(&event("before")))
         .await;
@@ -744,13 +723,7 @@ async fn term_policy_never_redelivers_an_invalid_event() {
 /// engine from JetStream's MAX_DELIVERIES advisory.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn message_reaching_max_deliver_is_dead_lettered_from_the_advisory() {
-    let env = TestEnv::new().await;
-    let bus = Bus::shared(&env);
-    let dlq = DeadLetterQueue::create(&env, &bus).await;
-    Variant::of(&env)
-        .dead_letter_to(&dlq)
-        .max_deliver(1)
-        .write(&env);
+    let (env, bus, dlq) = with_dead_letters(|v| v.max_deliver(1)).await;
     // The engine creates the stream and the consumer, then stops.
     let engine = bus.start(env.engine()).await;
     assert!(engine.terminate().await.success());

@@ -34,16 +34,6 @@ fn to_bytes(event: &Value) -> Vec<u8> {
 }
 
 /// A cuid v1: 25 characters, `c` first, lowercase base 36.
-/// Every message of the test's stream was delivered exactly once: the
-/// consumer's delivery sequence counts redeliveries too, the stream's does
-/// not (`num_redelivered` only counts redelivered messages still pending).
-fn assert_no_redelivery(info: &async_nats::jetstream::consumer::Info) {
-    assert_eq!(
-        info.delivered.consumer_sequence, info.delivered.stream_sequence,
-        "some messages were delivered more than once"
-    );
-}
-
 fn assert_cuid(id: &str) {
     assert_eq!(id.len(), 25, "id {id:?} is not 25 characters long");
     assert!(id.starts_with('c'), "id {id:?} does not start with 'c'");

@@ -534,10 +534,7 @@ async fn sigterm_while_the_database_hangs_exits_in_bounded_time() {
 /// letter is retried and the original held, not acked.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dead_letters_keep_control_headers_aside_and_are_retried_until_accepted() {
-    let env = TestEnv::new().await;
-    let bus = Bus::shared(&env);
-    let dlq = DeadLetterQueue::create(&env, &bus).await;
-    Variant::of(&env).dead_letter_to(&dlq).write(&env);
+    let (env, bus, dlq) = with_dead_letters(|v| v).await;
     let engine = bus.start(env.engine()).await;
     env.js
         .delete_stream(&dlq.stream)

@@ -19,8 +19,8 @@ use futures::StreamExt;
 use serde_json::{json, Value};
 
 use crate::harness::{
-    adapt_pipeline, example_event, expect_eq, free_port, nats_server_bin, nats_url, state,
-    wait_for, Engine, EngineBuilder, Metrics, TestEnv, DEADLINE,
+    adapt_pipeline, example_event, expect_eq, free_port, nats_server_bin, nats_url, redeliveries,
+    state, wait_for, Engine, EngineBuilder, Metrics, TestEnv, DEADLINE,
 };
 
 pub const RECEIVED: &str = "collector_events_received_total";
@@ -304,15 +304,6 @@ impl Bus {
         .await;
         engine
     }
-}
-
-/// How many deliveries were redeliveries, ever. `num_redelivered` only
-/// counts messages still pending (an ack clears it), so it reads 0 at rest
-/// whatever happened; the consumer sequence counts every delivery and the
-/// stream sequence every message (all of the stream's messages match the
-/// test's filter), so their difference is the redeliveries.
-pub fn redeliveries(info: &consumer::Info) -> u64 {
-    info.delivered.consumer_sequence - info.delivered.stream_sequence
 }
 
 /// A client that reconnects quickly and forever: publishers must survive a
@@ -691,6 +682,19 @@ impl Variant {
     pub fn write(self, env: &TestEnv) {
         env.write_pipeline("tiktok.yaml", &self.0);
     }
+}
+
+/// A test's environment, a bus on the shared server and a dead-letter
+/// queue, with the pipeline `variant` makes of one that dead-letters to the
+/// queue written (not started).
+pub async fn with_dead_letters(
+    variant: impl FnOnce(Variant) -> Variant,
+) -> (TestEnv, Bus, DeadLetterQueue) {
+    let env = TestEnv::new().await;
+    let bus = Bus::shared(&env);
+    let dlq = DeadLetterQueue::create(&env, &bus).await;
+    variant(Variant::of(&env).dead_letter_to(&dlq)).write(&env);
+    (env, bus, dlq)
 }
 
 // ---------------------------------------------------------------------------

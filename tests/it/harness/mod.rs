@@ -1121,3 +1121,21 @@ async fn pump(
     }
     let _ = to.shutdown().await;
 }
+
+/// How many deliveries were redeliveries, ever. `num_redelivered` only
+/// counts messages still pending (an ack clears it), so it reads 0 at rest
+/// whatever happened; the consumer sequence counts every delivery and the
+/// stream sequence every message (all of the stream's messages match the
+/// test's filter), so their difference is the redeliveries.
+pub fn redeliveries(info: &consumer::Info) -> u64 {
+    info.delivered.consumer_sequence - info.delivered.stream_sequence
+}
+
+/// Fails when a message was delivered more than once (see [`redeliveries`]).
+pub fn assert_no_redelivery(info: &consumer::Info) {
+    assert_eq!(
+        redeliveries(info),
+        0,
+        "messages delivered more than once: {info:?}"
+    );
+}
