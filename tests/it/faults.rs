@@ -34,28 +34,6 @@ fn ready_body(database: &str, nats: &str) -> Value {
     json!({"status": status, "checks": {"database": database, "nats": nats}})
 }
 
-/// The engine's database URL through `proxy`.
-fn proxied(env: &TestEnv, proxy: &TcpProxy) -> String {
-    postgres_url(proxy.port(), &env.db_name)
-}
-
-/// Asserts that exactly the events of `ids` are stored, each once.
-async fn assert_stored_exactly(env: &TestEnv, ids: &[String]) {
-    let mut want = ids.to_vec();
-    want.sort();
-    let stored = stored_ids(env).await;
-    if stored != want {
-        let missing = want.iter().filter(|id| !stored.contains(id)).count();
-        let twice = stored.windows(2).filter(|w| w[0] == w[1]).count();
-        panic!(
-            "stored {} rows for {} events: {missing} missing, {twice} twice, first stored {:?}",
-            stored.len(),
-            want.len(),
-            &stored[..stored.len().min(5)]
-        );
-    }
-}
-
 /// Waits until exactly `ids.len()` rows are stored, then checks they are
 /// exactly `ids`.
 async fn wait_stored_exactly(env: &TestEnv, ids: &[String], timeout: Duration) {

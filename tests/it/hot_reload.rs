@@ -15,9 +15,6 @@ use serde_json::{json, Value};
 
 /// The pipeline file every test runs.
 const FILE: &str = "tiktok.yaml";
-const RECEIVED: &str = "collector_events_received_total";
-const PROCESSED: &str = "collector_events_processed_total";
-const FAILED: &str = "collector_events_failed_total";
 const VALIDATION_ERROR: &[(&str, &str)] = &[("reason", "validation_error")];
 
 /// Starts an engine on the test's pipelines dir and returns it with the

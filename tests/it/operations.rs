@@ -25,11 +25,6 @@ fn pipeline(env: &TestEnv) -> Variant {
     Variant::of(env).lag_interval(LAG_INTERVAL)
 }
 
-/// The engine's database URL through `proxy`.
-fn proxied(env: &TestEnv, proxy: &TcpProxy) -> String {
-    postgres_url(proxy.port(), &env.db_name)
-}
-
 /// The engine on a database behind a proxy (for outages), scraped by a
 /// Prometheus evaluating the shortened alert rules.
 async fn watched(env: &TestEnv) -> (TcpProxy, Engine, Prometheus) {
@@ -220,12 +215,7 @@ async fn lag_series_follow_the_consumer_and_leave_with_their_pipeline() {
     let env = TestEnv::new().await;
     let bus = Bus::shared(&env);
     pipeline(&env).write(&env);
-    let mut proxy = TcpProxy::to_postgres().await;
-    let engine = env
-        .engine()
-        .database_url(proxied(&env, &proxy))
-        .start()
-        .await;
+    let (mut proxy, engine) = env.engine_behind_proxy().await;
     proxy.stop().await;
     let ids = event_ids("lag", 4);
     bus.publish_events(&ids).await;

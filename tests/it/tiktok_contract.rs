@@ -11,9 +11,6 @@ use async_nats::jetstream::consumer::{AckPolicy, DeliverPolicy};
 use async_nats::jetstream::stream::{self, DiscardPolicy, RetentionPolicy, StorageType};
 use serde_json::{json, Value};
 
-const RECEIVED: &str = "collector_events_received_total";
-const PROCESSED: &str = "collector_events_processed_total";
-const FAILED: &str = "collector_events_failed_total";
 const DURATION: &str = "collector_event_processing_duration_seconds";
 const NATS_STATUS: &str = "collector_nats_connection_status";
 const VALIDATION_ERROR: &[(&str, &str)] = &[("source", "tiktok"), ("reason", "validation_error")];
@@ -173,12 +170,7 @@ async fn sql_injection_is_stored_verbatim() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn database_outage_holds_the_ack_until_the_row_is_stored() {
     let env = TestEnv::new().await;
-    let mut proxy = TcpProxy::to_postgres().await;
-    let engine = env
-        .engine()
-        .database_url(postgres_url(proxy.port(), &env.db_name))
-        .start()
-        .await;
+    let (mut proxy, engine) = env.engine_behind_proxy().await;
 
     proxy.stop().await;
     env.publish_event(&top_event("during-outage")).await;
@@ -320,12 +312,7 @@ async fn metrics_have_the_collectors_names_and_labels() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn health_endpoints_follow_the_database() {
     let env = TestEnv::new().await;
-    let mut proxy = TcpProxy::to_postgres().await;
-    let engine = env
-        .engine()
-        .database_url(postgres_url(proxy.port(), &env.db_name))
-        .start()
-        .await;
+    let (mut proxy, engine) = env.engine_behind_proxy().await;
 
     let health = engine.get("/health").await;
     assert_eq!(health.status, 200, "{health:?}");

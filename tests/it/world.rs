@@ -359,7 +359,7 @@ const SHORT_TIMEOUTS: &str = "    statement_timeout: 1s\n    connect_timeout: 1s
 async fn behind_a_proxy(env: &TestEnv) -> (Engine, TcpProxy) {
     let proxy = TcpProxy::to_postgres().await;
     env.write_pipeline("tiktok.yaml", &with_sink_settings(env, SHORT_TIMEOUTS));
-    let url = postgres_url(proxy.port(), &env.db_name);
+    let url = proxied(env, &proxy);
     let engine = env
         .engine()
         .database_url(url)
@@ -921,9 +921,7 @@ async fn back_to_back_reloads_during_a_slow_batch_lose_no_pull_request() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reload_during_a_database_outage_costs_no_delivery_attempt() {
     let env = TestEnv::new().await;
-    let mut proxy = TcpProxy::to_postgres().await;
-    let url = postgres_url(proxy.port(), &env.db_name);
-    let engine = env.engine().database_url(url).start().await;
+    let (mut proxy, engine) = env.engine_behind_proxy().await;
     reload::assert_stores(&env, "first").await;
     proxy.stop().await;
     env.publish_event(&event("held")).await;

@@ -14,10 +14,10 @@ use std::time::{Duration, Instant};
 use async_nats::jetstream::consumer;
 use serde_json::{json, Value};
 
-use crate::harness::{adapt_pipeline, example_event, repo_root, wait_for, Engine, TestEnv};
+use crate::harness::{
+    adapt_pipeline, example_event, repo_root, wait_for, Engine, TestEnv, PROCESSED,
+};
 
-pub const PROCESSED: &str = "collector_events_processed_total";
-pub const FAILED: &str = "collector_events_failed_total";
 pub const VALIDATION_ERROR: &[(&str, &str)] = &[("reason", "validation_error")];
 
 /// The subject every backlog is published on (the README example's).
@@ -96,35 +96,6 @@ pub async fn prepare_table(env: &TestEnv, ddl: &str) {
     .await;
     if !ddl.is_empty() {
         env.exec(ddl).await;
-    }
-}
-
-/// Fails unless the table holds exactly one row per eventId of `expected`
-/// (in any order) and nothing else.
-pub async fn assert_stored_exactly(env: &TestEnv, expected: &[String]) {
-    let sql = r#"SELECT "eventId" FROM "TiktokEvent""#;
-    let mut stored: Vec<String> = sqlx::query_scalar(sql)
-        .fetch_all(&env.db)
-        .await
-        .unwrap_or_else(|e| panic!("{sql}: {e}"));
-    // Sorted here: the database's collation need not order like Rust.
-    stored.sort_unstable();
-    let mut expected = expected.to_vec();
-    expected.sort_unstable();
-    if stored != expected {
-        let missing = expected
-            .iter()
-            .filter(|id| stored.binary_search(id).is_err());
-        let extra = stored
-            .iter()
-            .filter(|id| expected.binary_search(id).is_err());
-        panic!(
-            "stored {} rows, want {}; missing {:?}; unexpected {:?} (first 10 of each)",
-            stored.len(),
-            expected.len(),
-            missing.take(10).collect::<Vec<_>>(),
-            extra.take(10).collect::<Vec<_>>(),
-        );
     }
 }
 

@@ -19,13 +19,11 @@ use futures::StreamExt;
 use serde_json::{json, Value};
 
 use crate::harness::{
-    adapt_pipeline, example_event, expect_eq, free_port, nats_server_bin, nats_url, redeliveries,
-    state, wait_for, Engine, EngineBuilder, Metrics, TestEnv, DEADLINE,
+    adapt_pipeline, all_acked, example_event, expect_eq, free_port, nats_server_bin, nats_url,
+    redeliveries, state, wait_for, Engine, EngineBuilder, Metrics, TestEnv, DEADLINE, FAILED,
+    PROCESSED, RECEIVED,
 };
 
-pub const RECEIVED: &str = "collector_events_received_total";
-pub const PROCESSED: &str = "collector_events_processed_total";
-pub const FAILED: &str = "collector_events_failed_total";
 pub const NATS_STATUS: &str = "collector_nats_connection_status";
 pub const SINK_RETRIES: &str = "ingestd_sink_retries_total";
 pub const DEAD_LETTERS: &str = "ingestd_dead_letters_total";
@@ -285,10 +283,7 @@ impl Bus {
     /// Waits until every message of the stream was delivered and acked.
     pub async fn wait_all_acked(&self, timeout: Duration) -> consumer::Info {
         wait_for("every message to be acked", timeout, || async {
-            let info = self.try_consumer_info().await?;
-            expect_eq((info.num_pending, info.num_ack_pending), (0, 0))
-                .map_err(|e| format!("(num_pending, num_ack_pending) {e}"))?;
-            Ok(info)
+            all_acked(self.try_consumer_info().await?)
         })
         .await
     }

@@ -32,6 +32,11 @@ use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::oneshot;
 use tokio::task::{JoinHandle, JoinSet};
 
+/// The families of the shipped tiktok.yaml (prefix `collector`).
+pub const RECEIVED: &str = "collector_events_received_total";
+pub const PROCESSED: &str = "collector_events_processed_total";
+pub const FAILED: &str = "collector_events_failed_total";
+
 /// Default deadline of every wait: generous for a loaded CI machine, short
 /// enough that a broken engine fails the suite quickly.
 pub const DEADLINE: Duration = Duration::from_secs(20);
@@ -311,6 +316,18 @@ impl TestEnv {
         EngineBuilder::new(self)
     }
 
+    /// An engine started on this test's database behind a proxy the test
+    /// stops and starts (an outage).
+    pub async fn engine_behind_proxy(&self) -> (TcpProxy, Engine) {
+        let proxy = TcpProxy::to_postgres().await;
+        let engine = self
+            .engine()
+            .database_url(proxied(self, &proxy))
+            .start()
+            .await;
+        (proxy, engine)
+    }
+
     /// The full subject for a suffix such as `tiktok.top.video.view`.
     pub fn subject(&self, suffix: &str) -> String {
         format!("{}{suffix}", self.subject_prefix)
@@ -376,10 +393,7 @@ impl TestEnv {
     /// Waits until every message of the stream was delivered and acked.
     pub async fn wait_all_acked(&self) -> consumer::Info {
         wait_for("every message to be acked", DEADLINE, || async {
-            let info = self.try_consumer_info().await?;
-            expect_eq((info.num_pending, info.num_ack_pending), (0, 0))
-                .map_err(|e| format!("(num_pending, num_ack_pending) {e}"))?;
-            Ok(info)
+            all_acked(self.try_consumer_info().await?)
         })
         .await
     }
@@ -1138,4 +1152,46 @@ pub fn assert_no_redelivery(info: &consumer::Info) {
         0,
         "messages delivered more than once: {info:?}"
     );
+}
+
+/// The URL of `env`'s database through `proxy` (to stop and start it).
+pub fn proxied(env: &TestEnv, proxy: &TcpProxy) -> String {
+    postgres_url(proxy.port(), &env.db_name)
+}
+
+/// Fails unless the table holds exactly one row per eventId of `expected`
+/// (in any order) and nothing else.
+pub async fn assert_stored_exactly(env: &TestEnv, expected: &[String]) {
+    let sql = r#"SELECT "eventId" FROM "TiktokEvent""#;
+    let mut stored: Vec<String> = sqlx::query_scalar(sql)
+        .fetch_all(&env.db)
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e}"));
+    // Sorted here: the database's collation need not order like Rust.
+    stored.sort_unstable();
+    let mut expected = expected.to_vec();
+    expected.sort_unstable();
+    if stored != expected {
+        let missing = expected
+            .iter()
+            .filter(|id| stored.binary_search(id).is_err());
+        let extra = stored
+            .iter()
+            .filter(|id| expected.binary_search(id).is_err());
+        panic!(
+            "stored {} rows, want {}; missing {:?}; unexpected {:?} (first 10 of each)",
+            stored.len(),
+            expected.len(),
+            missing.take(10).collect::<Vec<_>>(),
+            extra.take(10).collect::<Vec<_>>(),
+        );
+    }
+}
+
+/// `info` when the consumer has delivered and seen acknowledged every
+/// message, else what is still outstanding.
+pub fn all_acked(info: consumer::Info) -> Result<consumer::Info, String> {
+    expect_eq((info.num_pending, info.num_ack_pending), (0, 0))
+        .map_err(|e| format!("(num_pending, num_ack_pending) {e}"))?;
+    Ok(info)
 }
