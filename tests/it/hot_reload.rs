@@ -2,8 +2,8 @@
 //! are edited, added and removed under a running `ingestd`, which must keep
 //! storing every event exactly once, keep the running version when the new
 //! content is broken, and leave unchanged pipelines alone. Every test owns
-//! its database, streams and consumers (see `crate::harness::TestEnv`), so they run
-//! in parallel.
+//! its database, streams and consumers (see `crate::harness::TestEnv`), so
+//! they run in parallel.
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};

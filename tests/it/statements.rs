@@ -1,5 +1,5 @@
 //! Any statement a user writes is stored right: differential tests of the
-//! sink against its reference (see `common/statements.rs`), and the
+//! sink against its reference (see `harness/statements.rs`), and the
 //! pipeline's reaction to errors that are not the events' fault.
 
 use std::time::Duration;

@@ -1,8 +1,9 @@
-//! The contract of /work/shared/CONTRACT.md, checked point by point: the
-//! shipped `pipelines/tiktok.yaml`, run by `ingestd` against real NATS and
-//! PostgreSQL, must behave as the TTK collector (plus the documented
-//! improvements). Every test owns its database, stream and consumer (see
-//! `crate::harness::TestEnv`), so they all run in parallel.
+//! The collector's contract, checked point by point: the shipped
+//! `pipelines/tiktok.yaml`, run by `ingestd` against real NATS and
+//! PostgreSQL, must behave as the TTK collector, plus the improvements the
+//! README lists under "Differences from the collector". Every test owns its
+//! database, stream and consumer (see `crate::harness::TestEnv`), so they
+//! all run in parallel.
 
 use std::time::Duration;
 

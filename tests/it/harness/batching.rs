@@ -1,4 +1,4 @@
-//! Helpers of the batching and scale-out tests (`tests/batching.rs`).
+//! Helpers of the batching and scale-out tests (`tests/it/batching.rs`).
 //!
 //! Those tests need what the shared harness leaves to the engine: a backlog
 //! already stored in the stream when the engine starts (so that it is pulled

@@ -1,9 +1,9 @@
-//! Harness additions for the fault-tolerance tests (`tests/faults.rs`): a
+//! Harness additions for the fault-tolerance tests (`tests/it/faults.rs`): a
 //! NATS server of the test's own (to kill and restart), a dead-letter queue
 //! to inspect, pipeline variants, bulk publishing, and probes that must keep
 //! holding for a while (an outage) rather than become true once.
 //!
-//! Built on `common` (included by the test file as `mod common;`).
+//! Built on the rest of the harness.
 
 // Shared by several test binaries, each using part of it.
 #![allow(dead_code)]

@@ -1,9 +1,9 @@
-//! Harness additions for the operations tests (`tests/operations.rs`): a
+//! Harness additions for the operations tests (`tests/it/operations.rs`): a
 //! real Prometheus of the test's own (its own port, config and data dir)
 //! scraping an engine every second and evaluating the shipped alert rules
 //! every second, and Grafana's variable expansion for the shipped dashboard.
 //!
-//! Built on `common` (included by the test file as `mod common;`).
+//! Built on the rest of the harness.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
