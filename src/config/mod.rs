@@ -57,15 +57,25 @@ impl std::error::Error for ConfigError {}
 #[derive(Debug, Clone, Deserialize, PartialEq, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Pipeline {
+    /// Unique among the engine's pipelines: letters, digits, `-` and `_`. Names
+    /// the pipeline in logs, `/pipelines` and the lag metrics.
     pub name: String,
+    /// Where events come from.
     pub source: Source,
+    /// Optional JSON Schema every event must satisfy; an event that does not is
+    /// invalid (see `on_error.invalid`).
     #[serde(default)]
     pub validate: Option<Validate>,
+    /// Where events are written.
     pub sink: Sink,
+    /// What happens to events that can never be stored, and how outages are
+    /// retried.
     #[serde(default)]
     pub on_error: OnError,
+    /// The pipeline's Prometheus families: their prefix, labels and buckets.
     #[serde(default)]
     pub metrics: MetricsConfig,
+    /// What log lines say about an event.
     #[serde(default)]
     pub log: LogConfig,
     /// Largest accepted payload; bigger messages are invalid events.
@@ -81,13 +91,18 @@ fn default_max_payload() -> u64 {
 #[derive(Debug, Clone, Deserialize, PartialEq, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Source {
+    /// A NATS JetStream stream, read by a durable pull consumer.
     pub nats: NatsSource,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NatsSource {
+    /// The stream: created with these settings when missing, used as it is when
+    /// present.
     pub stream: StreamConfig,
+    /// The durable pull consumer the pipeline reads with; created, or updated
+    /// to match.
     pub consumer: ConsumerConfig,
     /// How often the consumer's state is read for the lag gauges
     /// (`ingestd_consumer_pending_messages` and the like): each read is one
@@ -106,24 +121,37 @@ fn default_lag_interval() -> Duration {
 #[derive(Debug, Clone, Deserialize, PartialEq, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct StreamConfig {
+    /// Stream name.
     pub name: String,
+    /// Subjects the stream captures (wildcards allowed, e.g. `raw.events.>`).
     pub subjects: Vec<String>,
+    /// When the server removes messages: `limits` (age, count, size),
+    /// `interest` or `work_queue`.
     #[serde(default)]
     pub retention: Retention,
+    /// Oldest message kept, e.g. `7d` (default: no limit).
     #[serde(default, deserialize_with = "de_opt_duration")]
     #[schemars(with = "DurationText")]
     pub max_age: Option<Duration>,
+    /// Most messages kept (default: no limit).
     #[serde(default)]
     pub max_messages: Option<i64>,
+    /// Most bytes kept, e.g. `1GiB` (default: no limit).
     #[serde(default, deserialize_with = "de_opt_size")]
     #[schemars(with = "SizeRepr")]
     pub max_bytes: Option<u64>,
+    /// What goes when a limit is reached: `old` messages, or `new` ones
+    /// (refused).
     #[serde(default)]
     pub discard: Discard,
+    /// `file` or `memory`.
     #[serde(default)]
     pub storage: Storage,
+    /// Copies of the stream in a cluster (default 1).
     #[serde(default = "one")]
     pub replicas: usize,
+    /// How long `Nats-Msg-Id`s are remembered to drop duplicate publishes, e.g.
+    /// `2m` (default: the server's).
     #[serde(default, deserialize_with = "de_opt_duration")]
     #[schemars(with = "DurationText")]
     pub duplicate_window: Option<Duration>,
@@ -162,15 +190,25 @@ pub enum Storage {
 #[derive(Debug, Clone, Deserialize, PartialEq, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ConsumerConfig {
+    /// Durable consumer name: processes and versions running the same one share
+    /// its work.
     pub durable: String,
+    /// The subjects of the stream this pipeline takes (wildcards allowed).
     pub filter_subject: String,
+    /// Where a new consumer starts: `all`, `last`, `new`, `last_per_subject`,
+    /// `by_start_sequence` or `by_start_time`.
     #[serde(default)]
     pub deliver_policy: DeliverPolicy,
+    /// Always `explicit`: each message is acknowledged after its row is
+    /// committed.
     #[serde(default)]
     pub ack_policy: AckPolicy,
+    /// How long the server waits for an acknowledgement before redelivering
+    /// (default 30s); messages held longer get progress acknowledgements.
     #[serde(default = "default_ack_wait", deserialize_with = "de_duration")]
     #[schemars(with = "DurationText")]
     pub ack_wait: Duration,
+    /// Deliveries of a message before the server gives up on it (default 5).
     #[serde(default = "default_max_deliver")]
     pub max_deliver: i64,
     /// Defaults to `max_rows × (max_in_flight + 3)`: what one process holds,
@@ -219,7 +257,11 @@ pub enum AckPolicy {
 #[derive(Debug, Clone, Deserialize, PartialEq, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Validate {
+    /// JSON Schema file (relative to the pipeline file); `format`s are
+    /// asserted.
     pub schema: PathBuf,
+    /// Remove keys the schema does not declare before storing (Zod semantics;
+    /// default false).
     #[serde(default)]
     pub strip_unknown: bool,
 }
@@ -227,6 +269,7 @@ pub struct Validate {
 #[derive(Debug, Clone, Deserialize, PartialEq, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Sink {
+    /// A PostgreSQL database.
     pub postgres: PostgresSink,
 }
 
@@ -236,11 +279,18 @@ pub struct PostgresSink {
     /// Overrides `DATABASE_URL` for this pipeline.
     #[serde(default)]
     pub url: Option<String>,
+    /// Directory of `*.sql` migrations (relative to the pipeline file), applied
+    /// at start-up and on reload.
     #[serde(default)]
     pub migrations: Option<PathBuf>,
+    /// The statement run for each event: a template whose `{{ expression }}`s
+    /// become bind parameters (`event`, `msg`, `headers`, `subject`, `cuid()`);
+    /// never spliced into the SQL.
     pub insert: String,
+    /// How events are grouped into one transaction.
     #[serde(default)]
     pub batch: BatchConfig,
+    /// Connections to the database (default 4).
     #[serde(default = "default_pool_size")]
     pub pool_size: u32,
     /// Longest a statement may run (Postgres `statement_timeout`): a
@@ -285,11 +335,15 @@ pub fn default_lock_timeout() -> Duration {
 #[derive(Debug, Clone, Deserialize, PartialEq, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct BatchConfig {
+    /// Most events per batch (default 1000).
     #[serde(default = "default_max_rows")]
     pub max_rows: NonZeroUsize,
+    /// How long a batch waits for more events after its first, e.g. `5ms`
+    /// (default).
     #[serde(default = "default_max_wait", deserialize_with = "de_duration")]
     #[schemars(with = "DurationText")]
     pub max_wait: Duration,
+    /// Batches written concurrently (default 2).
     #[serde(default = "default_in_flight")]
     pub max_in_flight: NonZeroUsize,
     /// Payload bytes per batch (and per pull request): with `max_rows` it
@@ -334,8 +388,12 @@ fn default_batch_bytes() -> u64 {
 #[derive(Debug, Clone, Default, Deserialize, PartialEq, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct OnError {
+    /// Events that can never be stored: not JSON, schema violations, values or
+    /// rows the database refuses.
     #[serde(default)]
     pub invalid: InvalidPolicy,
+    /// Outages (database unreachable, timeouts): the batch is held and retried
+    /// with backoff, never acknowledged early.
     #[serde(default)]
     pub transient: TransientPolicy,
 }
@@ -344,6 +402,9 @@ pub struct OnError {
 #[derive(Debug, Clone, Deserialize, PartialEq, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct InvalidPolicy {
+    /// `ack` (drop, counted and logged; default), `dead_letter` (publish to
+    /// `subject`, then ack), `nak` (redeliver after `delay`) or `term` (never
+    /// redeliver).
     #[serde(default)]
     pub action: InvalidAction,
     /// Dead-letter subject: where `action: dead_letter` publishes invalid
@@ -396,9 +457,11 @@ pub enum InvalidAction {
 #[derive(Debug, Clone, Deserialize, PartialEq, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct TransientPolicy {
+    /// First retry delay (default 100ms), doubled after each failure.
     #[serde(default = "default_backoff_initial", deserialize_with = "de_duration")]
     #[schemars(with = "DurationText")]
     pub backoff_initial: Duration,
+    /// Longest retry delay (default 10s).
     #[serde(default = "default_backoff_max", deserialize_with = "de_duration")]
     #[schemars(with = "DurationText")]
     pub backoff_max: Duration,
@@ -446,8 +509,11 @@ fn default_buckets() -> Vec<f64> {
 #[derive(Debug, Clone, Deserialize, PartialEq, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct MetricsConfig {
+    /// Family names: `<prefix>_events_received_total`,
+    /// `<prefix>_events_processed_total`, ... (default `ingestd`).
     #[serde(default = "default_prefix")]
     pub prefix: String,
+    /// Labels with the same value on every series (e.g. `app`, `environment`).
     #[serde(default)]
     pub const_labels: BTreeMap<String, String>,
     /// Labels of processed events: name -> template rendered over the event.
