@@ -1,4 +1,5 @@
-//! Connecting: the pool and its limits, the health probe's own connection, Postgres URLs (Prisma's `schema=`) and their redaction.
+//! Connecting: the pool and its limits, the health probe's own connection,
+//! Postgres URLs (Prisma's `schema=`) and their redaction.
 
 use super::*;
 

@@ -1,4 +1,5 @@
-//! Trials of one statement for `ingestd test`: the production path in a transaction that is rolled back.
+//! Trials of one statement for `ingestd test`: the production path in a
+//! transaction that is rolled back.
 
 use super::*;
 

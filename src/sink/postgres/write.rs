@@ -1,4 +1,6 @@
-//! The batch writer: runs of one plan, each row in a savepoint of its own to isolate rejected rows, the session functions of the per-row path, all bounded by the engine's clock.
+//! The batch writer: runs of one plan, each row in a savepoint of its own
+//! to isolate rejected rows, the session functions of the per-row path, all
+//! bounded by the engine's clock.
 
 use super::*;
 

@@ -1,4 +1,5 @@
-//! The engine process: configuring, spawning and querying `ingestd` (HTTP, logs, exit).
+//! The engine process: configuring, spawning and querying `ingestd` (HTTP,
+//! logs, exit).
 
 use super::*;
 

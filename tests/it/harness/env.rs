@@ -1,4 +1,5 @@
-//! The per-test environment: a database, a stream and a directory of the test's own, removed on drop.
+//! The per-test environment: a database, a stream and a directory of the
+//! test's own, removed on drop.
 
 use super::*;
 

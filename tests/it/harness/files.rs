@@ -1,4 +1,5 @@
-//! Naming, ports and files: unique ids, the repository and its files, pipeline text rewrites, output locations.
+//! Naming, ports and files: unique ids, the repository and its files,
+//! pipeline text rewrites, output locations.
 
 use super::*;
 

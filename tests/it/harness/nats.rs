@@ -1,4 +1,5 @@
-//! NATS: the servers of the tests, consumer state, and the checks read from it.
+//! NATS: the servers of the tests, consumer state, and the checks read from
+//! it.
 
 use super::*;
 

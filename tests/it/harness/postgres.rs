@@ -1,4 +1,5 @@
-//! PostgreSQL: the server of the tests, the contract's table, databases created and dropped, stored rows.
+//! PostgreSQL: the server of the tests, the contract's table, databases
+//! created and dropped, stored rows.
 
 use super::*;
 

@@ -1,4 +1,5 @@
-//! Prometheus scraping: the `/metrics` text format parsed, and the families of the shipped pipeline.
+//! Prometheus scraping: the `/metrics` text format parsed, and the families
+//! of the shipped pipeline.
 
 use super::*;
 
