@@ -6,52 +6,26 @@
 //! error; a problem found later (template, schema) is located with
 //! [`PipelineFile::line_of_key`].
 
+mod env;
+mod error;
 pub mod files;
+mod units;
+
+pub use env::expand_env;
+use error::yaml_error;
+pub use error::ConfigError;
+use units::{
+    de_duration, de_opt_duration, de_opt_size, de_opt_time, de_size, DurationText, SizeRepr,
+};
+pub use units::{parse_size, parse_time};
 
 use std::collections::BTreeMap;
-use std::fmt;
 use std::num::NonZeroUsize;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use schemars::JsonSchema;
-use serde::{Deserialize, Deserializer};
-
-/// A configuration problem, already formatted as `file:line:column: message`
-/// (or `file: message` where no location is known).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ConfigError {
-    pub file: PathBuf,
-    pub line: Option<usize>,
-    pub column: Option<usize>,
-    pub message: String,
-}
-
-impl ConfigError {
-    pub fn new(file: &Path, line: Option<usize>, message: impl Into<String>) -> Self {
-        Self {
-            file: file.to_path_buf(),
-            line,
-            column: None,
-            message: message.into(),
-        }
-    }
-}
-
-impl fmt::Display for ConfigError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}", self.file.display())?;
-        if let Some(line) = self.line {
-            write!(f, ":{line}")?;
-            if let Some(column) = self.column {
-                write!(f, ":{column}")?;
-            }
-        }
-        write!(f, ": {}", self.message)
-    }
-}
-
-impl std::error::Error for ConfigError {}
+use serde::Deserialize;
 
 /// One pipeline: where events come from, how they are checked, where they go.
 #[derive(Debug, Clone, Deserialize, PartialEq, JsonSchema)]
@@ -750,178 +724,9 @@ impl Pipeline {
     }
 }
 
-fn yaml_error(path: &Path, text: &str, e: &serde_yaml::Error) -> ConfigError {
-    let mut err = ConfigError::new(path, None, strip_location(&e.to_string()));
-    if let Some(loc) = e.location() {
-        err.line = Some(loc.line());
-        err.column = Some(loc.column());
-        if let Some(line) = refine_line(text, loc.line(), &err.message) {
-            err.line = Some(line);
-            err.column = None;
-        }
-    }
-    err
-}
-
-/// serde_yaml locates errors raised by our value checks (durations, sizes)
-/// at the enclosing mapping; those messages quote the bad value as
-/// `value`, so the first line from there on holding it is the real place.
-fn refine_line(text: &str, from: usize, message: &str) -> Option<usize> {
-    let quoted = message.split('`').nth(1).filter(|v| !v.is_empty())?;
-    text.lines()
-        .enumerate()
-        .skip(from.saturating_sub(1))
-        .find(|(_, l)| l.contains(quoted))
-        .map(|(i, _)| i + 1)
-}
-
-/// serde_yaml appends " at line L column C"; we print the location up front.
-fn strip_location(msg: &str) -> String {
-    match msg.find(" at line ") {
-        Some(i) => msg[..i].to_string(),
-        None => msg.to_string(),
-    }
-}
-
-/// Expands `${VAR}` and `${VAR:-default}`; `$${` stays a literal `${`.
-/// Returns the 1-based line and a message for an unset variable without
-/// default, so a typo cannot silently become an empty string.
-pub fn expand_env(
-    text: &str,
-    lookup: impl Fn(&str) -> Option<String>,
-) -> Result<String, (usize, String)> {
-    let mut out = String::with_capacity(text.len());
-    for (i, line) in text.split_inclusive('\n').enumerate() {
-        expand_line(line, &lookup, &mut out).map_err(|m| (i + 1, m))?;
-    }
-    Ok(out)
-}
-
-fn expand_line(
-    line: &str,
-    lookup: &impl Fn(&str) -> Option<String>,
-    out: &mut String,
-) -> Result<(), String> {
-    let mut rest = line;
-    while let Some(start) = rest.find('$') {
-        out.push_str(&rest[..start]);
-        let tail = &rest[start..];
-        if let Some(after) = tail.strip_prefix("$${") {
-            out.push_str("${");
-            rest = after;
-        } else if let Some(after) = tail.strip_prefix("${") {
-            let end = after
-                .find('}')
-                .ok_or_else(|| "unterminated `${`".to_string())?;
-            out.push_str(&substitute(&after[..end], lookup)?);
-            rest = &after[end + 1..];
-        } else {
-            out.push('$');
-            rest = &tail[1..];
-        }
-    }
-    out.push_str(rest);
-    Ok(())
-}
-
-fn substitute(expr: &str, lookup: &impl Fn(&str) -> Option<String>) -> Result<String, String> {
-    let (name, default) = match expr.split_once(":-") {
-        Some((n, d)) => (n, Some(d)),
-        None => (expr, None),
-    };
-    if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
-        return Err(format!("`${{{expr}}}` is not a valid variable reference"));
-    }
-    match (
-        lookup(name).filter(|v| !v.is_empty() || default.is_none()),
-        default,
-    ) {
-        (Some(v), _) => Ok(v),
-        (None, Some(d)) => Ok(d.to_string()),
-        (None, None) => Err(format!(
-            "environment variable `{name}` is not set (use ${{{name}:-default}})"
-        )),
-    }
-}
-
-fn de_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-    let s = String::deserialize(d)?;
-    humantime::parse_duration(s.trim()).map_err(|e| {
-        serde::de::Error::custom(format!("invalid duration `{s}`: {e} (e.g. 30s, 5ms, 7d)"))
-    })
-}
-
-fn de_opt_time<'de, D: Deserializer<'de>>(
-    d: D,
-) -> Result<Option<chrono::DateTime<chrono::Utc>>, D::Error> {
-    let s = String::deserialize(d)?;
-    parse_time(&s).map(Some).map_err(serde::de::Error::custom)
-}
-
-/// An RFC 3339 time such as `2026-11-25T21:00:00Z`.
-pub fn parse_time(s: &str) -> Result<chrono::DateTime<chrono::Utc>, String> {
-    chrono::DateTime::parse_from_rfc3339(s.trim())
-        .map(|t| t.with_timezone(&chrono::Utc))
-        .map_err(|e| format!("invalid time `{s}`: {e} (e.g. 2026-11-25T21:00:00Z)"))
-}
-
-fn de_opt_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
-    de_duration(d).map(Some)
-}
-
-/// A duration such as `5ms`, `30s`, `2m`, `7d`.
-#[derive(JsonSchema)]
-#[schemars(transparent)]
-#[allow(dead_code)] // describes the format only
-struct DurationText(String);
-
-/// A byte size: a plain number or one with a unit (KB, KiB, MB, MiB, GB, GiB).
-#[derive(Deserialize, JsonSchema)]
-#[serde(untagged)]
-enum SizeRepr {
-    Number(u64),
-    Text(String),
-}
-
-fn de_size<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
-    match SizeRepr::deserialize(d)? {
-        SizeRepr::Number(n) => Ok(n),
-        SizeRepr::Text(s) => parse_size(&s).map_err(serde::de::Error::custom),
-    }
-}
-
-fn de_opt_size<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
-    de_size(d).map(Some)
-}
-
 /// The JSON Schema of the pipeline file format, for editors.
 pub fn json_schema() -> serde_json::Value {
     serde_json::to_value(schemars::schema_for!(Pipeline)).expect("a schema serializes")
-}
-
-pub fn parse_size(s: &str) -> Result<u64, String> {
-    let s = s.trim();
-    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
-    let (num, unit) = s.split_at(split);
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("invalid size `{s}` (e.g. 1048576, 512KiB, 1GiB)"))?;
-    let mult: u64 = match unit.trim() {
-        "" | "B" => 1,
-        "KB" => 1_000,
-        "KiB" => 1 << 10,
-        "MB" => 1_000_000,
-        "MiB" => 1 << 20,
-        "GB" => 1_000_000_000,
-        "GiB" => 1 << 30,
-        other => {
-            return Err(format!(
-                "unknown size unit `{other}` (use B, KB, KiB, MB, MiB, GB, GiB)"
-            ))
-        }
-    };
-    n.checked_mul(mult)
-        .ok_or_else(|| format!("size `{s}` is too large"))
 }
 
 #[cfg(test)]
