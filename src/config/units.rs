@@ -1,4 +1,5 @@
-//! Durations, sizes and times as pipeline files write them, for serde and the editor schema.
+//! Durations, sizes and times as pipeline files write them, for serde and
+//! the editor schema.
 
 use std::time::Duration;
 
