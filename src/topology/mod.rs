@@ -2,4 +2,5 @@
 //! changed with it.
 
 pub mod engine;
+mod reconcile;
 pub mod watch;
