@@ -789,7 +789,8 @@ async fn large_event_backlog_drains_without_disconnect_in_bounded_memory() {
 // ---------------------------------------------------------------------------
 
 /// Requests `/ready` and `/health` as fast as 8 clients pacing 8 ms can
-/// (about 500 per second on the 2-core machine) until stopped; returns how many were answered.
+/// (a few hundred per second on two cores) until stopped; returns how many
+/// were answered.
 fn hammer(
     port: u16,
 ) -> (
