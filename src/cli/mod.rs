@@ -1,0 +1,142 @@
+//! The command line: `run` (the default), `check`, `test`, `publish`,
+//! `schema`, `healthcheck`, `replay` and `backfill`, one module each.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use crate::{config, telemetry};
+
+pub mod backfill;
+pub mod check;
+pub mod check_db;
+pub mod compat;
+pub mod healthcheck;
+pub mod publish;
+pub mod replay;
+pub mod run;
+pub mod test;
+
+#[derive(Parser)]
+#[command(
+    name = "ingestd",
+    version,
+    about = "Declarative NATS JetStream → PostgreSQL ingest engine",
+    after_help = "Examples:\n  ingestd                         run every pipeline in ./pipelines\n  ingestd run --pipelines /etc/ingestd/pipelines\n  ingestd check pipelines/tiktok.yaml"
+)]
+#[command(args_conflicts_with_subcommands = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    /// `run`'s options, for running without a subcommand.
+    #[command(flatten)]
+    run: run::RunArgs,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run every pipeline of the pipelines directory (the default).
+    #[command(
+        after_help = "Environment: DATABASE_URL, NATS_URL, PORT, HOSTNAME, NODE_ENV, LOG_FORMAT, RUST_LOG.\n`.env` in the working directory is loaded first.\n\nExample:\n  DATABASE_URL=postgresql://postgres@127.0.0.1/app ingestd run --pipelines pipelines"
+    )]
+    Run(Box<run::RunArgs>),
+    /// Check pipeline files (parse, environment, schema, template) without running them.
+    #[command(
+        after_help = "Exit status is 1 when any file has a problem; each is printed as file:line:column: message.\n\nExample:\n  ingestd check pipelines/"
+    )]
+    Check {
+        /// Pipeline files or directories (default: pipelines/).
+        paths: Vec<PathBuf>,
+        /// Also plan every statement against the database (no writes) and
+        /// show which write path each takes.
+        #[arg(long)]
+        db: bool,
+        #[arg(long, env = "DATABASE_URL", default_value = compat::DATABASE_URL, hide_env_values = true)]
+        database_url: String,
+    },
+    /// Run pipeline unit tests (NAME.test.yaml beside each pipeline) against a real database.
+    #[command(
+        after_help = "Each case's row is inserted inside a transaction that is rolled back.\nExit status is 1 when a case fails.\n\nExample:\n  DATABASE_URL=postgresql://postgres@127.0.0.1/app ingestd test pipelines/"
+    )]
+    Test {
+        /// Test files, pipeline files or directories (default: pipelines/).
+        paths: Vec<PathBuf>,
+        #[arg(long, env = "DATABASE_URL", default_value = compat::DATABASE_URL, hide_env_values = true)]
+        database_url: String,
+    },
+    /// Print the JSON Schema of the pipeline file format (for editors).
+    #[command(
+        after_help = "Example:\n  ingestd schema > schemas/pipeline.schema.json\nPipeline files point at it with `# yaml-language-server: $schema=../schemas/pipeline.schema.json`."
+    )]
+    Schema,
+    /// Exit 0 when the engine's /live answers (for container health checks).
+    #[command(
+        after_help = "Example (Dockerfile):\n  HEALTHCHECK CMD [\"ingestd\", \"healthcheck\"]"
+    )]
+    Healthcheck {
+        #[arg(long, env = "PORT", default_value_t = 3001)]
+        port: u16,
+    },
+    /// Publish events to JetStream and wait for the server to store them.
+    #[command(
+        after_help = "Each FILE is one message (stdin when none is given).\n\nExample:\n  ingestd publish raw.events.tiktok.top.video.view examples/events/top-video-view.json"
+    )]
+    Publish {
+        subject: String,
+        files: Vec<PathBuf>,
+        #[arg(long, env = "NATS_URL", default_value = "nats://localhost:4222")]
+        nats_url: String,
+    },
+    /// Re-publish dead letters to their original subjects (then delete them).
+    #[command(
+        after_help = "Example:\n  ingestd replay --dead-letters deadletter.tiktok --reason schema --dry-run"
+    )]
+    Replay(Box<replay::Args>),
+    /// Re-read a stream from a sequence or a time into a pipeline, on a consumer of its own.
+    #[command(
+        after_help = "Example:\n  ingestd backfill pipelines/tiktok.yaml --from-time 2026-11-25T00:00:00Z"
+    )]
+    Backfill(Box<backfill::Args>),
+}
+
+/// Parses the command line and runs the command.
+pub fn main() -> ExitCode {
+    let _ = dotenvy::dotenv();
+    let cli = Cli::parse();
+    // The engine reports what it does; one-shot commands only problems.
+    let running = matches!(cli.command, None | Some(Command::Run(_)));
+    telemetry::logging::init(if running { "info,sqlx=warn" } else { "warn" });
+    let result = match cli.command {
+        Some(Command::Check {
+            paths,
+            db,
+            database_url,
+        }) => return check::main(paths, db.then_some(database_url.as_str())),
+        Some(Command::Run(args)) => run::main(*args),
+        Some(Command::Healthcheck { port }) => healthcheck::main(port),
+        Some(Command::Test {
+            paths,
+            database_url,
+        }) => return test::main(paths, &database_url),
+        Some(Command::Schema) => {
+            println!("{:#}", config::json_schema());
+            Ok(())
+        }
+        Some(Command::Publish {
+            subject,
+            files,
+            nats_url,
+        }) => publish::main(&nats_url, &subject, files),
+        Some(Command::Replay(args)) => replay::main(*args),
+        Some(Command::Backfill(args)) => backfill::main(*args),
+        None => run::main(cli.run),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,130 @@
+//! `ingestd run`: the engine, its HTTP endpoints and its watcher, until
+//! SIGINT or SIGTERM.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use tokio::sync::watch;
+
+use super::compat;
+use crate::source::nats::NatsAuth;
+use crate::topology::engine::{self, Settings};
+
+#[derive(clap::Args)]
+pub struct RunArgs {
+    /// Directory of pipeline files.
+    #[arg(long, default_value = "pipelines")]
+    pipelines: PathBuf,
+    /// Default database of every pipeline (a pipeline may override it).
+    #[arg(long, env = "DATABASE_URL", default_value = compat::DATABASE_URL, hide_env_values = true)]
+    database_url: String,
+    #[arg(long, env = "NATS_URL", default_value = "nats://localhost:4222")]
+    nats_url: String,
+    /// HTTP port of /metrics and the health endpoints.
+    #[arg(long, env = "PORT", default_value_t = 3001)]
+    port: u16,
+    /// HTTP listen address.
+    #[arg(long, env = "LISTEN_ADDR", default_value = "0.0.0.0")]
+    listen_addr: std::net::IpAddr,
+    /// NATS connection name (default: collector-$HOSTNAME, see the compatibility defaults).
+    #[arg(long, env = "NATS_NAME")]
+    nats_name: Option<String>,
+    /// How long shutdown waits for in-flight batches (the process exits at
+    /// most a few seconds later, whatever it is doing).
+    #[arg(long, env = "SHUTDOWN_GRACE", default_value = "25s", value_parser = humantime::parse_duration)]
+    shutdown_grace: Duration,
+    #[command(flatten)]
+    nats_auth: NatsAuth,
+}
+
+pub fn main(args: RunArgs) -> anyhow::Result<()> {
+    let hostname = std::env::var("HOSTNAME").unwrap_or_else(|_| "local".into());
+    let settings = Settings {
+        pipelines_dir: args.pipelines,
+        database_url: args.database_url,
+        nats_url: args.nats_url,
+        nats_name: args
+            .nats_name
+            .unwrap_or_else(|| compat::nats_name(&hostname)),
+        nats_auth: args.nats_auth,
+        listen: SocketAddr::new(args.listen_addr, args.port),
+        shutdown_grace: args.shutdown_grace,
+    };
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?
+        .block_on(run(settings))
+}
+
+/// Starts every pipeline, serves HTTP, reloads on changes and SIGHUP, and
+/// stops cleanly on SIGINT or SIGTERM. Any pipeline that cannot start
+/// fails the start-up.
+pub async fn run(settings: Settings) -> anyhow::Result<()> {
+    let engine = engine::start(&settings).await?;
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let http = tokio::spawn(crate::http::serve(
+        settings.listen,
+        engine.clone(),
+        stop_rx.clone(),
+    ));
+    let watcher = tokio::spawn(crate::topology::watch::watch(engine.clone(), stop_rx));
+    tokio::select! {
+        _ = shutdown_signal() => tracing::info!("shutting down: finishing in-flight batches"),
+        res = http => {
+            engine.stop_all().await;
+            return res?;
+        }
+    }
+    exit_after(settings.shutdown_grace + SHUTDOWN_MARGIN);
+    let _ = stop_tx.send(true);
+    // A reload may be waiting on a lock or a database that does not answer:
+    // it is abandoned, not awaited.
+    let mut watcher = watcher;
+    if tokio::time::timeout(Duration::from_secs(1), &mut watcher)
+        .await
+        .is_err()
+    {
+        watcher.abort();
+    }
+    if tokio::time::timeout(settings.shutdown_grace, engine.stop_all())
+        .await
+        .is_err()
+    {
+        tracing::warn!("in-flight batches did not finish in time; they will be redelivered");
+    }
+    Ok(())
+}
+
+/// What shutdown may take beyond `shutdown_grace` before the process exits
+/// regardless (abandoning a reload, closing connections).
+const SHUTDOWN_MARGIN: Duration = Duration::from_secs(4);
+
+/// Ends the process after `limit` whatever the engine is doing: a stop
+/// request must stop it in bounded time even if some task ignores it. A
+/// thread, not a task, so that a busy or stuck runtime cannot delay it.
+fn exit_after(limit: Duration) {
+    std::thread::spawn(move || {
+        std::thread::sleep(limit);
+        tracing::error!(
+            ?limit,
+            "shutdown took too long: exiting now; unacknowledged messages will be redelivered"
+        );
+        std::process::exit(1);
+    });
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("SIGTERM handler");
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}

@@ -1,0 +1,85 @@
+//! The HTTP endpoints: `/metrics`, `/health`, `/live`, `/ready`.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use prometheus::Encoder;
+use serde_json::json;
+use tokio::sync::watch;
+
+use crate::topology::engine::Engine;
+
+/// Serves until `stop` turns true.
+pub async fn serve(
+    addr: SocketAddr,
+    engine: Arc<Engine>,
+    mut stop: watch::Receiver<bool>,
+) -> anyhow::Result<()> {
+    let app = Router::new()
+        .route("/metrics", get(metrics))
+        .route("/health", get(health))
+        .route("/live", get(live))
+        .route("/ready", get(ready))
+        .route("/pipelines", get(pipelines))
+        .with_state(engine);
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e}"))?;
+    tracing::info!(addr = %listener.local_addr()?, "HTTP listening");
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async move {
+            let _ = stop.wait_for(|s| *s).await;
+        })
+        .await?;
+    Ok(())
+}
+
+async fn metrics(State(engine): State<Arc<Engine>>) -> Response {
+    let mut body = Vec::new();
+    let families = engine.metrics.gather();
+    match prometheus::TextEncoder::new().encode(&families, &mut body) {
+        Ok(()) => ([(header::CONTENT_TYPE, prometheus::TEXT_FORMAT)], body).into_response(),
+        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
+    }
+}
+
+/// Each pipeline file: state, version, load time, last load error, counts.
+async fn pipelines(State(engine): State<Arc<Engine>>) -> Json<serde_json::Value> {
+    Json(json!({"pipelines_dir": engine.dir.display().to_string(), "pipelines": engine.statuses()}))
+}
+
+async fn health() -> Json<serde_json::Value> {
+    let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+    Json(json!({"status": "ok", "timestamp": now}))
+}
+
+async fn live() -> Json<serde_json::Value> {
+    Json(json!({"status": "ok"}))
+}
+
+/// 200 when every pipeline's database answers and takes its writes and
+/// NATS is connected and serves every pipeline's pulls; 503 (degraded)
+/// otherwise. A pipeline whose statement the database refuses counts as the
+/// database being down for it, a pipeline whose consumer is gone as NATS
+/// being down: the shape stays the collector's, `/pipelines` has the detail.
+async fn ready(State(engine): State<Arc<Engine>>) -> Response {
+    let database = engine.database_up().await;
+    let nats = engine.source_up();
+    let word = |up: bool| if up { "up" } else { "down" };
+    let ok = database && nats;
+    let body = json!({
+        "status": if ok { "ok" } else { "degraded" },
+        "checks": {"database": word(database), "nats": word(nats)},
+    });
+    let code = if ok {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (code, Json(body)).into_response()
+}

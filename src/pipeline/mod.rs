@@ -1,0 +1,347 @@
+//! One pipeline: pull a batch, prepare each event (decode, validate,
+//! render), write the batch, acknowledge after the commit.
+//!
+//! Invariants:
+//! - nothing is acknowledged before its row is committed;
+//! - every delivery ends in exactly one outcome: processed (acked after
+//!   commit), failed `validation_error` (the invalid policy applied), or
+//!   failed `processing_error` (left for redelivery at shutdown);
+//! - every message the pipeline holds is kept alive with progress acks
+//!   while it waits, so waiting never spends a delivery attempt.
+
+mod collect;
+pub mod deadletter;
+mod keepalive;
+mod settle;
+mod write;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream::{self, AckKind, Message};
+use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
+use tokio::time::Instant;
+
+use crate::config::{self, InvalidAction, PipelineFile};
+use crate::sink::postgres::{Finish, Limits, Outcome, PgSink, Rejection, SinkRow, WriteError};
+use crate::source::nats::{self, Handoff, Puller};
+use crate::telemetry::health::{Health, Severity, Side};
+use crate::telemetry::lag;
+use crate::telemetry::metrics::{duration_values, FailureLabels, FamilySet, Metrics};
+use crate::transform::event::{self, Compiled, Invalid, InvalidKind, Prepared};
+use crate::transform::template::{MsgMeta, Templates};
+use crate::util::text::truncate;
+use deadletter::{DeadLetters, Letter};
+
+/// The `reason` label of events that can never be stored.
+const VALIDATION_ERROR: &str = "validation_error";
+/// First and longest pause between attempts to publish a dead letter.
+const DEAD_LETTER_BACKOFF: (Duration, Duration) =
+    (Duration::from_millis(100), Duration::from_secs(5));
+
+/// The `reason` label of events left unacknowledged for redelivery.
+const PROCESSING_ERROR: &str = "processing_error";
+
+/// A pipeline compiled from its file and connected to its sink and consumer.
+pub struct Pipeline {
+    pub name: String,
+    pub file: PathBuf,
+    cfg: config::Pipeline,
+    compiled: Compiled,
+    pub sink: Arc<PgSink>,
+    consumer: jetstream::consumer::PullConsumer,
+    families: Arc<FamilySet>,
+    engine: Arc<Metrics>,
+    dead_letters: Option<DeadLetters>,
+    stream: jetstream::stream::Stream,
+    /// Lag, freshness and held-message series (shared with other versions).
+    lag: Arc<lag::PipelineLag>,
+    failure: FailureLabels,
+    /// What keeps the pipeline from progressing, for probes and metrics.
+    pub health: Arc<Health>,
+    /// Where the stream and consumer are recreated should they vanish.
+    target: nats::Target,
+    /// Counts shared by every version of the pipeline file.
+    pub stats: Arc<Stats>,
+    /// Consecutive database rejections (see `suspect_rejections`).
+    rejected_run: std::sync::Mutex<RejectedRun>,
+    /// This version's stop signal, once it runs.
+    stop: std::sync::OnceLock<watch::Receiver<bool>>,
+    /// Set by a reload: who gets this version's open pull requests.
+    successor: std::sync::Mutex<Option<mpsc::UnboundedSender<Handoff>>>,
+}
+
+/// Per-pipeline event counts, for `/pipelines`.
+#[derive(Default, Debug)]
+pub struct Stats {
+    pub received: AtomicU64,
+    pub processed: AtomicU64,
+    pub failed: AtomicU64,
+}
+
+/// Shared handles a pipeline is built with.
+pub struct Deps {
+    pub js: jetstream::Context,
+    pub metrics: Arc<Metrics>,
+    pub database_url: String,
+}
+
+/// A delivered message and when it arrived (for the duration histogram).
+struct Held {
+    msg: Message,
+    received: Instant,
+    _held: lag::HeldGuard,
+}
+
+/// An event on its way to the database: the message, what to write, and
+/// what became of it.
+struct Row {
+    held: Held,
+    labels: Vec<String>,
+    event_id: Option<String>,
+    write: SinkRow,
+}
+
+/// Rows the database rejected one after another, all with the same
+/// SQLSTATE, with no stored row in between (across batches).
+#[derive(Default)]
+struct RejectedRun {
+    sqlstate: Option<String>,
+    rows: usize,
+}
+
+impl Pipeline {
+    /// Compiles and connects everything the file declares; any failure is
+    /// reported against the file, and nothing is started.
+    pub async fn build(file: PipelineFile, deps: &Deps, stats: Arc<Stats>) -> anyhow::Result<Self> {
+        let cfg = file.pipeline.clone();
+        let compiled = Compiled::new(&file)?;
+        let pg = &cfg.sink.postgres;
+        let url = pg.url.clone().unwrap_or_else(|| deps.database_url.clone());
+        let sink = PgSink::connect_with(&url, pg.pool_size, Limits::of(pg))
+            .await
+            .map_err(|e| file.error("postgres", e.to_string()))?;
+        if let Some(dir) = &pg.migrations {
+            sink.migrate(dir)
+                .await
+                .map_err(|e| file.error("migrations", e.to_string()))?;
+        }
+        check_statement(&sink, &compiled.templates, &file.path)
+            .await
+            .map_err(|e| file.error("insert", e))?;
+        let nats = &cfg.source.nats;
+        let target = nats::Target {
+            js: deps.js.clone(),
+            stream: nats.stream.clone(),
+            consumer: nats.consumer.clone(),
+            max_ack_pending: cfg.max_ack_pending(),
+        };
+        let (stream, consumer) = nats::ensure(
+            &target.js,
+            &target.stream,
+            &target.consumer,
+            target.max_ack_pending,
+        )
+        .await
+        .map_err(|e| file.error("consumer", format!("{e:#}")))?;
+        let dead_letters = match &cfg.on_error.invalid.subject {
+            Some(subject) => {
+                let letters = DeadLetters {
+                    js: deps.js.clone(),
+                    subject: subject.clone(),
+                    pipeline: cfg.name.clone(),
+                    counter: deps.metrics.engine.dead_letters.clone(),
+                };
+                letters
+                    .check()
+                    .await
+                    .map_err(|e| file.error("subject", e))?;
+                Some(letters)
+            }
+            None => None,
+        };
+        // Last: registering may replace the metric families of the running
+        // version of this file, so nothing may fail after it.
+        let families = deps
+            .metrics
+            .family_set(&cfg.metrics, &file.path)
+            .map_err(|e| file.error("metrics", e.to_string()))?;
+        Ok(Self {
+            name: cfg.name.clone(),
+            health: Arc::new(Health::new(&cfg.name, deps.metrics.engine.health.clone())),
+            target,
+            file: file.path.clone(),
+            failure: FailureLabels::new(&cfg.metrics),
+            cfg,
+            compiled,
+            sink: Arc::new(sink),
+            consumer,
+            families,
+            engine: deps.metrics.clone(),
+            stats,
+            successor: std::sync::Mutex::new(None),
+            rejected_run: std::sync::Mutex::new(RejectedRun::default()),
+            stop: std::sync::OnceLock::new(),
+            dead_letters,
+            stream,
+            lag: Arc::new(deps.metrics.engine.lag.pipeline(&file.pipeline.name)),
+        })
+    }
+
+    /// Makes this version hand its open pull requests to `next` when it
+    /// stops (a reload), instead of draining them itself.
+    pub fn hand_over_to(&self, next: mpsc::UnboundedSender<Handoff>) {
+        *self.successor.lock().expect("successor lock") = Some(next);
+    }
+
+    pub fn durable(&self) -> &str {
+        &self.cfg.source.nats.consumer.durable
+    }
+
+    /// Directories holding files this pipeline reads (schema, migrations).
+    pub fn referenced_dirs(&self) -> Vec<PathBuf> {
+        let schema = self.cfg.validate.as_ref().map(|v| v.schema.as_path());
+        let migrations = self.cfg.sink.postgres.migrations.as_deref();
+        schema
+            .and_then(|s| s.parent())
+            .into_iter()
+            .chain(migrations)
+            .filter_map(|d| d.canonicalize().ok())
+            .collect()
+    }
+
+    /// Pulls and writes until `stop` turns true; then drains the open pull
+    /// request, writes and acknowledges everything it holds, and returns.
+    ///
+    /// A version started by a reload gets `adopt`: its predecessor's open
+    /// pull requests arrive there when the predecessor stops.
+    pub async fn run(
+        self: Arc<Self>,
+        mut stop: watch::Receiver<bool>,
+        mut adopt: Option<mpsc::UnboundedReceiver<Handoff>>,
+    ) {
+        let _ = self.stop.set(stop.clone());
+        let batch = &self.cfg.sink.postgres.batch;
+        let slots = Arc::new(Semaphore::new(batch.max_in_flight.get()));
+        let mut puller = Puller::new(
+            self.consumer.clone(),
+            batch.max_rows.get(),
+            batch.max_bytes as usize,
+            self.target.clone(),
+            self.health.clone(),
+            &self.name,
+        );
+        tracing::info!(pipeline = %self.name, file = %self.file.display(), "pipeline running");
+        let poller = lag::Poller::start(
+            self.lag.clone(),
+            self.consumer.clone(),
+            self.cfg.source.nats.lag_interval,
+        );
+        if let Some(letters) = &self.dead_letters {
+            let durable = self.durable().to_string();
+            let watch = deadletter::watch_max_deliveries(
+                letters.clone(),
+                self.stream.clone(),
+                durable,
+                stop.clone(),
+            );
+            tokio::spawn(watch);
+        }
+        while let Some(held) = self.collect(&mut puller, &mut stop, &mut adopt).await {
+            self.dispatch(held, &slots, &mut puller, &stop).await;
+        }
+        let successor = self.successor.lock().expect("successor lock").take();
+        let rest: Vec<Held> = match successor {
+            Some(next) => match next.send(puller.hand_over(adopt.take())) {
+                Ok(()) => Vec::new(),
+                // The successor stopped before taking them (shutdown): this
+                // version reads them itself rather than let them time out.
+                Err(mpsc::error::SendError(back)) => {
+                    puller.adopt(back);
+                    puller.finish().await
+                }
+            },
+            None => puller.finish().await,
+        }
+        .into_iter()
+        .map(|m| self.receive(m))
+        .collect();
+        let mut rest = rest.into_iter().peekable();
+        while rest.peek().is_some() {
+            let chunk: Vec<Held> = rest.by_ref().take(batch.max_rows.get()).collect();
+            self.dispatch(chunk, &slots, &mut puller, &stop).await;
+        }
+        let _ = slots.acquire_many(batch.max_in_flight.get() as u32).await;
+        poller.finish().await;
+        tracing::info!(pipeline = %self.name, "pipeline stopped");
+    }
+
+    /// Prepares a batch and hands it to a writer task once a slot is free.
+    async fn dispatch(
+        self: &Arc<Self>,
+        held: Vec<Held>,
+        slots: &Arc<Semaphore>,
+        puller: &mut Puller,
+        stop: &watch::Receiver<bool>,
+    ) {
+        let rows = self.prepare_all(held).await;
+        if rows.is_empty() {
+            return;
+        }
+        let permit = self.wait_for_slot(slots, &rows, puller).await;
+        let this = self.clone();
+        let stop = stop.clone();
+        tokio::spawn(async move { this.write(rows, stop, permit).await });
+    }
+
+    /// True once this version has been told to stop.
+    fn stopping(&self) -> bool {
+        self.stop.get().is_some_and(|s| *s.borrow())
+    }
+
+    fn count_failure(&self, held: &Held, reason: &str) {
+        self.families
+            .failed
+            .with_label_values(&self.failure.with_reason(reason))
+            .inc();
+        self.stats.failed.fetch_add(1, Ordering::Relaxed);
+        self.families
+            .duration
+            .with_label_values(&self.failure.duration)
+            .observe(held.received.elapsed().as_secs_f64());
+    }
+}
+
+/// Plans every statement the template can render (see
+/// [`Templates::variants`]), so a missing table or column fails the
+/// pipeline at load, not per event. The statement most events produce (an
+/// empty event's) must work; another branch that does not is reported,
+/// since its condition may never hold, and fails the pipeline only if an
+/// event takes it.
+async fn check_statement(
+    sink: &PgSink,
+    templates: &Templates,
+    file: &std::path::Path,
+) -> Result<(), String> {
+    let sample = event::sample_render(templates)?;
+    sink.verify(&sample)
+        .await
+        .map_err(|e| format!("the insert statement is rejected by the database: {e}"))?;
+    for variant in templates.variants() {
+        if let Err(e) = sink.verify(&variant).await {
+            tracing::warn!(file = %file.display(), statement = %variant.sql, error = %e, "a branch of the insert template cannot work");
+        }
+    }
+    Ok(())
+}
+
+/// Receives from an optional channel; pending forever without one.
+async fn recv<T>(rx: &mut Option<mpsc::UnboundedReceiver<T>>) -> Option<T> {
+    match rx {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
+}

@@ -1,0 +1,128 @@
+//! Settling rows: acknowledged after the commit, released for redelivery,
+//! or given the invalid policy (ack, dead letter, nak, term).
+
+use super::*;
+
+impl Pipeline {
+    /// Acknowledges the stored rows and rejects the rows the database
+    /// refused; returns the rows still pending.
+    pub(super) async fn settle(&self, rows: Vec<Row>) -> Vec<Row> {
+        let mut pending = Vec::new();
+        for mut row in rows {
+            match std::mem::replace(&mut row.write.outcome, Outcome::Pending) {
+                Outcome::Stored => self.processed(row).await,
+                Outcome::Rejected(rejection) => {
+                    let invalid = Invalid {
+                        kind: InvalidKind::Unstorable,
+                        error: rejection.error,
+                        event_id: row.event_id,
+                    };
+                    self.reject(row.held, invalid).await
+                }
+                Outcome::Pending => pending.push(row),
+            }
+        }
+        pending
+    }
+
+    pub(super) async fn processed(&self, row: Row) {
+        if let Err(e) = row.held.msg.ack().await {
+            tracing::warn!(pipeline = %self.name, error = %e, "ack failed; the event will be redelivered and deduplicated");
+        }
+        self.lag.committed(&row.held.msg);
+        let labels: Vec<&str> = row.labels.iter().map(String::as_str).collect();
+        self.families.processed.with_label_values(&labels).inc();
+        self.stats.processed.fetch_add(1, Ordering::Relaxed);
+        self.families
+            .duration
+            .with_label_values(&duration_values(&self.cfg.metrics, &row.labels))
+            .observe(row.held.received.elapsed().as_secs_f64());
+        if tracing::enabled!(tracing::Level::DEBUG) {
+            tracing::debug!(
+                pipeline = %self.name,
+                subject = %row.held.msg.subject,
+                stream_seq = ?row.held.msg.info().ok().map(|i| i.stream_sequence),
+                event_id = ?row.event_id,
+                "stored"
+            );
+        }
+    }
+
+    /// Leaves the pending rows for JetStream to redeliver (nak: another
+    /// process may take them at once); their failed attempt is counted.
+    pub(super) async fn release(&self, rows: &[Row]) {
+        for row in rows {
+            let _ = row.held.msg.ack_with(AckKind::Nak(None)).await;
+        }
+    }
+
+    /// Applies the pipeline's invalid policy to an event that can never be
+    /// stored.
+    pub(super) async fn reject(&self, held: Held, invalid: Invalid) {
+        let policy = &self.cfg.on_error.invalid;
+        tracing::warn!(
+            pipeline = %self.name,
+            subject = %held.msg.subject,
+            stream_seq = ?held.msg.info().ok().map(|i| i.stream_sequence),
+            event_id = ?invalid.event_id,
+            kind = invalid.kind.as_str(),
+            error = %truncate(&invalid.error, 500),
+            "invalid event"
+        );
+        let settled = match policy.action {
+            InvalidAction::Ack => held.msg.ack().await.map_err(|e| e.to_string()),
+            InvalidAction::Term => held
+                .msg
+                .ack_with(AckKind::Term)
+                .await
+                .map_err(|e| e.to_string()),
+            InvalidAction::Nak => held
+                .msg
+                .ack_with(AckKind::Nak(policy.delay))
+                .await
+                .map_err(|e| e.to_string()),
+            InvalidAction::DeadLetter => self.dead_letter(&held.msg, &invalid).await,
+        };
+        if let Err(e) = settled {
+            tracing::warn!(pipeline = %self.name, error = %e, "could not settle the invalid event; it will be redelivered");
+        }
+        self.count_failure(&held, VALIDATION_ERROR);
+    }
+
+    /// Publishes the original payload with headers explaining the failure,
+    /// waits for JetStream to confirm it, and only then acks the original.
+    /// A refused publish (the dead-letter stream gone, NATS down) is retried
+    /// with backoff while the original is held and kept alive; a pipeline
+    /// that stops meanwhile leaves the original for redelivery. Never a
+    /// silent loss.
+    pub(super) async fn dead_letter(&self, msg: &Message, invalid: &Invalid) -> Result<(), String> {
+        let letters = self.dead_letters.as_ref().expect("checked at load");
+        let info = msg.info().map_err(|e| e.to_string())?;
+        let mut backoff = DEAD_LETTER_BACKOFF.0;
+        loop {
+            let letter = Letter {
+                payload: msg.payload.clone(),
+                headers: msg.headers.as_ref(),
+                subject: msg.subject.as_str(),
+                stream: info.stream,
+                stream_seq: info.stream_sequence,
+                delivered: info.delivered,
+                reason: invalid.kind.as_str(),
+                error: &invalid.error,
+            };
+            let Err(e) = letters.publish(letter).await else {
+                break;
+            };
+            if backoff == DEAD_LETTER_BACKOFF.0 {
+                tracing::warn!(pipeline = %self.name, error = %e, "dead letter refused; holding the event and retrying");
+            }
+            if self.stopping() {
+                return Err(format!("{e}; left for redelivery"));
+            }
+            let _ = msg.ack_with(AckKind::Progress).await;
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(DEAD_LETTER_BACKOFF.1);
+        }
+        msg.ack().await.map_err(|e| e.to_string())
+    }
+}

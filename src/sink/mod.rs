@@ -1,0 +1,3 @@
+//! Where rows go.
+
+pub mod postgres;

@@ -1,0 +1,199 @@
+//! The Postgres sink: connection (with Prisma's `schema=` parameter),
+//! migrations, and the batch writer.
+//!
+//! A batch has the effect of its rows' rendered statements run one by one,
+//! in stream order, in one transaction (ARCHITECTURE.md, the sink's
+//! invariant). Consecutive rows with the same statement text form a run,
+//! written through that text's [`Plan`]: one UNNEST insert, or one call of
+//! the plan's per-row function. When a batch fails because of some rows'
+//! values, a second attempt runs every row in a savepoint of its own, so
+//! the rows at fault are known after two round trips, whatever their
+//! number, and the others commit.
+
+mod connect;
+mod migrate;
+pub mod plan;
+pub mod sql;
+pub mod sqlstate;
+mod trial;
+mod write;
+
+use connect::Probe;
+pub use connect::{connect_options, redact_url, Limits};
+pub use trial::Trial;
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::str::FromStr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde_json::Value as Json;
+use sqlx::pool::PoolConnection;
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+use sqlx::{Acquire, Executor, PgConnection, Postgres};
+
+use plan::{Plan, PlanError, WritePath};
+use sqlstate::Fault;
+
+/// One rendered row: SQL with `$1..$n` placeholders and their values (what
+/// a transform renders for the sink).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Rendered {
+    /// Shared by every event of a plain template: cloning it per event
+    /// costs a reference count, and the sink recognises the same statement
+    /// by pointer.
+    pub sql: Arc<str>,
+    pub params: Vec<Json>,
+}
+
+/// Distinct statement texts remembered per sink. Templates with `{% if %}`
+/// produce a few variants; more than this means something renders data into
+/// the text, so the cache is reset rather than grown.
+const MAX_PLANS: usize = 256;
+
+/// A row's statement and what became of it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SinkRow {
+    pub rendered: Rendered,
+    pub outcome: Outcome,
+}
+
+/// The fate of one row of a batch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    Pending,
+    Stored,
+    /// The row's own fault: it fails the same way every time.
+    Rejected(Rejection),
+}
+
+/// Why the database refused a row.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rejection {
+    /// None when the value never reached the database (a NUL character).
+    pub sqlstate: Option<String>,
+    pub error: String,
+}
+
+/// A write that did not happen, and whose move it is.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum WriteError {
+    /// The database or the network; expected to pass by itself.
+    #[error("{0}")]
+    Transient(String),
+    /// The pipeline's statement, table or privileges: an operator must act.
+    #[error("{0}")]
+    Pipeline(String),
+}
+
+impl WriteError {
+    fn from_sqlx(e: &sqlx::Error) -> Self {
+        match sqlstate::fault(e) {
+            Fault::Transient => WriteError::Transient(sqlstate::describe(e)),
+            _ => WriteError::Pipeline(sqlstate::describe(e)),
+        }
+    }
+}
+
+/// Whether a batch's transaction is kept: `Rollback` is `ingestd test`'s
+/// dry run of the production path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Finish {
+    Commit,
+    Rollback,
+}
+
+pub struct PgSink {
+    pool: PgPool,
+    limits: Limits,
+    /// How the probe connects (the pool's options).
+    options: PgConnectOptions,
+    probe: tokio::sync::Mutex<Probe>,
+    /// The probe's last answer.
+    probe_up: std::sync::atomic::AtomicBool,
+    plans: Mutex<HashMap<String, Arc<Plan>>>,
+}
+
+impl PgSink {
+    /// The plan of a statement text, described against the database once.
+    /// A statement that cannot be planned is the pipeline's fault unless
+    /// the database could not be reached.
+    pub async fn plan(&self, rendered: &Rendered) -> Result<Arc<Plan>, WriteError> {
+        if let Some(p) = self.cached(&rendered.sql) {
+            return Ok(p);
+        }
+        let mut conn = self.acquire().await?;
+        let plan = Plan::build(&mut conn, &rendered.sql, rendered.params.len())
+            .await
+            .map_err(|e| match e {
+                PlanError::Database(db) if sqlstate::fault(&db) == Fault::Transient => {
+                    WriteError::Transient(sqlstate::describe(&db))
+                }
+                other => WriteError::Pipeline(format!("the statement cannot be prepared: {other}")),
+            })?;
+        let plan = Arc::new(plan);
+        let mut plans = self.plans.lock().expect("plans lock");
+        if plans.len() >= MAX_PLANS {
+            plans.clear();
+        }
+        plans.insert(rendered.sql.to_string(), plan.clone());
+        Ok(plan)
+    }
+
+    /// Plans a statement and creates its per-row function on one
+    /// connection (a temporary object: nothing is written), so that a
+    /// statement the database refuses, or a missing TEMPORARY privilege,
+    /// shows at load and in `ingestd check --db`.
+    pub async fn verify(&self, rendered: &Rendered) -> Result<Arc<Plan>, WriteError> {
+        let plan = self.plan(rendered).await?;
+        let mut conn = self.acquire().await?;
+        sqlx::query(&plan.function.create)
+            .execute(&mut *conn)
+            .await
+            .map_err(|e| WriteError::from_sqlx(&e))?;
+        Ok(plan)
+    }
+
+    fn cached(&self, sql: &str) -> Option<Arc<Plan>> {
+        self.plans.lock().expect("plans lock").get(sql).cloned()
+    }
+
+    /// Forgets every plan: after the pipeline's fault (a migration may have
+    /// changed a column's type), plans are described again.
+    fn forget_plans(&self) {
+        self.plans.lock().expect("plans lock").clear();
+    }
+
+    async fn acquire(&self) -> Result<PoolConnection<Postgres>, WriteError> {
+        self.pool
+            .acquire()
+            .await
+            .map_err(|e| WriteError::from_sqlx(&e))
+    }
+}
+
+fn db_code(e: &sqlx::Error) -> Option<String> {
+    match e {
+        sqlx::Error::Database(db) => db.code().map(|c| c.into_owned()),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prisma_schema_parameter_becomes_search_path() {
+        let o = connect_options("postgresql://u:secret@h:5432/db?schema=ingest&sslmode=disable")
+            .unwrap();
+        assert_eq!(o.get_options(), Some("-c search_path=ingest"));
+        assert_eq!(o.get_database(), Some("db"));
+    }
+
+    #[test]
+    fn passwords_are_redacted() {
+        assert!(!redact_url("postgres://u:secret@h/db").contains("secret"));
+    }
+}

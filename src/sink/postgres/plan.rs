@@ -1,0 +1,535 @@
+//! Statement plans: how one rendered row statement is written, batch after
+//! batch, with the meaning of running it once per event.
+//!
+//! The sink's invariant (ARCHITECTURE.md) is that a batch has the effect of
+//! the rendered single-row statements run in stream order in one
+//! transaction. A plan keeps it in two ways:
+//!
+//! - **per row** (any statement): a session-local PL/pgSQL function runs the
+//!   row statement once per event, in order, so a batch is one round trip
+//!   and the statement is planned once per connection. Every plan has this
+//!   function; it is also how rows are isolated when a batch fails (a
+//!   savepoint per row, in a second attempt).
+//! - **unnest** (an optimisation): a plain `INSERT … VALUES (one tuple)`,
+//!   optionally with `ON CONFLICT`, whose expressions cannot see the rows the
+//!   same statement inserts (no subquery, no user function, no
+//!   statement-level trigger or rule on the table) becomes one
+//!   `INSERT … SELECT … FROM UNNEST(…) WITH ORDINALITY ORDER BY` statement.
+//!   Rows go in stream order; an `ON CONFLICT DO UPDATE` that meets the same
+//!   key twice fails (21000) and the batch falls back to per row.
+//!
+//! Values are sent as text and cast to the type Postgres infers for their
+//! placeholder (describe). The cast names the type without a modifier
+//! (`pg_catalog.bpchar`, never `character`, which means `char(1)`), so the
+//! column's own modifier applies on assignment exactly as for the
+//! single-row statement: `char(2)` pads, `varchar(3)` rejects a longer
+//! value, `numeric(5,2)` rounds.
+
+use std::collections::{BTreeSet, HashMap};
+use std::hash::{Hash, Hasher};
+
+use serde_json::Value as Json;
+use sqlx::{Either, Executor, PgConnection};
+
+use crate::sink::postgres::sql;
+
+/// How a run of consecutive rows with the same plan is written.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WritePath {
+    /// One `INSERT … SELECT … FROM UNNEST` for the whole run.
+    Unnest(String),
+    /// The row statement once per row, through the plan's function; the
+    /// reason the unnest rewrite does not apply.
+    PerRow(String),
+}
+
+impl WritePath {
+    pub fn name(&self) -> &'static str {
+        match self {
+            WritePath::Unnest(_) => "unnest",
+            WritePath::PerRow(_) => "per-row",
+        }
+    }
+}
+
+/// Why a statement cannot be planned.
+#[derive(Debug, thiserror::Error)]
+pub enum PlanError {
+    #[error("the statement's placeholders do not line up with the template's expressions ({marks} placeholders, {values} values): write values only as {{{{ expression }}}}")]
+    Placeholders { marks: usize, values: usize },
+    #[error("{}", crate::sink::postgres::sqlstate::describe(.0))]
+    Database(#[from] sqlx::Error),
+}
+
+/// How a JSON value is written as the text input of its target type.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Encoding {
+    /// Its plain text: strings as they are, other values as JSON text.
+    Text,
+    /// JSON text (a string becomes a JSON string).
+    Json,
+    /// An array literal whose elements are encoded as the element type's.
+    Array(Box<Encoding>),
+}
+
+/// One placeholder's type.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Param {
+    /// The type as a cast target without a modifier, schema-qualified.
+    cast: String,
+    encoding: Encoding,
+}
+
+/// The session-local function that runs the row statement per row.
+#[derive(Debug)]
+pub struct RowFunction {
+    /// `pg_temp.ingestd_<hash>`: the hash covers the whole body, so a
+    /// changed statement or type never reuses a stale function.
+    pub name: String,
+    pub create: String,
+    /// The call: `(isolate, row count, one text[] per placeholder)`.
+    pub call: String,
+}
+
+/// How one statement text is written.
+#[derive(Debug)]
+pub struct Plan {
+    /// The rendered statement (`$n` placeholders), as the template made it.
+    pub sql: String,
+    params: Vec<Param>,
+    pub path: WritePath,
+    pub function: RowFunction,
+    /// The row statement with each `$n` bound as text and cast: what
+    /// `ingestd test` runs to show a stored row.
+    pub row_sql: String,
+    /// True when the statement returns rows (RETURNING, or a SELECT).
+    pub returns_rows: bool,
+}
+
+impl Plan {
+    /// Describes the statement against the database and decides its path.
+    pub async fn build(
+        conn: &mut PgConnection,
+        sql_text: &str,
+        n_values: usize,
+    ) -> Result<Self, PlanError> {
+        let sql_text = sql::trim_statement(sql_text);
+        let marks = sql::placeholders(sql_text);
+        let numbered = marks.iter().enumerate().all(|(i, (_, n))| *n == i + 1);
+        if marks.len() != n_values || !numbered {
+            return Err(PlanError::Placeholders {
+                marks: marks.len(),
+                values: n_values,
+            });
+        }
+        let described = (&mut *conn).describe(sql_text).await?;
+        let oids: Vec<u32> = match described.parameters() {
+            Some(Either::Left(types)) => types
+                .iter()
+                .map(|t| t.oid().map_or(TEXT_OID, |o| o.0))
+                .collect(),
+            Some(Either::Right(n)) => vec![TEXT_OID; n],
+            None => Vec::new(),
+        };
+        let returns_rows = !described.columns().is_empty();
+        let params = param_types(conn, &oids).await?;
+        let cast = |n: usize, expr: String| format!("(({expr})::{})", params[n - 1].cast);
+        let row_sql = sql::replace_placeholders(sql_text, 0..sql_text.len(), &marks, |n| {
+            cast(n, format!("${n}::text"))
+        });
+        let body = sql::replace_placeholders(sql_text, 0..sql_text.len(), &marks, |n| {
+            cast(n, format!("_ingestd_a{n}[_ingestd_i]"))
+        });
+        let function = row_function(&body, params.len(), returns_rows);
+        let path = match unnest_blocker(conn, sql_text, &marks).await? {
+            None => {
+                let tuple = sql::values_tuple(sql_text).expect("checked by unnest_blocker");
+                WritePath::Unnest(unnest_statement(sql_text, &tuple, &marks, &|n, e| {
+                    cast(n, e)
+                }))
+            }
+            Some(reason) => WritePath::PerRow(reason),
+        };
+        Ok(Self {
+            sql: sql_text.to_string(),
+            params,
+            path,
+            function,
+            row_sql,
+            returns_rows,
+        })
+    }
+
+    /// Text for each value, in the form its target type reads.
+    pub fn encode(&self, values: &[Json]) -> Result<Vec<Option<String>>, NulError> {
+        values
+            .iter()
+            .zip(&self.params)
+            .map(|(v, p)| encode_value(v, &p.encoding))
+            .collect()
+    }
+
+    pub fn arity(&self) -> usize {
+        self.params.len()
+    }
+}
+
+const TEXT_OID: u32 = 25;
+
+/// One row of `pg_type`, as much as encoding needs.
+#[derive(sqlx::FromRow)]
+struct TypeRow {
+    oid: i64,
+    cast: String,
+    kind: String,
+    base: i64,
+    elem: i64,
+    category: String,
+    name: String,
+    schema: String,
+}
+
+/// The cast and encoding of each placeholder type, resolving domains to
+/// their base type and arrays to their element type for the encoding.
+async fn param_types(conn: &mut PgConnection, oids: &[u32]) -> Result<Vec<Param>, sqlx::Error> {
+    let mut rows: HashMap<u32, TypeRow> = HashMap::new();
+    let mut wanted: BTreeSet<u32> = oids.iter().copied().collect();
+    while !wanted.is_empty() {
+        let batch: Vec<i64> = wanted.iter().map(|&o| i64::from(o)).collect();
+        let found: Vec<TypeRow> = sqlx::query_as(
+            "SELECT t.oid::int8 AS oid, \
+                    quote_ident(n.nspname) || '.' || quote_ident(t.typname) AS cast, \
+                    t.typtype::text AS kind, t.typbasetype::int8 AS base, \
+                    t.typelem::int8 AS elem, t.typcategory::text AS category, \
+                    t.typname::text AS name, n.nspname::text AS schema \
+             FROM pg_type t JOIN pg_namespace n ON n.oid = t.typnamespace \
+             WHERE t.oid = ANY($1::int8[]::oid[])",
+        )
+        .bind(&batch)
+        .fetch_all(&mut *conn)
+        .await?;
+        wanted.clear();
+        for row in found {
+            for next in [row.base as u32, row.elem as u32] {
+                if next != 0 && !rows.contains_key(&next) {
+                    wanted.insert(next);
+                }
+            }
+            rows.insert(row.oid as u32, row);
+        }
+        wanted.retain(|o| !rows.contains_key(o));
+    }
+    Ok(oids
+        .iter()
+        .map(|oid| Param {
+            cast: rows
+                .get(oid)
+                .map_or_else(|| "pg_catalog.text".into(), |r| r.cast.clone()),
+            encoding: encoding(&rows, *oid),
+        })
+        .collect())
+}
+
+fn encoding(rows: &HashMap<u32, TypeRow>, oid: u32) -> Encoding {
+    let Some(t) = rows.get(&oid) else {
+        return Encoding::Text;
+    };
+    match (t.kind.as_str(), t.category.as_str()) {
+        ("d", _) => encoding(rows, t.base as u32),
+        (_, "A") if t.elem != 0 => Encoding::Array(Box::new(encoding(rows, t.elem as u32))),
+        _ if t.schema == "pg_catalog" && (t.name == "json" || t.name == "jsonb") => Encoding::Json,
+        _ => Encoding::Text,
+    }
+}
+
+/// Why the statement cannot be written as one UNNEST insert, or None when
+/// it can: a plain one-tuple INSERT whose evaluation cannot observe the rows
+/// of its own batch.
+async fn unnest_blocker(
+    conn: &mut PgConnection,
+    sql_text: &str,
+    marks: &[(std::ops::Range<usize>, usize)],
+) -> Result<Option<String>, sqlx::Error> {
+    let Some(target) = sql::insert_target(sql_text) else {
+        return Ok(Some("not a plain INSERT".into()));
+    };
+    if marks.is_empty() {
+        return Ok(Some("no values".into()));
+    }
+    let Some(tuple) = sql::values_tuple(sql_text) else {
+        return Ok(Some(
+            "not one VALUES tuple (several, DEFAULT, or a SELECT)".into(),
+        ));
+    };
+    let in_tuple = |r: &std::ops::Range<usize>| {
+        tuple
+            .items
+            .iter()
+            .any(|i| i.start <= r.start && r.end <= i.end)
+    };
+    if !marks.iter().all(|(r, _)| in_tuple(r)) {
+        return Ok(Some(
+            "values outside the VALUES tuple (ON CONFLICT SET/WHERE, RETURNING)".into(),
+        ));
+    }
+    if sql::has_word(sql_text, "select") {
+        return Ok(Some("a subquery".into()));
+    }
+    let names = sql::called_names(sql_text);
+    let (relkind, row_only, user_functions): (Option<String>, bool, Vec<String>) = sqlx::query_as(
+        "SELECT (SELECT relkind::text FROM pg_class WHERE oid = to_regclass($1)), \
+                NOT EXISTS (SELECT 1 FROM pg_trigger WHERE tgrelid = to_regclass($1) \
+                            AND NOT tgisinternal AND (tgtype & 1) = 0) \
+                AND NOT EXISTS (SELECT 1 FROM pg_rewrite WHERE ev_class = to_regclass($1) \
+                            AND rulename <> '_RETURN'), \
+                ARRAY(SELECT DISTINCT p.proname::text FROM pg_proc p \
+                      JOIN pg_namespace n ON n.oid = p.pronamespace \
+                      WHERE p.proname = ANY($2) \
+                      AND n.nspname NOT IN ('pg_catalog', 'information_schema'))",
+    )
+    .bind(&target)
+    .bind(&names)
+    .fetch_one(&mut *conn)
+    .await?;
+    Ok(match relkind.as_deref() {
+        Some("r" | "p") if !row_only => {
+            Some(format!("{target} has a statement-level trigger or a rule"))
+        }
+        Some("r" | "p") if !user_functions.is_empty() => Some(format!(
+            "calls user-defined functions ({})",
+            user_functions.join(", ")
+        )),
+        Some("r" | "p") => None,
+        _ => Some(format!("{target} is not a plain table")),
+    })
+}
+
+/// `INSERT … VALUES (e1, e2) tail` → `INSERT … SELECT e1', e2' FROM
+/// UNNEST($1::text[], …) WITH ORDINALITY AS u(c1, …, ingestd_ord) ORDER BY
+/// u.ingestd_ord tail`, where each `$n` of an item becomes `cast(n, u.cN)`.
+fn unnest_statement(
+    sql_text: &str,
+    tuple: &sql::ValuesTuple,
+    marks: &[(std::ops::Range<usize>, usize)],
+    cast: &dyn Fn(usize, String) -> String,
+) -> String {
+    let n_params = marks.len();
+    let items: Vec<String> = tuple
+        .items
+        .iter()
+        .map(|r| {
+            sql::replace_placeholders(sql_text, r.clone(), marks, |n| cast(n, format!("u.c{n}")))
+        })
+        .collect();
+    let arrays: Vec<String> = (1..=n_params).map(|n| format!("${n}::text[]")).collect();
+    let cols: Vec<String> = (1..=n_params).map(|n| format!("c{n}")).collect();
+    format!(
+        "{}SELECT {} FROM UNNEST({}) WITH ORDINALITY AS u({}, ingestd_ord) ORDER BY u.ingestd_ord{}",
+        &sql_text[..tuple.span.start],
+        items.join(","),
+        arrays.join(", "),
+        cols.join(", "),
+        &sql_text[tuple.span.end..]
+    )
+}
+
+/// The PL/pgSQL function that runs `body` (the row statement, its values
+/// read from the array arguments at `_ingestd_i`) for each row in order.
+/// With `isolate`, each row runs in its own savepoint and its failure is
+/// returned instead of raised, so one pass finds every failing row.
+fn row_function(body: &str, arity: usize, returns_rows: bool) -> RowFunction {
+    let statement = if returns_rows {
+        format!("{body}\n        INTO _ingestd_r")
+    } else {
+        body.to_string()
+    };
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    (statement.as_str(), arity).hash(&mut h);
+    let name = format!("pg_temp.ingestd_{:016x}", h.finish());
+    let mut tag = String::from("$ingestd$");
+    while statement.contains(&tag) {
+        tag.insert(1, 'x');
+    }
+    let args: String = (1..=arity)
+        .map(|n| format!(", _ingestd_a{n} text[]"))
+        .collect();
+    let create = format!(
+        "CREATE OR REPLACE FUNCTION {name}(_ingestd_isolate boolean, _ingestd_n integer{args})
+RETURNS TABLE(_ingestd_row integer, _ingestd_state text, _ingestd_message text)
+LANGUAGE plpgsql AS {tag}
+DECLARE
+    _ingestd_r record;
+BEGIN
+    FOR _ingestd_i IN 1.._ingestd_n LOOP
+        IF _ingestd_isolate THEN
+            BEGIN
+        {statement};
+            EXCEPTION WHEN OTHERS THEN
+                _ingestd_row := _ingestd_i;
+                _ingestd_state := SQLSTATE;
+                _ingestd_message := SQLERRM;
+                RETURN NEXT;
+            END;
+        ELSE
+        {statement};
+        END IF;
+    END LOOP;
+END
+{tag}"
+    );
+    let binds: String = (3..arity + 3).map(|n| format!(", ${n}::text[]")).collect();
+    let call = format!(
+        "SELECT _ingestd_row, _ingestd_state, _ingestd_message FROM {name}($1::boolean, $2::integer{binds})"
+    );
+    RowFunction { name, create, call }
+}
+
+/// A value Postgres cannot store in any text type.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("a value contains a NUL character (\\u0000), which Postgres cannot store")]
+pub struct NulError;
+
+/// A JSON value as the text input of a type with this encoding. Null is
+/// SQL NULL; see [`Encoding`] for the rest.
+fn encode_value(v: &Json, encoding: &Encoding) -> Result<Option<String>, NulError> {
+    match (v, encoding) {
+        (Json::Null, _) => Ok(None),
+        (Json::String(s), Encoding::Text | Encoding::Array(_)) if s.contains('\0') => Err(NulError),
+        (Json::String(s), Encoding::Text | Encoding::Array(_)) => Ok(Some(s.clone())),
+        (Json::Array(items), Encoding::Array(elem)) if !has_nul(v) => {
+            Ok(Some(array_literal(items, elem)))
+        }
+        (Json::Array(_), Encoding::Array(_)) => Err(NulError),
+        (other, _) => json_text(other).map(Some),
+    }
+}
+
+/// JSON text; a NUL anywhere (serde_json writes it as `\u0000`) is
+/// refused, since Postgres stores no NUL in text or JSON.
+fn json_text(v: &Json) -> Result<String, NulError> {
+    let text = v.to_string();
+    // `\\u0000` is an escaped backslash before the text `u0000`: a NUL
+    // escape has an odd number of backslashes.
+    let nul = text
+        .match_indices("u0000")
+        .any(|(i, _)| text[..i].bytes().rev().take_while(|&b| b == b'\\').count() % 2 == 1);
+    if nul {
+        Err(NulError)
+    } else {
+        Ok(text)
+    }
+}
+
+fn has_nul(v: &Json) -> bool {
+    match v {
+        Json::String(s) => s.contains('\0'),
+        Json::Array(a) => a.iter().any(has_nul),
+        Json::Object(m) => m.iter().any(|(k, v)| k.contains('\0') || has_nul(v)),
+        _ => false,
+    }
+}
+
+/// `{"a","b"}`: every element quoted, nested arrays as sub-arrays (a
+/// multidimensional array), JSON elements as JSON text.
+fn array_literal(items: &[Json], elem: &Encoding) -> String {
+    let parts: Vec<String> = items
+        .iter()
+        .map(|v| match (v, elem) {
+            (Json::Null, _) => "NULL".to_string(),
+            (_, Encoding::Json) => quote_element(&v.to_string()),
+            (Json::Array(inner), _) => array_literal(inner, elem),
+            (Json::String(s), _) => quote_element(s),
+            (other, _) => quote_element(&other.to_string()),
+        })
+        .collect();
+    format!("{{{}}}", parts.join(","))
+}
+
+fn quote_element(s: &str) -> String {
+    format!("\"{}\"", s.replace('\\', "\\\\").replace('"', "\\\""))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn values_are_encoded_for_their_target_type() {
+        let text = Encoding::Text;
+        let json_enc = Encoding::Json;
+        assert_eq!(
+            encode_value(&json!("a"), &json_enc),
+            Ok(Some("\"a\"".into()))
+        );
+        assert_eq!(
+            encode_value(&json!({"k": 1}), &json_enc),
+            Ok(Some("{\"k\":1}".into()))
+        );
+        assert_eq!(encode_value(&json!("a'b"), &text), Ok(Some("a'b".into())));
+        assert_eq!(encode_value(&json!(1.5), &text), Ok(Some("1.5".into())));
+        assert_eq!(
+            encode_value(&json!(9007199254740993_i64), &text),
+            Ok(Some("9007199254740993".into()))
+        );
+        assert_eq!(encode_value(&json!(null), &text), Ok(None));
+        let texts = Encoding::Array(Box::new(Encoding::Text));
+        assert_eq!(
+            encode_value(&json!(["a\"", null, 2]), &texts),
+            Ok(Some("{\"a\\\"\",NULL,\"2\"}".into()))
+        );
+        assert_eq!(
+            encode_value(&json!([[1, 2], [3, 4]]), &texts),
+            Ok(Some("{{\"1\",\"2\"},{\"3\",\"4\"}}".into()))
+        );
+        let jsons = Encoding::Array(Box::new(Encoding::Json));
+        assert_eq!(
+            encode_value(&json!(["a", {"k": [1]}]), &jsons),
+            Ok(Some("{\"\\\"a\\\"\",\"{\\\"k\\\":[1]}\"}".into()))
+        );
+        assert_eq!(
+            encode_value(&json!({"k": ["x\u{0}"]}), &json_enc),
+            Err(NulError)
+        );
+        assert_eq!(encode_value(&json!({"k\u{0}": 1}), &text), Err(NulError));
+        assert_eq!(encode_value(&json!("a\u{0}"), &texts), Err(NulError));
+        // The text `\u0000` (a backslash, then u0000) is no NUL.
+        let literal = json!({"k": "\\u0000 is text, \\\\\\u0000 too"});
+        assert_eq!(
+            encode_value(&literal, &json_enc),
+            Ok(Some(literal.to_string()))
+        );
+    }
+
+    #[test]
+    fn unnest_rewrite_keeps_expressions_order_and_tail() {
+        let text = "INSERT INTO t (a, b) VALUES ($1, $2::timestamptz AT TIME ZONE 'UTC') ON CONFLICT (a) DO NOTHING";
+        let tuple = sql::values_tuple(text).unwrap();
+        let marks = sql::placeholders(text);
+        let out = unnest_statement(text, &tuple, &marks, &|n, e| format!("(({e})::t{n})"));
+        assert_eq!(
+            out,
+            "INSERT INTO t (a, b) SELECT ((u.c1)::t1), ((u.c2)::t2)::timestamptz AT TIME ZONE 'UTC' \
+             FROM UNNEST($1::text[], $2::text[]) WITH ORDINALITY AS u(c1, c2, ingestd_ord) \
+             ORDER BY u.ingestd_ord ON CONFLICT (a) DO NOTHING"
+        );
+    }
+
+    #[test]
+    fn the_row_function_runs_the_statement_per_row() {
+        let f = row_function(
+            "INSERT INTO t VALUES ((_ingestd_a1[_ingestd_i])::int4)",
+            1,
+            false,
+        );
+        assert!(f.name.starts_with("pg_temp.ingestd_"));
+        assert!(f.create.contains("FOR _ingestd_i IN 1.._ingestd_n LOOP"));
+        assert!(!f.create.contains("INTO _ingestd_r\n"));
+        assert!(f.call.ends_with("($1::boolean, $2::integer, $3::text[])"));
+        let returning = row_function("UPDATE t SET a = 1 RETURNING a", 0, true);
+        assert!(returning
+            .create
+            .contains("RETURNING a\n        INTO _ingestd_r;"));
+        assert_ne!(f.name, returning.name);
+    }
+}

@@ -1,0 +1,252 @@
+//! The batch writer: runs of one plan, each row in a savepoint of its own
+//! to isolate rejected rows, the session functions of the per-row path, all
+//! bounded by the engine's clock.
+
+use super::*;
+
+impl PgSink {
+    /// One write attempt (see [`Self::write`]) bounded by the engine's own
+    /// clock ([`Limits::attempt`]). Rows committed before the bound passes
+    /// keep their outcome.
+    pub async fn write_bounded(
+        &self,
+        rows: &mut [&mut SinkRow],
+        finish: Finish,
+    ) -> Result<(), WriteError> {
+        let bound = self.limits.attempt();
+        tokio::time::timeout(bound, self.write(rows, finish))
+            .await
+            .unwrap_or_else(|_| {
+                Err(WriteError::Transient(format!(
+                    "the database did not answer within {bound:?}"
+                )))
+            })
+    }
+
+    /// One attempt at writing the rows still `Pending`, in order. Rows that
+    /// fail for a reason of their own become `Rejected`, the others
+    /// `Stored` (once the transaction is finished as `finish` says). On an
+    /// error every pending row stays `Pending`.
+    pub async fn write(&self, rows: &mut [&mut SinkRow], finish: Finish) -> Result<(), WriteError> {
+        let mut batch = Vec::new();
+        let mut last: Option<(Arc<str>, Arc<Plan>)> = None;
+        for (index, row) in rows.iter_mut().enumerate() {
+            if row.outcome != Outcome::Pending {
+                continue;
+            }
+            let plan = match &last {
+                Some((sql, plan)) if Arc::ptr_eq(sql, &row.rendered.sql) => plan.clone(),
+                _ => self.plan(&row.rendered).await?,
+            };
+            last = Some((row.rendered.sql.clone(), plan.clone()));
+            match plan.encode(&row.rendered.params) {
+                Ok(values) => batch.push(Encoded {
+                    index,
+                    plan,
+                    values,
+                }),
+                Err(e) => {
+                    row.outcome = Outcome::Rejected(Rejection {
+                        sqlstate: None,
+                        error: e.to_string(),
+                    })
+                }
+            }
+        }
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let mut conn = self.acquire().await?;
+        let result = match self.attempt(&mut conn, &batch, Mode::Batch, finish).await {
+            Err(e) if e.fault() == Fault::Event => {
+                self.attempt(&mut conn, &batch, Mode::Isolate, finish).await
+            }
+            other => other,
+        };
+        match result {
+            Ok(rejected) => {
+                for e in &batch {
+                    rows[e.index].outcome = Outcome::Stored;
+                }
+                for (k, rejection) in rejected {
+                    rows[batch[k].index].outcome = Outcome::Rejected(rejection);
+                }
+                Ok(())
+            }
+            Err(e) => {
+                let err = e.into_write_error();
+                if matches!(err, WriteError::Pipeline(_)) {
+                    self.forget_plans();
+                }
+                Err(err)
+            }
+        }
+    }
+
+    /// Runs the batch in one transaction, creating a plan's session
+    /// function first where this connection lacks it. Returns the rows
+    /// (indices into `batch`) rejected in `Isolate` mode.
+    async fn attempt(
+        &self,
+        conn: &mut PgConnection,
+        batch: &[Encoded],
+        mode: Mode,
+        finish: Finish,
+    ) -> Result<Vec<(usize, Rejection)>, Failed> {
+        loop {
+            match run_batch(conn, batch, mode, finish).await {
+                Err(Failed::Sql(e)) if missing_function(&e, batch) => {
+                    create_functions(conn, batch).await?;
+                }
+                other => return other,
+            }
+        }
+    }
+}
+
+/// How a batch is run: as fast as its plans allow, or each row in a
+/// savepoint of its own to find the rows at fault.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    Batch,
+    Isolate,
+}
+
+/// A row's values as text, ready to bind, and the plan they are for.
+struct Encoded {
+    index: usize,
+    plan: Arc<Plan>,
+    values: Vec<Option<String>>,
+}
+
+/// A failure of the row at this index of a run, as the per-row function
+/// reports it in `Isolate` mode.
+type RowFailure = (i32, String, String);
+
+/// One transaction over the batch's runs. In `Isolate` mode a row failure
+/// that is not the row's own fault (a lock time-out, an undefined column)
+/// fails the whole attempt.
+async fn run_batch(
+    conn: &mut PgConnection,
+    batch: &[Encoded],
+    mode: Mode,
+    finish: Finish,
+) -> Result<Vec<(usize, Rejection)>, Failed> {
+    let mut tx = conn.begin().await?;
+    let mut rejected = Vec::new();
+    let mut start = 0;
+    for run in batch.chunk_by(|a, b| Arc::ptr_eq(&a.plan, &b.plan)) {
+        let plan = &run[0].plan;
+        match (&plan.path, mode) {
+            (WritePath::Unnest(sql), Mode::Batch) => {
+                let mut q = sqlx::query(sql);
+                for col in 0..plan.arity() {
+                    q = q.bind(column(run, col));
+                }
+                q.execute(&mut *tx).await?;
+            }
+            _ => {
+                let mut q = sqlx::query_as::<_, RowFailure>(&plan.function.call)
+                    .bind(mode == Mode::Isolate)
+                    .bind(run.len() as i32);
+                for col in 0..plan.arity() {
+                    q = q.bind(column(run, col));
+                }
+                for (row, state, message) in q.fetch_all(&mut *tx).await? {
+                    if sqlstate::fault_of(&state) != Fault::Event {
+                        return Err(Failed::Caught { state, message });
+                    }
+                    let k = start + row as usize - 1;
+                    let error = format!("SQLSTATE {state}: {message}");
+                    rejected.push((
+                        k,
+                        Rejection {
+                            sqlstate: Some(state),
+                            error,
+                        },
+                    ));
+                }
+            }
+        }
+        start += run.len();
+    }
+    match finish {
+        Finish::Commit => tx.commit().await?,
+        Finish::Rollback => tx.rollback().await?,
+    }
+    Ok(rejected)
+}
+
+/// Creates the session functions of the batch's plans on this connection
+/// (once per connection and plan: they live as long as the session).
+async fn create_functions(conn: &mut PgConnection, batch: &[Encoded]) -> Result<(), sqlx::Error> {
+    let mut done: Vec<&str> = Vec::new();
+    for r in batch {
+        let f = &r.plan.function;
+        if !done.contains(&f.name.as_str()) {
+            sqlx::query(&f.create).execute(&mut *conn).await?;
+            done.push(&f.name);
+        }
+    }
+    Ok(())
+}
+
+fn column(run: &[Encoded], col: usize) -> Vec<Option<&str>> {
+    run.iter().map(|r| r.values[col].as_deref()).collect()
+}
+
+/// Why an attempt failed: a statement's error, or a row failure the
+/// per-row function caught that is not the row's own fault.
+#[derive(Debug)]
+enum Failed {
+    Sql(sqlx::Error),
+    Caught { state: String, message: String },
+}
+
+impl From<sqlx::Error> for Failed {
+    fn from(e: sqlx::Error) -> Self {
+        Failed::Sql(e)
+    }
+}
+
+impl Failed {
+    fn fault(&self) -> Fault {
+        match self {
+            Failed::Sql(e) => sqlstate::fault(e),
+            Failed::Caught { state, .. } => sqlstate::fault_of(state),
+        }
+    }
+
+    fn into_write_error(self) -> WriteError {
+        let (text, code) = match &self {
+            Failed::Sql(e) => (sqlstate::describe(e), db_code(e)),
+            Failed::Caught { state, message } => {
+                (format!("SQLSTATE {state}: {message}"), Some(state.clone()))
+            }
+        };
+        match self.fault() {
+            Fault::Transient => WriteError::Transient(text),
+            _ => match code.as_deref().and_then(sqlstate::meaning) {
+                Some(meaning) => WriteError::Pipeline(format!("{text} ({meaning})")),
+                None => WriteError::Pipeline(text),
+            },
+        }
+    }
+}
+
+/// True when the error says a session function of this batch is missing
+/// on this connection: the function itself (42883), or the session's
+/// temporary schema, which exists only once something was created in it.
+fn missing_function(e: &sqlx::Error, batch: &[Encoded]) -> bool {
+    let sqlx::Error::Database(db) = e else {
+        return false;
+    };
+    match db.code().as_deref() {
+        Some("3F000") => db.message().contains("pg_temp"),
+        Some("42883") => batch.iter().any(|r| {
+            db.message()
+                .contains(r.plan.function.name.trim_start_matches("pg_temp."))
+        }),
+        _ => false,
+    }
+}

@@ -1,0 +1,83 @@
+//! NATS JetStream: the connection, stream and consumer set-up, and the
+//! puller that feeds batches.
+//!
+//! Pulling uses explicit pull requests of at most one batch, never an
+//! open-ended subscription: what has been delivered to the engine is exactly
+//! what it holds, so while the sink is down it can keep every held message
+//! alive with progress acks and ask for no more.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use async_nats::jetstream::consumer::{pull, PullConsumer};
+use async_nats::jetstream::{self, stream, Message};
+use futures::{FutureExt, StreamExt};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+mod connect;
+mod ensure;
+mod handoff;
+mod puller;
+
+#[cfg(test)]
+use connect::split_credentials;
+pub use connect::{connect, NatsAuth};
+pub use ensure::{ensure, offset_time, subject_covers};
+pub use handoff::Handoff;
+pub use puller::Puller;
+
+use crate::config::{self, ConsumerConfig, StreamConfig, REQUESTS_AHEAD};
+use crate::telemetry::health::{Health, Severity, Side};
+use crate::telemetry::metrics::Metrics;
+
+/// How long one pull request waits on the server for messages. A request
+/// cannot be cancelled, so this bounds how long a stopping pipeline drains
+/// its open request (it processes those messages rather than dropping them
+/// into a closed inbox, where they would wait out the ack wait).
+const PULL_EXPIRES: Duration = Duration::from_secs(1);
+
+/// How long after its expiry a pull request is still read: the server's
+/// last messages and timeout reply arrive well within it.
+const EXPIRY_GRACE: Duration = Duration::from_millis(250);
+
+/// What a pipeline pulls from, so that a consumer or stream deleted (or
+/// changed) under a running engine is recreated through the same path as a
+/// load ([`ensure`]).
+#[derive(Clone)]
+pub struct Target {
+    pub js: jetstream::Context,
+    pub stream: StreamConfig,
+    pub consumer: ConsumerConfig,
+    pub max_ack_pending: i64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::subject_covers;
+
+    #[test]
+    fn credentials_leave_the_url() {
+        let (url, creds) = super::split_credentials("nats://me:s%40c+ret@h1:4222, nats://h2:4222");
+        assert_eq!(url, "nats://h1:4222,nats://h2:4222");
+        assert_eq!(creds, Some(("me".to_string(), Some("s@c+ret".to_string()))));
+        let (_, token) = super::split_credentials("nats://tok@h:4222");
+        assert_eq!(token, Some(("tok".to_string(), None)));
+        assert_eq!(super::split_credentials("nats://h:4222").1, None);
+    }
+
+    #[test]
+    fn subject_coverage() {
+        assert!(subject_covers("raw.events.>", "raw.events.tiktok.>"));
+        assert!(subject_covers(
+            "raw.events.>",
+            "raw.events.tiktok.top.video.view"
+        ));
+        assert!(!subject_covers("raw.events.*.*.*", "raw.events.tiktok.>"));
+        assert!(subject_covers("raw.*.x", "raw.a.x"));
+        assert!(!subject_covers("raw.a.x", "raw.*.x"));
+        assert!(!subject_covers("raw.events.>", "raw.events"));
+    }
+}

@@ -1,0 +1,281 @@
+//! The puller: bounded pull requests, ended by the engine's own clock, and
+//! the source's health (pull errors repaired through `ensure`, with
+//! backoff).
+
+use super::*;
+
+/// Delivers messages from bounded pull requests ([`REQUESTS_AHEAD`] of
+/// at most `batch` messages and `max_bytes` bytes each). Messages delivered
+/// while the pipeline is busy are buffered here, so the pipeline can keep
+/// them alive.
+pub struct Puller {
+    consumer: PullConsumer,
+    batch: usize,
+    max_bytes: usize,
+    pub(super) requests: VecDeque<Request>,
+    pub(super) buffered: VecDeque<Message>,
+    watch: SourceWatch,
+}
+
+/// An open pull request.
+pub(super) struct Request {
+    batch: jetstream::consumer::pull::Batch,
+    /// When the server expires it.
+    expires: Instant,
+    /// Messages it delivered so far.
+    delivered: usize,
+}
+
+/// Longest pause between two repairs of a source the server keeps
+/// rejecting: a rejected pull must not loop hot.
+const REPAIR_BACKOFF_MAX: Duration = Duration::from_secs(5);
+
+/// A pull request that ends this long before its expiry without delivering
+/// anything was refused by the server (a 404 the client reads as "no
+/// messages").
+const EARLY_END: Duration = Duration::from_millis(500);
+
+/// The source side's health: pull errors are problems, their repair is
+/// [`ensure`] with backoff.
+struct SourceWatch {
+    target: Target,
+    health: Arc<Health>,
+    pipeline: String,
+    /// The last pull error, not yet repaired.
+    trouble: Option<String>,
+    /// Wait before the next repair (zero for the first one).
+    backoff: Duration,
+}
+
+impl SourceWatch {
+    /// A pull worked: the source is fine again.
+    fn healthy(&mut self) {
+        if self.backoff.is_zero() {
+            return;
+        }
+        self.backoff = Duration::ZERO;
+        if self.health.recover(Side::Source) {
+            tracing::info!(pipeline = %self.pipeline, "pulling again");
+        }
+    }
+
+    /// Reports the pending trouble, waits out the backoff and ensures the
+    /// stream and consumer. Returns the new consumer, or None (trouble kept)
+    /// when `deadline` comes first or the repair failed.
+    async fn repair(&mut self, deadline: Option<Instant>) -> Option<PullConsumer> {
+        let error = self.trouble.clone()?;
+        let wake = Instant::now() + self.backoff;
+        if deadline.is_some_and(|d| d < wake) {
+            return None;
+        }
+        if self.health.fail(Side::Source, Severity::Failing, &error) {
+            tracing::warn!(pipeline = %self.pipeline, %error,
+                "cannot pull: the consumer or stream is gone or refuses; recreating them");
+        }
+        tokio::time::sleep_until(wake).await;
+        self.backoff = (self.backoff * 2).clamp(Duration::from_millis(200), REPAIR_BACKOFF_MAX);
+        let t = &self.target;
+        match ensure(&t.js, &t.stream, &t.consumer, t.max_ack_pending).await {
+            Ok((_, consumer)) => {
+                self.trouble = None;
+                Some(consumer)
+            }
+            Err(e) => {
+                let error = format!("{e:#}");
+                self.health.fail(Side::Source, Severity::Failing, &error);
+                self.trouble = Some(error);
+                None
+            }
+        }
+    }
+}
+
+/// Why a pull request ended with an error, or None for the normal end of a
+/// request whose next message would exceed its `max_bytes`.
+fn pull_trouble(error: &str, delivered: usize) -> Option<String> {
+    let size_limit = error.contains("Message Size Exceeds MaxBytes");
+    match (size_limit, delivered) {
+        (true, 0) => Some(format!(
+            "{error} (a message is larger than a whole pull request)"
+        )),
+        (true, _) => None,
+        (false, _) => Some(error.to_string()),
+    }
+}
+
+impl Puller {
+    pub fn new(
+        consumer: PullConsumer,
+        batch: usize,
+        max_bytes: usize,
+        target: Target,
+        health: Arc<Health>,
+        pipeline: &str,
+    ) -> Self {
+        Self {
+            consumer,
+            batch,
+            max_bytes,
+            requests: VecDeque::new(),
+            buffered: VecDeque::new(),
+            watch: SourceWatch {
+                target,
+                health,
+                pipeline: pipeline.to_string(),
+                trouble: None,
+                backoff: Duration::ZERO,
+            },
+        }
+    }
+
+    /// The next message, keeping [`REQUESTS_AHEAD`] requests open; None when
+    /// `deadline` passes first.
+    pub async fn next(&mut self, deadline: Option<Instant>) -> Option<Message> {
+        loop {
+            if let Some(m) = self.buffered.pop_front() {
+                return Some(m);
+            }
+            self.top_up(deadline).await;
+            if self.requests.is_empty() {
+                if deadline.is_some() {
+                    return None;
+                }
+                continue; // a failed repair: the next one waits its backoff
+            }
+            match deadline {
+                Some(d) => tokio::time::timeout_at(d, self.drain_open()).await.ok()?,
+                None => self.drain_open().await,
+            }
+        }
+    }
+
+    /// Repairs the source if a pull failed, then opens requests until
+    /// [`REQUESTS_AHEAD`] are open. When none is open and NATS refuses
+    /// (down), retries every second until `deadline`.
+    async fn top_up(&mut self, deadline: Option<Instant>) {
+        if self.watch.trouble.is_some() {
+            match self.watch.repair(deadline).await {
+                Some(consumer) => self.consumer = consumer,
+                None => return,
+            }
+        }
+        while self.requests.len() < REQUESTS_AHEAD {
+            match self.open_request().await {
+                Ok(batch) => self.requests.push_back(Request {
+                    batch,
+                    expires: Instant::now() + PULL_EXPIRES,
+                    delivered: 0,
+                }),
+                Err(e) if self.requests.is_empty() => {
+                    tracing::warn!(error = %e, "cannot open a pull request; retrying");
+                    let wake = Instant::now() + Duration::from_secs(1);
+                    if deadline.is_some_and(|d| d < wake) {
+                        return;
+                    }
+                    tokio::time::sleep_until(wake).await;
+                }
+                Err(_) => return,
+            }
+        }
+    }
+
+    async fn open_request(&self) -> Result<jetstream::consumer::pull::Batch, String> {
+        self.consumer
+            .batch()
+            .max_messages(self.batch)
+            .max_bytes(self.max_bytes)
+            .expires(PULL_EXPIRES)
+            .messages()
+            .await
+            .map_err(|e| e.to_string())
+    }
+
+    /// Moves the next message of any open request (JetStream may deliver to
+    /// any of them) into the buffer, without opening another; a request
+    /// that ends is dropped, one the server refused is noted for repair.
+    /// Pending forever when none is open. Also used while the pipeline
+    /// waits, so delivered messages are held (and kept alive), not left in a
+    /// socket buffer to time out.
+    pub async fn drain_open(&mut self) {
+        if self.end_expired() {
+            return; // the caller may open new ones
+        }
+        let Some(first_expiry) = self.requests.iter().map(|r| r.expires).min() else {
+            return std::future::pending().await;
+        };
+        let polls = self.requests.iter_mut().map(|r| r.batch.next());
+        let (next, index) = tokio::select! {
+            (next, index, _) = futures::future::select_all(polls) => (next, index),
+            // The server may drop an expired request without its timeout
+            // reply (nats-server 2.9.10): end it by our own clock rather than
+            // wait for the client's 5 s fallback.
+            _ = tokio::time::sleep_until(first_expiry + EXPIRY_GRACE) => {
+                self.end_expired();
+                self.watch.healthy();
+                return;
+            }
+        };
+        match next {
+            Some(Ok(m)) => {
+                self.requests[index].delivered += 1;
+                self.watch.healthy();
+                self.buffered.push_back(m);
+            }
+            Some(Err(e)) => {
+                let request = self.requests.remove(index).expect("polled request");
+                if let Some(trouble) = pull_trouble(&e.to_string(), request.delivered) {
+                    self.watch.trouble = Some(trouble);
+                }
+            }
+            None => {
+                let request = self.requests.remove(index).expect("polled request");
+                if request.delivered == 0 && Instant::now() + EARLY_END < request.expires {
+                    self.watch.trouble =
+                        Some("the server ended a pull request at once, without messages".into());
+                } else {
+                    self.watch.healthy();
+                }
+            }
+        }
+    }
+
+    /// Ends the requests past their expiry (plus grace) by our clock, after
+    /// taking the messages they already delivered: a message left in a
+    /// dropped request would wait out the ack wait. True if any ended.
+    fn end_expired(&mut self) -> bool {
+        let now = Instant::now();
+        let open = self.requests.len();
+        let mut kept = VecDeque::with_capacity(open);
+        for mut request in self.requests.drain(..) {
+            if request.expires + EXPIRY_GRACE > now {
+                kept.push_back(request);
+                continue;
+            }
+            while let Some(Some(Ok(m))) = request.batch.next().now_or_never() {
+                self.buffered.push_back(m);
+            }
+        }
+        self.requests = kept;
+        self.requests.len() < open
+    }
+
+    /// Stops pulling: returns every message buffered or still to come on
+    /// the open requests. A request is read until its expiry plus a short
+    /// grace, by our own clock: some servers (nats-server 2.9.10) may drop
+    /// an expired request without the timeout reply, and the client's own
+    /// fallback waits 5 s more.
+    pub async fn finish(&mut self) -> Vec<Message> {
+        let mut rest: Vec<Message> = self.buffered.drain(..).collect();
+        while let Some(mut request) = self.requests.pop_front() {
+            let until = request.expires + EXPIRY_GRACE;
+            while let Ok(Some(Ok(m))) = tokio::time::timeout_at(until, request.batch.next()).await {
+                rest.push(m);
+            }
+        }
+        rest
+    }
+
+    pub fn buffered(&self) -> impl Iterator<Item = &Message> {
+        self.buffered.iter()
+    }
+}

@@ -1,0 +1,212 @@
+//! What keeps a running pipeline from making progress, seen from outside:
+//! `/ready`, `/pipelines` and the `ingestd_pipeline_*` metrics all read the
+//! same [`Health`], so they can never disagree.
+//!
+//! A problem belongs to one side of the pipeline. The source side is NATS
+//! (a consumer or stream that vanished, pulls the server rejects); the sink
+//! side is Postgres (unreachable, or refusing the pipeline's statement).
+//! Each side is either fine, *retrying* (transient: it is expected to pass
+//! by itself) or *failing* (the pipeline's own fault: an operator must act,
+//! for example with a migration or a GRANT).
+
+use std::sync::Mutex;
+
+use prometheus::{IntCounterVec, IntGaugeVec};
+use serde::{Deserialize, Serialize};
+
+/// The part of a pipeline a problem is in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Side {
+    Source,
+    Sink,
+}
+
+impl Side {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Side::Source => "source",
+            Side::Sink => "sink",
+        }
+    }
+}
+
+/// How bad a problem is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Severity {
+    /// Expected to pass by itself (an outage); retried with backoff.
+    Retrying,
+    /// Will not pass without an operator (a broken statement or consumer);
+    /// retried slowly in case it has been fixed.
+    Failing,
+}
+
+/// One side's current problem.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Problem {
+    pub side: Side,
+    pub severity: Severity,
+    pub error: String,
+}
+
+/// The problems of one pipeline and the metrics that publish them.
+pub struct Health {
+    pipeline: String,
+    source: Mutex<Option<Problem>>,
+    sink: Mutex<Option<Problem>>,
+    metrics: HealthMetrics,
+}
+
+/// The engine-wide families [`Health`] reports to.
+#[derive(Clone)]
+pub struct HealthMetrics {
+    /// 1 while the pipeline's side is failing or retrying (`severity`).
+    pub state: IntGaugeVec,
+    /// Failed attempts per side and severity.
+    pub failures: IntCounterVec,
+}
+
+impl HealthMetrics {
+    pub fn new() -> prometheus::Result<Self> {
+        Ok(Self {
+            state: IntGaugeVec::new(
+                prometheus::Opts::new(
+                    "ingestd_pipeline_problem",
+                    "1 while a pipeline's side (source or sink) is failing or retrying",
+                ),
+                &["pipeline", "side", "severity"],
+            )?,
+            failures: IntCounterVec::new(
+                prometheus::Opts::new(
+                    "ingestd_pipeline_failures_total",
+                    "Failed attempts to pull or write, by pipeline, side and severity",
+                ),
+                &["pipeline", "side", "severity"],
+            )?,
+        })
+    }
+
+    pub fn register(&self, registry: &prometheus::Registry) -> prometheus::Result<()> {
+        registry.register(Box::new(self.state.clone()))?;
+        registry.register(Box::new(self.failures.clone()))
+    }
+}
+
+impl Severity {
+    fn as_str(self) -> &'static str {
+        match self {
+            Severity::Retrying => "retrying",
+            Severity::Failing => "failing",
+        }
+    }
+}
+
+impl Health {
+    pub fn new(pipeline: &str, metrics: HealthMetrics) -> Self {
+        Self {
+            pipeline: pipeline.to_string(),
+            source: Mutex::new(None),
+            sink: Mutex::new(None),
+            metrics,
+        }
+    }
+
+    fn slot(&self, side: Side) -> &Mutex<Option<Problem>> {
+        match side {
+            Side::Source => &self.source,
+            Side::Sink => &self.sink,
+        }
+    }
+
+    /// Records a failed attempt. Returns true when this changes the side's
+    /// state (so callers log once per change, not once per attempt).
+    pub fn fail(&self, side: Side, severity: Severity, error: impl Into<String>) -> bool {
+        let error = error.into();
+        self.metrics
+            .failures
+            .with_label_values(&[&self.pipeline, side.as_str(), severity.as_str()])
+            .inc();
+        let mut slot = self.slot(side).lock().expect("health lock");
+        let changed = slot.as_ref().map(|p| p.severity) != Some(severity);
+        if let Some(old) = slot.as_ref().filter(|_| changed) {
+            self.gauge(side, old.severity).set(0);
+        }
+        self.gauge(side, severity).set(1);
+        *slot = Some(Problem {
+            side,
+            severity,
+            error,
+        });
+        changed
+    }
+
+    /// Records a successful attempt. Returns true when the side had a
+    /// problem until now.
+    pub fn recover(&self, side: Side) -> bool {
+        let old = self.slot(side).lock().expect("health lock").take();
+        if let Some(old) = &old {
+            self.gauge(side, old.severity).set(0);
+        }
+        old.is_some()
+    }
+
+    fn gauge(&self, side: Side, severity: Severity) -> prometheus::IntGauge {
+        self.metrics
+            .state
+            .with_label_values(&[&self.pipeline, side.as_str(), severity.as_str()])
+    }
+
+    /// The side's current problem, if any.
+    pub fn problem(&self, side: Side) -> Option<Problem> {
+        self.slot(side).lock().expect("health lock").clone()
+    }
+
+    /// The worse of the two sides' problems (failing before retrying, the
+    /// sink before the source).
+    pub fn worst(&self) -> Option<Problem> {
+        let sink = self.problem(Side::Sink);
+        let source = self.problem(Side::Source);
+        match (sink, source) {
+            (Some(a), Some(b)) if b.severity > a.severity => Some(b),
+            (Some(a), _) => Some(a),
+            (None, b) => b,
+        }
+    }
+
+    /// Stops publishing this pipeline's gauges (it is being replaced or
+    /// removed; a successor publishes its own).
+    pub fn release(&self) {
+        for side in [Side::Source, Side::Sink] {
+            self.recover(side);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn state_changes_are_reported_once_and_published() {
+        let metrics = HealthMetrics::new().unwrap();
+        let h = Health::new("p", metrics.clone());
+        assert!(h.fail(Side::Sink, Severity::Retrying, "down"));
+        assert!(!h.fail(Side::Sink, Severity::Retrying, "still down"));
+        assert!(h.fail(Side::Sink, Severity::Failing, "no table"));
+        let gauge = |sev| metrics.state.with_label_values(&["p", "sink", sev]).get();
+        assert_eq!((gauge("retrying"), gauge("failing")), (0, 1));
+        assert_eq!(h.worst().unwrap().error, "no table");
+        assert!(h.fail(Side::Source, Severity::Retrying, "no consumer"));
+        assert_eq!(h.worst().unwrap().side, Side::Sink);
+        assert!(h.recover(Side::Sink));
+        assert!(!h.recover(Side::Sink));
+        assert_eq!(h.worst().unwrap().side, Side::Source);
+        assert_eq!(gauge("failing"), 0);
+        let attempts = metrics
+            .failures
+            .with_label_values(&["p", "sink", "retrying"])
+            .get();
+        assert_eq!(attempts, 2);
+    }
+}

@@ -1,0 +1,255 @@
+//! Runs the set of pipelines found in the pipelines directory and applies
+//! changes to it (hot reload).
+//!
+//! A reload builds the new version completely (parse, schema, template,
+//! migrations, statement prepared, consumer ensured) while the old one keeps
+//! running. Only then is the new version started and the old one stopped:
+//! both pull from the same durable consumer for the moment the old one takes
+//! to drain its open pull request and acknowledge its in-flight batches, so
+//! there is no gap in processing and every message is delivered to exactly
+//! one of them. A failed build leaves the running version untouched.
+
+use std::borrow::Cow;
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::config::files::pipeline_files;
+use crate::pipeline::{Deps, Pipeline, Stats};
+use crate::source::nats;
+use crate::telemetry::health::{Problem, Severity, Side};
+use crate::telemetry::metrics::Metrics;
+
+/// What the engine needs from the command line and environment.
+#[derive(Clone)]
+pub struct Settings {
+    pub pipelines_dir: PathBuf,
+    pub database_url: String,
+    pub nats_url: String,
+    pub nats_name: String,
+    pub nats_auth: nats::NatsAuth,
+    pub listen: SocketAddr,
+    /// How long shutdown waits for in-flight batches.
+    pub shutdown_grace: Duration,
+}
+
+/// The running engine, shared with the HTTP handlers and the watcher.
+pub struct Engine {
+    pub metrics: Arc<Metrics>,
+    pub dir: PathBuf,
+    pub(super) nats: async_nats::Client,
+    pub(super) deps: Deps,
+    /// One slot per pipeline file. Only the reconcile task changes it, and
+    /// never holds the lock across an await.
+    pub(super) slots: Mutex<BTreeMap<PathBuf, Slot>>,
+    /// Replaced versions still finishing their batches.
+    pub(super) retiring: Mutex<Vec<JoinHandle<()>>>,
+}
+
+/// A pipeline file's state: the version running (if any) and the last
+/// load error (if the last attempt failed).
+#[derive(Default)]
+pub(super) struct Slot {
+    pub(super) running: Option<Running>,
+    /// Event counts across every version of the file.
+    pub(super) stats: Arc<Stats>,
+    pub(super) error: Option<String>,
+    /// Fingerprint of the last attempted content, so an unchanged broken
+    /// file is not rebuilt on every unrelated change.
+    pub(super) attempted: Option<u64>,
+}
+
+pub(super) struct Running {
+    pub(super) pipeline: Arc<Pipeline>,
+    pub(super) stop: watch::Sender<bool>,
+    pub(super) task: JoinHandle<()>,
+    pub(super) fingerprint: u64,
+    pub(super) loaded_at: chrono::DateTime<chrono::Utc>,
+}
+
+/// One pipeline as `/pipelines` shows it (and as clients read it back).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Status {
+    pub name: Option<String>,
+    pub file: String,
+    /// `failing` (running, but an operator must fix its statement, table or
+    /// consumer), `retrying` (running, waiting out an outage), `degraded`
+    /// (running an older version because the file's current content failed
+    /// to load), `running`, or `failed` (never loaded).
+    pub state: Cow<'static, str>,
+    /// The running version's current problem, if any.
+    pub problem: Option<Problem>,
+    pub version: Option<String>,
+    pub loaded_at: Option<String>,
+    pub last_error: Option<String>,
+    pub received: u64,
+    pub processed: u64,
+    pub failed: u64,
+}
+
+impl Engine {
+    pub fn nats_up(&self) -> bool {
+        self.nats.connection_state() == async_nats::connection::State::Connected
+    }
+
+    fn running(&self) -> Vec<Arc<Pipeline>> {
+        let slots = self.slots.lock().expect("slots lock");
+        slots
+            .values()
+            .filter_map(|s| s.running.as_ref().map(|r| r.pipeline.clone()))
+            .collect()
+    }
+
+    /// True when every pipeline's database answers and no pipeline has a
+    /// problem writing.
+    pub async fn database_up(&self) -> bool {
+        for p in self.running() {
+            if p.health.problem(Side::Sink).is_some() || !p.sink.ping().await {
+                return false;
+            }
+        }
+        true
+    }
+
+    /// True when the connection is up and no pipeline has a problem pulling.
+    pub fn source_up(&self) -> bool {
+        self.nats_up()
+            && self
+                .running()
+                .iter()
+                .all(|p| p.health.problem(Side::Source).is_none())
+    }
+
+    pub fn statuses(&self) -> Vec<Status> {
+        let slots = self.slots.lock().expect("slots lock");
+        slots
+            .iter()
+            .map(|(path, slot)| slot.status(&self.shown(path), &self.dir))
+            .collect()
+    }
+
+    /// Stops every pipeline, letting each finish its in-flight batches,
+    /// and waits for the versions still retiring.
+    pub async fn stop_all(&self) {
+        let running: Vec<Running> = {
+            let mut slots = self.slots.lock().expect("slots lock");
+            slots
+                .values_mut()
+                .filter_map(|s| s.running.take())
+                .collect()
+        };
+        let retiring = std::mem::take(&mut *self.retiring.lock().expect("retiring lock"));
+        futures::future::join_all(running.into_iter().map(stop)).await;
+        futures::future::join_all(retiring).await;
+    }
+
+    /// Makes the next reconcile retry every file that failed, even if it is
+    /// unchanged (a missing table may have been created meanwhile). Running
+    /// versions whose file is unchanged stay as they are.
+    pub fn forget_attempts(&self) {
+        let mut slots = self.slots.lock().expect("slots lock");
+        for slot in slots.values_mut() {
+            slot.attempted = None;
+        }
+    }
+
+    /// Directories whose changes may change a pipeline: the pipelines
+    /// directory and those of referenced schemas and migrations.
+    pub fn watched_dirs(&self) -> Vec<PathBuf> {
+        let mut dirs = vec![self.dir.clone()];
+        for p in self.running() {
+            dirs.extend(p.referenced_dirs());
+        }
+        dirs.sort();
+        dirs.dedup();
+        dirs
+    }
+}
+
+impl Slot {
+    /// `dir` is cut out of the load error, which names the file.
+    fn status(&self, file: &str, dir: &Path) -> Status {
+        let r = self.running.as_ref();
+        let problem = r.and_then(|r| r.pipeline.health.worst());
+        Status {
+            name: r.map(|r| r.pipeline.name.clone()),
+            file: file.to_string(),
+            state: match (r, &problem, &self.error) {
+                (Some(_), Some(p), _) if p.severity == Severity::Failing => "failing",
+                (Some(_), Some(_), _) => "retrying",
+                (Some(_), None, None) => "running",
+                (Some(_), None, Some(_)) => "degraded",
+                (None, _, _) => "failed",
+            }
+            .into(),
+            problem,
+            version: r.map(|r| format!("{:016x}", r.fingerprint)),
+            loaded_at: r.map(|r| r.loaded_at.to_rfc3339()),
+            last_error: self
+                .error
+                .as_ref()
+                .map(|e| e.replace(&format!("{}/", dir.display()), "")),
+            received: self.stats.received.load(Relaxed),
+            processed: self.stats.processed.load(Relaxed),
+            failed: self.stats.failed.load(Relaxed),
+        }
+    }
+}
+
+pub(super) async fn stop(running: Running) {
+    let _ = running.stop.send(true);
+    if let Err(e) = running.task.await {
+        tracing::error!(error = %e, "pipeline task failed");
+    }
+    running.pipeline.health.release();
+}
+
+/// Connects to NATS and starts every pipeline of the pipelines directory.
+/// Any pipeline that cannot start fails the start-up.
+pub async fn start(settings: &Settings) -> anyhow::Result<Arc<Engine>> {
+    let dir = settings.pipelines_dir.canonicalize().map_err(|e| {
+        anyhow::anyhow!(
+            "cannot read pipelines directory {}: {e}",
+            settings.pipelines_dir.display()
+        )
+    })?;
+    anyhow::ensure!(
+        !pipeline_files(&dir)?.is_empty(),
+        "no pipeline files (*.yaml) in {}",
+        dir.display()
+    );
+    let metrics = Arc::new(Metrics::new()?);
+    let nats = nats::connect(
+        &settings.nats_url,
+        &settings.nats_name,
+        &settings.nats_auth,
+        metrics.clone(),
+    )
+    .await?;
+    let engine = Arc::new(Engine {
+        metrics: metrics.clone(),
+        dir,
+        deps: Deps {
+            js: async_nats::jetstream::new(nats.clone()),
+            metrics: metrics.clone(),
+            database_url: settings.database_url.clone(),
+        },
+        nats,
+        slots: Mutex::new(BTreeMap::new()),
+        retiring: Mutex::new(Vec::new()),
+    });
+    let errors = engine.reconcile().await;
+    if !errors.is_empty() {
+        engine.stop_all().await;
+        anyhow::bail!("{}", errors.join("\n"));
+    }
+    metrics.set_nats_connected(engine.nats_up());
+    Ok(engine)
+}

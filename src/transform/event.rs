@@ -1,0 +1,190 @@
+//! One event's way from payload to SQL row: size check, JSON decode,
+//! schema validation (and stripping), template rendering. Shared by the
+//! engine and by `ingestd check` / `ingestd test`, so what they check is
+//! what runs.
+
+use std::collections::BTreeMap;
+
+use serde_json::Value as Json;
+
+use crate::config::{self, PipelineFile};
+use crate::transform::template::{MsgMeta, Rendered, Templates};
+use crate::transform::validate::EventValidator;
+
+/// The class of an event that can never be stored, as logs, pipeline test
+/// files and dead-letter headers name it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum InvalidKind {
+    /// Larger than `max_payload`.
+    TooLarge,
+    /// Not JSON (or not UTF-8).
+    NotJson,
+    /// Refused by the JSON Schema.
+    Schema,
+    /// The template cannot render for this event.
+    Template,
+    /// Refused by the database for a reason of its own (a value, a
+    /// constraint, a trigger).
+    Unstorable,
+}
+
+impl InvalidKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            InvalidKind::TooLarge => "too_large",
+            InvalidKind::NotJson => "not_json",
+            InvalidKind::Schema => "schema",
+            InvalidKind::Template => "template",
+            InvalidKind::Unstorable => "unstorable",
+        }
+    }
+}
+
+impl std::fmt::Display for InvalidKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Why an event can never be stored.
+#[derive(Debug)]
+pub struct Invalid {
+    pub kind: InvalidKind,
+    pub error: String,
+    /// Known when the event was JSON and `log.event_id` points at a string.
+    pub event_id: Option<String>,
+}
+
+/// An event ready to write.
+#[derive(Debug)]
+pub struct Prepared {
+    pub rendered: Rendered,
+    /// Metric label values, in label-name order.
+    pub labels: Vec<String>,
+    pub event_id: Option<String>,
+}
+
+/// The parts of a pipeline that need no connection: limits, schema,
+/// templates.
+pub struct Compiled {
+    max_payload: u64,
+    /// `log.event_id`: where the event's id is, for log lines.
+    event_id: Option<String>,
+    validator: Option<EventValidator>,
+    pub templates: Templates,
+}
+
+impl Compiled {
+    /// Compiles the file's schema and templates; errors point into the file.
+    pub fn new(file: &PipelineFile) -> Result<Self, config::ConfigError> {
+        let cfg = &file.pipeline;
+        let validator = match &cfg.validate {
+            Some(v) => Some(
+                EventValidator::load(&v.schema, v.strip_unknown)
+                    .map_err(|e| file.error("schema", e))?,
+            ),
+            None => None,
+        };
+        let templates = Templates::compile(&cfg.sink.postgres.insert, &cfg.metrics.labels)
+            .map_err(|e| {
+                let base = file.line_of_key("insert");
+                let line = match (base, e.line) {
+                    (Some(b), Some(l)) => Some(b + l),
+                    (b, _) => b,
+                };
+                config::ConfigError::new(&file.path, line, format!("template: {}", e.message))
+            })?;
+        check_placeholders(&templates).map_err(|e| file.error("insert", e))?;
+        Ok(Self {
+            max_payload: cfg.max_payload,
+            event_id: cfg.log.event_id.clone(),
+            validator,
+            templates,
+        })
+    }
+
+    /// The event's id for log lines, where `log.event_id` points.
+    fn event_id(&self, event: &Json) -> Option<String> {
+        let pointer = self.event_id.as_deref()?;
+        event
+            .pointer(pointer)
+            .and_then(Json::as_str)
+            .map(str::to_string)
+    }
+
+    /// Takes one payload as far as a row; anything that stops it is
+    /// permanent for this payload.
+    pub fn prepare(
+        &self,
+        payload: &[u8],
+        msg: &MsgMeta,
+        headers: &BTreeMap<String, String>,
+    ) -> Result<Prepared, Invalid> {
+        let invalid = |kind, error: String, event: Option<&Json>| Invalid {
+            kind,
+            error,
+            event_id: event.and_then(|e| self.event_id(e)),
+        };
+        if payload.len() as u64 > self.max_payload {
+            let e = format!(
+                "payload of {} bytes exceeds max_payload ({})",
+                payload.len(),
+                self.max_payload
+            );
+            return Err(invalid(InvalidKind::TooLarge, e, None));
+        }
+        let mut event: Json = serde_json::from_slice(payload)
+            .map_err(|e| invalid(InvalidKind::NotJson, format!("not JSON: {e}"), None))?;
+        if let Some(v) = &self.validator {
+            v.apply(&mut event)
+                .map_err(|e| invalid(InvalidKind::Schema, e, Some(&event)))?;
+        }
+        let id = self.event_id(&event);
+        let (rendered, labels) = self
+            .templates
+            .render(event, msg, headers)
+            .map_err(|error| Invalid {
+                kind: InvalidKind::Template,
+                error,
+                event_id: id.clone(),
+            })?;
+        Ok(Prepared {
+            rendered,
+            labels,
+            event_id: id,
+        })
+    }
+}
+
+/// Every `{{ }}` must show up as a placeholder in the SQL: one inside
+/// quotes would be text, and the statement would not line up with its
+/// values.
+fn check_placeholders(templates: &Templates) -> Result<(), String> {
+    let sample = sample_render(templates)?;
+    let marks = crate::sink::postgres::sql::placeholders(&sample.sql).len();
+    if marks == sample.params.len() {
+        return Ok(());
+    }
+    Err(format!(
+        "the template has {} expressions but its SQL shows {marks} placeholders: \
+         write values only as {{{{ expression }}}}, never inside quotes or as a literal $n",
+        sample.params.len()
+    ))
+}
+
+/// The insert rendered over an empty event: the statement shape most
+/// events produce, available before any event arrives.
+pub fn sample_render(templates: &Templates) -> Result<Rendered, String> {
+    let ctx = Templates::context(
+        &Json::Object(Default::default()),
+        &MsgMeta::default(),
+        &BTreeMap::new(),
+    );
+    templates.render_insert(&ctx)
+}
+
+/// Checks a pipeline file offline (for `ingestd check`).
+pub fn check_file(path: &std::path::Path) -> Result<(), config::ConfigError> {
+    Compiled::new(&PipelineFile::load(path)?).map(|_| ())
+}

@@ -1,0 +1,262 @@
+//! JSON Schema validation with Zod-like removal of undeclared keys.
+//!
+//! The original service validated with Zod, whose objects drop keys they do
+//! not declare; the stored `data` therefore holds only declared keys. JSON
+//! Schema has no such notion, so after validation we walk the (dereferenced)
+//! schema beside the event and remove keys that no `properties` declares.
+//! For `anyOf`/`oneOf` the first alternative that validates decides, as in
+//! a Zod union.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use serde_json::{Map, Value};
+
+use crate::util::text::truncate;
+
+/// How many schema violations an error message lists.
+const MAX_REPORTED: usize = 3;
+
+/// A compiled schema, and the shape used to strip undeclared keys.
+pub struct EventValidator {
+    validator: jsonschema::Validator,
+    shape: Option<Shape>,
+}
+
+impl EventValidator {
+    /// Reads and compiles a schema file. Formats (`date-time`, ...) are
+    /// asserted: an event whose timestamp is not a date is invalid.
+    pub fn load(path: &Path, strip_unknown: bool) -> Result<Self, String> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| format!("cannot read schema {}: {e}", path.display()))?;
+        let schema: Value = serde_json::from_str(&text).map_err(|e| {
+            format!(
+                "{}:{}:{}: schema is not JSON: {e}",
+                path.display(),
+                e.line(),
+                e.column()
+            )
+        })?;
+        Self::new(&schema, strip_unknown).map_err(|e| format!("{}: {e}", path.display()))
+    }
+
+    pub fn new(schema: &Value, strip_unknown: bool) -> Result<Self, String> {
+        let options = options();
+        let validator = options
+            .build(schema)
+            .map_err(|e| format!("invalid schema: {e}"))?;
+        let shape = if strip_unknown {
+            let resolved = options
+                .dereference(schema)
+                .map_err(|e| format!("cannot resolve $ref: {e}"))?;
+            Some(Shape::compile(&resolved)?)
+        } else {
+            None
+        };
+        Ok(Self { validator, shape })
+    }
+
+    /// Validates the event and, if configured, strips undeclared keys.
+    /// The error text names the failing locations (JSON pointers).
+    pub fn apply(&self, event: &mut Value) -> Result<(), String> {
+        if !self.validator.is_valid(event) {
+            return Err(self.describe_errors(event));
+        }
+        if let Some(shape) = &self.shape {
+            shape.strip(event, None);
+        }
+        Ok(())
+    }
+
+    fn describe_errors(&self, event: &Value) -> String {
+        let mut parts: Vec<String> = self
+            .validator
+            .iter_errors(event)
+            .take(MAX_REPORTED)
+            .map(|e| {
+                let at = e.instance_path().to_string();
+                let at = if at.is_empty() { "/".to_string() } else { at };
+                format!("{at}: {}", truncate(&e.to_string(), 200))
+            })
+            .collect();
+        if parts.is_empty() {
+            parts.push("schema violation".into());
+        }
+        parts.join("; ")
+    }
+}
+
+fn options() -> jsonschema::ValidationOptions<'static> {
+    jsonschema::options().should_validate_formats(true)
+}
+
+/// What a schema declares, for stripping: the declared properties of an
+/// object, the item shape of an array, and union alternatives.
+#[derive(Default)]
+struct Shape {
+    properties: HashMap<String, Shape>,
+    /// True where `properties` is declared and extra keys are not allowed
+    /// explicitly (`additionalProperties` true or a schema, or patterns).
+    strips: bool,
+    items: Option<Box<Shape>>,
+    alternatives: Vec<(jsonschema::Validator, Shape)>,
+}
+
+impl Shape {
+    fn compile(schema: &Value) -> Result<Self, String> {
+        let mut shape = Shape::default();
+        shape.merge(schema)?;
+        Ok(shape)
+    }
+
+    /// Adds what `schema` declares; `allOf` members are merged in, since
+    /// every one of them applies.
+    fn merge(&mut self, schema: &Value) -> Result<(), String> {
+        let Some(obj) = schema.as_object() else {
+            return Ok(());
+        };
+        if let Some(props) = obj.get("properties").and_then(Value::as_object) {
+            let open = matches!(obj.get("additionalProperties"), Some(v) if v != &Value::Bool(false))
+                || obj.contains_key("patternProperties");
+            self.strips |= !open;
+            for (name, sub) in props {
+                self.properties
+                    .entry(name.clone())
+                    .or_default()
+                    .merge(sub)?;
+            }
+        }
+        if let Some(items) = obj.get("items").filter(|i| i.is_object()) {
+            self.items
+                .get_or_insert_with(Default::default)
+                .merge(items)?;
+        }
+        for member in array(obj, "allOf") {
+            self.merge(member)?;
+        }
+        for alt in array(obj, "anyOf").chain(array(obj, "oneOf")) {
+            let validator = options()
+                .build(alt)
+                .map_err(|e| format!("invalid schema alternative: {e}"))?;
+            self.alternatives.push((validator, Shape::compile(alt)?));
+        }
+        Ok(())
+    }
+
+    /// `extra` is the union alternative chosen one level up: its declared
+    /// keys count as declared here too.
+    fn strip(&self, value: &mut Value, extra: Option<&Shape>) {
+        let alt = self
+            .alternatives
+            .iter()
+            .find(|(v, _)| v.is_valid(value))
+            .map(|(_, s)| s);
+        if let Some(alt) = alt {
+            alt.strip(value, Some(self));
+        }
+        match value {
+            Value::Object(map) => self.strip_object(map, alt.or(extra)),
+            Value::Array(items) => {
+                if let Some(item) = &self.items {
+                    items.iter_mut().for_each(|v| item.strip(v, None));
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn strip_object(&self, map: &mut Map<String, Value>, other: Option<&Shape>) {
+        let declares = |k: &str| {
+            self.properties.contains_key(k) || other.is_some_and(|o| o.properties.contains_key(k))
+        };
+        if self.strips || other.is_some_and(|o| o.strips) {
+            map.retain(|k, _| declares(k));
+        }
+        for (k, v) in map.iter_mut() {
+            if let Some(sub) = self.properties.get(k) {
+                sub.strip(v, None);
+            }
+        }
+    }
+}
+
+fn array<'a>(obj: &'a Map<String, Value>, key: &str) -> impl Iterator<Item = &'a Value> {
+    obj.get(key).and_then(Value::as_array).into_iter().flatten()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn tiktok() -> EventValidator {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("schemas/tiktok-event.schema.json");
+        EventValidator::load(&path, true).unwrap()
+    }
+
+    fn event() -> Value {
+        json!({
+            "eventId": "e1", "timestamp": "2025-01-15T10:00:00Z", "source": "tiktok",
+            "funnelStage": "top", "eventType": "video.view",
+            "data": {
+                "user": {"userId": "u", "username": "n", "followers": 3, "extra": 1},
+                "engagement": {"watchTime": 1, "percentageWatched": 2, "device": "iOS",
+                               "country": "US", "videoId": "v", "junk": true},
+                "more": "x"
+            },
+            "correlationId": "c"
+        })
+    }
+
+    #[test]
+    fn strips_undeclared_keys_at_every_level() {
+        let mut e = event();
+        tiktok().apply(&mut e).unwrap();
+        assert!(e.get("correlationId").is_none());
+        assert_eq!(
+            e["data"],
+            json!({"user": {"userId": "u", "username": "n", "followers": 3},
+                   "engagement": {"watchTime": 1, "percentageWatched": 2, "device": "iOS",
+                                  "country": "US", "videoId": "v"}})
+        );
+    }
+
+    #[test]
+    fn second_union_alternative_keeps_its_own_keys() {
+        let mut e = event();
+        e["data"]["engagement"] = json!({"actionTime": "t", "profileId": null,
+            "purchasedItem": "i", "purchaseAmount": null, "watchTime": 5});
+        tiktok().apply(&mut e).unwrap();
+        assert_eq!(
+            e["data"]["engagement"],
+            json!({"actionTime": "t", "profileId": null, "purchasedItem": "i", "purchaseAmount": null})
+        );
+    }
+
+    #[test]
+    fn invalid_date_time_is_rejected_with_its_location() {
+        let mut e = event();
+        e["timestamp"] = json!("yesterday");
+        let err = tiktok().apply(&mut e).unwrap_err();
+        assert!(err.contains("/timestamp"), "{err}");
+    }
+
+    #[test]
+    fn wrong_enum_is_rejected() {
+        let mut e = event();
+        e["funnelStage"] = json!("middle");
+        assert!(tiktok().apply(&mut e).is_err());
+    }
+
+    #[test]
+    fn open_objects_are_not_stripped() {
+        let v = EventValidator::new(
+            &json!({"type": "object", "properties": {"a": {}}, "additionalProperties": true}),
+            true,
+        )
+        .unwrap();
+        let mut e = json!({"a": 1, "b": 2});
+        v.apply(&mut e).unwrap();
+        assert_eq!(e, json!({"a": 1, "b": 2}));
+    }
+}

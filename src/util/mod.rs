@@ -1,0 +1,4 @@
+//! Helpers every component may use: they depend on no other module.
+
+pub mod redact;
+pub mod text;

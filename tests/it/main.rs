@@ -1,0 +1,15 @@
+//! The integration tests of `ingestd`, one binary: a module per suite, the
+//! shared harness in [`harness`]. Run one suite with
+//! `cargo test --test it SUITE::`.
+
+mod harness;
+
+mod batching;
+mod faults;
+mod hot_reload;
+mod nats_auth;
+mod operations;
+mod statements;
+mod tiktok_contract;
+mod tooling;
+mod world;

@@ -1,0 +1,483 @@
+//! Any statement a user writes is stored right: differential tests of the
+//! sink against its reference (see `harness/statements.rs`), and the
+//! pipeline's reaction to errors that are not the events' fault.
+
+use std::time::Duration;
+
+use crate::harness::statements::*;
+use crate::harness::*;
+use serde_json::{json, Value};
+
+/// Events per pipeline of the corpus.
+const EVENTS: usize = 300;
+
+/// Deadline for the whole corpus to drain: 17+ pipelines on two cores.
+const DRAIN: Duration = Duration::from_secs(120);
+
+/// Publishes every case's events (case `i` on `diff.<i>.e`), before any
+/// engine runs, and returns each case's statements as the reference
+/// renders them, in stream order.
+async fn publish_corpus(env: &TestEnv, cases: &[Case]) -> Vec<Vec<(String, Vec<Value>)>> {
+    env.create_stream().await;
+    let mut statements = Vec::new();
+    for (index, case) in cases.iter().enumerate() {
+        let mut rng = Rng::new(0x5eed + index as u64);
+        let subject = env.subject(&format!("diff.{index}.e"));
+        let mut rendered = Vec::with_capacity(EVENTS);
+        for i in 0..EVENTS {
+            let event = (case.event)(&mut rng, i);
+            let ack = env
+                .js
+                .publish(subject.clone(), event.to_string().into())
+                .await
+                .expect("publish")
+                .await
+                .expect("publish ack");
+            let msg = json!({"subject": subject, "stream": env.stream, "seq": ack.sequence, "delivered": 1});
+            rendered.push(render(case.template, &event, &msg));
+        }
+        statements.push(rendered);
+    }
+    statements
+}
+
+/// Waits until the consumer of `schema` has acknowledged everything; fails
+/// at once if the pipeline reports a problem instead.
+async fn wait_drained(env: &TestEnv, engine: &Engine, schema: &str) {
+    let durable = format!("{schema}-{}", env.id);
+    wait_for(&format!("{schema} to drain"), DRAIN, || async {
+        let s = status(engine, schema).await;
+        assert!(s["problem"].is_null(), "{schema} stalls: {s}");
+        let info = consumer_info(&env.js, &env.stream, &durable).await?;
+        expect_eq((info.num_pending, info.num_ack_pending), (0, 0))
+            .map_err(|e| format!("(pending, ack pending) {e}"))
+    })
+    .await;
+}
+
+/// The `/pipelines` entry of a pipeline.
+async fn status(engine: &Engine, name: &str) -> Value {
+    let all = engine.get("/pipelines").await.json();
+    all["pipelines"]
+        .as_array()
+        .and_then(|ps| ps.iter().find(|p| p["name"] == name).cloned())
+        .unwrap_or_else(|| panic!("no pipeline {name} in {all}"))
+}
+
+/// For every template of the corpus, the tables the engine fills from a
+/// backlog of generated events (several batches, repeated keys, some rows
+/// the database refuses) equal what the single-row statements give when
+/// run one by one in stream order, with one batch in flight; templates
+/// whose result does not depend on order are also run with two batches in
+/// flight. The events the reference cannot store are exactly the ones the
+/// engine counts as failed, and nothing is left unacknowledged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batches_equal_the_single_row_statements_in_stream_order() {
+    let env = TestEnv::new().await;
+    std::fs::remove_file(env.pipelines_dir().join("tiktok.yaml")).expect("remove tiktok.yaml");
+    let cases = corpus();
+    let statements = publish_corpus(&env, &cases).await;
+    let mut conn = env.db.acquire().await.expect("a connection");
+    let mut runs = Vec::new();
+    for (index, case) in cases.iter().enumerate() {
+        let mut variants = vec![(format!("eng_{index}"), 1)];
+        if case.order_independent {
+            variants.push((format!("par_{index}"), 2));
+        }
+        for (schema, in_flight) in variants {
+            create_schema(&mut conn, &schema, case.ddl).await;
+            let filter = format!("diff.{index}.>");
+            let yaml = pipeline_yaml(&env, &schema, &filter, case.template, in_flight, "");
+            env.write_pipeline(&format!("{schema}.yaml"), &yaml);
+            runs.push((index, schema));
+        }
+        let reference = format!("ref_{index}");
+        create_schema(&mut conn, &reference, case.ddl).await;
+    }
+    let engine = env.engine().spawn();
+    engine.wait_ready().await;
+    let mut failures = Vec::new();
+    for (index, schema) in &runs {
+        let case = &cases[*index];
+        wait_drained(&env, &engine, schema).await;
+        let reference = format!("ref_{index}");
+        // Each case's reference runs once, with its eng_ variant, before
+        // its par_ variant is compared.
+        let mut rejected_by_reference = None;
+        if schema.starts_with("eng_") {
+            rejected_by_reference =
+                Some(run_reference(&mut conn, &reference, &statements[*index]).await);
+        }
+        for table in case.tables {
+            let ours = table_contents(&mut conn, schema, table).await;
+            let theirs = table_contents(&mut conn, &reference, table).await;
+            if ours != theirs {
+                failures.push(format!(
+                    "{} ({schema}): table {table} differs\n  engine:    {ours}\n  reference: {theirs}",
+                    case.name
+                ));
+            }
+        }
+        // Transient failures (two batches in flight may deadlock) are
+        // retried and counted as processing errors; only rejections count.
+        let metrics = engine.metrics().await;
+        let rejected = metrics.sum(
+            &format!("{schema}_events_failed_total"),
+            &[("reason", "validation_error")],
+        ) as usize;
+        let processed = metrics.sum(&format!("{schema}_events_processed_total"), &[]) as usize;
+        if rejected_by_reference.is_some_and(|r| r != rejected) {
+            failures.push(format!(
+                "{} ({schema}): the engine rejected {rejected} events, the reference {rejected_by_reference:?}",
+                case.name
+            ));
+        }
+        if processed + rejected != EVENTS {
+            failures.push(format!(
+                "{} ({schema}): {processed} processed + {rejected} rejected",
+                case.name
+            ));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+/// `ingestd check --db` plans every statement of every pipeline against
+/// the database without writing, names the path each takes (as the corpus
+/// expects), and reports a statement that cannot work at the file's
+/// `insert` line with exit status 1.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_db_shows_each_statements_path_and_what_cannot_work() {
+    let env = TestEnv::new().await;
+    let dir = env.fresh_dir("check");
+    let cases = corpus();
+    let mut conn = env.db.acquire().await.expect("a connection");
+    for (index, case) in cases.iter().enumerate() {
+        let schema = format!("chk_{index}");
+        create_schema(&mut conn, &schema, case.ddl).await;
+        let yaml = pipeline_yaml(&env, &schema, "x.>", case.template, 1, "");
+        std::fs::write(dir.join(format!("{schema}.yaml")), yaml).expect("write pipeline");
+    }
+    let dir_arg = dir.display().to_string();
+    let out = env.engine().output(&["check", "--db", &dir_arg]).await;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut rows_before = 0;
+    for (index, case) in cases.iter().enumerate() {
+        let section = stdout
+            .split(&format!("chk_{index}.yaml:\n"))
+            .nth(1)
+            .unwrap_or_else(|| panic!("no section for {}: {stdout}", case.name));
+        let first = section.lines().next().unwrap_or_default();
+        assert!(
+            first.contains(&format!(": {}", case.path)),
+            "{}: expected the {} path, got `{first}`",
+            case.name,
+            case.path
+        );
+        rows_before += table_contents(&mut conn, &format!("chk_{index}"), case.tables[0])
+            .await
+            .as_array()
+            .map_or(0, Vec::len);
+    }
+    // Only the fixtures' own rows: checking wrote nothing.
+    assert_eq!(rows_before, 15 + 60, "{stdout}");
+
+    let broken = "INSERT INTO kv (k, nope) VALUES ({{ event.k }}, {{ event.v }})";
+    let yaml = pipeline_yaml(&env, "chk_0", "x.>", broken, 1, "");
+    let file = dir.join("broken.yaml");
+    std::fs::write(&file, &yaml).expect("write pipeline");
+    let file_arg = file.display().to_string();
+    let out = env.engine().output(&["check", "--db", &file_arg]).await;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    let line = line_of(&yaml, "insert:");
+    assert!(names_location(&stderr, "broken.yaml", line), "{stderr}");
+    assert!(
+        stderr.contains("42703") && stderr.contains("nope"),
+        "{stderr}"
+    );
+}
+
+/// An engine running one pipeline `name`, reading `<name>.>` and writing
+/// with `template` into a schema `name` made by `ddl`.
+async fn one_pipeline(
+    env: &TestEnv,
+    name: &str,
+    ddl: &str,
+    template: &str,
+    on_error: &str,
+) -> Engine {
+    std::fs::remove_file(env.pipelines_dir().join("tiktok.yaml")).expect("remove tiktok.yaml");
+    let mut conn = env.db.acquire().await.expect("a connection");
+    create_schema(&mut conn, name, ddl).await;
+    let filter = format!("{name}.>");
+    let yaml = pipeline_yaml(env, name, &filter, template, 1, on_error);
+    env.write_pipeline(&format!("{name}.yaml"), &yaml);
+    let engine = env.engine().spawn();
+    engine.wait_ready().await;
+    engine
+}
+
+/// Waits until `/pipelines` shows pipeline `name` in `state`.
+async fn wait_state(engine: &Engine, name: &str, want: &str) -> Value {
+    wait_for(&format!("{name} to be {want}"), DEADLINE, || async {
+        let s = status(engine, name).await;
+        expect_eq(s["state"].as_str(), Some(want)).map_err(|e| format!("{e}: {s}"))?;
+        Ok(s)
+    })
+    .await
+}
+
+/// Waits until `sql` (a count) returns `want`.
+async fn wait_count(env: &TestEnv, sql: &str, want: i64) {
+    wait_for(sql, DEADLINE, || async {
+        let n: i64 = sqlx::query_scalar(sql)
+            .fetch_one(&env.db)
+            .await
+            .map_err(state("count"))?;
+        expect_eq(n, want)
+    })
+    .await;
+}
+
+/// What a pipeline must do for an error of each row of the SQLSTATE
+/// table in `src/sink/postgres/sqlstate.rs`, read from the source so that a
+/// new row is tested too: the prefix, and `Event`, `Pipeline` or
+/// `Transient`.
+fn sqlstate_rules() -> Vec<(String, String)> {
+    let source = std::fs::read_to_string(repo_root().join("src/sink/postgres/sqlstate.rs"))
+        .expect("read sqlstate.rs");
+    let rules: Vec<(String, String)> = source
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("rule(\""))
+        .map(|rest| {
+            let (prefix, rest) = rest.split_once('"').expect("a prefix");
+            let fault = rest
+                .trim_start_matches(", ")
+                .split(',')
+                .next()
+                .expect("a fault");
+            (prefix.to_string(), fault.to_string())
+        })
+        .collect();
+    assert!(rules.len() > 30, "the table was not found: {rules:?}");
+    rules
+}
+
+/// Every row of the SQLSTATE table, raised for real by a trigger: the
+/// event's fault is counted as failed and acknowledged at once; the
+/// pipeline's fault turns the pipeline `failing` (and `/ready` 503), a
+/// transient error `retrying`; in both cases the event is held, and
+/// stored once the cause is gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_sqlstate_class_gets_its_policy() {
+    let env = TestEnv::new().await;
+    let ddl = "CREATE TABLE fail_with (code text PRIMARY KEY);
+CREATE TABLE stored (id text PRIMARY KEY, code text);
+CREATE FUNCTION raise_code() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+  IF EXISTS (SELECT 1 FROM fail_with WHERE code = NEW.code) THEN
+    RAISE EXCEPTION 'forced %', NEW.code USING ERRCODE = NEW.code;
+  END IF;
+  RETURN NEW;
+END $$;
+CREATE TRIGGER stored_raise BEFORE INSERT ON stored FOR EACH ROW EXECUTE FUNCTION raise_code();";
+    let template = "INSERT INTO stored (id, code) VALUES ({{ event.id }}, {{ event.code }})";
+    let on_error = "transient:\n  backoff_initial: 20ms\n  backoff_max: 200ms";
+    let engine = one_pipeline(&env, "codes", ddl, template, on_error).await;
+    let mut failed = 0.0;
+    for (prefix, fault) in sqlstate_rules() {
+        let code = format!("{prefix:0<5}");
+        env.exec(&format!("INSERT INTO codes.fail_with VALUES ('{code}')"))
+            .await;
+        let event = json!({"id": format!("e-{code}"), "code": code});
+        env.publish("codes.e", event.to_string()).await;
+        if fault == "Event" {
+            failed += 1.0;
+            let rejected = [("reason", "validation_error")];
+            engine
+                .wait_metric("codes_events_failed_total", &rejected, failed)
+                .await;
+            let s = status(&engine, "codes").await;
+            assert!(s["problem"].is_null(), "{code}: {s}");
+            continue;
+        }
+        let severity = if fault == "Pipeline" {
+            "failing"
+        } else {
+            "retrying"
+        };
+        wait_state(&engine, "codes", severity).await;
+        let ready = engine.get("/ready").await;
+        assert_eq!(
+            (ready.status, &ready.json()["status"]),
+            (503, &json!("degraded")),
+            "{code}"
+        );
+        let problem = [("pipeline", "codes"), ("severity", severity)];
+        assert_eq!(
+            engine
+                .metrics()
+                .await
+                .sum("ingestd_pipeline_problem", &problem),
+            1.0,
+            "{code}"
+        );
+        env.exec(&format!(
+            "DELETE FROM codes.fail_with WHERE code = '{code}'"
+        ))
+        .await;
+        let sql = format!("SELECT count(*) FROM codes.stored WHERE code = '{code}'");
+        wait_count(&env, &sql, 1).await;
+        wait_state(&engine, "codes", "running").await;
+    }
+}
+
+/// A table change that refuses every event (a new CHECK … NOT VALID) is
+/// not taken for a flood of bad events: after `failing_after` rejections
+/// in a row with the same SQLSTATE the pipeline turns `failing` and holds
+/// the rest; once the constraint is dropped they are stored. The first
+/// ones, before the threshold, followed the invalid policy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_of_identical_rejections_fails_the_pipeline_instead_of_acking() {
+    let env = TestEnv::new().await;
+    let ddl = "CREATE TABLE t (id int PRIMARY KEY, v text);";
+    let template = "INSERT INTO t (id, v) VALUES ({{ event.id }}, {{ event.v }})";
+    let on_error = "invalid:\n  failing_after: 5\ntransient:\n  backoff_max: 200ms";
+    let engine = one_pipeline(&env, "guarded", ddl, template, on_error).await;
+    env.publish("guarded.e", json!({"id": 0, "v": "ok"}).to_string())
+        .await;
+    engine
+        .wait_metric("guarded_events_processed_total", &[], 1.0)
+        .await;
+    env.exec("ALTER TABLE guarded.t ADD CONSTRAINT v_short CHECK (length(v) < 3) NOT VALID")
+        .await;
+    for id in 1..=12 {
+        env.publish("guarded.e", json!({"id": id, "v": "long"}).to_string())
+            .await;
+    }
+    let s = wait_state(&engine, "guarded", "failing").await;
+    let error = s["problem"]["error"].as_str().unwrap_or_default();
+    assert!(error.contains("23514") && error.contains("v_short"), "{s}");
+    assert_eq!(engine.get("/ready").await.status, 503);
+    let rejected = [("reason", "validation_error")];
+    let acked_away = engine
+        .metrics()
+        .await
+        .sum("guarded_events_failed_total", &rejected);
+    assert!(
+        acked_away < 5.0,
+        "{acked_away} events were acknowledged away before the pipeline failed"
+    );
+    env.exec("ALTER TABLE guarded.t DROP CONSTRAINT v_short")
+        .await;
+    wait_count(
+        &env,
+        "SELECT count(*) FROM guarded.t",
+        13 - acked_away as i64,
+    )
+    .await;
+    wait_state(&engine, "guarded", "running").await;
+}
+
+/// A column the statement needs is dropped while the engine runs: the
+/// pipeline turns `failing` with the database's error, `/ready` answers
+/// 503, nothing is acknowledged; the column comes back and every held
+/// event is stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broken_statement_fails_the_pipeline_until_fixed() {
+    let env = TestEnv::new().await;
+    let ddl = "CREATE TABLE t (id int PRIMARY KEY, note text);";
+    let template = "INSERT INTO t (id, note) VALUES ({{ event.id }}, {{ event.note }})";
+    let engine = one_pipeline(
+        &env,
+        "cols",
+        ddl,
+        template,
+        "transient:\n  backoff_max: 200ms",
+    )
+    .await;
+    env.exec("ALTER TABLE cols.t DROP COLUMN note").await;
+    for id in 0..3 {
+        env.publish("cols.e", json!({"id": id, "note": "n"}).to_string())
+            .await;
+    }
+    let s = wait_state(&engine, "cols", "failing").await;
+    assert!(
+        s["problem"]["error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("42703"),
+        "{s}"
+    );
+    assert_eq!(
+        s["failed"].as_u64(),
+        s["received"].as_u64(),
+        "only processing errors: {s}"
+    );
+    assert_eq!(engine.get("/ready").await.status, 503);
+    let durable = format!("cols-{}", env.id);
+    let info = consumer_info(&env.js, &env.stream, &durable)
+        .await
+        .expect("consumer");
+    assert_eq!(info.num_ack_pending, 3, "nothing acknowledged");
+    env.exec("ALTER TABLE cols.t ADD COLUMN note text").await;
+    wait_count(&env, "SELECT count(*) FROM cols.t WHERE note = 'n'", 3).await;
+    let ok = json!({"status": "ok", "checks": {"database": "up", "nats": "up"}});
+    engine.wait_reply("/ready", 200, &ok).await;
+}
+
+/// `ingestd test` writes a file's cases as one batch through the engine's
+/// writer, rolled back: a case sees the cases before it (a child row whose
+/// parent an earlier case inserts is stored; one whose parent no case
+/// inserts is `unstorable`), and nothing remains in the database.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipeline_test_cases_share_one_rolled_back_batch() {
+    let env = TestEnv::new().await;
+    let mut conn = env.db.acquire().await.expect("a connection");
+    let ddl = "CREATE TABLE parent (id text PRIMARY KEY);
+CREATE TABLE child (id text PRIMARY KEY, parent_id text NOT NULL REFERENCES parent (id));";
+    create_schema(&mut conn, "family", ddl).await;
+    let template = "{% if event.parent %}INSERT INTO child (id, parent_id) VALUES ({{ event.id }}, {{ event.parent }})
+{% else %}INSERT INTO parent (id) VALUES ({{ event.id }}){% endif %}";
+    let dir = env.fresh_dir("family");
+    let yaml = pipeline_yaml(&env, "family", "f.>", template, 1, "");
+    std::fs::write(dir.join("family.yaml"), yaml).expect("write pipeline");
+    let cases = r#"cases:
+  - name: a parent
+    subject: f.e
+    event: { id: p1 }
+    expect: { row: { id: p1 } }
+  - name: its child, in the same batch
+    subject: f.e
+    event: { id: c1, parent: p1 }
+    expect: {}
+  - name: an orphan
+    subject: f.e
+    event: { id: c2, parent: p9 }
+    expect: { invalid: unstorable }
+"#;
+    let test_file = dir.join("family.test.yaml");
+    std::fs::write(&test_file, cases).expect("write test file");
+    let arg = test_file.display().to_string();
+    let out = env.engine().output(&["test", &arg]).await;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("3 passed, 0 failed"), "{stdout}");
+    for table in ["parent", "child"] {
+        assert_eq!(
+            table_contents(&mut conn, "family", table).await,
+            json!([]),
+            "{table}"
+        );
+    }
+}
