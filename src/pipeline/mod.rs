@@ -330,8 +330,8 @@ async fn check_statement(
     sink.verify(&sample)
         .await
         .map_err(|e| format!("the insert statement is rejected by the database: {e}"))?;
-    for variant in templates.variants() {
-        if let Err(e) = sink.verify(&variant).await {
+    for variant in templates.variants().iter().filter(|v| v.sql != sample.sql) {
+        if let Err(e) = sink.verify(variant).await {
             tracing::warn!(file = %file.display(), statement = %variant.sql, error = %e, "a branch of the insert template cannot work");
         }
     }

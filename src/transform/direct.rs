@@ -59,11 +59,7 @@ impl Expr {
     /// The value for one event, as the template engine would give it.
     pub fn eval(&self, event: &Json, msg: &MsgMeta, headers: &BTreeMap<String, String>) -> Json {
         match self {
-            Expr::Event(path) => path
-                .iter()
-                .try_fold(event, |v, k| v.get(k))
-                .cloned()
-                .unwrap_or(Json::Null),
+            Expr::Event(path) => at(event, path).cloned().unwrap_or(Json::Null),
             Expr::Msg(field) => match field.as_str() {
                 "subject" => Json::from(msg.subject.as_str()),
                 "stream" => msg.stream.clone().map_or(Json::Null, Json::from),
@@ -105,7 +101,7 @@ impl Expr {
         headers: &BTreeMap<String, String>,
     ) -> Option<String> {
         let found = match self {
-            Expr::Event(path) => path.iter().try_fold(event, |v, k| v.get(k)),
+            Expr::Event(path) => at(event, path),
             Expr::Subject => return Some(msg.subject.clone()),
             Expr::Header(name) => return Some(headers.get(name).cloned().unwrap_or_default()),
             Expr::Msg(_) | Expr::Call(_) => return None,
@@ -119,6 +115,12 @@ impl Expr {
             Some(_) => None,
         }
     }
+}
+
+/// The value at `path` in the event, as the template engine finds it: a
+/// missing key (or a key of something that is not an object) is nothing.
+fn at<'a>(event: &'a Json, path: &[String]) -> Option<&'a Json> {
+    path.iter().try_fold(event, |v, k| v.get(k))
 }
 
 fn is_identifier(s: &str) -> bool {

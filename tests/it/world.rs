@@ -558,14 +558,7 @@ async fn dead_letters_keep_control_headers_aside_and_are_retried_until_accepted(
         (1, 0),
         "the original is held"
     );
-    env.js
-        .create_stream(stream::Config {
-            name: dlq.stream.clone(),
-            subjects: vec![dlq.subject.clone()],
-            ..Default::default()
-        })
-        .await
-        .expect("recreate the queue");
+    dlq.create_stream().await;
     let letters = dlq.wait_letters(1).await;
     let letter = &letters[0];
     assert_eq!(letter.header("Original-Nats-Expected-Stream"), env.stream);

@@ -88,11 +88,8 @@ pub enum WriteError {
 }
 
 impl WriteError {
-    fn from_sqlx(e: &sqlx::Error) -> Self {
-        match sqlstate::fault(e) {
-            Fault::Transient => WriteError::Transient(sqlstate::describe(e)),
-            _ => WriteError::Pipeline(sqlstate::describe(e)),
-        }
+    fn from_sqlx(e: sqlx::Error) -> Self {
+        write::Failed::Sql(e).into_write_error()
     }
 }
 
@@ -151,7 +148,7 @@ impl PgSink {
         sqlx::query(&plan.function.create)
             .execute(&mut *conn)
             .await
-            .map_err(|e| WriteError::from_sqlx(&e))?;
+            .map_err(WriteError::from_sqlx)?;
         Ok(plan)
     }
 
@@ -166,10 +163,7 @@ impl PgSink {
     }
 
     async fn acquire(&self) -> Result<PoolConnection<Postgres>, WriteError> {
-        self.pool
-            .acquire()
-            .await
-            .map_err(|e| WriteError::from_sqlx(&e))
+        self.pool.acquire().await.map_err(WriteError::from_sqlx)
     }
 }
 

@@ -113,11 +113,17 @@ pub fn fault(e: &sqlx::Error) -> Fault {
     }
 }
 
+/// A database error's one-line form, whether the driver raised it or the
+/// per-row function caught it.
+pub fn line(code: &str, message: &str) -> String {
+    format!("SQLSTATE {code}: {message}")
+}
+
 /// An error as one line, with its SQLSTATE where it has one.
 pub fn describe(e: &sqlx::Error) -> String {
     match e {
         sqlx::Error::Database(db) => match db.code() {
-            Some(code) => format!("SQLSTATE {code}: {}", db.message()),
+            Some(code) => line(&code, db.message()),
             None => db.message().to_string(),
         },
         other => other.to_string(),

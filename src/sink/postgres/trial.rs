@@ -42,20 +42,20 @@ impl PgSink {
             plan.row_sql
         );
         let mut conn = self.acquire().await?;
-        let mut tx = conn.begin().await.map_err(|e| WriteError::from_sqlx(&e))?;
+        let mut tx = conn.begin().await.map_err(WriteError::from_sqlx)?;
         let mut q = sqlx::query_scalar::<_, String>(&sql);
         for v in &values {
             q = q.bind(v.as_deref());
         }
         let result = q.fetch_optional(&mut *tx).await;
-        tx.rollback().await.map_err(|e| WriteError::from_sqlx(&e))?;
+        tx.rollback().await.map_err(WriteError::from_sqlx)?;
         match result {
             Ok(text) => Ok(Trial::Row(text.and_then(|t| serde_json::from_str(&t).ok()))),
             Err(e) if sqlstate::fault(&e) == Fault::Event => Ok(Trial::Rejected(Rejection {
                 sqlstate: db_code(&e),
                 error: sqlstate::describe(&e),
             })),
-            Err(e) => Err(WriteError::from_sqlx(&e)),
+            Err(e) => Err(WriteError::from_sqlx(e)),
         }
     }
 }

@@ -157,7 +157,7 @@ async fn run_batch(
                         return Err(Failed::Caught { state, message });
                     }
                     let k = start + row as usize - 1;
-                    let error = format!("SQLSTATE {state}: {message}");
+                    let error = sqlstate::line(&state, &message);
                     rejected.push((
                         k,
                         Rejection {
@@ -198,7 +198,7 @@ fn column(run: &[Encoded], col: usize) -> Vec<Option<&str>> {
 /// Why an attempt failed: a statement's error, or a row failure the
 /// per-row function caught that is not the row's own fault.
 #[derive(Debug)]
-enum Failed {
+pub(super) enum Failed {
     Sql(sqlx::Error),
     Caught { state: String, message: String },
 }
@@ -217,11 +217,11 @@ impl Failed {
         }
     }
 
-    fn into_write_error(self) -> WriteError {
+    pub(super) fn into_write_error(self) -> WriteError {
         let (text, code) = match &self {
             Failed::Sql(e) => (sqlstate::describe(e), db_code(e)),
             Failed::Caught { state, message } => {
-                (format!("SQLSTATE {state}: {message}"), Some(state.clone()))
+                (sqlstate::line(state, message), Some(state.clone()))
             }
         };
         match self.fault() {

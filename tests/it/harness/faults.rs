@@ -542,16 +542,20 @@ impl DeadLetterQueue {
             js: bus.js.clone(),
             url: bus.url.clone(),
         };
+        queue.create_stream().await;
         queue
-            .js
+    }
+
+    /// Creates the queue's stream (again, after a test deleted it).
+    pub async fn create_stream(&self) {
+        self.js
             .create_stream(stream::Config {
-                name: queue.stream.clone(),
-                subjects: vec![queue.subject.clone()],
+                name: self.stream.clone(),
+                subjects: vec![self.subject.clone()],
                 ..Default::default()
             })
             .await
             .expect("create the dead-letter stream");
-        queue
     }
 
     /// Every dead letter, in order.
