@@ -31,7 +31,7 @@ use std::hash::{Hash, Hasher};
 use serde_json::Value as Json;
 use sqlx::{Either, Executor, PgConnection};
 
-use crate::sink::postgres::sql;
+use crate::sink::postgres::{sql, sqlstate};
 
 /// How a run of consecutive rows with the same plan is written.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -57,7 +57,7 @@ impl WritePath {
 pub enum PlanError {
     #[error("the statement's placeholders do not line up with the template's expressions ({marks} placeholders, {values} values): write values only as {{{{ expression }}}}")]
     Placeholders { marks: usize, values: usize },
-    #[error("{}", crate::sink::postgres::sqlstate::describe(.0))]
+    #[error("{}", sqlstate::describe(.0))]
     Database(#[from] sqlx::Error),
 }
 
@@ -335,8 +335,9 @@ fn unnest_statement(
 
 /// The PL/pgSQL function that runs `body` (the row statement, its values
 /// read from the array arguments at `_ingestd_i`) for each row in order.
-/// With `isolate`, each row runs in its own savepoint and its failure is
-/// returned instead of raised, so one pass finds every failing row.
+/// With `isolate`, each row runs in its own savepoint and a failure that
+/// is the row's own fault is returned instead of raised, so one pass finds
+/// every failing row; any other failure is raised at once.
 fn row_function(body: &str, arity: usize, returns_rows: bool) -> RowFunction {
     let statement = if returns_rows {
         format!("{body}\n        INTO _ingestd_r")
@@ -353,6 +354,7 @@ fn row_function(body: &str, arity: usize, returns_rows: bool) -> RowFunction {
     let args: String = (1..=arity)
         .map(|n| format!(", _ingestd_a{n} text[]"))
         .collect();
+    let event_fault = sqlstate::event_fault_sql("SQLSTATE");
     let create = format!(
         "CREATE OR REPLACE FUNCTION {name}(_ingestd_isolate boolean, _ingestd_n integer{args})
 RETURNS TABLE(_ingestd_row integer, _ingestd_state text, _ingestd_message text)
@@ -365,6 +367,9 @@ BEGIN
             BEGIN
         {statement};
             EXCEPTION WHEN OTHERS THEN
+                IF NOT ({event_fault}) THEN
+                    RAISE;
+                END IF;
                 _ingestd_row := _ingestd_i;
                 _ingestd_state := SQLSTATE;
                 _ingestd_message := SQLERRM;

@@ -95,6 +95,25 @@ pub fn fault_of(code: &str) -> Fault {
         .map_or(Pipeline, |r| r.fault)
 }
 
+/// [`fault_of`] as a SQL boolean expression over the SQLSTATE text
+/// `code`: true when the error is the event's fault. The per-row function
+/// catches only those; anything else (a deadlock, a lock time-out) must
+/// end the attempt at once, not be collected while the rows after it keep
+/// waiting on locks.
+pub fn event_fault_sql(code: &str) -> String {
+    let arms: String = RULES
+        .iter()
+        .map(|r| {
+            format!(
+                " WHEN {code} LIKE '{}%' THEN {}",
+                r.prefix,
+                r.fault == Event
+            )
+        })
+        .collect();
+    format!("CASE{arms} ELSE false END")
+}
+
 /// What the table says an error with this SQLSTATE means.
 pub fn meaning(code: &str) -> Option<&'static str> {
     RULES
