@@ -12,7 +12,10 @@ use std::sync::{Arc, Mutex};
 
 use prometheus::core::{Collector, Desc, MetricVec, MetricVecBuilder};
 use prometheus::proto::{LabelPair, MetricFamily};
-use prometheus::{CounterVec, Gauge, HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry};
+use prometheus::{
+    Counter, CounterVec, Gauge, Histogram, HistogramOpts, HistogramVec, IntCounterVec, Opts,
+    Registry,
+};
 
 use crate::config::MetricsConfig;
 use crate::telemetry::health::HealthMetrics;
@@ -61,10 +64,10 @@ pub struct FamilySet {
     /// again with other label names, so a set whose labels change is
     /// replaced whole, registry and all.
     registry: Registry,
-    pub received: Guarded<CounterVec>,
-    pub processed: Guarded<CounterVec>,
-    pub failed: Guarded<CounterVec>,
-    pub duration: Guarded<HistogramVec>,
+    pub received: Guarded<CounterVec, Counter>,
+    pub processed: Guarded<CounterVec, Counter>,
+    pub failed: Guarded<CounterVec, Counter>,
+    pub duration: Guarded<HistogramVec, Histogram>,
     pub nats_up: Gauge,
 }
 
@@ -275,12 +278,14 @@ const OTHER: &str = "other";
 /// events (subjects, fields) are chosen by whoever publishes, and each new
 /// set costs memory forever. Observations with a new set beyond the cap are
 /// recorded under `other` for every label, counted, and warned about once.
-pub struct Guarded<V> {
+///
+/// Each admitted set's series is kept here, found by a fast hash of the
+/// values: every event observes several families, and the prometheus
+/// crate's own lookup hashes, locks and compares the labels again.
+pub struct Guarded<V, M> {
     vec: V,
     cap: usize,
-    /// Hashes of the label sets admitted (a collision admits a set
-    /// uncounted, which is harmless).
-    seen: Mutex<std::collections::HashSet<u64>>,
+    series: Mutex<Series<M>>,
     /// The engine's fold counter; its series for this family appears with
     /// the first fold (an idle family leaves no trace once removed).
     folds: IntCounterVec,
@@ -288,7 +293,17 @@ pub struct Guarded<V> {
     warned: std::sync::atomic::AtomicBool,
 }
 
-impl<T: MetricVecBuilder> Guarded<MetricVec<T>> {
+/// The admitted label sets' series, by the hash of their values (sets
+/// whose hashes collide share a bucket, told apart by their values).
+struct Series<M> {
+    by_hash: HashMap<u64, Vec<LabelledSeries<M>>, foldhash::fast::FixedState>,
+    sets: usize,
+}
+
+/// A label set's values and its series.
+type LabelledSeries<M> = (Box<[String]>, M);
+
+impl<T: MetricVecBuilder> Guarded<MetricVec<T>, T::M> {
     fn new(vec: MetricVec<T>, cap: usize, folds: &IntCounterVec) -> Self {
         let family = vec
             .desc()
@@ -297,7 +312,10 @@ impl<T: MetricVecBuilder> Guarded<MetricVec<T>> {
             .unwrap_or_default();
         Self {
             cap,
-            seen: Mutex::new(std::collections::HashSet::new()),
+            series: Mutex::new(Series {
+                by_hash: HashMap::default(),
+                sets: 0,
+            }),
             folds: folds.clone(),
             family,
             warned: std::sync::atomic::AtomicBool::new(false),
@@ -308,9 +326,36 @@ impl<T: MetricVecBuilder> Guarded<MetricVec<T>> {
     /// The series of `values`, or the `other` series when the family is
     /// full and `values` is a new set.
     pub fn with_label_values<V: AsRef<str> + std::fmt::Debug>(&self, values: &[V]) -> T::M {
-        if self.admit(values) {
-            return self.vec.with_label_values(values);
+        use std::hash::{BuildHasher, Hash, Hasher};
+        let mut h = foldhash::fast::FixedState::default().build_hasher();
+        values.iter().for_each(|v| v.as_ref().hash(&mut h));
+        let hash = h.finish();
+        let mut series = self.series.lock().expect("label set lock");
+        let known = series.by_hash.get(&hash).and_then(|bucket| {
+            bucket
+                .iter()
+                .find(|(k, _)| {
+                    k.iter()
+                        .map(String::as_str)
+                        .eq(values.iter().map(AsRef::as_ref))
+                })
+                .map(|(_, m)| m.clone())
+        });
+        if let Some(m) = known {
+            return m;
         }
+        if series.sets < self.cap {
+            let m = self.vec.with_label_values(values);
+            let key = values.iter().map(|v| v.as_ref().to_string()).collect();
+            series
+                .by_hash
+                .entry(hash)
+                .or_default()
+                .push((key, m.clone()));
+            series.sets += 1;
+            return m;
+        }
+        drop(series);
         self.folds.with_label_values(&[&self.family]).inc();
         if !self.warned.swap(true, std::sync::atomic::Ordering::Relaxed) {
             tracing::warn!(
@@ -320,22 +365,6 @@ impl<T: MetricVecBuilder> Guarded<MetricVec<T>> {
             );
         }
         self.vec.with_label_values(&vec![OTHER; values.len()])
-    }
-
-    fn admit<V: AsRef<str>>(&self, values: &[V]) -> bool {
-        use std::hash::{Hash, Hasher};
-        let mut h = std::collections::hash_map::DefaultHasher::new();
-        values.iter().for_each(|v| v.as_ref().hash(&mut h));
-        let key = h.finish();
-        let mut seen = self.seen.lock().expect("label set lock");
-        if seen.contains(&key) {
-            return true;
-        }
-        if seen.len() >= self.cap {
-            return false;
-        }
-        seen.insert(key);
-        true
     }
 }
 
@@ -431,4 +460,31 @@ pub fn duration_values<'a>(cfg: &MetricsConfig, labels: &'a [String]) -> Vec<&'a
         .filter_map(|d| cfg.labels.keys().position(|k| k == d))
         .map(|i| labels[i].as_str())
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Label sets up to the cap get series of their own, found again by
+    /// their values; later new sets go to `other` and are counted.
+    #[test]
+    fn a_guarded_family_keeps_its_sets_and_folds_the_rest() {
+        let vec = CounterVec::new(Opts::new("t_total", "t"), &["a", "b"]).expect("family");
+        let folds = IntCounterVec::new(Opts::new("folds", "f"), &["family"]).expect("folds");
+        let g = Guarded::new(vec.clone(), 2, &folds);
+        for values in [["x", "1"], ["y", "2"], ["x", "1"], ["z", "3"], ["y", "2"]] {
+            g.with_label_values(&values).inc();
+        }
+        let count = |values: [&str; 2]| vec.with_label_values(&values).get();
+        assert_eq!(
+            [
+                count(["x", "1"]),
+                count(["y", "2"]),
+                count(["other", "other"])
+            ],
+            [2.0, 2.0, 1.0]
+        );
+        assert_eq!(folds.with_label_values(&["t_total"]).get(), 1);
+    }
 }

@@ -130,7 +130,9 @@ impl Templates {
                 .iter()
                 .zip(&ours)
                 .enumerate()
-                .all(|(k, (a, b))| a == b || (direct.is_call(k) && a.is_string() && b.is_string()))
+                .all(|(k, (a, b))| {
+                    a == b || (direct.is_call(k) && a.as_str().is_some() && b.is_string())
+                })
     }
 
     /// The event's statement and metric labels. The event is consumed: a
@@ -153,10 +155,7 @@ impl Templates {
             }
         }
         let rendered = match &self.direct_insert {
-            Some(d) => Rendered {
-                sql: d.sql.clone(),
-                params: d.take_values(&mut event, msg, headers),
-            },
+            Some(d) => Rendered::new(d.sql.clone(), d.take_values(&mut event, msg, headers)),
             None => {
                 let ctx = ctx.get_or_insert_with(|| Self::context(&event, msg, headers));
                 self.render_insert(ctx)?
@@ -184,10 +183,7 @@ impl Templates {
             .and_then(|t| t.render(ctx))
             .map_err(|e| format!("insert template: {e:#}"));
         let params = PARAMS.with(|p| std::mem::take(&mut *p.borrow_mut()));
-        Ok(Rendered {
-            sql: Arc::from(sql?),
-            params,
-        })
+        Ok(Rendered::new(Arc::from(sql?), params))
     }
 
     /// The distinct statements the insert template can render: every
@@ -221,10 +217,7 @@ impl Templates {
             let params = PARAMS.with(|p| std::mem::take(&mut *p.borrow_mut()));
             if let Ok(sql) = sql {
                 if !out.iter().any(|r| *r.sql == *sql) {
-                    out.push(Rendered {
-                        sql: Arc::from(sql),
-                        params,
-                    });
+                    out.push(Rendered::new(Arc::from(sql), params));
                 }
             }
         }

@@ -44,7 +44,58 @@ pub struct Rendered {
     /// costs a reference count, and the sink recognises the same statement
     /// by pointer.
     pub sql: Arc<str>,
-    pub params: Vec<Json>,
+    pub params: Vec<ParamValue>,
+}
+
+impl Rendered {
+    pub fn new(sql: Arc<str>, values: Vec<Json>) -> Self {
+        Self {
+            sql,
+            params: values.into_iter().map(ParamValue::from).collect(),
+        }
+    }
+}
+
+/// One value of a rendered statement. An object is kept as its JSON text:
+/// that is what it becomes for any column type, and a row waits for its
+/// batch to be written with its text a fraction of the parsed tree's size.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ParamValue {
+    Value(Json),
+    Object(String),
+}
+
+impl From<Json> for ParamValue {
+    fn from(v: Json) -> Self {
+        match v {
+            Json::Object(_) => {
+                ParamValue::Object(serde_json::to_string(&v).expect("a JSON value serializes"))
+            }
+            other => ParamValue::Value(other),
+        }
+    }
+}
+
+/// A value equals the JSON it was made from (an object's text parses back
+/// to it).
+impl PartialEq<Json> for ParamValue {
+    fn eq(&self, other: &Json) -> bool {
+        match self {
+            ParamValue::Value(v) => v == other,
+            ParamValue::Object(text) => {
+                serde_json::from_str::<Json>(text).is_ok_and(|v| v == *other)
+            }
+        }
+    }
+}
+
+impl ParamValue {
+    pub fn as_str(&self) -> Option<&str> {
+        match self {
+            ParamValue::Value(v) => v.as_str(),
+            ParamValue::Object(_) => None,
+        }
+    }
 }
 
 /// Distinct statement texts remembered per sink. Templates with `{% if %}`

@@ -25,13 +25,14 @@
 //! single-row statement: `char(2)` pads, `varchar(3)` rejects a longer
 //! value, `numeric(5,2)` rounds.
 
+use std::borrow::Cow;
 use std::collections::{BTreeSet, HashMap};
 use std::hash::{Hash, Hasher};
 
 use serde_json::Value as Json;
 use sqlx::{Either, Executor, PgConnection};
 
-use crate::sink::postgres::{sql, sqlstate};
+use crate::sink::postgres::{sql, sqlstate, ParamValue};
 
 /// How a run of consecutive rows with the same plan is written.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -161,7 +162,10 @@ impl Plan {
     }
 
     /// Text for each value, in the form its target type reads.
-    pub fn encode(&self, values: &[Json]) -> Result<Vec<Option<String>>, NulError> {
+    pub fn encode<'a>(
+        &self,
+        values: &'a [ParamValue],
+    ) -> Result<Vec<Option<Cow<'a, str>>>, NulError> {
         values
             .iter()
             .zip(&self.params)
@@ -396,33 +400,45 @@ pub struct NulError;
 
 /// A JSON value as the text input of a type with this encoding. Null is
 /// SQL NULL; see [`Encoding`] for the rest.
-fn encode_value(v: &Json, encoding: &Encoding) -> Result<Option<String>, NulError> {
+fn encode_value<'a>(
+    v: &'a ParamValue,
+    encoding: &Encoding,
+) -> Result<Option<Cow<'a, str>>, NulError> {
+    let v = match v {
+        ParamValue::Object(text) if has_nul_escape(text) => return Err(NulError),
+        ParamValue::Object(text) => return Ok(Some(Cow::Borrowed(text))),
+        ParamValue::Value(v) => v,
+    };
     match (v, encoding) {
         (Json::Null, _) => Ok(None),
         (Json::String(s), Encoding::Text | Encoding::Array(_)) if s.contains('\0') => Err(NulError),
-        (Json::String(s), Encoding::Text | Encoding::Array(_)) => Ok(Some(s.clone())),
+        (Json::String(s), Encoding::Text | Encoding::Array(_)) => Ok(Some(Cow::Borrowed(s))),
         (Json::Array(items), Encoding::Array(elem)) if !has_nul(v) => {
-            Ok(Some(array_literal(items, elem)))
+            Ok(Some(Cow::Owned(array_literal(items, elem))))
         }
         (Json::Array(_), Encoding::Array(_)) => Err(NulError),
-        (other, _) => json_text(other).map(Some),
+        (other, _) => json_text(other).map(|t| Some(Cow::Owned(t))),
     }
 }
 
 /// JSON text; a NUL anywhere (serde_json writes it as `\u0000`) is
 /// refused, since Postgres stores no NUL in text or JSON.
 fn json_text(v: &Json) -> Result<String, NulError> {
-    let text = v.to_string();
-    // `\\u0000` is an escaped backslash before the text `u0000`: a NUL
-    // escape has an odd number of backslashes.
-    let nul = text
-        .match_indices("u0000")
-        .any(|(i, _)| text[..i].bytes().rev().take_while(|&b| b == b'\\').count() % 2 == 1);
-    if nul {
+    // `to_string` writes bytes straight into the buffer; `Display` would
+    // go through the formatter's character writes.
+    let text = serde_json::to_string(v).expect("a JSON value serializes");
+    if has_nul_escape(&text) {
         Err(NulError)
     } else {
         Ok(text)
     }
+}
+
+/// True when JSON text escapes a NUL. `\\u0000` is an escaped backslash
+/// before the text `u0000`: a NUL escape has an odd number of backslashes.
+fn has_nul_escape(text: &str) -> bool {
+    text.match_indices("u0000")
+        .any(|(i, _)| text[..i].bytes().rev().take_while(|&b| b == b'\\').count() % 2 == 1)
 }
 
 fn has_nul(v: &Json) -> bool {
@@ -459,49 +475,48 @@ mod tests {
     use super::*;
     use serde_json::json;
 
+    /// A value as the sink holds it (an object as its text), encoded.
+    fn enc(v: Json, encoding: &Encoding) -> Result<Option<String>, NulError> {
+        encode_value(&ParamValue::from(v), encoding).map(|t| t.map(Cow::into_owned))
+    }
+
     #[test]
     fn values_are_encoded_for_their_target_type() {
         let text = Encoding::Text;
         let json_enc = Encoding::Json;
+        assert_eq!(enc(json!("a"), &json_enc), Ok(Some("\"a\"".into())));
         assert_eq!(
-            encode_value(&json!("a"), &json_enc),
-            Ok(Some("\"a\"".into()))
-        );
-        assert_eq!(
-            encode_value(&json!({"k": 1}), &json_enc),
+            enc(json!({"k": 1}), &json_enc),
             Ok(Some("{\"k\":1}".into()))
         );
-        assert_eq!(encode_value(&json!("a'b"), &text), Ok(Some("a'b".into())));
-        assert_eq!(encode_value(&json!(1.5), &text), Ok(Some("1.5".into())));
+        assert_eq!(enc(json!("a'b"), &text), Ok(Some("a'b".into())));
+        assert_eq!(enc(json!(1.5), &text), Ok(Some("1.5".into())));
         assert_eq!(
-            encode_value(&json!(9007199254740993_i64), &text),
+            enc(json!(9007199254740993_i64), &text),
             Ok(Some("9007199254740993".into()))
         );
-        assert_eq!(encode_value(&json!(null), &text), Ok(None));
+        assert_eq!(enc(json!(null), &text), Ok(None));
         let texts = Encoding::Array(Box::new(Encoding::Text));
         assert_eq!(
-            encode_value(&json!(["a\"", null, 2]), &texts),
+            enc(json!(["a\"", null, 2]), &texts),
             Ok(Some("{\"a\\\"\",NULL,\"2\"}".into()))
         );
         assert_eq!(
-            encode_value(&json!([[1, 2], [3, 4]]), &texts),
+            enc(json!([[1, 2], [3, 4]]), &texts),
             Ok(Some("{{\"1\",\"2\"},{\"3\",\"4\"}}".into()))
         );
         let jsons = Encoding::Array(Box::new(Encoding::Json));
         assert_eq!(
-            encode_value(&json!(["a", {"k": [1]}]), &jsons),
+            enc(json!(["a", {"k": [1]}]), &jsons),
             Ok(Some("{\"\\\"a\\\"\",\"{\\\"k\\\":[1]}\"}".into()))
         );
-        assert_eq!(
-            encode_value(&json!({"k": ["x\u{0}"]}), &json_enc),
-            Err(NulError)
-        );
-        assert_eq!(encode_value(&json!({"k\u{0}": 1}), &text), Err(NulError));
-        assert_eq!(encode_value(&json!("a\u{0}"), &texts), Err(NulError));
+        assert_eq!(enc(json!({"k": ["x\u{0}"]}), &json_enc), Err(NulError));
+        assert_eq!(enc(json!({"k\u{0}": 1}), &text), Err(NulError));
+        assert_eq!(enc(json!("a\u{0}"), &texts), Err(NulError));
         // The text `\u0000` (a backslash, then u0000) is no NUL.
         let literal = json!({"k": "\\u0000 is text, \\\\\\u0000 too"});
         assert_eq!(
-            encode_value(&literal, &json_enc),
+            enc(literal.clone(), &json_enc),
             Ok(Some(literal.to_string()))
         );
     }

@@ -2,6 +2,8 @@
 //! to isolate rejected rows, the session functions of the per-row path, all
 //! bounded by the engine's clock.
 
+use std::borrow::Cow;
+
 use super::*;
 
 impl PgSink {
@@ -28,48 +30,30 @@ impl PgSink {
     /// `Stored` (once the transaction is finished as `finish` says). On an
     /// error every pending row stays `Pending`.
     pub async fn write(&self, rows: &mut [&mut SinkRow], finish: Finish) -> Result<(), WriteError> {
-        let mut batch = Vec::new();
-        let mut last: Option<(Arc<str>, Arc<Plan>)> = None;
-        for (index, row) in rows.iter_mut().enumerate() {
-            if row.outcome != Outcome::Pending {
-                continue;
-            }
-            let plan = match &last {
-                Some((sql, plan)) if Arc::ptr_eq(sql, &row.rendered.sql) => plan.clone(),
-                _ => self.plan(&row.rendered).await?,
-            };
-            last = Some((row.rendered.sql.clone(), plan.clone()));
-            match plan.encode(&row.rendered.params) {
-                Ok(values) => batch.push(Encoded {
-                    index,
-                    plan,
-                    values,
-                }),
-                Err(e) => {
-                    row.outcome = Outcome::Rejected(Rejection {
-                        sqlstate: None,
-                        error: e.to_string(),
-                    })
+        let (batch, refused) = self.encode_pending(rows).await?;
+        let indices: Vec<usize> = batch.iter().map(|e| e.index).collect();
+        let result = if batch.is_empty() {
+            Ok(Vec::new())
+        } else {
+            let mut conn = self.acquire().await?;
+            match self.attempt(&mut conn, &batch, Mode::Batch, finish).await {
+                Err(e) if e.fault() == Fault::Event => {
+                    self.attempt(&mut conn, &batch, Mode::Isolate, finish).await
                 }
+                other => other,
             }
-        }
-        if batch.is_empty() {
-            return Ok(());
-        }
-        let mut conn = self.acquire().await?;
-        let result = match self.attempt(&mut conn, &batch, Mode::Batch, finish).await {
-            Err(e) if e.fault() == Fault::Event => {
-                self.attempt(&mut conn, &batch, Mode::Isolate, finish).await
-            }
-            other => other,
         };
+        drop(batch);
+        for (index, rejection) in refused {
+            rows[index].outcome = Outcome::Rejected(rejection);
+        }
         match result {
             Ok(rejected) => {
-                for e in &batch {
-                    rows[e.index].outcome = Outcome::Stored;
+                for &index in &indices {
+                    rows[index].outcome = Outcome::Stored;
                 }
                 for (k, rejection) in rejected {
-                    rows[batch[k].index].outcome = Outcome::Rejected(rejection);
+                    rows[indices[k]].outcome = Outcome::Rejected(rejection);
                 }
                 Ok(())
             }
@@ -83,13 +67,49 @@ impl PgSink {
         }
     }
 
+    /// The pending rows' values, encoded for their plans (borrowing the
+    /// rows' strings), and the rows no plan can take (a NUL in a value).
+    async fn encode_pending<'a>(
+        &self,
+        rows: &'a [&mut SinkRow],
+    ) -> Result<(Vec<Encoded<'a>>, Vec<(usize, Rejection)>), WriteError> {
+        let mut batch = Vec::new();
+        let mut refused = Vec::new();
+        let mut last: Option<(&Arc<str>, Arc<Plan>)> = None;
+        for (index, row) in rows.iter().enumerate() {
+            if row.outcome != Outcome::Pending {
+                continue;
+            }
+            let plan = match &last {
+                Some((sql, plan)) if Arc::ptr_eq(sql, &row.rendered.sql) => plan.clone(),
+                _ => self.plan(&row.rendered).await?,
+            };
+            last = Some((&row.rendered.sql, plan.clone()));
+            match plan.encode(&row.rendered.params) {
+                Ok(values) => batch.push(Encoded {
+                    index,
+                    plan,
+                    values,
+                }),
+                Err(e) => refused.push((
+                    index,
+                    Rejection {
+                        sqlstate: None,
+                        error: e.to_string(),
+                    },
+                )),
+            }
+        }
+        Ok((batch, refused))
+    }
+
     /// Runs the batch in one transaction, creating a plan's session
     /// function first where this connection lacks it. Returns the rows
     /// (indices into `batch`) rejected in `Isolate` mode.
     async fn attempt(
         &self,
         conn: &mut PgConnection,
-        batch: &[Encoded],
+        batch: &[Encoded<'_>],
         mode: Mode,
         finish: Finish,
     ) -> Result<Vec<(usize, Rejection)>, Failed> {
@@ -113,10 +133,10 @@ enum Mode {
 }
 
 /// A row's values as text, ready to bind, and the plan they are for.
-struct Encoded {
+struct Encoded<'a> {
     index: usize,
     plan: Arc<Plan>,
-    values: Vec<Option<String>>,
+    values: Vec<Option<Cow<'a, str>>>,
 }
 
 /// A failure of the row at this index of a run, as the per-row function
@@ -128,7 +148,7 @@ type RowFailure = (i32, String, String);
 /// fails the whole attempt.
 async fn run_batch(
     conn: &mut PgConnection,
-    batch: &[Encoded],
+    batch: &[Encoded<'_>],
     mode: Mode,
     finish: Finish,
 ) -> Result<Vec<(usize, Rejection)>, Failed> {
@@ -179,7 +199,10 @@ async fn run_batch(
 
 /// Creates the session functions of the batch's plans on this connection
 /// (once per connection and plan: they live as long as the session).
-async fn create_functions(conn: &mut PgConnection, batch: &[Encoded]) -> Result<(), sqlx::Error> {
+async fn create_functions(
+    conn: &mut PgConnection,
+    batch: &[Encoded<'_>],
+) -> Result<(), sqlx::Error> {
     let mut done: Vec<&str> = Vec::new();
     for r in batch {
         let f = &r.plan.function;
@@ -191,7 +214,7 @@ async fn create_functions(conn: &mut PgConnection, batch: &[Encoded]) -> Result<
     Ok(())
 }
 
-fn column(run: &[Encoded], col: usize) -> Vec<Option<&str>> {
+fn column<'a>(run: &'a [Encoded<'_>], col: usize) -> Vec<Option<&'a str>> {
     run.iter().map(|r| r.values[col].as_deref()).collect()
 }
 
@@ -237,7 +260,7 @@ impl Failed {
 /// True when the error says a session function of this batch is missing
 /// on this connection: the function itself (42883), or the session's
 /// temporary schema, which exists only once something was created in it.
-fn missing_function(e: &sqlx::Error, batch: &[Encoded]) -> bool {
+fn missing_function(e: &sqlx::Error, batch: &[Encoded<'_>]) -> bool {
     let sqlx::Error::Database(db) = e else {
         return false;
     };
