@@ -35,7 +35,7 @@ pub use proxy::*;
 pub use scrape::*;
 pub use wait::*;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::fmt::Display;
 use std::future::Future;
 use std::net::SocketAddr;
@@ -45,6 +45,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use async_nats::jetstream::context::PublishAckFuture;
 use async_nats::jetstream::{self, consumer, stream};
 use serde_json::Value;
 use sqlx::postgres::{PgPool, PgPoolOptions};
