@@ -4,7 +4,7 @@
 //! already stored in the stream when the engine starts (so that it is pulled
 //! in full batches), the engine's table altered before its first write, and
 //! pipeline variants with other batch settings. The backlog of large events
-//! also serves the `world` suite.
+//! also serves the `world` suite and the benchmark.
 
 // Shared by several test binaries, each using part of it.
 #![allow(dead_code)]

@@ -1,4 +1,5 @@
-//! Test harness shared by the integration tests of `ingestd`.
+//! Test harness shared by the integration tests of `ingestd` and by its
+//! benchmark (`benches/bench.rs`, which includes this module by path).
 //!
 //! The tests run the real binary against the machine's NATS (JetStream) and
 //! PostgreSQL, in parallel. Everything a test touches on those servers is
@@ -6,10 +7,12 @@
 //! stream, subjects and durable consumer. Nothing here sleeps to synchronise:
 //! every wait polls a condition against a deadline ([`wait_for`]).
 
-// Each suite uses only part of the harness.
+// Each suite, and the benchmark (`benches/bench.rs`), uses only part of the
+// harness.
 #![allow(dead_code)]
 
 pub mod batching;
+pub mod bench;
 pub mod faults;
 pub mod operations;
 pub mod reload;
