@@ -39,7 +39,7 @@ fn ready_body(database: &str, nats: &str) -> Value {
 async fn wait_stored_exactly(env: &TestEnv, ids: &[String], timeout: Duration) {
     let n = ids.len() as i64;
     wait_for(&format!("{n} rows"), timeout, || async {
-        expect_eq(try_row_count(env).await?, n)
+        expect_eq(env.try_count(TIKTOK_TABLE).await?, n)
     })
     .await;
     assert_stored_exactly(env, ids).await;
@@ -604,7 +604,7 @@ async fn sigterm_during_a_drain_exits_at_once_and_acks_what_it_stored() {
         },
     )
     .await;
-    let stored = try_row_count(&env).await.expect("count rows");
+    let stored = env.try_count(TIKTOK_TABLE).await.expect("count rows");
     assert!(stored < EVENTS as i64, "the drain was over before SIGTERM");
     assert_eq!(
         info.ack_floor.stream_sequence, stored as u64,

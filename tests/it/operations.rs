@@ -28,12 +28,7 @@ fn pipeline(env: &TestEnv) -> Variant {
 /// The engine on a database behind a proxy (for outages), scraped by a
 /// Prometheus evaluating the shortened alert rules.
 async fn watched(env: &TestEnv) -> (TcpProxy, Engine, Prometheus) {
-    let proxy = TcpProxy::to_postgres().await;
-    let engine = env
-        .engine()
-        .database_url(proxied(env, &proxy))
-        .start()
-        .await;
+    let (proxy, engine) = env.engine_behind_proxy().await;
     let prometheus = Prometheus::start(env, engine.port, &shortened_rules()).await;
     (proxy, engine, prometheus)
 }
@@ -571,6 +566,7 @@ async fn kubernetes_manifests_match_the_binary() {
         std::os::unix::fs::symlink(repo_root().join(dir), app.join(dir)).unwrap();
     }
     let checked = run_to_exit(
+        ingestd_bin(),
         &["check", app.join("pipelines").to_str().unwrap()],
         &BTreeMap::new(),
         Path::new(&app),

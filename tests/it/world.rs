@@ -6,6 +6,7 @@
 
 use std::time::Duration;
 
+use crate::harness::batching::{large_event_backlog, LARGE_EVENT_TABLE};
 use crate::harness::faults::*;
 use crate::harness::*;
 use async_nats::jetstream::{consumer, stream};
@@ -15,11 +16,6 @@ const SOURCE_FAILURES: &str = "ingestd_pipeline_failures_total";
 /// `/ready`'s status code now.
 async fn ready_status(engine: &Engine) -> u16 {
     engine.get("/ready").await.status
-}
-
-/// How many lines of the engine's log contain `needle`.
-fn log_lines(engine: &Engine, needle: &str) -> usize {
-    engine.log().lines().filter(|l| l.contains(needle)).count()
 }
 
 // ---------------------------------------------------------------------------
@@ -45,8 +41,8 @@ async fn deleted_consumer_is_recreated_and_storing_continues() {
         0.0
     );
     assert_eq!(ready_status(&engine).await, 200);
-    assert_eq!(log_lines(&engine, "cannot pull"), 1, "{}", engine.log());
-    assert_eq!(log_lines(&engine, "pulling again"), 1, "{}", engine.log());
+    assert_eq!(engine.log_lines("cannot pull"), 1, "{}", engine.log());
+    assert_eq!(engine.log_lines("pulling again"), 1, "{}", engine.log());
 }
 
 /// Someone changes the consumer so that the server rejects the engine's
@@ -77,7 +73,7 @@ async fn changed_consumer_rejecting_pulls_is_restored() {
         .wait_metric_at_least(SOURCE_FAILURES, &[("side", "source")], 1.0)
         .await;
     assert_eq!(env.consumer_info().await.config.max_batch, 0, "restored");
-    assert_eq!(log_lines(&engine, "cannot pull"), 1, "{}", engine.log());
+    assert_eq!(engine.log_lines("cannot pull"), 1, "{}", engine.log());
 }
 
 /// The stream deleted and recreated by someone else with subjects that do
@@ -120,7 +116,7 @@ async fn replaced_stream_fails_the_pipeline_with_backoff_until_repaired() {
     .await;
     let failures = |m: &Metrics| m.sum(SOURCE_FAILURES, &[("side", "source")]);
     let first = failures(&engine.metrics().await);
-    let logged = log_lines(&engine, "cannot pull");
+    let logged = engine.log_lines("cannot pull");
     // Longer than the longest backoff (5 s): at least one retry falls in it.
     let window = Duration::from_secs(6);
     tokio::time::sleep(window).await; // the property is a rate over time
@@ -132,7 +128,7 @@ async fn replaced_stream_fails_the_pipeline_with_backoff_until_repaired() {
     );
     assert!(failures(&engine.metrics().await) > first, "no retry at all");
     assert_eq!(
-        log_lines(&engine, "cannot pull"),
+        engine.log_lines("cannot pull"),
         logged,
         "logged again without a change of state:\n{}",
         engine.log()
@@ -690,7 +686,7 @@ async fn label_sets_beyond_the_cap_fold_into_other() {
         "below the cap labels stay"
     );
     assert_eq!(
-        log_lines(&engine, "reached max_label_sets"),
+        engine.log_lines("reached max_label_sets"),
         1,
         "{}",
         engine.log()
@@ -701,39 +697,6 @@ async fn label_sets_beyond_the_cap_fold_into_other() {
 // 3. Bounded by bytes, not only by count
 // ---------------------------------------------------------------------------
 
-/// A pipeline of the test's stream storing any JSON event `{id, body}`
-/// into table `big` (no schema: the tiktok one refuses such events).
-fn large_event_pipeline(env: &TestEnv) -> String {
-    format!(
-        r#"name: big
-max_payload: 1MiB
-source:
-  nats:
-    stream: {{name: {stream}, subjects: ["{prefix}>"]}}
-    consumer: {{durable: {durable}, filter_subject: "{prefix}>"}}
-sink:
-  postgres:
-    insert: INSERT INTO big (id, body) VALUES ({{{{ event.id }}}}, {{{{ event.body }}}}) ON CONFLICT (id) DO NOTHING
-metrics:
-  prefix: big
-"#,
-        stream = env.stream,
-        prefix = env.subject_prefix,
-        durable = env.durable
-    )
-}
-
-/// Peak resident memory of a process, in MiB (VmHWM).
-fn peak_rss_mib(pid: u32) -> f64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
-    let kib: f64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .expect("VmHWM");
-    kib / 1024.0
-}
-
 /// A backlog of 200 events of about 600 KB: with 1,000-message pulls NATS
 /// would have to push 120 MB at once and drop the engine as a slow
 /// consumer. Pulls and batches are bounded by bytes, so it drains without
@@ -742,36 +705,19 @@ fn peak_rss_mib(pid: u32) -> f64 {
 async fn large_event_backlog_drains_without_disconnect_in_bounded_memory() {
     const EVENTS: usize = 200;
     let env = TestEnv::new().await;
-    env.exec("CREATE TABLE big (id text PRIMARY KEY, body text NOT NULL)")
-        .await;
-    env.write_pipeline("tiktok.yaml", &large_event_pipeline(&env));
-    let engine = env.engine().start().await;
-    let stop = engine.terminate().await;
-    assert!(stop.success());
-    let body = "x".repeat(600 * 1000);
-    for i in 0..EVENTS {
-        let event = serde_json::json!({"id": format!("big-{i}"), "body": body});
-        env.publish("big", serde_json::to_vec(&event).unwrap())
-            .await;
-    }
+    large_event_backlog(&env, EVENTS, 600 * 1000).await;
     let started = std::time::Instant::now();
     let engine = env.engine().start().await;
     wait_for(
         "the large backlog to be stored",
         Duration::from_secs(60),
-        || async {
-            let n: i64 = sqlx::query_scalar("SELECT count(*) FROM big")
-                .fetch_one(&env.db)
-                .await
-                .map_err(state("count"))?;
-            expect_eq(n, EVENTS as i64)
-        },
+        || async { expect_eq(env.try_count(LARGE_EVENT_TABLE).await?, EVENTS as i64) },
     )
     .await;
     let took = started.elapsed();
     env.wait_all_acked().await;
-    let rss = peak_rss_mib(engine.pid());
-    let disconnects = log_lines(&engine, "NATS disconnected");
+    let rss = engine.memory_kib("VmHWM").expect("VmHWM") as f64 / 1024.0;
+    let disconnects = engine.log_lines("NATS disconnected");
     eprintln!("large events: {EVENTS} × 600 KB drained in {took:?}, peak RSS {rss:.1} MiB, {disconnects} disconnects");
     assert_eq!(disconnects, 0, "{}", engine.log());
     assert!(rss < 256.0, "peak RSS {rss:.1} MiB");

@@ -3,19 +3,20 @@
 //! Those tests need what the shared harness leaves to the engine: a backlog
 //! already stored in the stream when the engine starts (so that it is pulled
 //! in full batches), the engine's table altered before its first write, and
-//! pipeline variants with other batch settings.
+//! pipeline variants with other batch settings. The backlog of large events
+//! also serves the `world` suite and the benchmark.
 
 // Shared by several test binaries, each using part of it.
 #![allow(dead_code)]
 
-use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream::consumer;
 use serde_json::{json, Value};
 
 use crate::harness::{
-    adapt_pipeline, example_event, repo_root, wait_for, Engine, TestEnv, PROCESSED,
+    adapt_pipeline, example_event, publish_windowed, repo_root, wait_for, Engine, TestEnv,
+    PROCESSED,
 };
 
 pub const VALIDATION_ERROR: &[(&str, &str)] = &[("reason", "validation_error")];
@@ -47,30 +48,54 @@ pub fn top_event(event_id: &str) -> Value {
 pub async fn publish_backlog(env: &TestEnv, events: impl IntoIterator<Item = Value>) -> u64 {
     env.create_stream().await;
     let subject = env.subject(TOP_VIEW);
-    let mut acks = VecDeque::with_capacity(PUBLISH_WINDOW);
-    let mut published = 0;
-    for event in events {
-        if acks.len() == PUBLISH_WINDOW {
-            confirm(acks.pop_front()).await;
-        }
+    let messages = events.into_iter().map(|event| {
         let body = serde_json::to_vec(&event).expect("serialize event");
-        let ack = env
-            .js
-            .publish(subject.clone(), body.into())
-            .await
-            .unwrap_or_else(|e| panic!("publish to {subject}: {e}"));
-        acks.push_back(ack);
-        published += 1;
-    }
-    for ack in acks {
-        confirm(Some(ack)).await;
-    }
-    published
+        (subject.clone(), body)
+    });
+    publish_windowed(&env.js, PUBLISH_WINDOW, messages).await
 }
 
-async fn confirm(ack: Option<async_nats::jetstream::context::PublishAckFuture>) {
-    if let Some(ack) = ack {
-        ack.await.expect("JetStream publish ack");
+/// The table [`large_event_pipeline`] writes.
+pub const LARGE_EVENT_TABLE: &str = "big";
+
+/// A pipeline of the test's stream storing any JSON event `{id, body}`
+/// into [`LARGE_EVENT_TABLE`] (no schema: the tiktok one refuses such events).
+pub fn large_event_pipeline(env: &TestEnv) -> String {
+    format!(
+        r#"name: big
+max_payload: 1MiB
+source:
+  nats:
+    stream: {{name: {stream}, subjects: ["{prefix}>"]}}
+    consumer: {{durable: {durable}, filter_subject: "{prefix}>"}}
+sink:
+  postgres:
+    insert: INSERT INTO {LARGE_EVENT_TABLE} (id, body) VALUES ({{{{ event.id }}}}, {{{{ event.body }}}}) ON CONFLICT (id) DO NOTHING
+metrics:
+  prefix: big
+"#,
+        stream = env.stream,
+        prefix = env.subject_prefix,
+        durable = env.durable
+    )
+}
+
+/// A backlog of `events` events whose body is `bytes` long, stored before
+/// any engine runs, with [`large_event_pipeline`] written over the test's
+/// tiktok.yaml and its table created. Published one at a time: a window of
+/// them would hold hundreds of MB.
+pub async fn large_event_backlog(env: &TestEnv, events: usize, bytes: usize) {
+    env.exec(&format!(
+        "CREATE TABLE {LARGE_EVENT_TABLE} (id text PRIMARY KEY, body text NOT NULL)"
+    ))
+    .await;
+    env.write_pipeline("tiktok.yaml", &large_event_pipeline(env));
+    env.create_stream().await;
+    let body = "x".repeat(bytes);
+    for i in 0..events {
+        let event = json!({"id": format!("big-{i}"), "body": body});
+        env.publish("big", serde_json::to_vec(&event).expect("serialize event"))
+            .await;
     }
 }
 

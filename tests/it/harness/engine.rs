@@ -3,10 +3,11 @@
 
 use super::*;
 
-/// Configuration of one `ingestd run`, defaulting to this test's database,
-/// NATS, a free HTTP port and the test's pipelines dir.
+/// Configuration of one `ingestd run`, defaulting to the binary cargo built,
+/// this test's database, NATS, a free HTTP port and the test's pipelines dir.
 pub struct EngineBuilder<'a> {
     env: &'a TestEnv,
+    program: PathBuf,
     pipelines_dir: PathBuf,
     vars: BTreeMap<String, String>,
 }
@@ -28,6 +29,7 @@ impl<'a> EngineBuilder<'a> {
         ];
         Self {
             env,
+            program: ingestd_bin().to_owned(),
             pipelines_dir: env.pipelines_dir(),
             vars: vars.into_iter().map(|(k, v)| (k.to_owned(), v)).collect(),
         }
@@ -48,6 +50,12 @@ impl<'a> EngineBuilder<'a> {
         self
     }
 
+    /// Another `ingestd` binary than the one cargo built.
+    pub fn program(mut self, path: impl Into<PathBuf>) -> Self {
+        self.program = path.into();
+        self
+    }
+
     /// The environment the engine will get (on top of the inherited one).
     pub fn vars(&self) -> &BTreeMap<String, String> {
         &self.vars
@@ -57,7 +65,7 @@ impl<'a> EngineBuilder<'a> {
     /// fresh empty cwd, to completion; see [`run_to_exit`].
     pub async fn output(self, args: &[&str]) -> Output {
         let cwd = self.env.fresh_dir("cli");
-        run_to_exit(args, &self.vars, &cwd).await
+        run_to_exit(&self.program, args, &self.vars, &cwd).await
     }
 
     /// Starts the process without waiting for anything.
@@ -69,7 +77,7 @@ impl<'a> EngineBuilder<'a> {
             "--pipelines".as_ref(),
             self.pipelines_dir.as_os_str(),
         ];
-        Engine::spawn(&args, &self.vars, &dir, port)
+        Engine::spawn(&self.program, &args, &self.vars, &dir, port)
     }
 
     /// Starts the engine and waits until it serves HTTP and has set up this
@@ -87,6 +95,7 @@ impl<'a> EngineBuilder<'a> {
 /// file, printed when the test fails (see `Drop`).
 pub struct Engine {
     child: Mutex<Child>,
+    started: Instant,
     pub port: u16,
     pub log_path: PathBuf,
     http: reqwest::Client,
@@ -127,10 +136,11 @@ pub fn http_client() -> reqwest::Client {
 }
 
 impl Engine {
-    /// Runs the binary with `args` and exactly the given variables on top of
+    /// Runs `program` with `args` and exactly the given variables on top of
     /// the inherited environment, in the empty dir `dir` (which also gets the
     /// log, outside any pipelines dir).
     pub fn spawn(
+        program: &Path,
         args: &[&std::ffi::OsStr],
         vars: &BTreeMap<String, String>,
         dir: &Path,
@@ -139,9 +149,10 @@ impl Engine {
         let log_path = dir.join("engine.log");
         let cwd = dir.join("cwd");
         std::fs::create_dir_all(&cwd).expect("create engine cwd");
-        let mut command = Command::new(ingestd_bin());
+        let mut command = Command::new(program);
         command.args(args).envs(vars).current_dir(&cwd);
         Self {
+            started: Instant::now(),
             child: Mutex::new(spawn_logged(command, &log_path)),
             port,
             log_path,
@@ -154,13 +165,41 @@ impl Engine {
         std::fs::read_to_string(&self.log_path).unwrap_or_default()
     }
 
+    /// How many lines of the log so far contain `needle`.
+    pub fn log_lines(&self, needle: &str) -> usize {
+        self.log().lines().filter(|l| l.contains(needle)).count()
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.lock().unwrap().id()
+    }
+
+    /// Time since the process was started.
+    pub fn uptime(&self) -> Duration {
+        self.started.elapsed()
+    }
+
+    /// A memory field of `/proc/<pid>/status` (`VmRSS`, `VmHWM`, ...) in KiB;
+    /// `None` once the process is gone.
+    pub fn memory_kib(&self, field: &str) -> Option<u64> {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).ok()?;
+        let line = status
+            .lines()
+            .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))?;
+        line.split_whitespace().next()?.parse().ok()
     }
 
     /// The exit status if the process has ended.
     pub fn exit_status(&self) -> Option<ExitStatus> {
         self.child.lock().unwrap().try_wait().expect("try_wait")
+    }
+
+    /// Panics, with the log, if the process has exited: a wait on an engine
+    /// that died must fail at once, not at its deadline.
+    pub fn assert_running(&self) {
+        if let Some(status) = self.exit_status() {
+            panic!("ingestd exited early ({status}); log:\n{}", self.log());
+        }
     }
 
     pub async fn try_get(&self, path: &str) -> Result<HttpReply, String> {
@@ -180,12 +219,17 @@ impl Engine {
     /// Waits until `GET /live` answers 200. Fails at once, not at the
     /// deadline, if the process exits meanwhile.
     pub async fn wait_ready(&self) {
-        wait_for("GET /live to answer 200", DEADLINE, || async {
-            if let Some(status) = self.exit_status() {
-                panic!("ingestd exited early ({status}); log:\n{}", self.log());
-            }
-            let reply = self.try_get("/live").await?;
-            expect_eq(reply.status, 200).map_err(|e| format!("/live status {e}"))
+        self.wait_ok("/live", DEADLINE, POLL_INTERVAL).await
+    }
+
+    /// Waits until `GET path` answers 200, asking every `every`. Fails at
+    /// once, not at the deadline, if the process exits meanwhile.
+    pub async fn wait_ok(&self, path: &str, timeout: Duration, every: Duration) {
+        let what = format!("GET {path} to answer 200");
+        wait_for_every(&what, timeout, every, || async {
+            self.assert_running();
+            let reply = self.try_get(path).await?;
+            expect_eq(reply.status, 200).map_err(|e| format!("{path} status {e}"))
         })
         .await
     }
@@ -249,20 +293,39 @@ impl Engine {
 
     /// Asks the engine to stop (SIGTERM) and waits for it to exit.
     pub async fn terminate(&self) -> ExitStatus {
-        let sent = Command::new("kill")
-            .args(["-TERM", &self.pid().to_string()])
-            .status()
-            .expect("run kill");
-        assert!(sent.success(), "kill -TERM failed");
+        signal(self.pid(), "TERM");
         self.wait_exit().await
     }
 
+    /// Asks the engine to stop (SIGTERM) and waits up to `timeout` for it to
+    /// exit; `None` if it is still running then (it is killed on drop).
+    pub async fn terminate_within(&self, timeout: Duration) -> Option<ExitStatus> {
+        signal(self.pid(), "TERM");
+        self.try_wait_exit(timeout).await
+    }
+
     pub async fn wait_exit(&self) -> ExitStatus {
-        wait_for("ingestd to exit", DEADLINE, || async {
+        self.try_wait_exit(DEADLINE)
+            .await
+            .unwrap_or_else(|| panic!("ingestd still running after {DEADLINE:?}"))
+    }
+
+    async fn try_wait_exit(&self, timeout: Duration) -> Option<ExitStatus> {
+        try_wait_for(timeout, POLL_INTERVAL, || async {
             self.exit_status().ok_or_else(|| "still running".to_owned())
         })
         .await
+        .ok()
     }
+}
+
+/// Sends `SIG<name>` to a process this test started.
+pub fn signal(pid: u32, name: &str) {
+    let sent = Command::new("kill")
+        .args([format!("-{name}"), pid.to_string()])
+        .status()
+        .expect("run kill");
+    assert!(sent.success(), "kill -{name} {pid} failed");
 }
 
 impl Drop for Engine {
@@ -282,10 +345,16 @@ impl Drop for Engine {
     }
 }
 
-/// Runs `ingestd ARGS` to completion (a one-shot command such as `check`, or
-/// `run` that is expected to fail), killing it if it outlives `DEADLINE`.
-pub async fn run_to_exit(args: &[&str], vars: &BTreeMap<String, String>, cwd: &Path) -> Output {
-    let child = tokio::process::Command::new(ingestd_bin())
+/// Runs `program ARGS` (`ingestd` with a one-shot command such as `check`,
+/// or `run` that is expected to fail) to completion, killing it if it
+/// outlives `DEADLINE`.
+pub async fn run_to_exit(
+    program: &Path,
+    args: &[&str],
+    vars: &BTreeMap<String, String>,
+    cwd: &Path,
+) -> Output {
+    let child = tokio::process::Command::new(program)
         .args(args)
         .envs(vars)
         .current_dir(cwd)

@@ -24,6 +24,10 @@ impl TestEnv {
     /// A fresh database, a temp dir, and `pipelines/tiktok.yaml` adapted to
     /// this test's names. The stream is left to the engine to create.
     pub async fn new() -> Self {
+        // NATS first: a failure to connect then leaves nothing behind.
+        let nats = async_nats::connect(nats_url())
+            .await
+            .expect("connect to NATS");
         let id = unique_id();
         let db_name = format!("ingestd_{id}");
         let dir = std::env::temp_dir().join(format!("ingestd-test-{id}"));
@@ -34,9 +38,6 @@ impl TestEnv {
             .connect(&postgres_url(PG_PORT, &db_name))
             .await
             .expect("connect to the test database");
-        let nats = async_nats::connect(nats_url())
-            .await
-            .expect("connect to NATS");
         let env = Self {
             stream: format!("RAW_EVENTS_{id}"),
             durable: format!("ttk-collector-tiktok-{id}"),
@@ -119,13 +120,7 @@ impl TestEnv {
 
     /// Publishes raw bytes and waits for JetStream to confirm storing them.
     pub async fn publish(&self, suffix: &str, payload: impl Into<Vec<u8>>) {
-        let subject = self.subject(suffix);
-        self.js
-            .publish(subject.clone(), payload.into().into())
-            .await
-            .unwrap_or_else(|e| panic!("publish to {subject}: {e}"))
-            .await
-            .unwrap_or_else(|e| panic!("publish ack for {subject}: {e}"));
+        publish_confirmed(&self.js, &self.subject(suffix), payload.into()).await;
     }
 
     /// Publishes an event on the subject the producers use for it:
@@ -217,6 +212,16 @@ impl TestEnv {
         self.wait_row_in(TIKTOK_TABLE, event_id).await
     }
 
+    /// `SELECT count(*) FROM <from>`, `from` being SQL such as `big` or
+    /// `"TiktokEvent" WHERE ...` (a missing table is just "not yet").
+    pub async fn try_count(&self, from: &str) -> Result<i64, String> {
+        let sql = format!("SELECT count(*) FROM {from}");
+        sqlx::query_scalar(&sql)
+            .fetch_one(&self.db)
+            .await
+            .map_err(state(&sql))
+    }
+
     /// Runs one SQL statement on the test database (fixtures).
     pub async fn exec(&self, sql: &str) {
         sqlx::raw_sql(sql)
@@ -233,7 +238,9 @@ impl Drop for TestEnv {
         let (db_name, stream) = (self.db_name.clone(), self.stream.clone());
         on_own_runtime(async move {
             delete_stream(nats_url().to_owned(), stream).await;
-            let _ = drop_database(&db_name).await;
+            if let Err(e) = drop_database(&db_name).await {
+                eprintln!("cleanup: cannot drop database {db_name}: {e}");
+            }
         });
         if std::thread::panicking() {
             eprintln!("test files kept in {}", self.dir.display());

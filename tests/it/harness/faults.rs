@@ -20,8 +20,8 @@ use serde_json::{json, Value};
 
 use crate::harness::{
     adapt_pipeline, all_acked, example_event, expect_eq, free_port, nats_server_bin, nats_url,
-    redeliveries, state, wait_for, Engine, EngineBuilder, Metrics, TestEnv, DEADLINE, FAILED,
-    PROCESSED, RECEIVED,
+    publish_windowed, redeliveries, signal, state, wait_for, Engine, EngineBuilder, Metrics,
+    TestEnv, DEADLINE, FAILED, PROCESSED, RECEIVED, TIKTOK_TABLE,
 };
 
 pub const NATS_STATUS: &str = "collector_nats_connection_status";
@@ -128,18 +128,11 @@ pub async fn stored_ids(env: &TestEnv) -> Vec<String> {
         .expect("read eventIds")
 }
 
-pub async fn try_row_count(env: &TestEnv) -> Result<i64, String> {
-    sqlx::query_scalar(r#"SELECT count(*) FROM "TiktokEvent""#)
-        .fetch_one(&env.db)
-        .await
-        .map_err(state("count rows"))
-}
-
 /// Waits until the table holds at least `min` rows (the table is created by
 /// the engine's migration, so "no table yet" is just "not yet").
 pub async fn wait_rows_at_least(env: &TestEnv, min: i64, timeout: Duration) -> i64 {
     wait_for(&format!("at least {min} rows"), timeout, || async {
-        let n = try_row_count(env).await?;
+        let n = env.try_count(TIKTOK_TABLE).await?;
         if n >= min {
             Ok(n)
         } else {
@@ -227,17 +220,13 @@ impl Bus {
     pub async fn publish_events(&self, ids: &[String]) {
         const WINDOW: usize = 500;
         let subject = self.subject(TOP_VIEW);
-        for chunk in ids.chunks(WINDOW) {
-            let mut confirmations = Vec::with_capacity(chunk.len());
-            for id in chunk {
-                let payload = to_bytes(&event(id));
-                let ack = self.js.publish(subject.clone(), payload.into()).await;
-                confirmations.push(ack.unwrap_or_else(|e| panic!("publish {id}: {e}")));
-            }
-            for confirmation in confirmations {
-                confirmation.await.expect("publish ack");
-            }
-        }
+        // Collected: a lazy map's closure would keep the future from being
+        // spawned (the compiler cannot prove it `Send` for every lifetime).
+        let events: Vec<_> = ids
+            .iter()
+            .map(|id| (subject.clone(), to_bytes(&event(id))))
+            .collect();
+        publish_windowed(&self.js, WINDOW, events).await;
     }
 
     /// Pulls one message from the durable consumer, as a peer of the engine
@@ -484,15 +473,6 @@ impl Drop for NatsServer {
             eprintln!("----- nats-server log -----\n{}", self.log());
         }
     }
-}
-
-/// Sends `SIG<name>` to a process this test started.
-pub fn signal(pid: u32, name: &str) {
-    let sent = Command::new("kill")
-        .args([format!("-{name}"), pid.to_string()])
-        .status()
-        .expect("run kill");
-    assert!(sent.success(), "kill -{name} {pid} failed");
 }
 
 /// SIGKILLs the engine (no chance to ack, flush or say goodbye) and waits

@@ -1,4 +1,5 @@
-//! Test harness shared by the integration tests of `ingestd`.
+//! Test harness shared by the integration tests of `ingestd` and by its
+//! benchmark (`benches/bench.rs`, which includes this module by path).
 //!
 //! The tests run the real binary against the machine's NATS (JetStream) and
 //! PostgreSQL, in parallel. Everything a test touches on those servers is
@@ -6,10 +7,12 @@
 //! stream, subjects and durable consumer. Nothing here sleeps to synchronise:
 //! every wait polls a condition against a deadline ([`wait_for`]).
 
-// Each suite uses only part of the harness.
+// Each suite, and the benchmark (`benches/bench.rs`), uses only part of the
+// harness.
 #![allow(dead_code)]
 
 pub mod batching;
+pub mod bench;
 pub mod faults;
 pub mod operations;
 pub mod reload;
@@ -35,7 +38,7 @@ pub use proxy::*;
 pub use scrape::*;
 pub use wait::*;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::fmt::Display;
 use std::future::Future;
 use std::net::SocketAddr;
@@ -45,6 +48,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use async_nats::jetstream::context::PublishAckFuture;
 use async_nats::jetstream::{self, consumer, stream};
 use serde_json::Value;
 use sqlx::postgres::{PgPool, PgPoolOptions};

@@ -1,5 +1,5 @@
-//! NATS: the servers of the tests, consumer state, and the checks read from
-//! it.
+//! NATS: the servers of the tests, publishing, consumer state, and the
+//! checks read from it.
 
 use super::*;
 
@@ -19,23 +19,91 @@ pub fn nats_server_bin() -> String {
     std::env::var("NATS_SERVER").unwrap_or_else(|_| "/usr/sbin/nats-server".to_owned())
 }
 
-/// The state of `durable` on `stream`, or why it could not be read.
+/// Publishes without waiting for JetStream's confirmation, which the
+/// returned future (see [`confirmed`]) brings.
+pub async fn publish_unconfirmed(
+    js: &jetstream::Context,
+    subject: &str,
+    payload: Vec<u8>,
+) -> PublishAckFuture {
+    js.publish(subject.to_owned(), payload.into())
+        .await
+        .unwrap_or_else(|e| panic!("publish to {subject}: {e}"))
+}
+
+/// JetStream's confirmation of a publish: the message's stream sequence.
+pub async fn confirmed(ack: PublishAckFuture) -> u64 {
+    ack.await
+        .unwrap_or_else(|e| panic!("JetStream did not confirm a publish: {e}"))
+        .sequence
+}
+
+/// Publishes and waits for JetStream to confirm storing the message;
+/// returns its stream sequence.
+pub async fn publish_confirmed(js: &jetstream::Context, subject: &str, payload: Vec<u8>) -> u64 {
+    confirmed(publish_unconfirmed(js, subject, payload).await).await
+}
+
+/// Publishes `(subject, payload)` messages in order with up to `window`
+/// confirmations outstanding, and returns once JetStream confirmed every one
+/// with how many there were: one round trip per message would make a
+/// backlog of tens of thousands take seconds; a window keeps the connection
+/// busy and memory bounded.
+pub async fn publish_windowed(
+    js: &jetstream::Context,
+    window: usize,
+    messages: impl IntoIterator<Item = (String, Vec<u8>)>,
+) -> u64 {
+    let mut acks = VecDeque::with_capacity(window);
+    let mut published = 0;
+    for (subject, payload) in messages {
+        if acks.len() == window {
+            if let Some(ack) = acks.pop_front() {
+                confirmed(ack).await;
+            }
+        }
+        acks.push_back(publish_unconfirmed(js, &subject, payload).await);
+        published += 1;
+    }
+    for ack in acks {
+        confirmed(ack).await;
+    }
+    published
+}
+
+/// The state of `durable` on `stream`, or why it could not be read (one
+/// request: cheap enough to poll often).
 pub async fn consumer_info(
     js: &jetstream::Context,
     stream: &str,
     durable: &str,
 ) -> Result<consumer::Info, String> {
-    let stream = js.get_stream(stream).await.map_err(state("get stream"))?;
+    let stream = js
+        .get_stream_no_info(stream)
+        .await
+        .map_err(state("stream name"))?;
     stream
         .consumer_info(durable)
         .await
         .map_err(state("consumer info"))
 }
 
-/// Best-effort deletion of a stream on the server at `url`.
+/// Best-effort deletion of a stream on the server at `url`; a failure other
+/// than the stream not existing is reported on stderr.
 pub async fn delete_stream(url: String, stream: String) {
-    if let Ok(client) = async_nats::connect(url).await {
-        let _ = jetstream::new(client).delete_stream(&stream).await;
+    let deleted = match async_nats::connect(url).await {
+        Ok(client) => jetstream::new(client)
+            .delete_stream(&stream)
+            .await
+            .map(drop)
+            .map_err(|e| e.to_string()),
+        Err(e) => Err(e.to_string()),
+    };
+    match deleted {
+        Err(e) if !e.contains("not found") => {
+            eprintln!("cleanup: cannot delete stream {stream}: {e}")
+        }
+        _ => {}
     }
 }
 

@@ -11,7 +11,6 @@
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, consumer};
@@ -147,11 +146,7 @@ pub async fn reload_with(
 
 /// Sends SIGHUP to the engine: "reload every pipeline file".
 pub fn send_sighup(engine: &Engine) {
-    let sent = Command::new("kill")
-        .args(["-HUP", &engine.pid().to_string()])
-        .status()
-        .expect("run kill");
-    assert!(sent.success(), "kill -HUP failed");
+    signal(engine.pid(), "HUP");
 }
 
 // ---------------------------------------------------------------------------
@@ -303,12 +298,7 @@ metrics:
     pub async fn publish(&self, click_id: &str) {
         let subject = format!("{}web", self.subject_prefix);
         let body = json!({ "clickId": click_id, "url": format!("https://example.com/{click_id}") });
-        self.js
-            .publish(subject.clone(), body.to_string().into())
-            .await
-            .unwrap_or_else(|e| panic!("publish to {subject}: {e}"))
-            .await
-            .unwrap_or_else(|e| panic!("publish ack for {subject}: {e}"));
+        publish_confirmed(&self.js, &subject, body.to_string().into_bytes()).await;
     }
 
     /// The click ids stored, sorted.
@@ -358,19 +348,7 @@ impl Drop for Clicks {
     /// Best-effort removal of the stream, on a thread of its own for the
     /// same reason as `TestEnv`'s drop.
     fn drop(&mut self) {
-        let stream = self.stream.clone();
-        let cleanup = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .expect("cleanup runtime");
-            rt.block_on(async {
-                if let Ok(client) = async_nats::connect(nats_url()).await {
-                    let _ = jetstream::new(client).delete_stream(&stream).await;
-                }
-            });
-        });
-        let _ = cleanup.join();
+        on_own_runtime(delete_stream(nats_url().to_owned(), self.stream.clone()));
     }
 }
 

@@ -5,42 +5,56 @@
 //!
 //! 1. PostgreSQL's own limit: `COPY` of N tiktok rows into a fresh table made
 //!    by the contract's migration (same DDL and indexes as the engine's table).
-//! 2. ingestd draining a backlog of N events published before it starts.
+//! 2. ingestd draining a backlog of N events published before it starts
+//!    (and again through a statement that takes the per-row path).
 //! 3. Publish → commit latency at a steady rate with the default batching.
 //! 4. ingestd's peak resident memory during (2).
+//! 5. Large events: the drain of a backlog of 600 KB events, its memory and
+//!    NATS disconnects.
 //!
-//! Everything it touches on the shared servers is its own (a database, a
-//! stream, subjects, a durable consumer) and is removed at the end, also on
-//! failure or Ctrl-C. Waits poll a condition against a deadline; nothing
-//! sleeps a fixed time to synchronise.
+//! It runs on the integration tests' harness (`tests/it/harness/`): the
+//! servers, names, engine process and waits are the tests' own. Everything
+//! it touches on the shared servers belongs to one of two `TestEnv`s (a
+//! database, a stream, subjects, a durable consumer, a temp dir each) and is
+//! removed at the end, also on failure or Ctrl-C. Waits poll a condition
+//! against a deadline; nothing sleeps a fixed time to synchronise.
 //!
-//! Run it with `bash scripts/bench.sh [--events N] [--rate R] [--latency-secs S]`.
+//! Run it with `bash scripts/bench.sh [--events N] [--rate R] [--latency-secs S]`,
+//! which starts the services and runs `cargo bench --bench bench -- ...`.
 
-use std::collections::{HashMap, VecDeque};
+#[path = "../tests/it/harness/mod.rs"]
+mod harness;
+
+use std::cell::Cell;
+use std::collections::HashMap;
 use std::future::Future;
+use std::panic::AssertUnwindSafe;
 use std::path::{Path, PathBuf};
-use std::process::{ExitCode, Stdio};
+use std::process::ExitCode;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use anyhow::{bail, ensure, Context as _};
-use async_nats::jetstream::{self, consumer::PullConsumer, context::PublishAckFuture};
+use async_nats::jetstream::context::PublishAckFuture;
 use chrono::{DateTime, FixedOffset, SecondsFormat};
 use clap::Parser;
-use futures::{FutureExt as _, StreamExt};
+use futures::{FutureExt as _, StreamExt as _};
 use serde_json::{json, Value};
-use sqlx::postgres::{PgConnection, PgPool, PgPoolOptions};
+use sqlx::postgres::{PgConnection, PgPool};
 use sqlx::Connection as _;
-use tokio::process::{Child, Command};
 
-const NATS_URL: &str = "nats://127.0.0.1:4222";
-const PG_BASE: &str = "postgresql://postgres@127.0.0.1:5432";
+use harness::batching::{large_event_backlog, LARGE_EVENT_TABLE};
+use harness::bench::{acked_sequence, thousands, Percentiles};
+use harness::{
+    all_acked, confirmed, expect_eq, ingestd_bin, nats_url, publish_unconfirmed, publish_windowed,
+    repo_root, try_wait_for, wait_for_every, Engine, EngineBuilder, TestEnv, TIKTOK_TABLE,
+};
+
 /// The targets stated in the issue, printed next to each figure.
 const TARGET_DRAIN_SHARE: f64 = 0.50;
 const TARGET_P99_MS: f64 = 25.0;
 const TARGET_RSS_MIB: f64 = 64.0;
 /// The large-events phase: its backlog and its memory target.
-const LARGE_EVENTS: u64 = 200;
+const LARGE_EVENTS: usize = 200;
 const LARGE_EVENT_BYTES: usize = 600_000;
 const TARGET_LARGE_RSS_MIB: f64 = 256.0;
 const TARGET_RATE: u64 = 2_000;
@@ -52,11 +66,18 @@ const PUBLISH_WINDOW: usize = 4_096;
 const COPY_SCHEMA: &str = "bench_copy_limit";
 /// How often the drain is observed; bounds the error of its end time.
 const DRAIN_POLL: Duration = Duration::from_millis(10);
+/// How often `/ready` is asked; bounds the error of the start-up time.
+const READY_POLL: Duration = Duration::from_millis(20);
 /// Tick of the paced publisher of the latency phase.
 const PACE_TICK: Duration = Duration::from_millis(10);
 const READY_WITHIN: Duration = Duration::from_secs(60);
 const STOP_WITHIN: Duration = Duration::from_secs(40);
 const SETTLE_WITHIN: Duration = Duration::from_secs(60);
+const LARGE_WITHIN: Duration = Duration::from_secs(120);
+/// How long ack copies still in flight to the observer are waited for.
+const ACKS_WITHIN: Duration = Duration::from_secs(5);
+/// The rows of the latency phase, as SQL after `FROM`.
+const LATENCY_ROWS: &str = r#""TiktokEvent" WHERE "eventId" LIKE 'lat-%'"#;
 /// Event types of the schema; the generator cycles through all of them.
 const EVENT_TYPES: [&str; 7] = [
     "video.view",
@@ -78,7 +99,8 @@ const BASE_MILLIS: i64 = 1_736_899_200_000;
 #[derive(Parser, Debug, Clone)]
 #[command(
     name = "bench",
-    about = "Benchmark ingestd (pipelines/tiktok.yaml) against COPY on this machine"
+    about = "Benchmark ingestd (pipelines/tiktok.yaml) against COPY on this machine",
+    override_usage = "bash scripts/bench.sh [OPTIONS]"
 )]
 struct Args {
     /// Events in the backlog of the drain, and rows of the COPY (200,000 is the headline run).
@@ -90,13 +112,32 @@ struct Args {
     /// Duration of the latency phase, in seconds.
     #[arg(long, default_value_t = 10)]
     latency_secs: u64,
-    /// The ingestd binary (default: `ingestd` of the profile directory this example was built in).
+    /// The ingestd binary (default: the one cargo built with this benchmark).
     #[arg(long)]
     ingestd: Option<PathBuf>,
+    /// Passed by `cargo bench`; changes nothing.
+    #[arg(long, hide = true)]
+    bench: bool,
+}
+
+impl Args {
+    fn check(&self) -> Result<(), String> {
+        if self.events == 0 || self.rate == 0 || self.latency_secs == 0 {
+            return Err("--events, --rate and --latency-secs must be positive".into());
+        }
+        match &self.ingestd {
+            Some(path) if !path.is_file() => Err(format!("{} not found", path.display())),
+            _ => Ok(()),
+        }
+    }
 }
 
 fn main() -> ExitCode {
     let args = Args::parse();
+    if let Err(e) = args.check() {
+        eprintln!("bench failed: {e}");
+        return ExitCode::FAILURE;
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -107,69 +148,66 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(args)) {
+    match runtime.block_on(run(&args)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("bench failed: {e:#}");
+            eprintln!("bench failed: {e}");
             ExitCode::FAILURE
         }
     }
 }
 
-/// Runs the phases under a guard, then removes what the run created on the
-/// shared servers whatever happened (error, panic, Ctrl-C, SIGTERM).
-async fn run(args: Args) -> anyhow::Result<()> {
-    ensure!(
-        args.events > 0 && args.rate > 0 && args.latency_secs > 0,
-        "--events, --rate and --latency-secs must be positive"
-    );
-    let names = Names::new(&args)?;
-    let outcome = guarded(phases(names.clone(), args)).await;
-    cleanup(&names).await;
-    outcome
+/// Runs the phases under a guard. The environments are dropped here, when
+/// the phases have ended, failed or been interrupted, which removes what
+/// they created on the shared servers and the temp dirs (dropped while a
+/// panic unwinds, they would keep the temp dirs for inspection).
+async fn run(args: &Args) -> Result<(), String> {
+    let env = guarded(TestEnv::new()).await?;
+    let large = guarded(TestEnv::new()).await?;
+    let program = args.ingestd.clone();
+    let bench = Bench {
+        env,
+        large,
+        program: program.unwrap_or_else(|| ingestd_bin().to_owned()),
+    };
+    guarded(phases(&bench, args)).await
 }
 
-/// Runs `work` until it ends, panics, or a signal arrives, so that cleanup
-/// always runs after it; on a signal the work is dropped, which kills the
+/// Runs `work` until it ends, panics (the panic hook has printed why), or
+/// a signal arrives; on a signal the work is dropped, which kills the
 /// engine it holds.
-async fn guarded<F>(work: F) -> anyhow::Result<()>
-where
-    F: Future<Output = anyhow::Result<()>>,
-{
-    let work = std::panic::AssertUnwindSafe(work).catch_unwind();
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    let signal = tokio::select! {
-        done = work => {
-            return done.unwrap_or_else(|_| Err(anyhow::anyhow!("the benchmark panicked")));
-        }
-        _ = tokio::signal::ctrl_c() => "SIGINT",
-        _ = term.recv() => "SIGTERM",
-    };
-    bail!("interrupted by {signal}")
+async fn guarded<T>(work: impl Future<Output = T>) -> Result<T, String> {
+    let work = AssertUnwindSafe(work).catch_unwind();
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .map_err(|e| format!("cannot watch for SIGTERM: {e}"))?;
+    tokio::select! {
+        done = work => done.map_err(|_| "the benchmark panicked (see above)".to_owned()),
+        _ = tokio::signal::ctrl_c() => Err("interrupted by SIGINT".to_owned()),
+        _ = term.recv() => Err("interrupted by SIGTERM".to_owned()),
+    }
 }
 
 /// The phases in order, printing each figure as it is measured and the
 /// summary with the targets at the end.
-async fn phases(names: Names, args: Args) -> anyhow::Result<()> {
-    let bench = Bench::open(names).await?;
-    bench.print_facts(&args).await?;
+async fn phases(b: &Bench, args: &Args) {
+    b.print_facts(args).await;
 
     println!("\n== set-up: ingestd creates the stream, consumer and table (then stops)");
-    let startup = prime(&bench).await?;
+    let startup = prime(b).await;
     println!("   ingestd ready in {}", ms(startup));
 
     println!(
         "\n== [1] PostgreSQL's limit: COPY of {} rows",
         thousands(args.events)
     );
-    let copy = copy_limit(&bench, args.events).await?;
+    let copy = copy_limit(b, args.events).await;
     copy.print();
 
     println!(
         "\n== [2] ingestd draining a backlog of {} events",
         thousands(args.events)
     );
-    let published = publish_backlog(&bench, args.events).await?;
+    let published = publish_backlog(b, args.events).await;
     println!(
         "   published {} events before starting ingestd in {} ({} events/s, {} acks in flight)",
         thousands(args.events),
@@ -177,12 +215,12 @@ async fn phases(names: Names, args: Args) -> anyhow::Result<()> {
         thousands(per_sec(args.events, published)),
         PUBLISH_WINDOW
     );
-    let drain = drain(&bench, args.events).await?;
+    let drain = drain(b, args.events).await;
     drain.print(&copy);
-    same_rows(&bench, &copy).await?;
+    same_rows(b, &copy).await;
 
     println!("\n== [2b] the per-row path: the same backlog again, through an upsert in a CTE");
-    let general = drain_per_row_path(&bench, args.events).await?;
+    let general = drain_per_row_path(b, args.events).await;
     println!(
         "   per-row path: {} rows/s = {:.0}% of COPY (the unnest path above: {:.0}%)",
         thousands(general.rate() as u64),
@@ -196,174 +234,46 @@ async fn phases(names: Names, args: Args) -> anyhow::Result<()> {
         thousands(args.rate),
         args.latency_secs
     );
-    let latency = latency(&bench, args.rate, args.latency_secs).await?;
+    let latency = latency(b, args.rate, args.latency_secs).await;
     latency.print();
 
     println!(
         "\n== [5] large events: a backlog of {LARGE_EVENTS} events of {} KB",
         LARGE_EVENT_BYTES / 1000
     );
-    let large = large_events(&bench).await?;
+    let large = large_events(b).await;
     large.print();
 
-    summary(&args, &copy, &drain, &latency, &large);
-    Ok(())
+    summary(args, &copy, &drain, &latency, &large);
 }
 
 // ---------------------------------------------------------------------------
-// Names, set-up and clean-up
+// The run's environments and engines
 // ---------------------------------------------------------------------------
 
-/// Everything the run owns on the shared servers, named after one id so it
-/// cannot collide with tests or another run, and so cleanup can find it.
-#[derive(Debug, Clone)]
-struct Names {
-    db_name: String,
-    stream: String,
-    durable: String,
-    /// `<id>.raw.events.`: what the shipped `raw.events.` becomes.
-    prefix: String,
-    dir: PathBuf,
-    ingestd: PathBuf,
-    repo: PathBuf,
-}
-
-impl Names {
-    fn new(args: &Args) -> anyhow::Result<Self> {
-        let micros = SystemTime::now().duration_since(UNIX_EPOCH)?.as_micros();
-        let id = format!("b{:x}x{:x}", std::process::id(), micros & 0xffff_ffff);
-        let ingestd = match &args.ingestd {
-            Some(p) => p.clone(),
-            None => default_ingestd()?,
-        };
-        ensure!(
-            ingestd.is_file(),
-            "{} not found: build it with `cargo build --release --bins` (or pass --ingestd)",
-            ingestd.display()
-        );
-        Ok(Self {
-            db_name: format!("bench_{id}"),
-            stream: format!("RAW_EVENTS_{id}"),
-            durable: format!("ttk-collector-tiktok-{id}"),
-            prefix: format!("{id}.raw.events."),
-            dir: std::env::temp_dir().join(format!("ingestd-bench-{id}")),
-            ingestd,
-            repo: PathBuf::from(env!("CARGO_MANIFEST_DIR")),
-        })
-    }
-
-    fn database_url(&self) -> String {
-        format!("{PG_BASE}/{}", self.db_name)
-    }
-
-    fn pipelines_dir(&self) -> PathBuf {
-        self.dir.join("pipelines")
-    }
-
-    /// The large-events phase's stream, subjects and pipelines dir.
-    fn large_stream(&self) -> String {
-        format!("{}_LARGE", self.stream)
-    }
-
-    /// `<id>.large.`: apart from the tiktok stream's `<id>.raw.events.>`.
-    fn large_prefix(&self) -> String {
-        format!("{}large.", self.prefix.trim_end_matches("raw.events."))
-    }
-
-    fn large_pipelines_dir(&self) -> PathBuf {
-        self.dir.join("pipelines-large")
-    }
-
-    /// `pipelines/tiktok.yaml` made this run's own: stream, subjects and
-    /// durable renamed, schema and migrations made absolute. Batch settings
-    /// stay as shipped. Fails if a name to rewrite is missing, rather than
-    /// silently sharing the real stream.
-    fn adapted_pipeline(&self) -> anyhow::Result<String> {
-        let path = self.repo.join("pipelines/tiktok.yaml");
-        let text = std::fs::read_to_string(&path)
-            .with_context(|| format!("cannot read {}", path.display()))?;
-        let repo = self.repo.display();
-        let rewrites = [
-            ("RAW_EVENTS", self.stream.clone()),
-            ("raw.events.", self.prefix.clone()),
-            ("ttk-collector-tiktok", self.durable.clone()),
-            ("../schemas/", format!("{repo}/schemas/")),
-            ("../migrations", format!("{repo}/migrations")),
-        ];
-        rewrites.iter().try_fold(text, |text, (from, to)| {
-            ensure!(
-                text.contains(from),
-                "{} has no `{from}` to rewrite",
-                path.display()
-            );
-            Ok(text.replace(from, to))
-        })
-    }
-}
-
-/// `ingestd` next to the profile directory of this executable
-/// (`target/release/examples/bench` → `target/release/ingestd`).
-fn default_ingestd() -> anyhow::Result<PathBuf> {
-    let exe = std::env::current_exe()?;
-    let profile_dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .context("cannot locate the target directory")?;
-    Ok(profile_dir.join("ingestd"))
-}
-
-/// Connections and handles of the run, opened once its database exists.
+/// What the run owns: the tiktok pipeline's environment (its database,
+/// stream, subjects and durable consumer, named after one id so they cannot
+/// collide with tests or another run), the large events' environment, and
+/// the binary under test.
 struct Bench {
-    names: Names,
-    nats: async_nats::Client,
-    js: jetstream::Context,
-    /// A pool on the run's database, for observation queries.
-    pool: PgPool,
+    env: TestEnv,
+    large: TestEnv,
+    program: PathBuf,
 }
 
 impl Bench {
-    /// Creates the database and the temp dir with the adapted pipeline, and
-    /// connects to both servers.
-    async fn open(names: Names) -> anyhow::Result<Self> {
-        let yaml = names.adapted_pipeline()?;
-        std::fs::create_dir_all(names.pipelines_dir())?;
-        std::fs::write(names.pipelines_dir().join("tiktok.yaml"), yaml)?;
-        let mut admin = PgConnection::connect(&format!("{PG_BASE}/postgres"))
-            .await
-            .context("cannot connect to PostgreSQL on 127.0.0.1:5432 as postgres")?;
-        sqlx::raw_sql(&format!(r#"CREATE DATABASE "{}""#, names.db_name))
-            .execute(&mut admin)
-            .await?;
-        admin.close().await?;
-        let pool = PgPoolOptions::new()
-            .max_connections(2)
-            .connect(&names.database_url())
-            .await?;
-        let nats = async_nats::connect(NATS_URL)
-            .await
-            .context("cannot connect to NATS on 127.0.0.1:4222")?;
-        let js = jetstream::new(nats.clone());
-        Ok(Self {
-            names,
-            nats,
-            js,
-            pool,
-        })
-    }
-
-    fn subject(&self, suffix: &str) -> String {
-        format!("{}{suffix}", self.names.prefix)
-    }
-
-    async fn consumer(&self) -> anyhow::Result<PullConsumer> {
-        self.js
-            .get_consumer_from_stream(&self.names.durable, &self.names.stream)
-            .await
-            .with_context(|| format!("consumer {} not found", self.names.durable))
+    /// An engine on `env` as an operator runs it: production settings (JSON
+    /// logs), warnings and errors only, HTTP on loopback.
+    fn engine<'a>(&self, env: &'a TestEnv) -> EngineBuilder<'a> {
+        env.engine()
+            .program(&self.program)
+            .var("NODE_ENV", "production")
+            .var("RUST_LOG", "warn")
+            .var("LISTEN_ADDR", "127.0.0.1")
     }
 
     /// The machine and configuration the figures belong to.
-    async fn print_facts(&self, args: &Args) -> anyhow::Result<()> {
+    async fn print_facts(&self, args: &Args) {
         let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
         let model = std::fs::read_to_string("/proc/cpuinfo")
             .ok()
@@ -377,14 +287,16 @@ impl Bench {
         let (pg_version, sync_commit): (String, String) = sqlx::query_as(
             "SELECT current_setting('server_version'), current_setting('synchronous_commit')",
         )
-        .fetch_one(&self.pool)
-        .await?;
-        let batch = batch_settings(&self.names.pipelines_dir().join("tiktok.yaml"))?;
+        .fetch_one(&self.env.db)
+        .await
+        .expect("read PostgreSQL's settings");
+        let batch = batch_settings(&self.env.tiktok_pipeline());
         println!("ingestd benchmark");
         println!("   machine: nproc={cpus} ({model})");
         println!(
-            "   servers: NATS {} (JetStream, 127.0.0.1:4222), PostgreSQL {pg_version} (synchronous_commit={sync_commit}), shared with anything else running",
-            self.nats.server_info().version
+            "   servers: NATS {} (JetStream, {}), PostgreSQL {pg_version} (synchronous_commit={sync_commit}), shared with anything else running",
+            self.env.js.client().server_info().version,
+            nats_url().trim_start_matches("nats://")
         );
         println!(
             "   N={} events; latency phase {} events/s for {} s; pipeline batch: {batch}",
@@ -394,262 +306,67 @@ impl Bench {
         );
         println!(
             "   names: database {}, stream {}, subjects {}>, durable {}",
-            self.names.db_name, self.names.stream, self.names.prefix, self.names.durable
+            self.env.db_name, self.env.stream, self.env.subject_prefix, self.env.durable
         );
-        Ok(())
     }
 }
 
-/// The pipeline's batch settings as written in the file, to show that the
-/// figures are for the shipped defaults.
-fn batch_settings(pipeline: &Path) -> anyhow::Result<String> {
-    let text = std::fs::read_to_string(pipeline)?;
-    let doc: serde_yaml::Value = serde_yaml::from_str(&text)?;
+/// The pipeline's batch settings as written, to show that the figures are
+/// for the shipped defaults.
+fn batch_settings(pipeline: &str) -> String {
+    let doc: serde_yaml::Value = serde_yaml::from_str(pipeline).expect("tiktok.yaml is YAML");
     let batch = &doc["sink"]["postgres"]["batch"];
     let field = |k: &str| match &batch[k] {
         serde_yaml::Value::Number(n) => n.to_string(),
         serde_yaml::Value::String(s) => s.clone(),
         _ => "default".into(),
     };
-    Ok(format!(
+    format!(
         "max_rows {}, max_wait {}, max_in_flight {}",
         field("max_rows"),
         field("max_wait"),
         field("max_in_flight")
-    ))
+    )
 }
 
-/// Best-effort removal of the stream (with its consumer), the database and
-/// the temp dir. Each step reports its own failure and the others still run.
-async fn cleanup(names: &Names) {
-    match async_nats::connect(NATS_URL).await {
-        Ok(client) => {
-            let js = jetstream::new(client);
-            for stream in [&names.stream, &names.large_stream()] {
-                if let Err(e) = js.delete_stream(stream).await {
-                    if !e.to_string().contains("not found") {
-                        eprintln!("cleanup: cannot delete stream {stream}: {e}");
-                    }
-                }
-            }
-        }
-        Err(e) => eprintln!("cleanup: cannot connect to NATS: {e}"),
-    }
-    let dropped = async {
-        let mut admin = PgConnection::connect(&format!("{PG_BASE}/postgres")).await?;
-        // FORCE: a killed engine's connections may not be gone yet.
-        sqlx::raw_sql(&format!(
-            r#"DROP DATABASE IF EXISTS "{}" WITH (FORCE)"#,
-            names.db_name
-        ))
-        .execute(&mut admin)
-        .await?;
-        admin.close().await
-    };
-    if let Err(e) = dropped.await {
-        eprintln!("cleanup: cannot drop database {}: {e}", names.db_name);
-    }
-    if names.dir.exists() {
-        if let Err(e) = std::fs::remove_dir_all(&names.dir) {
-            eprintln!("cleanup: cannot remove {}: {e}", names.dir.display());
-        }
+/// Stops the engine as an orchestrator would (SIGTERM), waiting up to
+/// [`STOP_WITHIN`], and says how it ended; one still running is killed as
+/// it is dropped here.
+async fn stop(engine: Engine) -> String {
+    match engine.terminate_within(STOP_WITHIN).await {
+        Some(status) if status.success() => "exited 0 after SIGTERM".into(),
+        Some(status) => format!("{status} after SIGTERM"),
+        None => format!(
+            "did not exit within {} of SIGTERM (killed)",
+            secs(STOP_WITHIN)
+        ),
     }
 }
 
-// ---------------------------------------------------------------------------
-// The engine process
-// ---------------------------------------------------------------------------
-
-/// One `ingestd run` process on the run's pipelines dir, logging to a file.
-/// Killed if dropped without [`Engine::stop`], so no engine outlives the run.
-struct Engine {
-    child: Child,
-    pid: u32,
-    port: u16,
-    log: PathBuf,
-    started: Instant,
-}
-
-impl Engine {
-    /// Starts the engine as an operator would: env configuration, RUST_LOG=warn,
-    /// a free HTTP port on loopback, an empty working dir (no stray `.env`).
-    async fn spawn(b: &Bench, label: &str) -> anyhow::Result<Self> {
-        Self::spawn_in(b, label, &b.names.pipelines_dir()).await
-    }
-
-    /// As [`Self::spawn`], on the pipeline files of `pipelines`.
-    async fn spawn_in(b: &Bench, label: &str, pipelines: &Path) -> anyhow::Result<Self> {
-        let port = free_port()?;
-        let log = b.names.dir.join(format!("engine-{label}.log"));
-        let log_file = std::fs::File::create(&log)?;
-        let started = Instant::now();
-        let child = Command::new(&b.names.ingestd)
-            .arg("run")
-            .arg("--pipelines")
-            .arg(pipelines)
-            .current_dir(&b.names.dir)
-            .env("DATABASE_URL", b.names.database_url())
-            .env("NATS_URL", NATS_URL)
-            .env("PORT", port.to_string())
-            .env("LISTEN_ADDR", "127.0.0.1")
-            .env("NODE_ENV", "production")
-            .env("RUST_LOG", "warn")
-            .stdin(Stdio::null())
-            .stdout(log_file.try_clone()?)
-            .stderr(log_file)
-            .kill_on_drop(true)
-            .spawn()
-            .with_context(|| format!("cannot start {}", b.names.ingestd.display()))?;
-        let pid = child.id().context("the engine exited at once")?;
-        Ok(Self {
-            child,
-            pid,
-            port,
-            log,
-            started,
-        })
-    }
-
-    /// Fails with the log's tail when the process has exited: an engine that
-    /// died must end the run, not let it wait for its deadline.
-    fn ensure_running(&mut self) -> anyhow::Result<()> {
-        match self.child.try_wait()? {
-            None => Ok(()),
-            Some(status) => bail!(
-                "ingestd exited unexpectedly ({status}); log tail:\n{}",
-                self.log_tail(20)
-            ),
-        }
-    }
-
-    /// Polls `/ready` until it answers 200 (database and NATS up, pipelines
-    /// built); returns the time since the process started.
-    async fn wait_ready(&mut self) -> anyhow::Result<Duration> {
-        let http = reqwest::Client::builder()
-            .timeout(Duration::from_secs(2))
-            .build()?;
-        let url = format!("http://127.0.0.1:{}/ready", self.port);
-        let mut poll = Poller::new("ingestd /ready", READY_WITHIN, Duration::from_millis(20));
-        loop {
-            poll.tick().await?;
-            self.ensure_running()?;
-            if let Ok(r) = http.get(&url).send().await {
-                if r.status().is_success() {
-                    return Ok(self.started.elapsed());
-                }
-            }
-        }
-    }
-
-    /// A `/proc/<pid>/status` memory field (VmRSS, VmHWM) in KiB.
-    fn status_kib(&self, field: &str) -> Option<u64> {
-        proc_status_kib(self.pid, field)
-    }
-
-    /// Stops the engine as an orchestrator would (SIGTERM) and waits for it;
-    /// kills it if it does not exit within [`STOP_WITHIN`].
-    async fn stop(mut self) -> anyhow::Result<String> {
-        let sent = std::process::Command::new("kill")
-            .args(["-TERM", &self.pid.to_string()])
-            .status()?;
-        ensure!(
-            sent.success(),
-            "cannot send SIGTERM to ingestd {}",
-            self.pid
-        );
-        match tokio::time::timeout(STOP_WITHIN, self.child.wait()).await {
-            Ok(status) => {
-                let status = status?;
-                Ok(if status.success() {
-                    "exited 0 after SIGTERM".into()
-                } else {
-                    format!("{status} after SIGTERM")
-                })
-            }
-            Err(_) => {
-                self.child.kill().await?;
-                Ok(format!(
-                    "did not exit within {} of SIGTERM (killed)",
-                    secs(STOP_WITHIN)
-                ))
-            }
-        }
-    }
-
-    fn log_tail(&self, lines: usize) -> String {
-        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
-        let all: Vec<&str> = text.lines().collect();
-        all[all.len().saturating_sub(lines)..].join("\n")
-    }
-
-    /// Warnings and errors the engine logged (RUST_LOG=warn), as a count and
-    /// the first one: ack failures or retries would explain a slow figure.
-    fn log_problems(&self) -> (usize, Option<String>) {
-        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
-        let problems: Vec<&str> = text
-            .lines()
-            .filter(|l| l.contains("WARN") || l.contains("ERROR"))
-            .collect();
-        let first = problems.first().map(|l| l.chars().take(300).collect());
-        (problems.len(), first)
-    }
-}
-
-fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
-}
-
-fn proc_status_kib(pid: u32, field: &str) -> Option<u64> {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let line = text.lines().find(|l| l.starts_with(&format!("{field}:")))?;
-    line.split_whitespace().nth(1)?.parse().ok()
-}
-
-/// The clock of a polling loop: ticks every `every` and fails once `within`
-/// has passed. Every wait of the benchmark is one of these.
-struct Poller {
-    what: String,
-    within: Duration,
-    deadline: Instant,
-    interval: tokio::time::Interval,
-}
-
-impl Poller {
-    fn new(what: &str, within: Duration, every: Duration) -> Self {
-        let mut interval = tokio::time::interval(every);
-        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        Self {
-            what: what.to_string(),
-            within,
-            deadline: Instant::now() + within,
-            interval,
-        }
-    }
-
-    async fn tick(&mut self) -> anyhow::Result<()> {
-        ensure!(
-            Instant::now() < self.deadline,
-            "gave up after {} waiting for {}",
-            secs(self.within),
-            self.what
-        );
-        self.interval.tick().await;
-        Ok(())
-    }
+/// Warnings and errors the engine logged (RUST_LOG=warn), as a count and
+/// the first one: ack failures or retries would explain a slow figure.
+fn log_problems(engine: &Engine) -> (usize, Option<String>) {
+    let log = engine.log();
+    let problems: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("WARN") || l.contains("ERROR"))
+        .collect();
+    let first = problems.first().map(|l| l.chars().take(300).collect());
+    (problems.len(), first)
 }
 
 /// Runs the engine once on the empty stream so that the stream, the durable
 /// consumer and the table exist exactly as the pipeline declares them before
-/// the backlog is published; returns its start-up time.
-async fn prime(b: &Bench) -> anyhow::Result<Duration> {
-    let mut engine = Engine::spawn(b, "setup").await?;
-    let ready = engine.wait_ready().await?;
-    let stopped = engine.stop().await?;
-    ensure!(stopped.starts_with("exited 0"), "set-up engine {stopped}");
-    b.consumer().await?;
-    Ok(ready)
+/// the backlog is published; returns its start-up time (to `/ready`: the
+/// database and NATS up, the pipeline built).
+async fn prime(b: &Bench) -> Duration {
+    let engine = b.engine(&b.env).spawn();
+    engine.wait_ok("/ready", READY_WITHIN, READY_POLL).await;
+    let ready = engine.uptime();
+    let stopped = stop(engine).await;
+    assert!(stopped.starts_with("exited 0"), "set-up engine {stopped}");
+    b.env.consumer_info().await;
+    ready
 }
 
 // ---------------------------------------------------------------------------
@@ -796,50 +513,64 @@ impl CopyFigures {
 }
 
 /// COPYs the rows ingestd will store for the backlog into a table created
-/// by the repo's migrations in a separate schema, timing only the database
-/// work; the schema is dropped and a checkpoint taken so the drain starts
-/// from the same quiet state.
-async fn copy_limit(b: &Bench, n: u64) -> anyhow::Result<CopyFigures> {
+/// by the repo's migrations (with the engine's migrator) in a separate
+/// schema, timing only the database work; the schema is dropped and a
+/// checkpoint taken so the drain starts from the same quiet state.
+async fn copy_limit(b: &Bench, n: u64) -> CopyFigures {
     let chunks = csv_chunks(n);
-    let mut conn = PgConnection::connect(&b.names.database_url()).await?;
-    sqlx::raw_sql(&format!(
-        "DROP SCHEMA IF EXISTS {COPY_SCHEMA} CASCADE; CREATE SCHEMA {COPY_SCHEMA}; SET search_path TO {COPY_SCHEMA}"
-    ))
-    .execute(&mut conn)
-    .await?;
-    for sql in migrations(&b.names.repo.join("migrations"))? {
-        sqlx::raw_sql(&sql).execute(&mut conn).await?;
-    }
-    sqlx::raw_sql("CHECKPOINT").execute(&mut conn).await?;
+    let mut conn = PgConnection::connect(&b.env.database_url())
+        .await
+        .expect("connect to the run's database");
+    execute(
+        &mut conn,
+        &format!("DROP SCHEMA IF EXISTS {COPY_SCHEMA} CASCADE; CREATE SCHEMA {COPY_SCHEMA}; SET search_path TO {COPY_SCHEMA}"),
+    )
+    .await;
+    sqlx::migrate::Migrator::new(repo_root().join("migrations").as_path())
+        .await
+        .expect("read the shipped migrations")
+        .run(&mut conn)
+        .await
+        .expect("apply the shipped migrations");
+    execute(&mut conn, "CHECKPOINT").await;
     let cpu_before = CpuSnapshot::take();
     let start = Instant::now();
-    let mut tx = conn.begin().await?;
+    let mut tx = conn.begin().await.expect("BEGIN");
     let mut copy = tx
         .copy_in_raw(&format!(
             r#"COPY {COPY_SCHEMA}."TiktokEvent" ("id", "eventId", "timestamp", "funnelStage", "eventType", "data") FROM STDIN WITH (FORMAT csv)"#
         ))
-        .await?;
+        .await
+        .expect("start the COPY");
     for chunk in &chunks {
-        copy.send(chunk.as_slice()).await?;
+        copy.send(chunk.as_slice()).await.expect("send COPY data");
     }
-    let rows = copy.finish().await?;
-    tx.commit().await?;
+    let rows = copy.finish().await.expect("finish the COPY");
+    tx.commit().await.expect("COMMIT the COPY");
     let elapsed = start.elapsed();
     let postgres_cpu = CpuSnapshot::take().since(&cpu_before, None).postgres;
-    ensure!(rows == n, "COPY stored {rows} rows, expected {n}");
-    let digest = content_digest_conn(&mut conn, COPY_SCHEMA, "bench-%").await?;
-    sqlx::raw_sql(&format!(
-        "RESET search_path; DROP SCHEMA {COPY_SCHEMA} CASCADE; CHECKPOINT"
-    ))
-    .execute(&mut conn)
-    .await?;
-    conn.close().await?;
-    Ok(CopyFigures {
+    assert_eq!(rows, n, "rows stored by the COPY");
+    let digest = content_digest(&mut conn, COPY_SCHEMA, "bench-%").await;
+    execute(
+        &mut conn,
+        &format!("RESET search_path; DROP SCHEMA {COPY_SCHEMA} CASCADE; CHECKPOINT"),
+    )
+    .await;
+    conn.close().await.expect("close the COPY's connection");
+    CopyFigures {
         rows,
         elapsed,
         postgres_cpu,
         digest,
-    })
+    }
+}
+
+/// Runs `sql` (one or more statements) on `conn`.
+async fn execute(conn: &mut PgConnection, sql: &str) {
+    sqlx::raw_sql(sql)
+        .execute(conn)
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e}"));
 }
 
 /// The backlog's rows as CSV in ~1 MiB chunks, with cuid ids as the engine
@@ -882,20 +613,6 @@ fn csv_chunks(n: u64) -> Vec<Vec<u8>> {
     chunks
 }
 
-/// The texts of the repo's migrations, in the order sqlx applies them.
-fn migrations(dir: &Path) -> anyhow::Result<Vec<String>> {
-    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
-        .with_context(|| format!("cannot read {}", dir.display()))?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|x| x == "sql"))
-        .collect();
-    files.sort();
-    files
-        .iter()
-        .map(|f| std::fs::read_to_string(f).with_context(|| format!("{}", f.display())))
-        .collect()
-}
-
 const DIGEST_SQL: &str = r#"SELECT count(*)::int8, coalesce(md5(string_agg(
     concat_ws('|', "eventId", "timestamp"::text, "funnelStage", "eventType", "data"::text),
     E'\n' ORDER BY "eventId")), '')
@@ -903,22 +620,16 @@ const DIGEST_SQL: &str = r#"SELECT count(*)::int8, coalesce(md5(string_agg(
 
 /// Row count and md5 of the stored content (everything but the generated
 /// `id` and `createdAt`), to prove both paths store the same rows.
-async fn content_digest(pool: &PgPool, schema: &str, like: &str) -> anyhow::Result<(i64, String)> {
-    Ok(sqlx::query_as(&DIGEST_SQL.replace("{schema}", schema))
-        .bind(like)
-        .fetch_one(pool)
-        .await?)
-}
-
-async fn content_digest_conn(
-    conn: &mut PgConnection,
+async fn content_digest<'c>(
+    db: impl sqlx::PgExecutor<'c>,
     schema: &str,
     like: &str,
-) -> anyhow::Result<(i64, String)> {
-    Ok(sqlx::query_as(&DIGEST_SQL.replace("{schema}", schema))
+) -> (i64, String) {
+    sqlx::query_as(&DIGEST_SQL.replace("{schema}", schema))
         .bind(like)
-        .fetch_one(conn)
-        .await?)
+        .fetch_one(db)
+        .await
+        .expect("digest of the stored rows")
 }
 
 // ---------------------------------------------------------------------------
@@ -928,37 +639,17 @@ async fn content_digest_conn(
 /// Publishes the backlog with a window of outstanding publish acks (one
 /// round trip per event would measure latency, not the backlog), then
 /// checks that the consumer sees all of it pending.
-async fn publish_backlog(b: &Bench, n: u64) -> anyhow::Result<Duration> {
+async fn publish_backlog(b: &Bench, n: u64) -> Duration {
     let start = Instant::now();
-    let mut window: VecDeque<PublishAckFuture> = VecDeque::with_capacity(PUBLISH_WINDOW);
-    for i in 0..n {
-        if window.len() == PUBLISH_WINDOW {
-            confirm(window.pop_front()).await?;
-        }
+    let messages = (0..n).map(|i| {
         let g = generate(i, backlog_event_id(i));
-        let ack =
-            b.js.publish(b.subject(&g.subject_suffix), g.payload.into())
-                .await?;
-        window.push_back(ack);
-    }
-    while let Some(ack) = window.pop_front() {
-        confirm(Some(ack)).await?;
-    }
+        (b.env.subject(&g.subject_suffix), g.payload)
+    });
+    publish_windowed(&b.env.js, PUBLISH_WINDOW, messages).await;
     let elapsed = start.elapsed();
-    let pending = b.consumer().await?.get_info().await?.num_pending;
-    ensure!(
-        pending == n,
-        "the consumer has {pending} messages pending, expected {n}"
-    );
-    Ok(elapsed)
-}
-
-async fn confirm(ack: Option<PublishAckFuture>) -> anyhow::Result<u64> {
-    let ack = ack.context("no publish to confirm")?;
-    Ok(ack
-        .await
-        .context("JetStream did not confirm a publish")?
-        .sequence)
+    let pending = b.env.consumer_info().await.num_pending;
+    assert_eq!(pending, n, "messages pending for the consumer");
+    elapsed
 }
 
 struct DrainFigures {
@@ -1048,48 +739,46 @@ fn print_problems(problems: &(usize, Option<String>)) {
 
 /// Starts ingestd on the published backlog and times it until every event
 /// is committed and acknowledged, sampling its memory meanwhile.
-async fn drain(b: &Bench, n: u64) -> anyhow::Result<DrainFigures> {
+async fn drain(b: &Bench, n: u64) -> DrainFigures {
     let cpu_before = CpuSnapshot::take();
-    let mut engine = Engine::spawn(b, "drain").await?;
+    let engine = b.engine(&b.env).spawn();
     let within = Duration::from_secs(120 + n / 500);
-    let mut poll = Poller::new("ingestd to drain the backlog", within, DRAIN_POLL);
-    let mut first: Option<(Duration, u64)> = None;
-    let mut rss_max_kib = 0;
-    let total = loop {
-        poll.tick().await?;
-        engine.ensure_running()?;
-        rss_max_kib = rss_max_kib.max(engine.status_kib("VmRSS").unwrap_or(0));
-        if first.is_none() {
+    // (time since start, rows committed) when the first row was seen.
+    let first: Cell<Option<(Duration, u64)>> = Cell::new(None);
+    let rss_max_kib = Cell::new(0);
+    let what = "ingestd to drain the backlog";
+    let total = wait_for_every(what, within, DRAIN_POLL, || async {
+        engine.assert_running();
+        let rss = engine.memory_kib("VmRSS").unwrap_or(0);
+        rss_max_kib.set(rss_max_kib.get().max(rss));
+        if first.get().is_none() {
             // Cheap while the table is nearly empty, and never used after.
-            let rows: i64 = sqlx::query_scalar(r#"SELECT count(*) FROM "TiktokEvent""#)
-                .fetch_one(&b.pool)
-                .await?;
+            let rows = b.env.try_count(TIKTOK_TABLE).await?;
             if rows > 0 {
-                first = Some((engine.started.elapsed(), rows as u64));
+                first.set(Some((engine.uptime(), rows as u64)));
             }
-            continue;
+            return Err(format!("{rows} rows"));
         }
-        // Looked up on each poll: the per-row phase starts without one.
-        let info = b.consumer().await?.cached_info().clone();
-        if info.num_pending == 0 && info.num_ack_pending == 0 {
-            break engine.started.elapsed();
-        }
-    };
-    let cpu = CpuSnapshot::take().since(&cpu_before, Some(engine.pid));
-    let hwm_kib = engine.status_kib("VmHWM").unwrap_or(0);
-    let threads = thread_cpu(engine.pid);
-    rss_max_kib = rss_max_kib.max(engine.status_kib("VmRSS").unwrap_or(0));
-    let problems = engine.log_problems();
-    let exit = engine.stop().await?;
-    let rows: i64 = sqlx::query_scalar(r#"SELECT count(*) FROM "TiktokEvent""#)
-        .fetch_one(&b.pool)
-        .await?;
-    ensure!(
-        rows as u64 == n,
-        "all {n} events were acknowledged but {rows} rows are stored"
+        // The per-row phase starts without a consumer: not there is "not yet".
+        all_acked(b.env.try_consumer_info().await?)?;
+        Ok(engine.uptime())
+    })
+    .await;
+    let cpu = CpuSnapshot::take().since(&cpu_before, Some(engine.pid()));
+    let hwm_kib = engine.memory_kib("VmHWM").unwrap_or(0);
+    let threads = thread_cpu(engine.pid());
+    let rss_max_kib = rss_max_kib
+        .get()
+        .max(engine.memory_kib("VmRSS").unwrap_or(0));
+    let problems = log_problems(&engine);
+    let exit = stop(engine).await;
+    let rows = b.env.try_count(TIKTOK_TABLE).await.expect("count rows");
+    assert_eq!(
+        rows as u64, n,
+        "rows stored once all {n} events were acknowledged"
     );
-    let (first_row_at, rows_at_first) = first.expect("the loop ends after the first row");
-    Ok(DrainFigures {
+    let (first_row_at, rows_at_first) = first.get().expect("the wait ends after the first row");
+    DrainFigures {
         rows: n,
         total,
         first_row_at,
@@ -1100,7 +789,7 @@ async fn drain(b: &Bench, n: u64) -> anyhow::Result<DrainFigures> {
         threads,
         exit,
         problems,
-    })
+    }
 }
 
 /// The per-row (general) path's statement: values in an upsert's SET, a
@@ -1122,44 +811,45 @@ const PER_ROW_INSERT: &str = r#"    insert: |
 /// Drains the same backlog again through [`PER_ROW_INSERT`]: the table is
 /// emptied, the durable consumer deleted (the engine recreates it from the
 /// stream's start), and the pipeline file put back afterwards.
-async fn drain_per_row_path(b: &Bench, n: u64) -> anyhow::Result<DrainFigures> {
-    let path = b.names.pipelines_dir().join("tiktok.yaml");
-    let original = std::fs::read_to_string(&path)?;
+async fn drain_per_row_path(b: &Bench, n: u64) -> DrainFigures {
+    let original = b.env.tiktok_pipeline();
     let (start, end) = match (original.find("    insert: |"), original.find("    batch:")) {
         (Some(s), Some(e)) if s < e => (s, e),
-        _ => anyhow::bail!("{}: no insert block to replace", path.display()),
+        _ => panic!("tiktok.yaml: no insert block to replace"),
     };
     let per_row = format!("{}{PER_ROW_INSERT}{}", &original[..start], &original[end..]);
-    std::fs::write(&path, per_row)?;
-    sqlx::raw_sql(
-        r#"TRUNCATE "TiktokEvent";
-           CREATE TABLE "TiktokSeen" ("eventId" text PRIMARY KEY, "seq" bigint NOT NULL)"#,
-    )
-    .execute(&b.pool)
-    .await?;
-    b.js.get_stream(&b.names.stream)
-        .await?
-        .delete_consumer(&b.names.durable)
-        .await?;
+    b.env.write_pipeline("tiktok.yaml", &per_row);
+    b.env
+        .exec(
+            r#"TRUNCATE "TiktokEvent";
+               CREATE TABLE "TiktokSeen" ("eventId" text PRIMARY KEY, "seq" bigint NOT NULL)"#,
+        )
+        .await;
+    b.env
+        .js
+        .get_stream(&b.env.stream)
+        .await
+        .expect("get the stream")
+        .delete_consumer(&b.env.durable)
+        .await
+        .expect("delete the durable consumer");
     let figures = drain(b, n).await;
-    std::fs::write(&path, original)?;
+    b.env.write_pipeline("tiktok.yaml", &original);
     figures
 }
 
 /// Checks that ingestd stored exactly the rows the COPY wrote (so the two
 /// rates compare the same work).
-async fn same_rows(b: &Bench, copy: &CopyFigures) -> anyhow::Result<()> {
-    let digest = content_digest(&b.pool, "public", "bench-%").await?;
-    ensure!(
-        digest == copy.digest,
-        "the rows ingestd stored differ from the rows COPY wrote: {digest:?} vs {:?}",
-        copy.digest
+async fn same_rows(b: &Bench, copy: &CopyFigures) {
+    let digest = content_digest(&b.env.db, "public", "bench-%").await;
+    assert_eq!(
+        digest, copy.digest,
+        "the rows ingestd stored differ from the rows COPY wrote"
     );
     println!(
         "   stored rows equal the COPY rows (eventId, timestamp, funnelStage, eventType, data; md5 {})",
         digest.1
     );
-    Ok(())
 }
 
 // ---------------------------------------------------------------------------
@@ -1397,30 +1087,6 @@ impl LatencyFigures {
     }
 }
 
-#[derive(Debug, Clone, Copy)]
-struct Percentiles {
-    p50: f64,
-    p99: f64,
-    max: f64,
-}
-
-impl Percentiles {
-    /// Nearest-rank percentiles of latencies in milliseconds.
-    fn of(mut values: Vec<f64>) -> Option<Self> {
-        if values.is_empty() {
-            return None;
-        }
-        values.sort_by(f64::total_cmp);
-        let rank =
-            |p: f64| values[((p * values.len() as f64).ceil() as usize).clamp(1, values.len()) - 1];
-        Some(Self {
-            p50: rank(0.50),
-            p99: rank(0.99),
-            max: values[values.len() - 1],
-        })
-    }
-}
-
 /// Microseconds since the Unix epoch: the clock shared with PostgreSQL's
 /// `createdAt` (same machine).
 fn now_micros() -> i64 {
@@ -1432,22 +1098,22 @@ fn now_micros() -> i64 {
 /// Runs a fresh engine on the (drained) stream, publishes at a steady rate
 /// with each event's publish time in its eventId, and derives latencies
 /// from the stored `createdAt` and from the engine's acks seen on NATS.
-async fn latency(b: &Bench, rate: u64, duration_secs: u64) -> anyhow::Result<LatencyFigures> {
+async fn latency(b: &Bench, rate: u64, duration_secs: u64) -> LatencyFigures {
     let acks = Arc::new(Mutex::new(HashMap::<u64, i64>::new()));
-    let observer = observe_acks(b, acks.clone()).await?;
-    let mut engine = Engine::spawn(b, "latency").await?;
-    engine.wait_ready().await?;
+    let observer = observe_acks(b, acks.clone()).await;
+    let engine = b.engine(&b.env).spawn();
+    engine.wait_ok("/ready", READY_WITHIN, READY_POLL).await;
     let cpu_before = CpuSnapshot::take();
-    let paced = publish_paced(b, rate, duration_secs).await?;
-    let cpu = CpuSnapshot::take().since(&cpu_before, Some(engine.pid));
+    let paced = publish_paced(b, rate, duration_secs).await;
+    let cpu = CpuSnapshot::take().since(&cpu_before, Some(engine.pid()));
     let events = paced.sent.len() as u64;
-    wait_settled(b, &mut engine, events).await?;
+    wait_settled(b, &engine, events).await;
     let acks_seen = wait_acks_seen(&acks, &paced.sent).await;
     observer.abort();
-    let rss_hwm_kib = engine.status_kib("VmHWM").unwrap_or(0);
-    let problems = engine.log_problems();
-    let exit = engine.stop().await?;
-    let created = created_latencies(&b.pool).await?;
+    let rss_hwm_kib = engine.memory_kib("VmHWM").unwrap_or(0);
+    let problems = log_problems(&engine);
+    let exit = stop(engine).await;
+    let created = created_latencies(&b.env.db).await;
     let acked = {
         let seen = acks.lock().expect("acks lock");
         let values = paced
@@ -1457,18 +1123,18 @@ async fn latency(b: &Bench, rate: u64, duration_secs: u64) -> anyhow::Result<Lat
             .collect();
         Percentiles::of(values)
     };
-    Ok(LatencyFigures {
+    LatencyFigures {
         events,
         publish_span: paced.span,
         max_tick_lag: paced.max_tick_lag,
-        created: Percentiles::of(created).context("no latency rows")?,
+        created: Percentiles::of(created).expect("latency rows"),
         acked,
         acks_seen,
         rss_hwm_kib,
         cpu,
         exit,
         problems,
-    })
+    }
 }
 
 /// Subscribes to JetStream ack subjects and records, per stream sequence of
@@ -1477,12 +1143,16 @@ async fn latency(b: &Bench, rate: u64, duration_secs: u64) -> anyhow::Result<Lat
 async fn observe_acks(
     b: &Bench,
     seen: Arc<Mutex<HashMap<u64, i64>>>,
-) -> anyhow::Result<tokio::task::JoinHandle<()>> {
-    let mut sub = b.nats.subscribe("$JS.ACK.>").await?;
+) -> tokio::task::JoinHandle<()> {
+    let nats = b.env.js.client();
+    let mut sub = nats
+        .subscribe("$JS.ACK.>")
+        .await
+        .expect("subscribe to $JS.ACK.>");
     // A round trip, so the subscription is active before the engine starts.
-    b.nats.flush().await?;
-    let (stream, durable) = (b.names.stream.clone(), b.names.durable.clone());
-    Ok(tokio::spawn(async move {
+    nats.flush().await.expect("flush the subscription");
+    let (stream, durable) = (b.env.stream.clone(), b.env.durable.clone());
+    tokio::spawn(async move {
         while let Some(msg) = sub.next().await {
             let at = now_micros();
             if !(msg.payload.is_empty() || msg.payload.starts_with(b"+ACK")) {
@@ -1492,18 +1162,7 @@ async fn observe_acks(
                 seen.lock().expect("acks lock").entry(seq).or_insert(at);
             }
         }
-    }))
-}
-
-/// The stream sequence in an ack subject of `stream`/`durable`. Handles both
-/// `$JS.ACK.<stream>.<consumer>.<delivered>.<sseq>...` and the newer form
-/// with domain and account hash before the stream.
-fn acked_sequence(subject: &str, stream: &str, durable: &str) -> Option<u64> {
-    let tokens: Vec<&str> = subject.split('.').collect();
-    let at = tokens
-        .windows(2)
-        .position(|w| w[0] == stream && w[1] == durable)?;
-    tokens.get(at + 3)?.parse().ok()
+    })
 }
 
 struct Paced {
@@ -1516,15 +1175,15 @@ struct Paced {
 /// Publishes `rate × secs` events on a 10 ms ticker, as many per tick as the
 /// schedule says are due; publish acks are awaited on another task so they
 /// never delay the schedule.
-async fn publish_paced(b: &Bench, rate: u64, duration_secs: u64) -> anyhow::Result<Paced> {
+async fn publish_paced(b: &Bench, rate: u64, duration_secs: u64) -> Paced {
     let total = rate * duration_secs;
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(i64, PublishAckFuture)>();
     let confirmer = tokio::spawn(async move {
         let mut sent = Vec::new();
         while let Some((t, ack)) = rx.recv().await {
-            sent.push((confirm(Some(ack)).await?, t));
+            sent.push((confirmed(ack).await, t));
         }
-        anyhow::Ok(sent)
+        sent
     });
     let mut ticker = tokio::time::interval(PACE_TICK);
     let start = Instant::now();
@@ -1537,44 +1196,32 @@ async fn publish_paced(b: &Bench, rate: u64, duration_secs: u64) -> anyhow::Resu
         while sent < due {
             let t = now_micros();
             let g = generate(sent, format!("lat-{sent:08}-{t}"));
-            let ack =
-                b.js.publish(b.subject(&g.subject_suffix), g.payload.into())
-                    .await?;
-            tx.send((t, ack)).context("the ack task ended early")?;
+            let subject = b.env.subject(&g.subject_suffix);
+            let ack = publish_unconfirmed(&b.env.js, &subject, g.payload).await;
+            tx.send((t, ack)).expect("the ack task ended early");
             sent += 1;
         }
     }
     let span = start.elapsed();
     drop(tx);
-    let sent = confirmer.await??;
-    Ok(Paced {
+    let sent = confirmer.await.expect("the ack task");
+    Paced {
         sent,
         span,
         max_tick_lag,
-    })
+    }
 }
 
 /// Waits until the consumer has nothing pending or unacked and every
 /// latency event has its row.
-async fn wait_settled(b: &Bench, engine: &mut Engine, events: u64) -> anyhow::Result<()> {
-    let consumer = b.consumer().await?;
-    let mut poll = Poller::new("the latency events to be stored", SETTLE_WITHIN, DRAIN_POLL);
-    loop {
-        poll.tick().await?;
-        engine.ensure_running()?;
-        let info = consumer.get_info().await?;
-        if info.num_pending > 0 || info.num_ack_pending > 0 {
-            continue;
-        }
-        let rows: i64 = sqlx::query_scalar(
-            r#"SELECT count(*) FROM "TiktokEvent" WHERE "eventId" LIKE 'lat-%'"#,
-        )
-        .fetch_one(&b.pool)
-        .await?;
-        if rows as u64 == events {
-            return Ok(());
-        }
-    }
+async fn wait_settled(b: &Bench, engine: &Engine, events: u64) {
+    let what = "the latency events to be stored";
+    wait_for_every(what, SETTLE_WITHIN, DRAIN_POLL, || async {
+        engine.assert_running();
+        all_acked(b.env.try_consumer_info().await?)?;
+        expect_eq(b.env.try_count(LATENCY_ROWS).await?, events as i64)
+    })
+    .await
 }
 
 /// Waits (briefly) for the ack copies still in flight to the observer;
@@ -1586,29 +1233,33 @@ async fn wait_acks_seen(acks: &Mutex<HashMap<u64, i64>>, sent: &[(u64, i64)]) ->
             .filter(|(seq, _)| seen.contains_key(seq))
             .count()
     };
-    let mut poll = Poller::new("ack copies", Duration::from_secs(5), DRAIN_POLL);
-    while count() < sent.len() && poll.tick().await.is_ok() {}
+    let all_seen = try_wait_for(ACKS_WITHIN, DRAIN_POLL, || async {
+        expect_eq(count(), sent.len())
+    });
+    // Not all of them is a figure, not a failure.
+    let _ = all_seen.await;
     count()
 }
 
 /// publish → createdAt of every latency row, in ms. The publish time is the
 /// last token of the eventId (µs since the epoch); createdAt is a UTC
 /// timestamp (the engine's session time zone is UTC).
-async fn created_latencies(pool: &PgPool) -> anyhow::Result<Vec<f64>> {
-    let rows: Vec<(String, i64)> = sqlx::query_as(
-        r#"SELECT "eventId", (extract(epoch FROM "createdAt") * 1000000)::int8
-             FROM "TiktokEvent" WHERE "eventId" LIKE 'lat-%'"#,
-    )
-    .fetch_all(pool)
-    .await?;
+async fn created_latencies(pool: &PgPool) -> Vec<f64> {
+    let sql = format!(
+        r#"SELECT "eventId", (extract(epoch FROM "createdAt") * 1000000)::int8 FROM {LATENCY_ROWS}"#
+    );
+    let rows: Vec<(String, i64)> = sqlx::query_as(&sql)
+        .fetch_all(pool)
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e}"));
     rows.iter()
         .map(|(id, created)| {
             let published: i64 = id
                 .rsplit('-')
                 .next()
                 .and_then(|t| t.parse().ok())
-                .with_context(|| format!("eventId {id} carries no publish time"))?;
-            Ok((created - published) as f64 / 1000.0)
+                .unwrap_or_else(|| panic!("eventId {id} carries no publish time"));
+            (created - published) as f64 / 1000.0
         })
         .collect()
 }
@@ -1635,64 +1286,29 @@ impl LargeFigures {
     }
 }
 
-/// A pipeline storing any `{id, body}` event into table `big`, on a stream
-/// of its own (the tiktok schema refuses such events).
-fn large_pipeline(names: &Names) -> String {
-    let prefix = names.large_prefix();
-    format!(
-        "name: large\nmax_payload: 1MiB\nsource:\n  nats:\n    stream: {{name: {}, subjects: [\"{prefix}>\"]}}\n    consumer: {{durable: {}-large, filter_subject: \"{prefix}>\"}}\nsink:\n  postgres:\n    insert: INSERT INTO big (id, body) VALUES ({{{{ event.id }}}}, {{{{ event.body }}}}) ON CONFLICT (id) DO NOTHING\nmetrics:\n  prefix: large\n",
-        names.large_stream(),
-        names.durable
-    )
-}
-
 /// Publishes [`LARGE_EVENTS`] events of [`LARGE_EVENT_BYTES`] before the
-/// engine starts, then measures the drain: time, peak memory and whether
+/// engine starts (in an environment of their own: the tiktok schema refuses
+/// such events), then measures the drain: time, peak memory and whether
 /// NATS dropped the engine as a slow consumer.
-async fn large_events(b: &Bench) -> anyhow::Result<LargeFigures> {
-    let dir = b.names.large_pipelines_dir();
-    std::fs::create_dir_all(&dir)?;
-    std::fs::write(dir.join("large.yaml"), large_pipeline(&b.names))?;
-    sqlx::raw_sql("CREATE TABLE big (id text PRIMARY KEY, body text NOT NULL)")
-        .execute(&b.pool)
-        .await?;
-    b.js.get_or_create_stream(jetstream::stream::Config {
-        name: b.names.large_stream(),
-        subjects: vec![format!("{}>", b.names.large_prefix())],
-        ..Default::default()
+async fn large_events(b: &Bench) -> LargeFigures {
+    let env = &b.large;
+    large_event_backlog(env, LARGE_EVENTS, LARGE_EVENT_BYTES).await;
+    let engine = b.engine(env).spawn();
+    let what = "ingestd to drain the large events";
+    let total = wait_for_every(what, LARGE_WITHIN, DRAIN_POLL, || async {
+        engine.assert_running();
+        expect_eq(env.try_count(LARGE_EVENT_TABLE).await?, LARGE_EVENTS as i64)?;
+        Ok(engine.uptime())
     })
-    .await?;
-    let body = "x".repeat(LARGE_EVENT_BYTES);
-    for i in 0..LARGE_EVENTS {
-        let event = serde_json::to_vec(&json!({"id": format!("large-{i}"), "body": body}))?;
-        let subject = format!("{}event", b.names.large_prefix());
-        b.js.publish(subject, event.into()).await?.await?;
-    }
-    let mut engine = Engine::spawn_in(b, "large", &dir).await?;
-    let mut poll = Poller::new(
-        "ingestd to drain the large events",
-        Duration::from_secs(120),
-        DRAIN_POLL,
-    );
-    let total = loop {
-        poll.tick().await?;
-        engine.ensure_running()?;
-        let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM big")
-            .fetch_one(&b.pool)
-            .await?;
-        if rows as u64 == LARGE_EVENTS {
-            break engine.started.elapsed();
-        }
-    };
-    let hwm_kib = engine.status_kib("VmHWM").unwrap_or(0);
-    let log = std::fs::read_to_string(&engine.log).unwrap_or_default();
-    let disconnects = log.matches("NATS disconnected").count();
-    engine.stop().await?;
-    Ok(LargeFigures {
+    .await;
+    let hwm_kib = engine.memory_kib("VmHWM").unwrap_or(0);
+    let disconnects = engine.log_lines("NATS disconnected");
+    stop(engine).await;
+    LargeFigures {
         total,
         hwm_kib,
         disconnects,
-    })
+    }
 }
 
 // ---------------------------------------------------------------------------
@@ -1785,18 +1401,6 @@ fn per_sec(n: u64, d: Duration) -> u64 {
     (n as f64 / d.as_secs_f64()) as u64
 }
 
-fn thousands(n: u64) -> String {
-    let digits = n.to_string();
-    let mut out = String::new();
-    for (i, c) in digits.chars().enumerate() {
-        if i > 0 && (digits.len() - i).is_multiple_of(3) {
-            out.push(',');
-        }
-        out.push(c);
-    }
-    out
-}
-
 fn secs(d: Duration) -> String {
     format!("{:.2} s", d.as_secs_f64())
 }
@@ -1811,34 +1415,4 @@ fn ms_f(v: f64) -> String {
 
 fn mib(kib: u64) -> String {
     format!("{:.1} MiB", kib as f64 / 1024.0)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn ack_subjects_of_both_formats() {
-        assert_eq!(
-            acked_sequence("$JS.ACK.S.d.1.42.40.1700000000.0", "S", "d"),
-            Some(42)
-        );
-        assert_eq!(
-            acked_sequence("$JS.ACK.dom.hash.S.d.2.7.5.1700000000.0.tok", "S", "d"),
-            Some(7)
-        );
-        assert_eq!(acked_sequence("$JS.ACK.T.d.1.42.40.1.0", "S", "d"), None);
-    }
-
-    #[test]
-    fn percentiles_use_nearest_rank() {
-        let p = Percentiles::of((1..=100).map(f64::from).collect()).unwrap();
-        assert_eq!((p.p50, p.p99, p.max), (50.0, 99.0, 100.0));
-    }
-
-    #[test]
-    fn thousands_separators() {
-        assert_eq!(thousands(1_234_567), "1,234,567");
-        assert_eq!(thousands(999), "999");
-    }
 }
