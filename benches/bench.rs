@@ -49,10 +49,18 @@ use harness::{
     repo_root, try_wait_for, wait_for_every, Engine, EngineBuilder, TestEnv, TIKTOK_TABLE,
 };
 
-/// The targets stated in the issue, printed next to each figure.
+/// The targets each figure is printed next to.
 const TARGET_DRAIN_SHARE: f64 = 0.50;
-const TARGET_P99_MS: f64 = 25.0;
-const TARGET_RSS_MIB: f64 = 64.0;
+/// The general (per-row) path's drain, as a share of COPY.
+const TARGET_PER_ROW_SHARE: f64 = 0.20;
+const TARGET_P99_MS: f64 = 10.0;
+const TARGET_RSS_MIB: f64 = 32.0;
+/// ingestd's CPU per event: a third of the 31 µs it spent when the cost
+/// per event was first measured on this benchmark.
+const TARGET_INGESTD_US: f64 = 31.0 / 3.0;
+/// PostgreSQL's CPU per row for tiktok.yaml, as a multiple of its CPU per
+/// row for COPY of the same rows.
+const TARGET_POSTGRES_VS_COPY: f64 = 1.3;
 /// The large-events phase: its backlog and its memory target.
 const LARGE_EVENTS: usize = 200;
 const LARGE_EVENT_BYTES: usize = 600_000;
@@ -244,7 +252,7 @@ async fn phases(b: &Bench, args: &Args) {
     let large = large_events(b).await;
     large.print();
 
-    summary(args, &copy, &drain, &latency, &large);
+    summary(args, &copy, [&drain, &general], &latency, &large);
 }
 
 // ---------------------------------------------------------------------------
@@ -1319,7 +1327,7 @@ async fn large_events(b: &Bench) -> LargeFigures {
 fn summary(
     args: &Args,
     copy: &CopyFigures,
-    drain: &DrainFigures,
+    [drain, per_row]: [&DrainFigures; 2],
     lat: &LatencyFigures,
     large: &LargeFigures,
 ) {
@@ -1359,26 +1367,49 @@ fn summary(
         thousands(drain.rate_from_first() as u64),
         100.0 * drain.rate_from_first() / copy.rate()
     );
+    let per_row_share = per_row.rate() / copy.rate();
     println!(
-        "[3] latency (createdAt)            p50 {} p99 {} max {}   target p99 < {TARGET_P99_MS:.0} ms: {}{at_target_rate}",
+        "    per-row path (upsert in a CTE) {:>9} rows/s = {:>3.0}% of COPY   target ≥ {:.0}%: {}",
+        thousands(per_row.rate() as u64),
+        100.0 * per_row_share,
+        100.0 * TARGET_PER_ROW_SHARE,
+        verdict(per_row_share >= TARGET_PER_ROW_SHARE)
+    );
+    let ingestd_us = micros_per(drain.cpu.ingestd, drain.rows);
+    let postgres_us = micros_per(drain.cpu.postgres, drain.rows);
+    let copy_us = micros_per(copy.postgres_cpu, copy.rows);
+    println!(
+        "    CPU per event, ingestd         {ingestd_us:>6.1} µs   target ≤ {TARGET_INGESTD_US:.1} µs: {}",
+        verdict(ingestd_us <= TARGET_INGESTD_US)
+    );
+    println!(
+        "    CPU per event, postgres        {postgres_us:>6.1} µs = {:.2} × COPY's {copy_us:.1} µs   target ≤ {TARGET_POSTGRES_VS_COPY:.1} ×: {}",
+        postgres_us / copy_us,
+        verdict(postgres_us <= TARGET_POSTGRES_VS_COPY * copy_us)
+    );
+    println!(
+        "    CPU per event, nats-server     {:>6.1} µs   (no target)",
+        micros_per(drain.cpu.nats, drain.rows)
+    );
+    println!(
+        "[3] latency (createdAt)            p50 {} p99 {} max {}   target p99 ≤ {TARGET_P99_MS:.0} ms: {}{at_target_rate}",
         ms_f(lat.created.p50),
         ms_f(lat.created.p99),
         ms_f(lat.created.max),
-        verdict(lat.created.p99 < TARGET_P99_MS)
+        verdict(lat.created.p99 <= TARGET_P99_MS)
     );
     if let Some(a) = &lat.acked {
         println!(
-            "    latency (ack seen, upper bound) p50 {} p99 {} max {}   target p99 < {TARGET_P99_MS:.0} ms: {}",
+            "    latency (ack seen, upper bound) p50 {} p99 {} max {}   (the ack follows the commit)",
             ms_f(a.p50),
             ms_f(a.p99),
             ms_f(a.max),
-            verdict(a.p99 < TARGET_P99_MS)
         );
     }
     println!(
-        "[4] ingestd peak RSS (drain)       {:>9}   target < {TARGET_RSS_MIB:.0} MiB: {}{at_target_n}",
+        "[4] ingestd peak RSS (drain)       {:>9}   target ≤ {TARGET_RSS_MIB:.0} MiB: {}{at_target_n}",
         mib(drain.hwm_kib),
-        verdict(rss_mib < TARGET_RSS_MIB)
+        verdict(rss_mib <= TARGET_RSS_MIB)
     );
     println!(
         "[5] large events: peak RSS         {:>9}   target < {TARGET_LARGE_RSS_MIB:.0} MiB: {}; {} NATS disconnects",

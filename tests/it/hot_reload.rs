@@ -349,8 +349,10 @@ async fn broken_versions_keep_the_running_one_until_fixed() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn added_pipeline_runs_removed_one_stops_restored_one_resumes() {
     let env = TestEnv::new().await;
-    let (engine, tiktok) = start(&env).await;
+    // Declared before the engine, so dropped after it: a running engine
+    // would recreate the stream `Clicks` deletes on drop.
     let clicks = Clicks::new(&env);
+    let (engine, tiktok) = start(&env).await;
     let clicks_file = env.write_pipeline(Clicks::FILE, &clicks.yaml(true));
 
     let running = wait_running(&engine, Clicks::FILE).await;
@@ -493,8 +495,10 @@ async fn first_event_after_a_reload_is_stored() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sighup_retries_a_file_whose_table_now_exists() {
     let env = TestEnv::new().await;
-    let (engine, _) = start(&env).await;
+    // Declared before the engine, so dropped after it: a running engine
+    // would recreate the stream `Clicks` deletes on drop.
     let clicks = Clicks::new(&env);
+    let (engine, _) = start(&env).await;
     env.write_pipeline(Clicks::FILE, &clicks.yaml(false));
     let failed = wait_status(&engine, Clicks::FILE, "failed", |s| {
         s.state == "failed" && s.last_error.is_some()
