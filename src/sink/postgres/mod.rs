@@ -5,8 +5,10 @@
 //! in stream order, in one transaction (ARCHITECTURE.md, the sink's
 //! invariant). Consecutive rows with the same statement text form a run,
 //! written through that text's [`Plan`]: one UNNEST insert, or one call of
-//! the plan's per-row function. When a batch fails because of some rows'
-//! values, a second attempt runs every row in a savepoint of its own, so
+//! the plan's per-row function. An UNNEST statement that meets one key
+//! twice in an upsert (21000) is run again row by row, as the single-row
+//! statements would meet it. When a batch fails because of some rows'
+//! values, a further attempt runs every row in a savepoint of its own, so
 //! the rows at fault are known after two round trips, whatever their
 //! number, and the others commit.
 

@@ -36,7 +36,16 @@ impl PgSink {
             Ok(Vec::new())
         } else {
             let mut conn = self.acquire().await?;
-            match self.attempt(&mut conn, &batch, Mode::Batch, finish).await {
+            let mut result = self.attempt(&mut conn, &batch, Mode::Batch, finish).await;
+            let unnest = batch
+                .iter()
+                .any(|e| matches!(e.plan.path, WritePath::Unnest(_)));
+            if unnest && result.as_ref().is_err_and(Failed::is_repeated_key) {
+                result = self
+                    .attempt(&mut conn, &batch, Mode::RowByRow, finish)
+                    .await;
+            }
+            match result {
                 Err(e) if e.fault() == Fault::Event => {
                     self.attempt(&mut conn, &batch, Mode::Isolate, finish).await
                 }
@@ -129,6 +138,10 @@ impl PgSink {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Mode {
     Batch,
+    /// Every run through its per-row function, without savepoints: for a
+    /// batch whose UNNEST statement met one key twice (21000), which the
+    /// single-row statements handle one after the other.
+    RowByRow,
     Isolate,
 }
 
@@ -233,6 +246,14 @@ impl From<sqlx::Error> for Failed {
 }
 
 impl Failed {
+    /// `ON CONFLICT DO UPDATE` met the same key twice in one statement.
+    fn is_repeated_key(&self) -> bool {
+        match self {
+            Failed::Sql(sqlx::Error::Database(db)) => db.code().as_deref() == Some("21000"),
+            _ => false,
+        }
+    }
+
     fn fault(&self) -> Fault {
         match self {
             Failed::Sql(e) => sqlstate::fault(e),
