@@ -303,6 +303,31 @@ struct Series<M> {
 /// A label set's values and its series.
 type LabelledSeries<M> = (Box<[String]>, M);
 
+impl<M: Clone> Series<M> {
+    fn find<V: AsRef<str>>(&self, hash: u64, values: &[V]) -> Option<M> {
+        let bucket = self.by_hash.get(&hash)?;
+        let same = |k: &[String]| {
+            k.iter()
+                .map(String::as_str)
+                .eq(values.iter().map(AsRef::as_ref))
+        };
+        bucket.iter().find(|(k, _)| same(k)).map(|(_, m)| m.clone())
+    }
+
+    fn add<V: AsRef<str>>(&mut self, hash: u64, values: &[V], m: M) {
+        let key = values.iter().map(|v| v.as_ref().to_string()).collect();
+        self.by_hash.entry(hash).or_default().push((key, m));
+        self.sets += 1;
+    }
+}
+
+fn label_hash<V: AsRef<str>>(values: &[V]) -> u64 {
+    use std::hash::{BuildHasher, Hash, Hasher};
+    let mut h = foldhash::fast::FixedState::default().build_hasher();
+    values.iter().for_each(|v| v.as_ref().hash(&mut h));
+    h.finish()
+}
+
 impl<T: MetricVecBuilder> Guarded<MetricVec<T>, T::M> {
     fn new(vec: MetricVec<T>, cap: usize, folds: &IntCounterVec) -> Self {
         let family = vec
@@ -326,33 +351,14 @@ impl<T: MetricVecBuilder> Guarded<MetricVec<T>, T::M> {
     /// The series of `values`, or the `other` series when the family is
     /// full and `values` is a new set.
     pub fn with_label_values<V: AsRef<str> + std::fmt::Debug>(&self, values: &[V]) -> T::M {
-        use std::hash::{BuildHasher, Hash, Hasher};
-        let mut h = foldhash::fast::FixedState::default().build_hasher();
-        values.iter().for_each(|v| v.as_ref().hash(&mut h));
-        let hash = h.finish();
+        let hash = label_hash(values);
         let mut series = self.series.lock().expect("label set lock");
-        let known = series.by_hash.get(&hash).and_then(|bucket| {
-            bucket
-                .iter()
-                .find(|(k, _)| {
-                    k.iter()
-                        .map(String::as_str)
-                        .eq(values.iter().map(AsRef::as_ref))
-                })
-                .map(|(_, m)| m.clone())
-        });
-        if let Some(m) = known {
+        if let Some(m) = series.find(hash, values) {
             return m;
         }
         if series.sets < self.cap {
             let m = self.vec.with_label_values(values);
-            let key = values.iter().map(|v| v.as_ref().to_string()).collect();
-            series
-                .by_hash
-                .entry(hash)
-                .or_default()
-                .push((key, m.clone()));
-            series.sets += 1;
+            series.add(hash, values, m.clone());
             return m;
         }
         drop(series);

@@ -36,21 +36,7 @@ impl PgSink {
             Ok(Vec::new())
         } else {
             let mut conn = self.acquire().await?;
-            let mut result = self.attempt(&mut conn, &batch, Mode::Batch, finish).await;
-            let unnest = batch
-                .iter()
-                .any(|e| matches!(e.plan.path, WritePath::Unnest(_)));
-            if unnest && result.as_ref().is_err_and(Failed::is_repeated_key) {
-                result = self
-                    .attempt(&mut conn, &batch, Mode::RowByRow, finish)
-                    .await;
-            }
-            match result {
-                Err(e) if e.fault() == Fault::Event => {
-                    self.attempt(&mut conn, &batch, Mode::Isolate, finish).await
-                }
-                other => other,
-            }
+            self.attempts(&mut conn, &batch, finish).await
         };
         drop(batch);
         for (index, rejection) in refused {
@@ -110,6 +96,29 @@ impl PgSink {
             }
         }
         Ok((batch, refused))
+    }
+
+    /// The attempts at a batch on one connection: as fast as its plans
+    /// allow; row by row if an UNNEST upsert met one key twice; with rows
+    /// isolated if a row is at fault. The error is the last attempt's.
+    async fn attempts(
+        &self,
+        conn: &mut PgConnection,
+        batch: &[Encoded<'_>],
+        finish: Finish,
+    ) -> Result<Vec<(usize, Rejection)>, Failed> {
+        let mut result = self.attempt(conn, batch, Mode::Batch, finish).await;
+        if result.as_ref().is_err_and(Failed::is_repeated_key)
+            && batch
+                .iter()
+                .any(|e| matches!(e.plan.path, WritePath::Unnest(_)))
+        {
+            result = self.attempt(conn, batch, Mode::RowByRow, finish).await;
+        }
+        if result.as_ref().is_err_and(|e| e.fault() == Fault::Event) {
+            result = self.attempt(conn, batch, Mode::Isolate, finish).await;
+        }
+        result
     }
 
     /// Runs the batch in one transaction, creating a plan's session
