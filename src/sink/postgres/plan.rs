@@ -17,6 +17,13 @@
 //!   `INSERT … SELECT … FROM UNNEST(…) WITH ORDINALITY ORDER BY` statement.
 //!   Rows go in stream order; an `ON CONFLICT DO UPDATE` that meets the same
 //!   key twice fails (21000) and the batch falls back to per row.
+//! - **plain insert first** (for `ON CONFLICT … DO NOTHING`): the unnest
+//!   statement without that clause. Where no row conflicts it stores the
+//!   same rows, and Postgres skips the speculative insertion that costs it
+//!   about a seventh of its time per row (ARCHITECTURE.md, Decisions). A
+//!   batch it refuses with a unique or exclusion violation runs again with
+//!   the clause; after such a batch the plan waits before trying again
+//!   ([`Optimism`]), so a replay of stored events costs little extra.
 //!
 //! Values are sent as text and cast to the type Postgres infers for their
 //! placeholder (describe). The cast names the type without a modifier
@@ -28,6 +35,7 @@
 use std::borrow::Cow;
 use std::collections::{BTreeSet, HashMap};
 use std::hash::{Hash, Hasher};
+use std::sync::atomic::{AtomicU32, Ordering};
 
 use serde_json::Value as Json;
 use sqlx::{Either, Executor, PgConnection};
@@ -38,7 +46,7 @@ use crate::sink::postgres::{sql, sqlstate, ParamValue};
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum WritePath {
     /// One `INSERT … SELECT … FROM UNNEST` for the whole run.
-    Unnest(String),
+    Unnest(Unnest),
     /// The row statement once per row, through the plan's function; the
     /// reason the unnest rewrite does not apply.
     PerRow(String),
@@ -47,8 +55,51 @@ pub enum WritePath {
 impl WritePath {
     pub fn name(&self) -> &'static str {
         match self {
+            WritePath::Unnest(Unnest {
+                plain_insert: Some(_),
+                ..
+            }) => "unnest, plain insert first",
             WritePath::Unnest(_) => "unnest",
             WritePath::PerRow(_) => "per-row",
+        }
+    }
+}
+
+/// The unnest statement of a plan.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Unnest {
+    pub sql: String,
+    /// The same without its `ON CONFLICT … DO NOTHING`, if it has one.
+    pub plain_insert: Option<String>,
+}
+
+/// When a plan tries its plain insert: always, until a batch conflicts;
+/// then after 2^k batches that did not try, where k counts the tries in a
+/// row that conflicted (at most 2^10). Replaying stored events thus pays
+/// for a refused plain insert in few batches, and one redelivered event
+/// costs a single batch.
+#[derive(Debug, Default)]
+pub struct Optimism {
+    wait: AtomicU32,
+    streak: AtomicU32,
+}
+
+impl Optimism {
+    /// True when this batch should try the plain insert (counts a wait
+    /// down otherwise).
+    pub fn tries(&self) -> bool {
+        self.wait
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |w| w.checked_sub(1))
+            .is_err()
+    }
+
+    /// The outcome of a try: a conflict, or rows stored without one.
+    pub fn record(&self, conflicted: bool) {
+        if conflicted {
+            let k = self.streak.fetch_add(1, Ordering::Relaxed).min(10);
+            self.wait.store(1 << k, Ordering::Relaxed);
+        } else {
+            self.streak.store(0, Ordering::Relaxed);
         }
     }
 }
@@ -105,6 +156,7 @@ pub struct Plan {
     pub row_sql: String,
     /// True when the statement returns rows (RETURNING, or a SELECT).
     pub returns_rows: bool,
+    pub optimism: Optimism,
 }
 
 impl Plan {
@@ -143,12 +195,7 @@ impl Plan {
         });
         let function = row_function(&body, params.len(), returns_rows);
         let path = match unnest_blocker(conn, sql_text, &marks).await? {
-            None => {
-                let tuple = sql::values_tuple(sql_text).expect("checked by unnest_blocker");
-                WritePath::Unnest(unnest_statement(sql_text, &tuple, &marks, &|n, e| {
-                    cast(n, e)
-                }))
-            }
+            None => WritePath::Unnest(unnest(sql_text, &marks, &cast)),
             Some(reason) => WritePath::PerRow(reason),
         };
         Ok(Self {
@@ -158,6 +205,7 @@ impl Plan {
             function,
             row_sql,
             returns_rows,
+            optimism: Optimism::default(),
         })
     }
 
@@ -306,6 +354,25 @@ async fn unnest_blocker(
         Some("r" | "p") => None,
         _ => Some(format!("{target} is not a plain table")),
     })
+}
+
+/// The unnest statements of a statement `unnest_blocker` lets through.
+fn unnest(
+    sql_text: &str,
+    marks: &[(std::ops::Range<usize>, usize)],
+    cast: &dyn Fn(usize, String) -> String,
+) -> Unnest {
+    let tuple = sql::values_tuple(sql_text).expect("checked by unnest_blocker");
+    let plain_insert = sql::on_conflict_do_nothing(sql_text)
+        .filter(|clause| clause.start >= tuple.span.end)
+        .map(|clause| {
+            let plain = format!("{}{}", &sql_text[..clause.start], &sql_text[clause.end..]);
+            unnest_statement(&plain, &tuple, marks, cast)
+        });
+    Unnest {
+        sql: unnest_statement(sql_text, &tuple, marks, cast),
+        plain_insert,
+    }
 }
 
 /// `INSERT … VALUES (e1, e2) tail` → `INSERT … SELECT e1', e2' FROM
@@ -523,16 +590,42 @@ mod tests {
 
     #[test]
     fn unnest_rewrite_keeps_expressions_order_and_tail() {
-        let text = "INSERT INTO t (a, b) VALUES ($1, $2::timestamptz AT TIME ZONE 'UTC') ON CONFLICT (a) DO NOTHING";
-        let tuple = sql::values_tuple(text).unwrap();
+        let text = "INSERT INTO t (a, b) VALUES ($1, $2::timestamptz AT TIME ZONE 'UTC') ON CONFLICT (a) DO NOTHING RETURNING a";
         let marks = sql::placeholders(text);
-        let out = unnest_statement(text, &tuple, &marks, &|n, e| format!("(({e})::t{n})"));
-        assert_eq!(
-            out,
-            "INSERT INTO t (a, b) SELECT ((u.c1)::t1), ((u.c2)::t2)::timestamptz AT TIME ZONE 'UTC' \
+        let out = unnest(text, &marks, &|n, e| format!("(({e})::t{n})"));
+        let select = "INSERT INTO t (a, b) SELECT ((u.c1)::t1), ((u.c2)::t2)::timestamptz AT TIME ZONE 'UTC' \
              FROM UNNEST($1::text[], $2::text[]) WITH ORDINALITY AS u(c1, c2, ingestd_ord) \
-             ORDER BY u.ingestd_ord ON CONFLICT (a) DO NOTHING"
+             ORDER BY u.ingestd_ord";
+        assert_eq!(
+            out.sql,
+            format!("{select} ON CONFLICT (a) DO NOTHING RETURNING a")
         );
+        assert_eq!(out.plain_insert, Some(format!("{select}  RETURNING a")));
+        let upsert = "INSERT INTO t (a) VALUES ($1) ON CONFLICT (a) DO UPDATE SET a = EXCLUDED.a";
+        let out = unnest(upsert, &sql::placeholders(upsert), &|_, e| e);
+        assert_eq!(out.plain_insert, None);
+    }
+
+    #[test]
+    fn optimism_waits_longer_after_each_conflict_and_resets_on_success() {
+        let o = Optimism::default();
+        let pattern = |o: &Optimism, n: usize| -> String {
+            (0..n).map(|_| if o.tries() { 'T' } else { '.' }).collect()
+        };
+        assert_eq!(pattern(&o, 3), "TTT");
+        o.record(true);
+        assert_eq!(pattern(&o, 2), ".T");
+        o.record(true);
+        assert_eq!(pattern(&o, 3), "..T");
+        o.record(true);
+        assert_eq!(pattern(&o, 5), "....T");
+        o.record(false);
+        o.record(true);
+        assert_eq!(pattern(&o, 2), ".T");
+        for _ in 0..20 {
+            o.record(true);
+        }
+        assert_eq!(pattern(&o, 1025).find('T'), Some(1024));
     }
 
     #[test]

@@ -280,6 +280,40 @@ pub fn insert_target(sql: &str) -> Option<String> {
     (!parts.is_empty()).then(|| parts.join("."))
 }
 
+/// Where a top-level `ON CONFLICT [target] DO NOTHING` clause is, from
+/// `ON` to `NOTHING`: without it the statement is a plain insert that does
+/// the same wherever no row conflicts, at less cost to the database.
+pub fn on_conflict_do_nothing(sql: &str) -> Option<Range<usize>> {
+    let toks = lex(sql);
+    let is = |t: Option<&Tok>, word: &str| matches!(t, Some(Tok::Word(r)) if sql[r.clone()].eq_ignore_ascii_case(word));
+    let mut depth = 0usize;
+    let mut start = None;
+    for (k, t) in toks.iter().enumerate() {
+        match t {
+            Tok::Open(_) => depth += 1,
+            Tok::Close(_) => depth = depth.saturating_sub(1),
+            Tok::Word(r)
+                if depth == 0
+                    && start.is_none()
+                    && is(Some(t), "on")
+                    && is(toks.get(k + 1), "conflict") =>
+            {
+                start = Some(r.start);
+            }
+            Tok::Word(_) if depth == 0 && is(Some(t), "do") => {
+                return match toks.get(k + 1) {
+                    Some(Tok::Word(end)) if is(toks.get(k + 1), "nothing") => {
+                        start.map(|s| s..end.end)
+                    }
+                    _ => None,
+                };
+            }
+            _ => {}
+        }
+    }
+    None
+}
+
 /// Every name followed by `(`: the functions a statement may call (and,
 /// harmlessly, a table before its column list), unquoted; unquoted names
 /// are folded to lower case as Postgres folds them.
@@ -372,6 +406,40 @@ mod tests {
         let names =
             called_names("INSERT INTO t (a) VALUES (lower($1), \"My\"\"Fn\"(2), coalesce(x, 1))");
         assert_eq!(names, vec!["t", "values", "lower", "My\"Fn", "coalesce"]);
+    }
+
+    #[test]
+    fn finds_a_top_level_on_conflict_do_nothing() {
+        let clause = |sql: &'static str| on_conflict_do_nothing(sql).map(|r| &sql[r]);
+        assert_eq!(clause(INSERT), Some("ON CONFLICT (\"a\") DO NOTHING"));
+        assert_eq!(
+            clause("insert into t (a) values ($1) on conflict do nothing returning a"),
+            Some("on conflict do nothing")
+        );
+        assert_eq!(
+            clause("INSERT INTO t VALUES ($1) ON CONFLICT (lower(a)) WHERE b > 0 DO NOTHING"),
+            Some("ON CONFLICT (lower(a)) WHERE b > 0 DO NOTHING")
+        );
+        assert_eq!(
+            clause("INSERT INTO t VALUES ($1) ON CONFLICT ON CONSTRAINT t_pkey DO NOTHING"),
+            Some("ON CONFLICT ON CONSTRAINT t_pkey DO NOTHING")
+        );
+        assert_eq!(
+            clause("INSERT INTO t VALUES ($1) ON CONFLICT (a) DO UPDATE SET b = 1"),
+            None
+        );
+        assert_eq!(
+            clause("INSERT INTO t VALUES ($1) -- ON CONFLICT DO NOTHING"),
+            None
+        );
+        assert_eq!(
+            clause("INSERT INTO t VALUES ('ON CONFLICT DO NOTHING')"),
+            None
+        );
+        assert_eq!(
+            clause("WITH x AS (INSERT INTO u VALUES (1) ON CONFLICT DO NOTHING RETURNING 1) INSERT INTO t SELECT 1 FROM x"),
+            None
+        );
     }
 
     #[test]

@@ -99,15 +99,35 @@ impl PgSink {
     }
 
     /// The attempts at a batch on one connection: as fast as its plans
-    /// allow; row by row if an UNNEST upsert met one key twice; with rows
-    /// isolated if a row is at fault. The error is the last attempt's.
+    /// allow (a plain insert first where a plan has one and expects no
+    /// conflict); with `ON CONFLICT` if the plain insert conflicted; row by
+    /// row if an UNNEST upsert met one key twice; with rows isolated if a
+    /// row is at fault. The error is the last attempt's.
     async fn attempts(
         &self,
         conn: &mut PgConnection,
         batch: &[Encoded<'_>],
         finish: Finish,
     ) -> Result<Vec<(usize, Rejection)>, Failed> {
-        let mut result = self.attempt(conn, batch, Mode::Batch, finish).await;
+        let hopeful = plans_with_plain_insert(batch);
+        // Every hopeful plan counts this batch, so each one's wait runs down.
+        let tries = hopeful
+            .iter()
+            .fold(false, |any, p| p.optimism.tries() | any);
+        let mut result = if tries {
+            let result = self.attempt(conn, batch, Mode::PlainInsert, finish).await;
+            let conflicted = result.as_ref().is_err_and(Failed::is_conflict);
+            if conflicted || result.is_ok() {
+                hopeful.iter().for_each(|p| p.optimism.record(conflicted));
+            }
+            if conflicted {
+                self.attempt(conn, batch, Mode::Batch, finish).await
+            } else {
+                result
+            }
+        } else {
+            self.attempt(conn, batch, Mode::Batch, finish).await
+        };
         if result.as_ref().is_err_and(Failed::is_repeated_key)
             && batch
                 .iter()
@@ -146,6 +166,8 @@ impl PgSink {
 /// savepoint of its own to find the rows at fault.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Mode {
+    /// As `Batch`, with each plan's plain insert where it has one.
+    PlainInsert,
     Batch,
     /// Every run through its per-row function, without savepoints: for a
     /// batch whose UNNEST statement met one key twice (21000), which the
@@ -180,7 +202,11 @@ async fn run_batch(
     for run in batch.chunk_by(|a, b| Arc::ptr_eq(&a.plan, &b.plan)) {
         let plan = &run[0].plan;
         match (&plan.path, mode) {
-            (WritePath::Unnest(sql), Mode::Batch) => {
+            (WritePath::Unnest(unnest), Mode::Batch | Mode::PlainInsert) => {
+                let sql = match (&unnest.plain_insert, mode) {
+                    (Some(plain), Mode::PlainInsert) => plain,
+                    _ => &unnest.sql,
+                };
                 let mut q = sqlx::query(sql);
                 for col in 0..plan.arity() {
                     q = q.bind(column(run, col));
@@ -236,6 +262,18 @@ async fn create_functions(
     Ok(())
 }
 
+/// The batch's plans that have a plain insert, each once.
+fn plans_with_plain_insert(batch: &[Encoded<'_>]) -> Vec<Arc<Plan>> {
+    let mut plans: Vec<Arc<Plan>> = Vec::new();
+    for e in batch {
+        let has = matches!(&e.plan.path, WritePath::Unnest(u) if u.plain_insert.is_some());
+        if has && !plans.iter().any(|p| Arc::ptr_eq(p, &e.plan)) {
+            plans.push(e.plan.clone());
+        }
+    }
+    plans
+}
+
 fn column<'a>(run: &'a [Encoded<'_>], col: usize) -> Vec<Option<&'a str>> {
     run.iter().map(|r| r.values[col].as_deref()).collect()
 }
@@ -257,9 +295,20 @@ impl From<sqlx::Error> for Failed {
 impl Failed {
     /// `ON CONFLICT DO UPDATE` met the same key twice in one statement.
     fn is_repeated_key(&self) -> bool {
+        self.code().as_deref() == Some("21000")
+    }
+
+    /// A unique or exclusion violation: what a plain insert meets where
+    /// its `ON CONFLICT … DO NOTHING` would have skipped a row (or where
+    /// that would fail too, on another constraint).
+    fn is_conflict(&self) -> bool {
+        matches!(self.code().as_deref(), Some("23505" | "23P01"))
+    }
+
+    fn code(&self) -> Option<String> {
         match self {
-            Failed::Sql(sqlx::Error::Database(db)) => db.code().as_deref() == Some("21000"),
-            _ => false,
+            Failed::Sql(e) => db_code(e),
+            Failed::Caught { .. } => None,
         }
     }
 
