@@ -99,10 +99,11 @@ impl PgSink {
     }
 
     /// The attempts at a batch on one connection: as fast as its plans
-    /// allow (a plain insert first where a plan has one and expects no
-    /// conflict); with `ON CONFLICT` if the plain insert conflicted; row by
-    /// row if an UNNEST upsert met one key twice; with rows isolated if a
-    /// row is at fault. The error is the last attempt's.
+    /// allow (with every plain insert the batch's plans have, when one of
+    /// those plans expects no conflict); with `ON CONFLICT` if a plain
+    /// insert conflicted; row by row if an UNNEST upsert met one key twice;
+    /// with rows isolated if a row is at fault. The error is the last
+    /// attempt's.
     async fn attempts(
         &self,
         conn: &mut PgConnection,
