@@ -306,10 +306,12 @@ impl Failed {
         matches!(self.code().as_deref(), Some("23505" | "23P01"))
     }
 
+    /// The SQLSTATE, of the statement's error or of the caught row failure
+    /// (never an event's fault, so never 21000 or class 23).
     fn code(&self) -> Option<String> {
         match self {
             Failed::Sql(e) => db_code(e),
-            Failed::Caught { .. } => None,
+            Failed::Caught { state, .. } => Some(state.clone()),
         }
     }
 
@@ -321,12 +323,11 @@ impl Failed {
     }
 
     pub(super) fn into_write_error(self) -> WriteError {
-        let (text, code) = match &self {
-            Failed::Sql(e) => (sqlstate::describe(e), db_code(e)),
-            Failed::Caught { state, message } => {
-                (sqlstate::line(state, message), Some(state.clone()))
-            }
+        let text = match &self {
+            Failed::Sql(e) => sqlstate::describe(e),
+            Failed::Caught { state, message } => sqlstate::line(state, message),
         };
+        let code = self.code();
         match self.fault() {
             Fault::Transient => WriteError::Transient(text),
             _ => match code.as_deref().and_then(sqlstate::meaning) {
