@@ -314,7 +314,9 @@ pub struct BatchConfig {
     pub max_rows: NonZeroUsize,
     /// How long a batch waits for more events after its first (default
     /// `3ms`): the part of publish → commit latency that batching adds
-    /// while events trickle in; a backlog fills batches at once.
+    /// while events trickle in. In a backlog (JetStream reports more
+    /// messages pending) a batch fills to `max_rows` regardless, for at
+    /// most 60 ms.
     #[serde(default = "default_max_wait", deserialize_with = "de_duration")]
     #[schemars(with = "DurationText")]
     pub max_wait: Duration,

@@ -4,9 +4,18 @@
 
 use super::*;
 
+/// How long a batch may keep filling past `max_wait` while JetStream
+/// reports more messages pending for the consumer: in a backlog the next
+/// messages are on their way, and a batch cut short costs a transaction.
+const BACKLOG_WAIT: Duration = Duration::from_millis(60);
+/// The shortest wait for the next message of a backlog (`max_wait` may be
+/// zero).
+const BACKLOG_STEP: Duration = Duration::from_millis(1);
+
 impl Pipeline {
     /// Waits for the first message, then gathers until `max_rows` or
-    /// `max_wait` after the first. None once `stop` is set.
+    /// `max_wait` after the first; in a backlog, until `max_rows` or
+    /// [`BACKLOG_WAIT`]. None once `stop` is set.
     pub(super) async fn collect(
         &self,
         puller: &mut Puller,
@@ -26,7 +35,8 @@ impl Pipeline {
                 m = puller.next(None) => break m?,
             }
         };
-        let deadline = Instant::now() + b.max_wait;
+        let start = Instant::now();
+        let mut deadline = start + b.max_wait;
         let mut bytes = first.payload.len() as u64;
         let mut held = vec![self.receive(first)];
         while held.len() < b.max_rows.get() && bytes < b.max_bytes {
@@ -35,19 +45,45 @@ impl Pipeline {
                     bytes += m.payload.len() as u64;
                     held.push(self.receive(m));
                 }
+                None if deadline < start + BACKLOG_WAIT && backlog(&held) => {
+                    let step = b.max_wait.max(BACKLOG_STEP);
+                    deadline = (Instant::now() + step).min(start + BACKLOG_WAIT);
+                }
                 None => break,
             }
         }
+        self.count_received(held.iter().map(|h| &h.msg));
         Some(held)
     }
 
-    pub(super) fn count_received(&self, subject: &str) {
-        self.families.received.with_label_values(&[subject]).inc();
-        self.stats.received.fetch_add(1, Ordering::Relaxed);
+    /// Counts deliveries by subject, one series lookup per run of a
+    /// subject (a batch's messages mostly share theirs).
+    pub(super) fn count_received<'a>(&self, messages: impl Iterator<Item = &'a Message>) {
+        let mut run: Option<(&str, u64)> = None;
+        let mut total = 0;
+        for subject in messages.map(|m| m.subject.as_str()) {
+            total += 1;
+            match &mut run {
+                Some((last, n)) if *last == subject => *n += 1,
+                _ => {
+                    if let Some(ended) = run.replace((subject, 1)) {
+                        self.count_run(ended);
+                    }
+                }
+            }
+        }
+        if let Some(ended) = run {
+            self.count_run(ended);
+        }
+        self.stats.received.fetch_add(total, Ordering::Relaxed);
+    }
+
+    fn count_run(&self, (subject, n): (&str, u64)) {
+        let counter = self.families.received.with_label_values(&[subject]);
+        counter.inc_by(n as f64);
     }
 
     pub(super) fn receive(&self, msg: Message) -> Held {
-        self.count_received(msg.subject.as_str());
         Held {
             _held: self.lag.hold(&msg),
             msg,
@@ -63,14 +99,9 @@ impl Pipeline {
                 .compiled
                 .prepare(&h.msg.payload, &self.meta(&h.msg), &self.headers(&h.msg))
             {
-                Ok(Prepared {
-                    rendered,
-                    labels,
-                    event_id,
-                }) => rows.push(Row {
+                Ok(Prepared { rendered, labels }) => rows.push(Row {
                     held: h,
                     labels,
-                    event_id,
                     write: SinkRow {
                         rendered,
                         outcome: Outcome::Pending,
@@ -83,11 +114,15 @@ impl Pipeline {
     }
 
     /// What a template sees of the message as `msg` (only the subject
-    /// when no template reads `msg`).
+    /// when no template reads `msg`, nothing when none reads either).
     pub(super) fn meta(&self, msg: &Message) -> MsgMeta {
-        if !self.compiled.templates.reads_msg {
+        let templates = &self.compiled.templates;
+        if !templates.reads_msg {
             return MsgMeta {
-                subject: msg.subject.to_string(),
+                subject: match templates.reads_subject {
+                    true => msg.subject.to_string(),
+                    false => String::new(),
+                },
                 ..MsgMeta::default()
             };
         }
@@ -116,4 +151,12 @@ impl Pipeline {
             .filter_map(|(k, v)| v.first().map(|v| (k.to_string(), v.to_string())))
             .collect()
     }
+}
+
+/// True when the server had more messages for the consumer after the
+/// batch's last one (JetStream tells with each delivery).
+fn backlog(held: &[Held]) -> bool {
+    held.last()
+        .and_then(|h| h.msg.info().ok())
+        .is_some_and(|info| info.pending > 0)
 }

@@ -101,7 +101,6 @@ struct Held {
 struct Row {
     held: Held,
     labels: Vec<String>,
-    event_id: Option<String>,
     write: SinkRow,
 }
 
@@ -269,6 +268,7 @@ impl Pipeline {
         .into_iter()
         .map(|m| self.receive(m))
         .collect();
+        self.count_received(rest.iter().map(|h| &h.msg));
         let mut rest = rest.into_iter().peekable();
         while rest.peek().is_some() {
             let chunk: Vec<Held> = rest.by_ref().take(batch.max_rows.get()).collect();

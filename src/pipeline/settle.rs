@@ -8,14 +8,15 @@ impl Pipeline {
     /// refused; returns the rows still pending.
     pub(super) async fn settle(&self, rows: Vec<Row>) -> Vec<Row> {
         let mut pending = Vec::new();
+        let mut settled = Settled::now();
         for mut row in rows {
             match std::mem::replace(&mut row.write.outcome, Outcome::Pending) {
-                Outcome::Stored => self.processed(row).await,
+                Outcome::Stored => self.processed(row, &mut settled).await,
                 Outcome::Rejected(rejection) => {
                     let invalid = Invalid {
                         kind: InvalidKind::Unstorable,
                         error: rejection.error,
-                        event_id: row.event_id,
+                        event_id: self.compiled.event_id_in(&row.held.msg.payload),
                     };
                     self.reject(row.held, invalid).await
                 }
@@ -25,26 +26,39 @@ impl Pipeline {
         pending
     }
 
-    pub(super) async fn processed(&self, row: Row) {
+    async fn processed(&self, row: Row, settled: &mut Settled) {
         if let Err(e) = row.held.msg.ack().await {
             tracing::warn!(pipeline = %self.name, error = %e, "ack failed; the event will be redelivered and deduplicated");
         }
-        self.lag.committed(&row.held.msg);
-        let labels: Vec<&str> = row.labels.iter().map(String::as_str).collect();
-        self.families.processed.with_label_values(&labels).inc();
+        self.lag.committed(&row.held.msg, settled.wall);
         self.stats.processed.fetch_add(1, Ordering::Relaxed);
-        self.families
-            .duration
-            .with_label_values(&duration_values(&self.cfg.metrics, &row.labels))
-            .observe(row.held.received.elapsed().as_secs_f64());
+        let elapsed = settled.at.saturating_duration_since(row.held.received);
         if tracing::enabled!(tracing::Level::DEBUG) {
             tracing::debug!(
                 pipeline = %self.name,
                 subject = %row.held.msg.subject,
                 stream_seq = ?row.held.msg.info().ok().map(|i| i.stream_sequence),
-                event_id = ?row.event_id,
+                event_id = ?self.compiled.event_id_in(&row.held.msg.payload),
                 "stored"
             );
+        }
+        let series = match &mut settled.last {
+            Some(last) if last.labels == row.labels => last,
+            last => last.insert(self.series(row.labels)),
+        };
+        series.processed.inc();
+        series.duration.observe(elapsed.as_secs_f64());
+    }
+
+    /// The series a stored event with these label values counts in.
+    fn series(&self, labels: Vec<String>) -> LabelSeries {
+        let families = &self.families;
+        LabelSeries {
+            processed: families.processed.with_label_values(&labels),
+            duration: families
+                .duration
+                .with_label_values(&duration_values(&self.cfg.metrics, &labels)),
+            labels,
         }
     }
 
@@ -125,4 +139,31 @@ impl Pipeline {
         }
         msg.ack().await.map_err(|e| e.to_string())
     }
+}
+
+/// The moment a batch's rows are settled, and the series of the last
+/// stored row: one clock reading per batch, and the events of a batch
+/// mostly share their labels, so most rows find their series without a
+/// lookup.
+struct Settled {
+    at: Instant,
+    wall: std::time::SystemTime,
+    last: Option<LabelSeries>,
+}
+
+impl Settled {
+    fn now() -> Self {
+        Self {
+            at: Instant::now(),
+            wall: std::time::SystemTime::now(),
+            last: None,
+        }
+    }
+}
+
+/// A label set's values and the series of stored events with them.
+struct LabelSeries {
+    labels: Vec<String>,
+    processed: prometheus::Counter,
+    duration: prometheus::Histogram,
 }

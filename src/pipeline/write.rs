@@ -39,8 +39,7 @@ impl Pipeline {
             self.keeping_alive(tokio::time::sleep(backoff), &messages, &mut next_progress)
                 .await;
             backoff = (backoff * 2).min(policy.backoff_max);
-            rows.iter()
-                .for_each(|r| self.count_received(r.held.msg.subject.as_str()));
+            self.count_received(rows.iter().map(|r| &r.held.msg));
         }
         if self.health.recover(Side::Sink) {
             tracing::info!(pipeline = %self.name, "writing again");

@@ -150,12 +150,10 @@ impl PipelineLag {
         }
     }
 
-    /// Records the commit of `msg`'s row: its age since publish, and now as
-    /// the last commit.
-    pub fn committed(&self, msg: &Message) {
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap_or_default();
+    /// Records the commit of `msg`'s row at `at`: its age since publish,
+    /// and `at` as the last commit.
+    pub fn committed(&self, msg: &Message, at: SystemTime) {
+        let now = at.duration_since(UNIX_EPOCH).unwrap_or_default();
         self.last_commit
             .get_or_init(|| self.families.last_commit.with_label_values(&[&self.name]))
             .set(now.as_secs_f64());

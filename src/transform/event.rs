@@ -62,7 +62,6 @@ pub struct Prepared {
     pub rendered: Rendered,
     /// Metric label values, in label-name order.
     pub labels: Vec<String>,
-    pub event_id: Option<String>,
 }
 
 /// The parts of a pipeline that need no connection: limits, schema,
@@ -113,6 +112,14 @@ impl Compiled {
             .map(str::to_string)
     }
 
+    /// The id of the event in `payload`, for a log line about an event
+    /// that was prepared: read again from the payload, since only the
+    /// events that end up logged need it.
+    pub fn event_id_in(&self, payload: &[u8]) -> Option<String> {
+        self.event_id.as_ref()?;
+        self.event_id(&serde_json::from_slice(payload).ok()?)
+    }
+
     /// Takes one payload as far as a row; anything that stops it is
     /// permanent for this payload.
     pub fn prepare(
@@ -140,20 +147,15 @@ impl Compiled {
             v.apply(&mut event)
                 .map_err(|e| invalid(InvalidKind::Schema, e, Some(&event)))?;
         }
-        let id = self.event_id(&event);
         let (rendered, labels) = self
             .templates
             .render(event, msg, headers)
             .map_err(|error| Invalid {
                 kind: InvalidKind::Template,
                 error,
-                event_id: id.clone(),
+                event_id: self.event_id_in(payload),
             })?;
-        Ok(Prepared {
-            rendered,
-            labels,
-            event_id: id,
-        })
+        Ok(Prepared { rendered, labels })
     }
 }
 

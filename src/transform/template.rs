@@ -58,10 +58,12 @@ pub struct Templates {
     conditions: usize,
     labels: Environment<'static>,
     label_names: Vec<String>,
-    /// Whether any template names `msg` / `headers`: building them costs an
-    /// allocation or more per event, so events skip what no template reads.
+    /// Whether any template names `msg` / `headers` / `subject`: building
+    /// them costs an allocation or more per event, so events skip what no
+    /// template reads.
     pub reads_msg: bool,
     pub reads_headers: bool,
+    pub reads_subject: bool,
     /// The insert template evaluated without the engine, where it has no
     /// logic and gives the same statement (see [`crate::transform::direct`]).
     direct_insert: Option<Direct>,
@@ -101,6 +103,7 @@ impl Templates {
             label_names: labels.keys().cloned().collect(),
             reads_msg: sources().any(|t| names_word(t, "msg")),
             reads_headers: sources().any(|t| names_word(t, "headers")),
+            reads_subject: sources().any(|t| names_word(t, "subject")),
             direct_insert: None,
             direct_labels: labels.values().map(|t| direct_label(t)).collect(),
         };

@@ -71,6 +71,17 @@ async fn row_level_failures_do_not_sink_their_batch() {
     assert_eq!(metrics.sum(FAILED, &[]), 5.0, "only validation errors");
 
     assert_stored_exactly(&env, &valid).await;
+    // Each refused event's log line names it by its eventId (`log.event_id`,
+    // logged as `event_id=Some("…")`).
+    let log = engine.log();
+    for id in ["reject-1", "year-zero", "nul", "reject-3"] {
+        let named = format!("event_id=Some(\"{id}\")");
+        assert!(
+            log.lines()
+                .any(|l| l.contains("invalid event") && l.contains(&named)),
+            "no `invalid event` line has {named}:\n{log}"
+        );
+    }
     // The bad rows are found in one second attempt of their batch, which
     // commits the rest: one transaction per batch, however many bad rows.
     let (commits, _) = transactions(&env).await;
@@ -107,6 +118,52 @@ async fn a_backlog_is_written_in_few_large_transactions() {
     assert!(
         largest <= MAX_ROWS,
         "one transaction wrote {largest} rows, above max_rows {MAX_ROWS}"
+    );
+}
+
+/// 2b. A backlog fills its batches although they would not wait, over a
+/// slow link: with `max_wait: 0ms` a batch would hold only what had
+/// arrived with its first event (a few messages of each trickling pull
+/// request). JetStream reports more pending with each delivery, so the
+/// engine keeps filling; the backlog takes as many transactions as it has
+/// full batches.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backlog_fills_batches_that_would_not_wait() {
+    const ROWS: usize = 1_000;
+    const MAX_ROWS: usize = 100;
+    let env = TestEnv::new().await;
+    let yaml = adapt_pipeline(
+        &env.tiktok_pipeline(),
+        &[
+            (SHIPPED_MAX_ROWS.to_owned(), format!("max_rows: {MAX_ROWS}")),
+            (SHIPPED_MAX_WAIT.to_owned(), "max_wait: 0ms".to_owned()),
+        ],
+    );
+    env.write_pipeline("tiktok.yaml", &yaml);
+    prepare_table(&env, "").await;
+    let stored = ids("f", ROWS);
+    let total = publish_backlog(&env, events(&stored)).await;
+
+    // About 8 KB every 2 ms: a pull request of 100 events (about 80 KB)
+    // arrives over some 20 ms, well within the 60 ms a batch may fill.
+    let nats = TcpProxy::to_nats().await;
+    nats.pace(Some(Pace {
+        bytes: 8 * 1024,
+        pause: Duration::from_millis(2),
+    }));
+    let engine = env.engine().var("NATS_URL", nats.nats_url()).start().await;
+    wait_processed(&[&engine], ROWS as f64, DRAIN_DEADLINE).await;
+    wait_drained(&env, total, DRAIN_DEADLINE).await;
+    assert_stored_exactly(&env, &stored).await;
+
+    let (commits, largest) = transactions(&env).await;
+    eprintln!("{ROWS} rows in {commits} transactions, the largest of {largest} rows");
+    assert_eq!(largest as usize, MAX_ROWS);
+    // Under load a batch may now and then be cut at 60 ms; cut by
+    // `max_wait`, nearly all of them would be.
+    assert!(
+        commits as usize <= ROWS / MAX_ROWS + 2,
+        "{ROWS} rows took {commits} transactions: batches of a backlog were cut short"
     );
 }
 

@@ -351,3 +351,34 @@ async fn check_takes_test_files_from_a_glob_as_test_files() {
         text(&out)
     );
 }
+
+/// The runtime has the worker threads `INGESTD_WORKER_THREADS` asks for,
+/// and by default half the CPUs (at least one), as its start-up line says
+/// (read from the runtime itself).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn worker_threads_follow_the_setting_and_default_to_half_the_cpus() {
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    for (setting, expected) in [(Some("3"), 3), (None, (cpus / 2).max(1))] {
+        let env = TestEnv::new().await;
+        env.write_pipeline("tiktok.yaml", &env.tiktok_pipeline());
+        let builder = env.engine();
+        let builder = match setting {
+            Some(n) => builder.var("INGESTD_WORKER_THREADS", n),
+            None => builder,
+        };
+        let engine = builder.start().await;
+        let log = engine.log();
+        let started = log
+            .lines()
+            .find(|l| l.contains("engine started"))
+            .unwrap_or_else(|| panic!("no start-up line in:\n{log}"));
+        let logged = |n: usize| {
+            started.contains(&format!("worker_threads={n}"))
+                || started.contains(&format!("\"worker_threads\":{n}"))
+        };
+        assert!(
+            logged(expected),
+            "{setting:?}: want {expected} worker threads: {started}"
+        );
+    }
+}

@@ -70,12 +70,36 @@ pub enum ParamValue {
 impl From<Json> for ParamValue {
     fn from(v: Json) -> Self {
         match v {
-            Json::Object(_) => {
-                ParamValue::Object(serde_json::to_string(&v).expect("a JSON value serializes"))
-            }
+            Json::Object(_) => ParamValue::Object(json_text(&v)),
             other => ParamValue::Value(other),
         }
     }
+}
+
+thread_local! {
+    /// Where objects are serialized before their text is copied out at its
+    /// exact size: serializing straight into a new string grows it two or
+    /// three times for a typical event object, each a reallocation and copy.
+    static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Scratch kept between objects; a larger one (a rare large event) is
+/// given back rather than held by the thread for good.
+const SCRATCH_KEPT: usize = 64 * 1024;
+
+/// The compact JSON text of a value.
+fn json_text(v: &Json) -> String {
+    SCRATCH.with_borrow_mut(|buf| {
+        buf.clear();
+        serde_json::to_writer(&mut *buf, v).expect("a JSON value serializes");
+        let text = std::str::from_utf8(buf)
+            .expect("serde_json writes UTF-8")
+            .to_owned();
+        if buf.capacity() > SCRATCH_KEPT {
+            *buf = Vec::new();
+        }
+        text
+    })
 }
 
 /// A value equals the JSON it was made from (an object's text parses back
@@ -230,6 +254,24 @@ fn db_code(e: &sqlx::Error) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An object's text is serde_json's, whatever size the objects before
+    /// it had (the scratch is kept, grown, or given back).
+    #[test]
+    fn objects_become_their_compact_json_text() {
+        let big = "x".repeat(SCRATCH_KEPT + 1);
+        for v in [
+            serde_json::json!({"a": [1, 2.5, null], "b": {"c": "é\"\n"}}),
+            serde_json::json!({"big": big}),
+            serde_json::json!({}),
+            serde_json::json!({"z": true, "a": {"nested": [{"k": -1}]}}),
+        ] {
+            let ParamValue::Object(text) = ParamValue::from(v.clone()) else {
+                panic!("an object stays an object");
+            };
+            assert_eq!(text, serde_json::to_string(&v).unwrap());
+        }
+    }
 
     #[test]
     fn prisma_schema_parameter_becomes_search_path() {

@@ -30,8 +30,9 @@ pub const TOP_VIEW: &str = "tiktok.top.video.view";
 const PUBLISH_WINDOW: usize = 2_000;
 
 /// The shipped tiktok.yaml's batch settings, rewritten by [`Batch::apply`].
-const SHIPPED_MAX_ROWS: &str = "max_rows: 1000";
+pub const SHIPPED_MAX_ROWS: &str = "max_rows: 1000";
 const SHIPPED_MAX_IN_FLIGHT: &str = "max_in_flight: 2";
+pub const SHIPPED_MAX_WAIT: &str = "max_wait: 3ms";
 /// The consumer's last line in tiktok.yaml, after which `max_ack_pending` goes.
 const SHIPPED_MAX_DELIVER: &str = "max_deliver: 5";
 
