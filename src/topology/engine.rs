@@ -40,6 +40,9 @@ pub struct Settings {
     pub shutdown_grace: Duration,
 }
 
+/// How long stopping waits for the NATS connection to send what it buffers.
+const FINAL_FLUSH: Duration = Duration::from_secs(2);
+
 /// The running engine, shared with the HTTP handlers and the watcher.
 pub struct Engine {
     pub metrics: Arc<Metrics>,
@@ -136,7 +139,7 @@ impl Engine {
     }
 
     /// Stops every pipeline, letting each finish its in-flight batches,
-    /// and waits for the versions still retiring.
+    /// waits for the versions still retiring, and sends NATS what is left.
     pub async fn stop_all(&self) {
         let running: Vec<Running> = {
             let mut slots = self.slots.lock().expect("slots lock");
@@ -148,6 +151,20 @@ impl Engine {
         let retiring = std::mem::take(&mut *self.retiring.lock().expect("retiring lock"));
         futures::future::join_all(running.into_iter().map(stop)).await;
         futures::future::join_all(retiring).await;
+        self.flush_nats().await;
+    }
+
+    /// Sends what the NATS connection still buffers: the acks and naks of
+    /// the last batches would otherwise end with the process, their events
+    /// redelivered (acked) or held until `ack_wait` (released).
+    async fn flush_nats(&self) {
+        match tokio::time::timeout(FINAL_FLUSH, self.nats.flush()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e,
+                "cannot send the last acknowledgements to NATS; their events will be delivered again"),
+            Err(_) => tracing::warn!(?FINAL_FLUSH,
+                "NATS did not take the last acknowledgements in time; their events will be delivered again"),
+        }
     }
 
     /// Makes the next reconcile retry every file that failed, even if it is
