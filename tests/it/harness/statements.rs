@@ -264,6 +264,16 @@ ON CONFLICT (seq) DO NOTHING",
             path: "unnest, plain insert first",
         },
         Case {
+            // `subject` without `msg`: the engine builds only the subject.
+            name: "subject_without_msg",
+            ddl: "CREATE TABLE arrivals_by_subject (subject text NOT NULL, k text NOT NULL);",
+            template: "INSERT INTO arrivals_by_subject (subject, k) VALUES ({{ subject }}, {{ event.k }})",
+            tables: &["arrivals_by_subject"],
+            event: |r, _| json!({"k": r.key(5)}),
+            order_independent: true,
+            path: "unnest",
+        },
+        Case {
             name: "select_of_a_function",
             ddl: "CREATE TABLE tallies (k text PRIMARY KEY, n bigint NOT NULL);
 CREATE FUNCTION tally(key text, add int) RETURNS bigint LANGUAGE sql AS $$
