@@ -11,6 +11,9 @@
 //! 4. ingestd's peak resident memory during (2).
 //! 5. Large events: the drain of a backlog of 600 KB events, its memory and
 //!    NATS disconnects.
+//! 6. The engine's per-event transform alone, in a loop without I/O: how
+//!    much of ingestd's CPU per event it takes, and how much of that is the
+//!    JSON decode.
 //!
 //! It runs on the integration tests' harness (`tests/it/harness/`): the
 //! servers, names, engine process and waits are the tests' own. Everything
@@ -275,7 +278,14 @@ async fn phases(b: &Bench, args: &Args) {
     let large = large_events(b).await;
     large.print();
 
-    summary(args, &rounds, &general, &latency, &large);
+    println!(
+        "\n== [6] the per-event transform alone: {} of the backlog's events in a loop (one thread, no I/O)",
+        thousands(TRANSFORM_EVENTS)
+    );
+    let transform = transform_alone();
+    transform.print();
+
+    summary(args, &rounds, &general, &latency, &large, &transform);
 }
 
 // ---------------------------------------------------------------------------
@@ -1438,6 +1448,7 @@ fn summary(
     per_row: &DrainFigures,
     lat: &LatencyFigures,
     large: &LargeFigures,
+    transform: &TransformFigures,
 ) {
     let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
     let verdict = |ok: bool| if ok { "met" } else { "NOT met" };
@@ -1541,10 +1552,83 @@ fn summary(
         large.disconnects
     );
     println!(
+        "[6] transform alone (a loop)     {:>6.1} µs/event, of which the JSON tree {:.1} µs   (no target: the share of ingestd's CPU per event above that is not I/O)",
+        transform.prepare_us, transform.decode_us
+    );
+    println!(
         "    CPU of other processes (and of processes that exited meanwhile): up to {:.0}% of the machine during a drain, {:.0}% during the latency phase; high values mean noisy figures",
         100.0 * rounds.worst_neighbour_share(),
         100.0 * lat.cpu.neighbour_share(lat.publish_span)
     );
+}
+
+// ---------------------------------------------------------------------------
+// [6] The per-event transform alone
+// ---------------------------------------------------------------------------
+
+/// Events of the transform loop: a stable figure in about a second.
+const TRANSFORM_EVENTS: u64 = 50_000;
+/// Passes over them; the fastest counts (the least disturbed by the host).
+const TRANSFORM_PASSES: usize = 3;
+
+/// What the transform loop measured, in µs per event.
+struct TransformFigures {
+    /// `Compiled::prepare`: decode, validate and strip, values and labels.
+    prepare_us: f64,
+    /// The JSON decode into a `serde_json::Value` tree, and its drop.
+    decode_us: f64,
+}
+
+impl TransformFigures {
+    fn print(&self) {
+        println!(
+            "   prepare (decode, validate and strip, values and labels): {:.2} µs/event, of which the JSON decode into a tree and its drop: {:.2} µs",
+            self.prepare_us, self.decode_us
+        );
+        println!(
+            "   (the fastest of {TRANSFORM_PASSES} passes; the rest of ingestd's CPU per event is receiving, writing, acknowledging and counting)"
+        );
+    }
+}
+
+/// Runs the engine's own transform of tiktok.yaml over the backlog's
+/// payloads, and the JSON decode alone: jsonschema validates only
+/// `serde_json::Value` trees, so the decode is a floor no change inside
+/// the engine can lower.
+fn transform_alone() -> TransformFigures {
+    use ingestd::config::PipelineFile;
+    use ingestd::transform::{event::Compiled, template::MsgMeta};
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("pipelines/tiktok.yaml");
+    let file = PipelineFile::load(&path).expect("tiktok.yaml loads");
+    let compiled = Compiled::new(&file).expect("tiktok.yaml compiles");
+    let payloads: Vec<Vec<u8>> = (0..TRANSFORM_EVENTS)
+        .map(|i| generate(i, backlog_event_id(i)).payload)
+        .collect();
+    let (meta, headers) = (MsgMeta::default(), std::collections::BTreeMap::new());
+    let prepare_us = fastest_pass(&payloads, |p| {
+        let prepared = compiled.prepare(p, &meta, &headers);
+        assert!(prepared.is_ok(), "a backlog event is valid");
+    });
+    let decode_us = fastest_pass(&payloads, |p| {
+        let tree: Value = serde_json::from_slice(p).expect("a backlog event is JSON");
+        drop(std::hint::black_box(tree));
+    });
+    TransformFigures {
+        prepare_us,
+        decode_us,
+    }
+}
+
+/// The fastest of [`TRANSFORM_PASSES`] passes of `each` over the payloads,
+/// in µs per payload.
+fn fastest_pass(payloads: &[Vec<u8>], mut each: impl FnMut(&[u8])) -> f64 {
+    (0..TRANSFORM_PASSES)
+        .map(|_| {
+            let start = Instant::now();
+            payloads.iter().for_each(|p| each(p));
+            start.elapsed().as_secs_f64() * 1e6 / payloads.len() as f64
+        })
+        .fold(f64::INFINITY, f64::min)
 }
 
 fn micros_per(cpu_secs: f64, n: u64) -> f64 {

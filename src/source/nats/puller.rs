@@ -142,6 +142,13 @@ impl Puller {
                 }
                 continue; // a failed repair: the next one waits its backoff
             }
+            // In a backlog the next message is mostly here already: taken
+            // without arming a timer.
+            let ready = std::future::poll_fn(|cx| self.poll_requests(cx)).now_or_never();
+            if let Some((next, index)) = ready {
+                self.take(next, index);
+                continue;
+            }
             match deadline {
                 Some(d) => tokio::time::timeout_at(d, self.drain_open()).await.ok()?,
                 None => self.drain_open().await,
@@ -203,9 +210,9 @@ impl Puller {
         let Some(first_expiry) = self.requests.iter().map(|r| r.expires).min() else {
             return std::future::pending().await;
         };
-        let polls = self.requests.iter_mut().map(|r| r.batch.next());
         let (next, index) = tokio::select! {
-            (next, index, _) = futures::future::select_all(polls) => (next, index),
+            biased;
+            next = std::future::poll_fn(|cx| self.poll_requests(cx)) => next,
             // The server may drop an expired request without its timeout
             // reply (nats-server 2.9.10): end it by our own clock rather than
             // wait for the client's 5 s fallback.
@@ -215,6 +222,11 @@ impl Puller {
                 return;
             }
         };
+        self.take(next, index);
+    }
+
+    /// Buffers what request `index` gave: a message, its end, or an error.
+    fn take(&mut self, next: Option<Result<Message, async_nats::Error>>, index: usize) {
         match next {
             Some(Ok(m)) => {
                 self.requests[index].delivered += 1;
@@ -239,11 +251,27 @@ impl Puller {
         }
     }
 
+    /// The next item of the first open request that has one, with its index.
+    fn poll_requests(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<(Option<Result<Message, async_nats::Error>>, usize)> {
+        for (index, request) in self.requests.iter_mut().enumerate() {
+            if let std::task::Poll::Ready(next) = request.batch.poll_next_unpin(cx) {
+                return std::task::Poll::Ready((next, index));
+            }
+        }
+        std::task::Poll::Pending
+    }
+
     /// Ends the requests past their expiry (plus grace) by our clock, after
     /// taking the messages they already delivered: a message left in a
     /// dropped request would wait out the ack wait. True if any ended.
     fn end_expired(&mut self) -> bool {
         let now = Instant::now();
+        if self.requests.iter().all(|r| r.expires + EXPIRY_GRACE > now) {
+            return false;
+        }
         let open = self.requests.len();
         let mut kept = VecDeque::with_capacity(open);
         for mut request in self.requests.drain(..) {
