@@ -87,8 +87,9 @@ thread_local! {
 /// given back rather than held by the thread for good.
 const SCRATCH_KEPT: usize = 64 * 1024;
 
-/// The compact JSON text of a value.
-fn json_text(v: &Json) -> String {
+/// The compact JSON text of a value (objects become their text once, when
+/// rendered; other values when a plan encodes them).
+pub(super) fn json_text(v: &Json) -> String {
     SCRATCH.with_borrow_mut(|buf| {
         buf.clear();
         serde_json::to_writer(&mut *buf, v).expect("a JSON value serializes");

@@ -40,7 +40,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use serde_json::Value as Json;
 use sqlx::{Either, Executor, PgConnection};
 
-use crate::sink::postgres::{sql, sqlstate, ParamValue};
+use crate::sink::postgres::{json_text, sql, sqlstate, ParamValue};
 
 /// How a run of consecutive rows with the same plan is written.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -484,16 +484,14 @@ fn encode_value<'a>(
             Ok(Some(Cow::Owned(array_literal(items, elem))))
         }
         (Json::Array(_), Encoding::Array(_)) => Err(NulError),
-        (other, _) => json_text(other).map(|t| Some(Cow::Owned(t))),
+        (other, _) => json_text_without_nul(other).map(|t| Some(Cow::Owned(t))),
     }
 }
 
 /// JSON text; a NUL anywhere (serde_json writes it as `\u0000`) is
 /// refused, since Postgres stores no NUL in text or JSON.
-fn json_text(v: &Json) -> Result<String, NulError> {
-    // `to_string` writes bytes straight into the buffer; `Display` would
-    // go through the formatter's character writes.
-    let text = serde_json::to_string(v).expect("a JSON value serializes");
+fn json_text_without_nul(v: &Json) -> Result<String, NulError> {
+    let text = json_text(v);
     if has_nul_escape(&text) {
         Err(NulError)
     } else {
