@@ -7,13 +7,16 @@
 //!    by the contract's migration (same DDL and indexes as the engine's table).
 //! 2. ingestd draining a backlog of N events published before it starts
 //!    (and again through a statement that takes the per-row path).
-//! 3. Publish → commit latency at a steady rate with the default batching.
+//! 3. Publish → commit latency at a steady rate with the default batching,
+//!    and the moments its slow events fall in.
 //! 4. ingestd's peak resident memory during (2).
 //! 5. Large events: the drain of a backlog of 600 KB events, its memory and
 //!    NATS disconnects.
 //! 6. The engine's per-event transform alone, in a loop without I/O: how
 //!    much of ingestd's CPU per event it takes, and how much of that is the
 //!    JSON decode.
+//! 7. NATS alone: the same stream pulled and acknowledged by a bare
+//!    async-nats consumer (the client's and the server's floor).
 //!
 //! It runs on the integration tests' harness (`tests/it/harness/`): the
 //! servers, names, engine process and waits are the tests' own. Everything
@@ -30,6 +33,8 @@
 //! Run it with `bash scripts/bench.sh [--events N] [--rounds K] [--rate R] [--latency-secs S]`,
 //! which starts the services and runs `cargo bench --bench bench -- ...`.
 
+#[path = "bench/floors.rs"]
+mod floors;
 #[path = "../tests/it/harness/mod.rs"]
 mod harness;
 
@@ -51,7 +56,7 @@ use sqlx::postgres::{PgConnection, PgPool};
 use sqlx::Connection as _;
 
 use harness::batching::{large_event_backlog, LARGE_EVENT_TABLE};
-use harness::bench::{acked_sequence, thousands, Percentiles};
+use harness::bench::{acked_sequence, slow_moments, thousands, Percentiles, SlowMoment};
 use harness::{
     all_acked, confirmed, expect_eq, ingestd_bin, nats_url, publish_unconfirmed, publish_windowed,
     repo_root, try_wait_for, wait_for_every, Engine, EngineBuilder, TestEnv, TIKTOK_TABLE,
@@ -91,6 +96,11 @@ const DRAIN_POLL: Duration = Duration::from_millis(10);
 const READY_POLL: Duration = Duration::from_millis(20);
 /// Tick of the paced publisher of the latency phase.
 const PACE_TICK: Duration = Duration::from_millis(10);
+/// Slow events (over the p99 target) published closer than this belong to
+/// one slow moment of the latency phase.
+const SLOW_MOMENT_GAP: Duration = Duration::from_millis(100);
+/// How many of the worst slow moments are printed.
+const SLOW_MOMENTS_SHOWN: usize = 5;
 const READY_WITHIN: Duration = Duration::from_secs(60);
 const STOP_WITHIN: Duration = Duration::from_secs(40);
 const SETTLE_WITHIN: Duration = Duration::from_secs(60);
@@ -280,12 +290,18 @@ async fn phases(b: &Bench, args: &Args) {
 
     println!(
         "\n== [6] the per-event transform alone: {} of the backlog's events in a loop (one thread, no I/O)",
-        thousands(TRANSFORM_EVENTS)
+        thousands(floors::TRANSFORM_EVENTS)
     );
-    let transform = transform_alone();
+    let transform = floors::transform_alone();
     transform.print();
 
-    summary(args, &rounds, &general, &latency, &large, &transform);
+    println!(
+        "\n== [7] NATS alone: the backlog pulled and acknowledged by a bare async-nats consumer (no transform, no database)"
+    );
+    let nats = floors::nats_alone(&b.env).await;
+    nats.print(rounds.copy_rate());
+
+    summary(args, &rounds, &general, &latency, &large, &transform, &nats);
 }
 
 // ---------------------------------------------------------------------------
@@ -1157,6 +1173,10 @@ struct LatencyFigures {
     max_tick_lag: Duration,
     /// publish → createdAt (transaction start): a lower bound of commit time.
     created: Percentiles,
+    /// Events over the latency target (publish → createdAt) and the slow
+    /// moments they fall in, worst first.
+    over_target: usize,
+    slow: Vec<SlowMoment>,
     /// publish → the engine's ack seen on NATS (sent after the commit): an
     /// upper bound.
     acked: Option<Percentiles>,
@@ -1183,6 +1203,7 @@ impl LatencyFigures {
             ms_f(self.created.p99),
             ms_f(self.created.max)
         );
+        self.print_slow_moments();
         println!(
             "   (createdAt is CURRENT_TIMESTAMP at insert: the batch's transaction start, ms precision; the commit follows it by the INSERT + COMMIT time)"
         );
@@ -1204,6 +1225,34 @@ impl LatencyFigures {
             self.exit
         );
         print_problems(&self.problems);
+    }
+
+    /// Where the events over the p99 target were: a few moments (a stall of
+    /// some process) or spread over the phase (a steady cost).
+    fn print_slow_moments(&self) {
+        let shown: Vec<String> = self
+            .slow
+            .iter()
+            .take(SLOW_MOMENTS_SHOWN)
+            .map(|m| {
+                format!(
+                    "at {:.2} s {} up to {}",
+                    m.at_ms / 1000.0,
+                    m.events,
+                    ms_f(m.worst_ms)
+                )
+            })
+            .collect();
+        println!(
+            "   events over {}: {} ({:.2}%) in {} moment(s) (events less than {} apart){}{}",
+            ms_f(TARGET_P99_MS),
+            thousands(self.over_target as u64),
+            100.0 * self.over_target as f64 / self.events.max(1) as f64,
+            self.slow.len(),
+            ms(SLOW_MOMENT_GAP),
+            if shown.is_empty() { "" } else { "; worst: " },
+            shown.join(", ")
+        );
     }
 }
 
@@ -1239,6 +1288,7 @@ async fn latency(b: &Bench, rate: u64, duration_secs: u64) -> LatencyFigures {
     let problems = log_problems(&engine);
     let exit = stop(engine).await;
     let created = created_latencies(&b.env.db).await;
+    let slow = slow_moments(&created, TARGET_P99_MS, SLOW_MOMENT_GAP.as_micros() as i64);
     let acked = {
         let seen = acks.lock().expect("acks lock");
         let values = paced
@@ -1252,7 +1302,10 @@ async fn latency(b: &Bench, rate: u64, duration_secs: u64) -> LatencyFigures {
         events,
         publish_span: paced.span,
         max_tick_lag: paced.max_tick_lag,
-        created: Percentiles::of(created).expect("latency rows"),
+        over_target: slow.iter().map(|m| m.events).sum(),
+        slow,
+        created: Percentiles::of(created.into_iter().map(|(_, l)| l).collect())
+            .expect("latency rows"),
         acked,
         acks_seen,
         rss_hwm_kib,
@@ -1366,10 +1419,10 @@ async fn wait_acks_seen(acks: &Mutex<HashMap<u64, i64>>, sent: &[(u64, i64)]) ->
     count()
 }
 
-/// publish → createdAt of every latency row, in ms. The publish time is the
-/// last token of the eventId (µs since the epoch); createdAt is a UTC
-/// timestamp (the engine's session time zone is UTC).
-async fn created_latencies(pool: &PgPool) -> Vec<f64> {
+/// (publish time in µs, publish → createdAt in ms) of every latency row.
+/// The publish time is the last token of the eventId (µs since the epoch);
+/// createdAt is a UTC timestamp (the engine's session time zone is UTC).
+async fn created_latencies(pool: &PgPool) -> Vec<(i64, f64)> {
     let sql = format!(
         r#"SELECT "eventId", (extract(epoch FROM "createdAt") * 1000000)::int8 FROM {LATENCY_ROWS}"#
     );
@@ -1384,7 +1437,7 @@ async fn created_latencies(pool: &PgPool) -> Vec<f64> {
                 .next()
                 .and_then(|t| t.parse().ok())
                 .unwrap_or_else(|| panic!("eventId {id} carries no publish time"));
-            (created - published) as f64 / 1000.0
+            (published, (created - published) as f64 / 1000.0)
         })
         .collect()
 }
@@ -1448,7 +1501,8 @@ fn summary(
     per_row: &DrainFigures,
     lat: &LatencyFigures,
     large: &LargeFigures,
-    transform: &TransformFigures,
+    transform: &floors::TransformFigures,
+    nats: &floors::NatsFloor,
 ) {
     let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
     let verdict = |ok: bool| if ok { "met" } else { "NOT met" };
@@ -1555,6 +1609,19 @@ fn summary(
         "[6] transform alone (a loop)     {:>6.1} µs/event, of which the JSON tree {:.1} µs   (no target: the share of ingestd's CPU per event above that is not I/O)",
         transform.prepare_us, transform.decode_us
     );
+    let copy_us = rounds.median(Round::copy_us);
+    let floor_us = transform.prepare_us + nats.client_us();
+    println!(
+        "[7] NATS alone (pull + ack)        {:>3.0}% of COPY   (no target: the most a pull consumer drains here); CPU per event: client {:.1} µs, nats-server {:.1} µs",
+        100.0 * nats.rate() / rounds.copy_rate(),
+        nats.client_us(),
+        nats.nats_us()
+    );
+    println!(
+        "    ingestd's floor, [6] + [7]'s client {floor_us:.1} µs = {:.2} × COPY's postgres CPU (the target for ingestd is {:.2}), before writing to PostgreSQL and counting",
+        floor_us / copy_us,
+        FIRST_INGESTD_VS_COPY / 3.0
+    );
     println!(
         "    CPU of other processes (and of processes that exited meanwhile): up to {:.0}% of the machine during a drain, {:.0}% during the latency phase; high values mean noisy figures",
         100.0 * rounds.worst_neighbour_share(),
@@ -1565,71 +1632,6 @@ fn summary(
 // ---------------------------------------------------------------------------
 // [6] The per-event transform alone
 // ---------------------------------------------------------------------------
-
-/// Events of the transform loop: a stable figure in about a second.
-const TRANSFORM_EVENTS: u64 = 50_000;
-/// Passes over them; the fastest counts (the least disturbed by the host).
-const TRANSFORM_PASSES: usize = 3;
-
-/// What the transform loop measured, in µs per event.
-struct TransformFigures {
-    /// `Compiled::prepare`: decode, validate and strip, values and labels.
-    prepare_us: f64,
-    /// The JSON decode into a `serde_json::Value` tree, and its drop.
-    decode_us: f64,
-}
-
-impl TransformFigures {
-    fn print(&self) {
-        println!(
-            "   prepare (decode, validate and strip, values and labels): {:.2} µs/event, of which the JSON decode into a tree and its drop: {:.2} µs",
-            self.prepare_us, self.decode_us
-        );
-        println!(
-            "   (the fastest of {TRANSFORM_PASSES} passes; the rest of ingestd's CPU per event is receiving, writing, acknowledging and counting)"
-        );
-    }
-}
-
-/// Runs the engine's own transform of tiktok.yaml over the backlog's
-/// payloads, and the JSON decode alone: jsonschema validates only
-/// `serde_json::Value` trees, so the decode is a floor no change inside
-/// the engine can lower.
-fn transform_alone() -> TransformFigures {
-    use ingestd::config::PipelineFile;
-    use ingestd::transform::{event::Compiled, template::MsgMeta};
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("pipelines/tiktok.yaml");
-    let file = PipelineFile::load(&path).expect("tiktok.yaml loads");
-    let compiled = Compiled::new(&file).expect("tiktok.yaml compiles");
-    let payloads: Vec<Vec<u8>> = (0..TRANSFORM_EVENTS)
-        .map(|i| generate(i, backlog_event_id(i)).payload)
-        .collect();
-    let (meta, headers) = (MsgMeta::default(), std::collections::BTreeMap::new());
-    let prepare_us = fastest_pass(&payloads, |p| {
-        let prepared = compiled.prepare(p, &meta, &headers);
-        assert!(prepared.is_ok(), "a backlog event is valid");
-    });
-    let decode_us = fastest_pass(&payloads, |p| {
-        let tree: Value = serde_json::from_slice(p).expect("a backlog event is JSON");
-        drop(std::hint::black_box(tree));
-    });
-    TransformFigures {
-        prepare_us,
-        decode_us,
-    }
-}
-
-/// The fastest of [`TRANSFORM_PASSES`] passes of `each` over the payloads,
-/// in µs per payload.
-fn fastest_pass(payloads: &[Vec<u8>], mut each: impl FnMut(&[u8])) -> f64 {
-    (0..TRANSFORM_PASSES)
-        .map(|_| {
-            let start = Instant::now();
-            payloads.iter().for_each(|p| each(p));
-            start.elapsed().as_secs_f64() * 1e6 / payloads.len() as f64
-        })
-        .fold(f64::INFINITY, f64::min)
-}
 
 fn micros_per(cpu_secs: f64, n: u64) -> f64 {
     cpu_secs * 1e6 / n as f64

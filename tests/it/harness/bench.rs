@@ -28,6 +28,50 @@ impl Percentiles {
     }
 }
 
+/// A stretch of events, in publish order, that each took longer than a
+/// threshold, with no event published more than a gap apart: where a tail
+/// percentile comes from, a slow moment of one process or a steady cost.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SlowMoment {
+    /// Publish time of its first event, in ms after the first event of all.
+    pub at_ms: f64,
+    pub events: usize,
+    pub worst_ms: f64,
+}
+
+/// The slow moments among `(publish time in µs, latency in ms)` samples,
+/// worst first: events over `over_ms`, grouped while each is published
+/// within `gap_us` of the previous one over it.
+pub fn slow_moments(samples: &[(i64, f64)], over_ms: f64, gap_us: i64) -> Vec<SlowMoment> {
+    let Some(first) = samples.iter().map(|&(t, _)| t).min() else {
+        return Vec::new();
+    };
+    let mut slow: Vec<(i64, f64)> = samples
+        .iter()
+        .copied()
+        .filter(|&(_, l)| l > over_ms)
+        .collect();
+    slow.sort_by_key(|&(t, _)| t);
+    let mut moments: Vec<SlowMoment> = Vec::new();
+    let mut last = i64::MIN;
+    for (t, latency) in slow {
+        match moments.last_mut() {
+            Some(m) if t - last <= gap_us => {
+                m.events += 1;
+                m.worst_ms = m.worst_ms.max(latency);
+            }
+            _ => moments.push(SlowMoment {
+                at_ms: (t - first) as f64 / 1000.0,
+                events: 1,
+                worst_ms: latency,
+            }),
+        }
+        last = t;
+    }
+    moments.sort_by(|a, b| b.worst_ms.total_cmp(&a.worst_ms));
+    moments
+}
+
 /// The stream sequence a JetStream ack subject of `stream`/`durable`
 /// acknowledges. Handles both `$JS.ACK.<stream>.<consumer>.<delivered>.<sseq>...`
 /// and the newer form with domain and account hash before the stream.
@@ -70,6 +114,32 @@ mod tests {
             super::acked_sequence("$JS.ACK.T.d.1.42.40.1.0", "S", "d"),
             None
         );
+    }
+
+    #[test]
+    fn slow_moments_group_by_gap_and_sort_worst_first() {
+        let ms = |t: i64| t * 1000;
+        let samples = [
+            (ms(0), 1.0),
+            (ms(100), 30.0),
+            (ms(120), 12.0),
+            (ms(150), 2.0), // fast: does not end the moment, the gap does
+            (ms(190), 20.0),
+            (ms(500), 50.0),
+            (ms(900), 11.0),
+        ];
+        let moments = super::slow_moments(&samples, 10.0, ms(100));
+        let m = |at_ms: f64, events: usize, worst_ms: f64| super::SlowMoment {
+            at_ms,
+            events,
+            worst_ms,
+        };
+        assert_eq!(
+            moments,
+            vec![m(500.0, 1, 50.0), m(100.0, 3, 30.0), m(900.0, 1, 11.0)]
+        );
+        assert!(super::slow_moments(&samples, 60.0, ms(100)).is_empty());
+        assert!(super::slow_moments(&[], 1.0, 1).is_empty());
     }
 
     #[test]
