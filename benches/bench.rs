@@ -1192,9 +1192,8 @@ struct LatencyFigures {
     max_tick_lag: Duration,
     /// publish → createdAt (transaction start): a lower bound of commit time.
     created: Percentiles,
-    /// Events over the latency target (publish → createdAt) and the slow
-    /// moments they fall in, worst first.
-    over_target: usize,
+    /// The slow moments of the events over the latency target (publish →
+    /// createdAt), worst first.
     slow: Vec<SlowMoment>,
     /// publish → the engine's ack seen on NATS (sent after the commit): an
     /// upper bound.
@@ -1249,6 +1248,7 @@ impl LatencyFigures {
     /// Where the events over the p99 target were: a few moments (a stall of
     /// some process) or spread over the phase (a steady cost).
     fn print_slow_moments(&self) {
+        let over_target: usize = self.slow.iter().map(|m| m.events).sum();
         let shown: Vec<String> = self
             .slow
             .iter()
@@ -1265,8 +1265,8 @@ impl LatencyFigures {
         println!(
             "   events over {}: {} ({:.2}%) in {} moment(s) (events less than {} apart){}{}",
             ms_f(TARGET_P99_MS),
-            thousands(self.over_target as u64),
-            100.0 * self.over_target as f64 / self.events.max(1) as f64,
+            thousands(over_target as u64),
+            100.0 * over_target as f64 / self.events.max(1) as f64,
             self.slow.len(),
             ms(SLOW_MOMENT_GAP),
             if shown.is_empty() { "" } else { "; worst: " },
@@ -1321,7 +1321,6 @@ async fn latency(b: &Bench, rate: u64, duration_secs: u64) -> LatencyFigures {
         events,
         publish_span: paced.span,
         max_tick_lag: paced.max_tick_lag,
-        over_target: slow.iter().map(|m| m.events).sum(),
         slow,
         created: Percentiles::of(created.into_iter().map(|(_, l)| l).collect())
             .expect("latency rows"),
@@ -1647,10 +1646,6 @@ fn summary(
         100.0 * lat.cpu.neighbour_share(lat.publish_span)
     );
 }
-
-// ---------------------------------------------------------------------------
-// [6] The per-event transform alone
-// ---------------------------------------------------------------------------
 
 fn micros_per(cpu_secs: f64, n: u64) -> f64 {
     cpu_secs * 1e6 / n as f64

@@ -19,7 +19,8 @@ use serde_json::Value;
 
 use super::harness::{all_acked, nats_url, wait_for_every, TestEnv};
 use super::{
-    backlog_event_id, generate, micros_per, per_sec, secs, thousands, CpuSnapshot, DRAIN_POLL,
+    backlog_event_id, clock_ticks_per_sec, generate, micros_per, per_sec, secs, stat_ticks,
+    thousands, CpuSnapshot, DRAIN_POLL,
 };
 
 /// Events of the backlog the transform loop runs over.
@@ -222,15 +223,9 @@ fn pull_and_ack(stream: &str, durable: &str, n: u64) -> f64 {
     })
 }
 
-/// CPU seconds (user + system) of the calling thread.
+/// CPU seconds (user + system) of the calling thread, in the clock ticks
+/// every other CPU figure of the benchmark is read in.
 fn thread_cpu_secs() -> f64 {
-    // SAFETY: getrusage fills the struct it is given; a zeroed rusage is a
-    // valid value of it.
-    let usage = unsafe {
-        let mut usage: libc::rusage = std::mem::zeroed();
-        libc::getrusage(libc::RUSAGE_THREAD, &mut usage);
-        usage
-    };
-    let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
-    secs(usage.ru_utime) + secs(usage.ru_stime)
+    let (_, ticks) = stat_ticks(Path::new("/proc/thread-self/stat")).expect("this thread's stat");
+    ticks as f64 / clock_ticks_per_sec()
 }
