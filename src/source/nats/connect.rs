@@ -1,7 +1,79 @@
-//! Connecting to NATS: credentials and TLS, reconnection, and server URLs
-//! with their credentials taken out.
+//! Connecting to NATS: the server list, credentials and TLS, reconnection,
+//! and server URLs with their credentials taken out.
 
 use super::*;
+
+/// Where and how every command connects to NATS: one set of options, so
+/// `run`, `publish`, `replay` and `backfill` cannot drift apart.
+#[derive(clap::Args, Clone)]
+pub struct NatsOptions {
+    /// NATS server URL. A cluster takes several: comma-separated in
+    /// NATS_URL, or the flag repeated. The client also learns the other
+    /// members from the server it reaches first.
+    #[arg(
+        long = "nats-url",
+        env = "NATS_URL",
+        value_delimiter = ',',
+        default_value = "nats://localhost:4222"
+    )]
+    pub urls: Vec<String>,
+    #[command(flatten)]
+    pub auth: NatsAuth,
+}
+
+impl NatsOptions {
+    /// The options for one server URL list (tests and tools).
+    pub fn new(urls: &str) -> Self {
+        Self {
+            urls: urls.split(',').map(str::to_owned).collect(),
+            auth: NatsAuth::default(),
+        }
+    }
+}
+
+/// Why the server list cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerListError {
+    #[error("no NATS server URL given")]
+    Empty,
+    #[error("invalid NATS server URL {url}: {reason}")]
+    Invalid { url: String, reason: String },
+    /// async-nats sends one set of credentials to whichever server it
+    /// reaches, so URLs that carry different ones cannot all be honoured.
+    #[error("the NATS server URLs carry different credentials; give one set (in each URL or in NATS_USER/NATS_PASSWORD/NATS_TOKEN)")]
+    MixedCredentials,
+}
+
+/// User and password, or a token (password `None`), taken out of a URL.
+type UrlCredentials = (String, Option<String>);
+
+/// The server URLs parsed one by one (async-nats reads one `&str` as a
+/// single address), without their credentials, and the credentials they
+/// carried.
+pub(super) fn server_list(
+    urls: &[String],
+) -> Result<(Vec<async_nats::ServerAddr>, Option<UrlCredentials>), ServerListError> {
+    let mut credentials: Option<Option<UrlCredentials>> = None;
+    let mut servers = Vec::new();
+    for one in urls.iter().map(|u| u.trim()).filter(|u| !u.is_empty()) {
+        let (cleaned, carried) = without_credentials(one);
+        if credentials.get_or_insert_with(|| carried.clone()) != &carried {
+            return Err(ServerListError::MixedCredentials);
+        }
+        let server =
+            cleaned
+                .parse::<async_nats::ServerAddr>()
+                .map_err(|e| ServerListError::Invalid {
+                    url: crate::util::redact::url(one),
+                    reason: e.to_string(),
+                })?;
+        servers.push(server);
+    }
+    if servers.is_empty() {
+        return Err(ServerListError::Empty);
+    }
+    Ok((servers, credentials.flatten()))
+}
 
 /// NATS credentials and TLS, from the environment (or flags). Secrets are
 /// never logged: `Debug` is not derived.
@@ -71,20 +143,23 @@ impl NatsAuth {
 /// 10 s connect timeout, ping every 20 s. The connection gauge follows the
 /// client's events.
 pub async fn connect(
-    url: &str,
+    nats: &NatsOptions,
     name: &str,
-    auth: &NatsAuth,
     metrics: Arc<Metrics>,
 ) -> anyhow::Result<async_nats::Client> {
     let events = metrics.clone();
-    let (url, from_url) = split_credentials(url);
-    let mut options = auth.apply(async_nats::ConnectOptions::new()).await?;
+    let (servers, from_url) = server_list(&nats.urls)?;
+    let mut options = nats.auth.apply(async_nats::ConnectOptions::new()).await?;
     match from_url {
         Some((user, Some(pass))) => options = options.user_and_password(user, pass),
         Some((token, None)) => options = options.token(token),
         None => {}
     }
-    let url = url.as_str();
+    let shown = servers
+        .iter()
+        .map(async_nats::ServerAddr::as_url_str)
+        .collect::<Vec<_>>()
+        .join(",");
     let client = options
         .name(name)
         .max_reconnects(None)
@@ -107,37 +182,29 @@ pub async fn connect(
                 }
             }
         })
-        .connect(url)
+        .connect(servers)
         .await
-        .with_context(|| {
-            format!(
-                "cannot connect to NATS at {}",
-                crate::util::redact::url(url)
-            )
-        })?;
+        .with_context(|| format!("cannot connect to NATS at {shown}"))?;
     Ok(client)
 }
 
-/// Takes `user:password@` (or `token@`) out of the server URLs and returns
-/// them apart: passed in the URL, async-nats would print them in its debug
+/// Takes `user:password@` (or `token@`) out of one server URL and returns
+/// it apart: passed in the URL, async-nats would print it in its debug
 /// logs.
-pub(super) fn split_credentials(urls: &str) -> (String, Option<(String, Option<String>)>) {
-    let mut credentials = None;
-    let cleaned: Vec<String> = urls
-        .split(',')
-        .map(|one| match url::Url::parse(one.trim()) {
-            Ok(mut u) if !u.username().is_empty() => {
-                let user = percent_decode(u.username());
-                let pass = u.password().map(percent_decode);
-                credentials.get_or_insert((user, pass));
-                let _ = u.set_username("");
-                let _ = u.set_password(None);
-                u.to_string().trim_end_matches('/').to_string()
-            }
-            _ => one.trim().to_string(),
-        })
-        .collect();
-    (cleaned.join(","), credentials)
+fn without_credentials(one: &str) -> (String, Option<UrlCredentials>) {
+    match url::Url::parse(one) {
+        Ok(mut u) if !u.username().is_empty() => {
+            let user = percent_decode(u.username());
+            let pass = u.password().map(percent_decode);
+            let _ = u.set_username("");
+            let _ = u.set_password(None);
+            (
+                u.to_string().trim_end_matches('/').to_string(),
+                Some((user, pass)),
+            )
+        }
+        _ => (one.to_string(), None),
+    }
 }
 
 fn percent_decode(s: &str) -> String {

@@ -1,7 +1,7 @@
 //! Handing open pull requests over from a stopping pipeline version to its
 //! successor on the same consumer.
 
-use super::puller::Request;
+use super::request::Request;
 use super::*;
 
 /// What a stopping pipeline version hands to its successor on the same

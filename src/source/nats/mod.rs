@@ -21,10 +21,9 @@ mod connect;
 mod ensure;
 mod handoff;
 mod puller;
+mod request;
 
-#[cfg(test)]
-use connect::split_credentials;
-pub use connect::{connect, NatsAuth};
+pub use connect::{connect, NatsAuth, NatsOptions, ServerListError};
 pub use ensure::{ensure, offset_time, subject_covers};
 pub use handoff::Handoff;
 pub use puller::Puller;
@@ -59,13 +58,64 @@ mod tests {
     use super::subject_covers;
 
     #[test]
-    fn credentials_leave_the_url() {
-        let (url, creds) = super::split_credentials("nats://me:s%40c+ret@h1:4222, nats://h2:4222");
-        assert_eq!(url, "nats://h1:4222,nats://h2:4222");
+    fn credentials_leave_the_urls() {
+        let list = |urls: &[&str]| {
+            let urls: Vec<String> = urls.iter().map(|u| u.to_string()).collect();
+            super::connect::server_list(&urls)
+        };
+        let (servers, creds) = list(&[
+            "nats://me:s%40c+ret@h1:4222",
+            " nats://me:s%40c+ret@h2:4223",
+        ])
+        .unwrap();
+        let shown: Vec<_> = servers.iter().map(|s| s.as_url_str().to_owned()).collect();
+        assert_eq!(shown, ["nats://h1:4222", "nats://h2:4223"]);
         assert_eq!(creds, Some(("me".to_string(), Some("s@c+ret".to_string()))));
-        let (_, token) = super::split_credentials("nats://tok@h:4222");
+        let (_, token) = list(&["nats://tok@h:4222"]).unwrap();
         assert_eq!(token, Some(("tok".to_string(), None)));
-        assert_eq!(super::split_credentials("nats://h:4222").1, None);
+        assert_eq!(list(&["nats://h:4222"]).unwrap().1, None);
+    }
+
+    #[test]
+    fn a_server_list_is_every_url_of_it() {
+        let urls: Vec<String> = "nats://a:4222,nats://b:4223,tls://c:4224"
+            .split(',')
+            .map(str::to_owned)
+            .collect();
+        let (servers, _) = super::connect::server_list(&urls).unwrap();
+        let hosts: Vec<_> = servers
+            .iter()
+            .map(|s| (s.host().to_owned(), s.port()))
+            .collect();
+        assert_eq!(
+            hosts,
+            [("a".into(), 4222), ("b".into(), 4223), ("c".into(), 4224)]
+        );
+        assert!(servers[2].tls_required());
+    }
+
+    #[test]
+    fn a_server_list_refuses_what_it_cannot_honour() {
+        let list = |urls: &[&str]| {
+            let urls: Vec<String> = urls.iter().map(|u| u.to_string()).collect();
+            super::connect::server_list(&urls).map(|_| ())
+        };
+        assert!(matches!(
+            list(&["nats://a:1@h1:4222", "nats://b:2@h2:4222"]),
+            Err(super::ServerListError::MixedCredentials)
+        ));
+        assert!(matches!(
+            list(&["nats://a:1@h1:4222", "nats://h2:4222"]),
+            Err(super::ServerListError::MixedCredentials)
+        ));
+        assert!(matches!(
+            list(&[" ", ""]),
+            Err(super::ServerListError::Empty)
+        ));
+        assert!(matches!(
+            list(&["nats://h:notaport"]),
+            Err(super::ServerListError::Invalid { .. })
+        ));
     }
 
     #[test]

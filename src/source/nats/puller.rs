@@ -2,6 +2,7 @@
 //! the source's health (pull errors repaired through `ensure`, with
 //! backoff).
 
+use super::request::{Pulled, Request};
 use super::*;
 
 /// Delivers messages from bounded pull requests ([`REQUESTS_AHEAD`] of
@@ -17,23 +18,11 @@ pub struct Puller {
     watch: SourceWatch,
 }
 
-/// An open pull request.
-pub(super) struct Request {
-    batch: jetstream::consumer::pull::Batch,
-    /// When the server expires it.
-    expires: Instant,
-    /// Messages it delivered so far.
-    delivered: usize,
-}
-
 /// Longest pause between two repairs of a source the server keeps
-/// rejecting: a rejected pull must not loop hot.
-const REPAIR_BACKOFF_MAX: Duration = Duration::from_secs(5);
-
-/// A pull request that ends this long before its expiry without delivering
-/// anything was refused by the server (a 404 the client reads as "no
-/// messages").
-const EARLY_END: Duration = Duration::from_millis(500);
+/// rejecting: a rejected pull must not loop hot, and pulling must resume
+/// soon after a cluster elects the consumer's new leader (a request sent
+/// while there is none is refused with 503).
+const REPAIR_BACKOFF_MAX: Duration = Duration::from_secs(1);
 
 /// The source side's health: pull errors are problems, their repair is
 /// [`ensure`] with backoff.
@@ -87,19 +76,6 @@ impl SourceWatch {
                 None
             }
         }
-    }
-}
-
-/// Why a pull request ended with an error, or None for the normal end of a
-/// request whose next message would exceed its `max_bytes`.
-fn pull_trouble(error: &str, delivered: usize) -> Option<String> {
-    let size_limit = error.contains("Message Size Exceeds MaxBytes");
-    match (size_limit, delivered) {
-        (true, 0) => Some(format!(
-            "{error} (a message is larger than a whole pull request)"
-        )),
-        (true, _) => None,
-        (false, _) => Some(error.to_string()),
     }
 }
 
@@ -166,13 +142,15 @@ impl Puller {
                 None => return,
             }
         }
-        while self.requests.len() < REQUESTS_AHEAD {
-            match self.open_request().await {
-                Ok(batch) => self.requests.push_back(Request {
-                    batch,
-                    expires: Instant::now() + PULL_EXPIRES,
-                    delivered: 0,
-                }),
+        while self.requests.iter().filter(|r| r.is_open()).count() < REQUESTS_AHEAD {
+            let opened = Request::open(
+                &self.consumer,
+                &self.watch.target.js,
+                self.batch,
+                self.max_bytes,
+            );
+            match opened.await {
+                Ok(request) => self.requests.push_back(request),
                 Err(e) if self.requests.is_empty() => {
                     tracing::warn!(error = %e, "cannot open a pull request; retrying");
                     let wake = Instant::now() + Duration::from_secs(1);
@@ -184,17 +162,6 @@ impl Puller {
                 Err(_) => return,
             }
         }
-    }
-
-    async fn open_request(&self) -> Result<jetstream::consumer::pull::Batch, String> {
-        self.consumer
-            .batch()
-            .max_messages(self.batch)
-            .max_bytes(self.max_bytes)
-            .expires(PULL_EXPIRES)
-            .messages()
-            .await
-            .map_err(|e| e.to_string())
     }
 
     /// Moves the next message of any open request (JetStream may deliver to
@@ -225,28 +192,21 @@ impl Puller {
         self.take(next, index);
     }
 
-    /// Buffers what request `index` gave: a message, its end, or an error.
-    fn take(&mut self, next: Option<Result<Message, async_nats::Error>>, index: usize) {
+    /// Buffers what request `index` gave: a message, its end, or the
+    /// server's refusal.
+    fn take(&mut self, next: Pulled, index: usize) {
         match next {
-            Some(Ok(m)) => {
-                self.requests[index].delivered += 1;
+            Pulled::Message(m) => {
                 self.watch.healthy();
                 self.buffered.push_back(m);
             }
-            Some(Err(e)) => {
-                let request = self.requests.remove(index).expect("polled request");
-                if let Some(trouble) = pull_trouble(&e.to_string(), request.delivered) {
-                    self.watch.trouble = Some(trouble);
-                }
+            Pulled::Done => {
+                self.requests.remove(index);
+                self.watch.healthy();
             }
-            None => {
-                let request = self.requests.remove(index).expect("polled request");
-                if request.delivered == 0 && Instant::now() + EARLY_END < request.expires {
-                    self.watch.trouble =
-                        Some("the server ended a pull request at once, without messages".into());
-                } else {
-                    self.watch.healthy();
-                }
+            Pulled::Refused(trouble) => {
+                self.requests.remove(index);
+                self.watch.trouble = Some(trouble);
             }
         }
     }
@@ -255,9 +215,9 @@ impl Puller {
     fn poll_requests(
         &mut self,
         cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<(Option<Result<Message, async_nats::Error>>, usize)> {
+    ) -> std::task::Poll<(Pulled, usize)> {
         for (index, request) in self.requests.iter_mut().enumerate() {
-            if let std::task::Poll::Ready(next) = request.batch.poll_next_unpin(cx) {
+            if let std::task::Poll::Ready(next) = request.poll_next(cx) {
                 return std::task::Poll::Ready((next, index));
             }
         }
@@ -279,9 +239,7 @@ impl Puller {
                 kept.push_back(request);
                 continue;
             }
-            while let Some(Some(Ok(m))) = request.batch.next().now_or_never() {
-                self.buffered.push_back(m);
-            }
+            self.buffered.extend(request.take_ready());
         }
         self.requests = kept;
         self.requests.len() < open
@@ -296,8 +254,12 @@ impl Puller {
         let mut rest: Vec<Message> = self.buffered.drain(..).collect();
         while let Some(mut request) = self.requests.pop_front() {
             let until = request.expires + EXPIRY_GRACE;
-            while let Ok(Some(Ok(m))) = tokio::time::timeout_at(until, request.batch.next()).await {
-                rest.push(m);
+            loop {
+                let next = std::future::poll_fn(|cx| request.poll_next(cx));
+                match tokio::time::timeout_at(until, next).await {
+                    Ok(Pulled::Message(m)) => rest.push(m),
+                    _ => break,
+                }
             }
         }
         rest

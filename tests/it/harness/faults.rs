@@ -174,7 +174,7 @@ impl Bus {
         Self::with(env, url, jetstream::new(client))
     }
 
-    fn with(env: &TestEnv, url: &str, js: jetstream::Context) -> Self {
+    pub fn with(env: &TestEnv, url: &str, js: jetstream::Context) -> Self {
         Self {
             url: url.to_owned(),
             js,

@@ -13,6 +13,7 @@
 
 pub mod batching;
 pub mod bench;
+pub mod cluster;
 pub mod faults;
 pub mod operations;
 pub mod reload;
