@@ -17,6 +17,9 @@
 //!    JSON decode.
 //! 7. NATS alone: the same stream pulled and acknowledged by a bare
 //!    async-nats consumer (the client's and the server's floor).
+//! 8. A three-node cluster of a current nats-server and of Debian's: the
+//!    backlog drained from an R1 and from an R3 stream, and the deliveries
+//!    each took.
 //!
 //! It runs on the integration tests' harness (`tests/it/harness/`): the
 //! servers, names, engine process and waits are the tests' own. Everything
@@ -33,6 +36,8 @@
 //! Run it with `bash scripts/bench.sh [--events N] [--rounds K] [--rate R] [--latency-secs S]`,
 //! which starts the services and runs `cargo bench --bench bench -- ...`.
 
+#[path = "bench/cluster.rs"]
+mod cluster;
 #[path = "bench/floors.rs"]
 mod floors;
 #[path = "../tests/it/harness/mod.rs"]
@@ -56,6 +61,7 @@ use sqlx::postgres::{PgConnection, PgPool};
 use sqlx::Connection as _;
 
 use harness::batching::{large_event_backlog, LARGE_EVENT_TABLE};
+use harness::cluster::ServerBuild;
 use harness::bench::{acked_sequence, slow_moments, thousands, Percentiles, SlowMoment};
 use harness::{
     all_acked, confirmed, expect_eq, ingestd_bin, nats_url, publish_unconfirmed, publish_windowed,
@@ -84,6 +90,9 @@ const LARGE_EVENTS: usize = 200;
 const LARGE_EVENT_BYTES: usize = 600_000;
 const TARGET_LARGE_RSS_MIB: f64 = 256.0;
 const TARGET_RATE: u64 = 2_000;
+/// The R3 drain's rate on a three-node cluster, as a share of the R1
+/// drain's on the same cluster.
+const TARGET_R3_SHARE: f64 = 0.8;
 const TARGET_EVENTS: u64 = 200_000;
 /// Publish acks kept outstanding while filling the backlog: enough to keep
 /// the connection busy, below async-nats' default limit of 5,000.
@@ -156,6 +165,9 @@ struct Args {
     /// Duration of the latency phase, in seconds.
     #[arg(long, default_value_t = 10)]
     latency_secs: u64,
+    /// Events of each cluster drain (phase 8); 0 leaves the phase out.
+    #[arg(long, default_value_t = TARGET_EVENTS)]
+    cluster_events: u64,
     /// The ingestd binary (default: the one cargo built with this benchmark).
     #[arg(long)]
     ingestd: Option<PathBuf>,
@@ -310,7 +322,31 @@ async fn phases(b: &Bench, args: &Args) {
     let nats = floors::nats_alone(&b.env).await;
     nats.print(rounds.copy_rate());
 
+    let mut clusters = Vec::new();
+    if args.cluster_events > 0 {
+        for build in [ServerBuild::Current, ServerBuild::Debian] {
+            println!(
+                "\n== [8] a three-node {build:?} cluster: {} events drained from an R1 and from an R3 stream",
+                thousands(args.cluster_events)
+            );
+            let figures = cluster::r1_and_r3(&b.program, build, args.cluster_events).await;
+            figures.print();
+            clusters.push(figures);
+        }
+    }
+
     summary(args, &rounds, &general, &latency, &large, &transform, &nats);
+    for c in &clusters {
+        println!(
+            "   [8] {:?} cluster: R3 drain {:.2} × R1 (target ≥ {TARGET_R3_SHARE}): {}; deliveries R1 {} and R3 {} for {} events",
+            c.build,
+            c.r3_share(),
+            if c.r3_share() >= TARGET_R3_SHARE { "met" } else { "NOT met" },
+            thousands(c.r1.deliveries),
+            thousands(c.r3.deliveries),
+            thousands(c.events)
+        );
+    }
 }
 
 // ---------------------------------------------------------------------------

@@ -2,7 +2,7 @@
 //! the source's health (pull errors repaired through `ensure`, with
 //! backoff).
 
-use super::request::{Pulled, Request};
+use super::request::{Pulled, Refusal, Request};
 use super::*;
 
 /// Delivers messages from bounded pull requests ([`REQUESTS_AHEAD`] of
@@ -18,20 +18,32 @@ pub struct Puller {
     watch: SourceWatch,
 }
 
-/// Longest pause between two repairs of a source the server keeps
-/// rejecting: a rejected pull must not loop hot, and pulling must resume
-/// soon after a cluster elects the consumer's new leader (a request sent
-/// while there is none is refused with 503).
-const REPAIR_BACKOFF_MAX: Duration = Duration::from_secs(1);
+/// Longest pause between two repairs of a source that cannot be repaired
+/// (the stream or consumer cannot be ensured): a rejected pull must not
+/// loop hot.
+const REPAIR_BACKOFF_MAX: Duration = Duration::from_secs(5);
+
+/// Longest pause between two pulls the server refuses although the
+/// repair found the stream and consumer in place: a cluster electing the
+/// consumer's leader answers 503 until it has one, and pulling must resume
+/// soon after.
+const REFUSED_BACKOFF_MAX: Duration = Duration::from_secs(1);
+
+/// How long a repair waits for each JetStream API answer: the client's
+/// default (5 s) would hold pulling that long after a cluster has elected
+/// a leader, when a request sent just before the election went unanswered.
+const REPAIR_API_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// The source side's health: pull errors are problems, their repair is
 /// [`ensure`] with backoff.
 struct SourceWatch {
     target: Target,
+    /// The target's JetStream context with [`REPAIR_API_TIMEOUT`].
+    repair_js: jetstream::Context,
     health: Arc<Health>,
     pipeline: String,
     /// The last pull error, not yet repaired.
-    trouble: Option<String>,
+    trouble: Option<Refusal>,
     /// Wait before the next repair (zero for the first one).
     backoff: Duration,
 }
@@ -52,27 +64,32 @@ impl SourceWatch {
     /// stream and consumer. Returns the new consumer, or None (trouble kept)
     /// when `deadline` comes first or the repair failed.
     async fn repair(&mut self, deadline: Option<Instant>) -> Option<PullConsumer> {
-        let error = self.trouble.clone()?;
+        let trouble = self.trouble.clone()?;
         let wake = Instant::now() + self.backoff;
         if deadline.is_some_and(|d| d < wake) {
             return None;
         }
-        if self.health.fail(Side::Source, Severity::Failing, &error) {
-            tracing::warn!(pipeline = %self.pipeline, %error,
-                "cannot pull: the consumer or stream is gone or refuses; recreating them");
+        if self.health.fail(Side::Source, trouble.severity, &trouble.error) {
+            tracing::warn!(pipeline = %self.pipeline, error = %trouble.error,
+                "cannot pull: the consumer or stream is gone, refuses or has no leader; ensuring them");
         }
         tokio::time::sleep_until(wake).await;
-        self.backoff = (self.backoff * 2).clamp(Duration::from_millis(200), REPAIR_BACKOFF_MAX);
+        let next = (self.backoff * 2).clamp(Duration::from_millis(200), REPAIR_BACKOFF_MAX);
         let t = &self.target;
-        match ensure(&t.js, &t.stream, &t.consumer, t.max_ack_pending).await {
+        match ensure(&self.repair_js, &t.stream, &t.consumer, t.max_ack_pending).await {
             Ok((_, consumer)) => {
+                self.backoff = next.min(REFUSED_BACKOFF_MAX);
                 self.trouble = None;
                 Some(consumer)
             }
             Err(e) => {
+                self.backoff = next;
                 let error = format!("{e:#}");
                 self.health.fail(Side::Source, Severity::Failing, &error);
-                self.trouble = Some(error);
+                self.trouble = Some(Refusal {
+                    error,
+                    severity: Severity::Failing,
+                });
                 None
             }
         }
@@ -95,6 +112,11 @@ impl Puller {
             requests: VecDeque::new(),
             buffered: VecDeque::new(),
             watch: SourceWatch {
+                repair_js: {
+                    let mut js = target.js.clone();
+                    js.set_timeout(REPAIR_API_TIMEOUT);
+                    js
+                },
                 target,
                 health,
                 pipeline: pipeline.to_string(),

@@ -56,7 +56,17 @@ pub(super) enum Pulled {
     Done,
     /// The server refused the request or no longer serves the consumer:
     /// the source needs repair.
-    Refused(String),
+    Refused(Refusal),
+}
+
+/// Why the server did not serve a request, and how bad that is.
+#[derive(Debug, Clone)]
+pub(super) struct Refusal {
+    pub error: String,
+    /// Retrying for a consumer without a leader (503: nobody answers for
+    /// it, as while a cluster elects one, or when it is gone), failing for
+    /// a refusal the server gave a reason for.
+    pub severity: Severity,
 }
 
 impl Request {
@@ -133,7 +143,7 @@ impl Request {
 
     /// Reads a status that ends the request at the server; returns the
     /// trouble when it means the source needs repair.
-    fn close(&mut self, status: StatusCode, message: &async_nats::Message) -> Option<String> {
+    fn close(&mut self, status: StatusCode, message: &async_nats::Message) -> Option<Refusal> {
         let description = message.description.as_deref().unwrap_or_default();
         let unsent = message
             .headers
@@ -157,10 +167,11 @@ impl Request {
                 self.phase = Phase::Owing {
                     total: total.max(self.delivered),
                 };
-                (total == 0 && self.delivered == 0).then(|| {
-                    format!(
+                (total == 0 && self.delivered == 0).then(|| Refusal {
+                    error: format!(
                         "{status} {description} (a message is larger than a whole pull request)"
-                    )
+                    ),
+                    severity: Severity::Failing,
                 })
             }
             Closing::Abandoned => {
@@ -169,7 +180,19 @@ impl Request {
             }
             Closing::Refused => {
                 self.phase = Phase::Owing { total: 0 };
-                Some(format!("{status} {description}").trim().to_owned())
+                let unanswered = status == StatusCode::NO_RESPONDERS;
+                Some(Refusal {
+                    error: if unanswered {
+                        format!("{status}: nobody serves the consumer (a cluster electing its leader, or the consumer is gone)")
+                    } else {
+                        format!("{status} {description}").trim().to_owned()
+                    },
+                    severity: if unanswered {
+                        Severity::Retrying
+                    } else {
+                        Severity::Failing
+                    },
+                })
             }
         }
     }
