@@ -61,8 +61,8 @@ use sqlx::postgres::{PgConnection, PgPool};
 use sqlx::Connection as _;
 
 use harness::batching::{large_event_backlog, LARGE_EVENT_TABLE};
-use harness::cluster::ServerBuild;
 use harness::bench::{acked_sequence, slow_moments, thousands, Percentiles, SlowMoment};
+use harness::cluster::ServerBuild;
 use harness::{
     all_acked, confirmed, expect_eq, ingestd_bin, nats_url, publish_unconfirmed, publish_windowed,
     repo_root, try_wait_for, wait_for_every, Engine, EngineBuilder, TestEnv, TIKTOK_TABLE,

@@ -64,6 +64,8 @@ pub struct Pipeline {
     pub health: Arc<Health>,
     /// Where the stream and consumer are recreated should they vanish.
     target: nats::Target,
+    /// Acknowledgements to send again should the consumer's leader change.
+    acks: Arc<nats::RecentAcks>,
     /// Counts shared by every version of the pipeline file.
     pub stats: Arc<Stats>,
     /// Consecutive database rejections (see `suspect_rejections`).
@@ -138,6 +140,11 @@ impl Pipeline {
             consumer: nats.consumer.clone(),
             max_ack_pending: cfg.max_ack_pending(),
         };
+        let acks = Arc::new(nats::RecentAcks::new(
+            deps.js.client(),
+            nats.consumer.ack_wait,
+            usize::try_from(target.max_ack_pending).unwrap_or(usize::MAX),
+        ));
         let (stream, consumer) = nats::ensure(
             &target.js,
             &target.stream,
@@ -172,6 +179,7 @@ impl Pipeline {
             name: cfg.name.clone(),
             health: Arc::new(Health::new(&cfg.name, deps.metrics.engine.health.clone())),
             target,
+            acks,
             file: file.path.clone(),
             failure: FailureLabels::new(&cfg.metrics),
             cfg,
@@ -232,6 +240,7 @@ impl Pipeline {
             self.target.clone(),
             self.health.clone(),
             &self.name,
+            self.acks.clone(),
         );
         tracing::info!(pipeline = %self.name, file = %self.file.display(), "pipeline running");
         let poller = lag::Poller::start(

@@ -23,12 +23,16 @@ impl Pipeline {
                 Outcome::Pending => pending.push(row),
             }
         }
+        self.acks.record(settled.acked);
         pending
     }
 
     async fn processed(&self, row: Row, settled: &mut Settled) {
-        if let Err(e) = row.held.msg.ack().await {
-            tracing::warn!(pipeline = %self.name, error = %e, "ack failed; the event will be redelivered and deduplicated");
+        match row.held.msg.ack().await {
+            Ok(()) => settled.acked.extend(row.held.msg.reply.clone()),
+            Err(e) => {
+                tracing::warn!(pipeline = %self.name, error = %e, "ack failed; the event will be redelivered and deduplicated");
+            }
         }
         self.lag.committed(&row.held.msg, settled.wall);
         self.stats.processed.fetch_add(1, Ordering::Relaxed);
@@ -97,8 +101,19 @@ impl Pipeline {
                 .map_err(|e| e.to_string()),
             InvalidAction::DeadLetter => self.dead_letter(&held.msg, &invalid).await,
         };
-        if let Err(e) = settled {
-            tracing::warn!(pipeline = %self.name, error = %e, "could not settle the invalid event; it will be redelivered");
+        match settled {
+            Ok(())
+                if matches!(
+                    policy.action,
+                    InvalidAction::Ack | InvalidAction::DeadLetter
+                ) =>
+            {
+                self.acks.record(held.msg.reply.clone());
+            }
+            Ok(()) => {}
+            Err(e) => {
+                tracing::warn!(pipeline = %self.name, error = %e, "could not settle the invalid event; it will be redelivered");
+            }
         }
         self.count_failure(&held, VALIDATION_ERROR);
     }
@@ -149,6 +164,8 @@ struct Settled {
     at: Instant,
     wall: std::time::SystemTime,
     last: Option<LabelSeries>,
+    /// Reply subjects of the acknowledged rows (see `nats::RecentAcks`).
+    acked: Vec<async_nats::Subject>,
 }
 
 impl Settled {
@@ -157,6 +174,7 @@ impl Settled {
             at: Instant::now(),
             wall: std::time::SystemTime::now(),
             last: None,
+            acked: Vec::new(),
         }
     }
 }

@@ -17,12 +17,14 @@ use futures::{FutureExt, StreamExt};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
+mod acks;
 mod connect;
 mod ensure;
 mod handoff;
 mod puller;
 mod request;
 
+pub use acks::RecentAcks;
 pub use connect::{connect, NatsAuth, NatsOptions, ServerListError};
 pub use ensure::{ensure, offset_time, subject_covers};
 pub use handoff::Handoff;

@@ -16,6 +16,14 @@ pub struct Puller {
     pub(super) requests: VecDeque<Request>,
     pub(super) buffered: VecDeque<Message>,
     watch: SourceWatch,
+    /// What to acknowledge again once a leader may have changed.
+    acks: Arc<RecentAcks>,
+    /// Set when a request was refused, abandoned by a new leader or lost:
+    /// acks sent meanwhile may have reached nobody.
+    disrupted: bool,
+    /// Set when a message arrived after a disruption: the new leader is
+    /// there to receive the acks again.
+    resend_due: bool,
 }
 
 /// Longest pause between two repairs of a source that cannot be repaired
@@ -69,7 +77,10 @@ impl SourceWatch {
         if deadline.is_some_and(|d| d < wake) {
             return None;
         }
-        if self.health.fail(Side::Source, trouble.severity, &trouble.error) {
+        if self
+            .health
+            .fail(Side::Source, trouble.severity, &trouble.error)
+        {
             tracing::warn!(pipeline = %self.pipeline, error = %trouble.error,
                 "cannot pull: the consumer or stream is gone, refuses or has no leader; ensuring them");
         }
@@ -104,6 +115,7 @@ impl Puller {
         target: Target,
         health: Arc<Health>,
         pipeline: &str,
+        acks: Arc<RecentAcks>,
     ) -> Self {
         Self {
             consumer,
@@ -123,6 +135,9 @@ impl Puller {
                 trouble: None,
                 backoff: Duration::ZERO,
             },
+            acks,
+            disrupted: false,
+            resend_due: false,
         }
     }
 
@@ -145,6 +160,7 @@ impl Puller {
             let ready = std::future::poll_fn(|cx| self.poll_requests(cx)).now_or_never();
             if let Some((next, index)) = ready {
                 self.take(next, index);
+                self.resend_acks_if_due().await;
                 continue;
             }
             match deadline {
@@ -212,6 +228,17 @@ impl Puller {
             }
         };
         self.take(next, index);
+        self.resend_acks_if_due().await;
+    }
+
+    /// Acknowledges the recent messages again once a leader delivers after
+    /// a disruption (see [`RecentAcks`]).
+    async fn resend_acks_if_due(&mut self) {
+        if std::mem::take(&mut self.resend_due) {
+            let sent = self.acks.resend().await;
+            tracing::info!(pipeline = %self.watch.pipeline, acks = sent,
+                "pulling after a refused or lost pull request: recent acknowledgements sent again");
+        }
     }
 
     /// Buffers what request `index` gave: a message, its end, or the
@@ -221,14 +248,17 @@ impl Puller {
             Pulled::Message(m) => {
                 self.watch.healthy();
                 self.buffered.push_back(m);
+                self.resend_due |= std::mem::take(&mut self.disrupted);
             }
             Pulled::Done => {
                 self.requests.remove(index);
                 self.watch.healthy();
             }
+            Pulled::LeaderChanged => self.disrupted = true,
             Pulled::Refused(trouble) => {
                 self.requests.remove(index);
                 self.watch.trouble = Some(trouble);
+                self.disrupted = true;
             }
         }
     }
@@ -262,6 +292,7 @@ impl Puller {
                 continue;
             }
             self.buffered.extend(request.take_ready());
+            self.disrupted |= !request.answered();
         }
         self.requests = kept;
         self.requests.len() < open
@@ -280,6 +311,7 @@ impl Puller {
                 let next = std::future::poll_fn(|cx| request.poll_next(cx));
                 match tokio::time::timeout_at(until, next).await {
                     Ok(Pulled::Message(m)) => rest.push(m),
+                    Ok(Pulled::LeaderChanged) => continue,
                     _ => break,
                 }
             }

@@ -54,6 +54,9 @@ pub(super) enum Pulled {
     Message(Message),
     /// Nothing more will come on its inbox.
     Done,
+    /// The consumer's new leader does not know the request (its inbox is
+    /// still read until the expiry).
+    LeaderChanged,
     /// The server refused the request or no longer serves the consumer:
     /// the source needs repair.
     Refused(Refusal),
@@ -98,6 +101,12 @@ impl Request {
         })
     }
 
+    /// True once the server said something of its end: a request that
+    /// expires without a word was lost with the server that held it.
+    pub(super) fn answered(&self) -> bool {
+        self.phase != Phase::Waiting
+    }
+
     /// True while the server may still send it messages it counts: such a
     /// request takes one of the [`REQUESTS_AHEAD`] places.
     pub(super) fn is_open(&self) -> bool {
@@ -126,6 +135,9 @@ impl Request {
                 Some(status) => {
                     if let Some(refused) = self.close(status, &message) {
                         return Poll::Ready(Pulled::Refused(refused));
+                    }
+                    if self.phase == Phase::Abandoned {
+                        return Poll::Ready(Pulled::LeaderChanged);
                     }
                 }
             }
