@@ -19,58 +19,101 @@ use super::*;
 /// The payload of a positive acknowledgement.
 const ACK: &[u8] = b"+ACK";
 
-/// The reply subjects of the messages acknowledged within the consumer's
-/// `ack_wait`, at most `max_ack_pending` of them: the server holds no more
-/// unacknowledged messages than that, and redelivers older ones anyway.
+/// Acknowledgements sent within the consumer's `ack_wait`, to be sent
+/// again after a disruption.
 pub struct RecentAcks {
     client: async_nats::Client,
-    keep: Duration,
-    cap: usize,
-    sent: Mutex<VecDeque<(Instant, Subject)>>,
+    ring: Mutex<AckRing>,
 }
 
 impl RecentAcks {
     pub fn new(client: async_nats::Client, ack_wait: Duration, max_ack_pending: usize) -> Self {
         Self {
             client,
-            keep: ack_wait,
-            cap: max_ack_pending.max(1),
-            sent: Mutex::new(VecDeque::new()),
+            ring: Mutex::new(AckRing::new(ack_wait, max_ack_pending)),
         }
     }
 
     /// Notes acknowledgements just sent (one lock per batch).
     pub fn record(&self, replies: impl IntoIterator<Item = Subject>) {
         let now = Instant::now();
-        let mut sent = self.sent.lock().expect("recent acks lock");
+        let mut ring = self.ring.lock().expect("recent acks lock");
         for reply in replies {
-            if sent.len() == self.cap {
-                sent.pop_front();
-            }
-            sent.push_back((now, reply));
+            ring.push(now, reply);
         }
     }
 
     /// Sends every recent acknowledgement again; returns how many.
     pub(super) async fn resend(&self) -> usize {
-        let replies: Vec<Subject> = {
-            let mut sent = self.sent.lock().expect("recent acks lock");
-            let oldest = Instant::now().checked_sub(self.keep);
-            while oldest.is_some_and(|o| sent.front().is_some_and(|(at, _)| *at < o)) {
-                sent.pop_front();
-            }
-            sent.iter().map(|(_, reply)| reply.clone()).collect()
-        };
+        let replies = self
+            .ring
+            .lock()
+            .expect("recent acks lock")
+            .recent(Instant::now());
         for reply in &replies {
-            if self
-                .client
-                .publish(reply.clone(), Bytes::from_static(ACK))
-                .await
-                .is_err()
-            {
+            let sent = self.client.publish(reply.clone(), Bytes::from_static(ACK));
+            if sent.await.is_err() {
                 break; // the connection is closed: nothing more can be sent
             }
         }
         replies.len()
+    }
+}
+
+/// The reply subjects of the messages acknowledged within `keep` (the
+/// consumer's `ack_wait`), at most `cap` (its `max_ack_pending`): the
+/// server holds no more unacknowledged messages than that, and redelivers
+/// older ones anyway.
+struct AckRing {
+    keep: Duration,
+    cap: usize,
+    sent: VecDeque<(Instant, Subject)>,
+}
+
+impl AckRing {
+    fn new(keep: Duration, cap: usize) -> Self {
+        Self {
+            keep,
+            cap: cap.max(1),
+            sent: VecDeque::new(),
+        }
+    }
+
+    fn push(&mut self, at: Instant, reply: Subject) {
+        if self.sent.len() == self.cap {
+            self.sent.pop_front();
+        }
+        self.sent.push_back((at, reply));
+    }
+
+    /// The replies younger than `keep` at `now`; older ones are dropped.
+    fn recent(&mut self, now: Instant) -> Vec<Subject> {
+        let oldest = now.checked_sub(self.keep);
+        while oldest.is_some_and(|o| self.sent.front().is_some_and(|(at, _)| *at < o)) {
+            self.sent.pop_front();
+        }
+        self.sent.iter().map(|(_, reply)| reply.clone()).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_ring_keeps_the_newest_within_ack_wait() {
+        let start = Instant::now();
+        let mut ring = AckRing::new(Duration::from_secs(10), 3);
+        for (i, s) in ["a", "b", "c", "d"].into_iter().enumerate() {
+            ring.push(start + Duration::from_secs(i as u64 * 4), Subject::from(s));
+        }
+        let names = |v: Vec<Subject>| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        // Capped at three: "a" is gone.
+        assert_eq!(
+            names(ring.recent(start + Duration::from_secs(12))),
+            ["b", "c", "d"]
+        );
+        // 10 s after "b" (at 4 s) and "c" (at 8 s): only "d" (12 s) is left.
+        assert_eq!(names(ring.recent(start + Duration::from_secs(19))), ["d"]);
     }
 }

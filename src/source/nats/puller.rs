@@ -292,7 +292,7 @@ impl Puller {
                 continue;
             }
             self.buffered.extend(request.take_ready());
-            self.disrupted |= !request.answered();
+            self.disrupted |= request.lost();
         }
         self.requests = kept;
         self.requests.len() < open

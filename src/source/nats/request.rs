@@ -101,10 +101,15 @@ impl Request {
         })
     }
 
-    /// True once the server said something of its end: a request that
-    /// expires without a word was lost with the server that held it.
-    pub(super) fn answered(&self) -> bool {
-        self.phase != Phase::Waiting
+    /// True for a request ended by our clock without the server's word of
+    /// its end, or without the messages it said it sent: lost with the
+    /// server that held it.
+    pub(super) fn lost(&self) -> bool {
+        match self.phase {
+            Phase::Waiting => true,
+            Phase::Owing { total } => self.delivered < total,
+            Phase::Abandoned => false,
+        }
     }
 
     /// True while the server may still send it messages it counts: such a
@@ -162,23 +167,15 @@ impl Request {
             .as_ref()
             .and_then(|h| h.get(PENDING_MESSAGES))
             .and_then(|v| v.as_str().trim().parse::<usize>().ok());
-        match closing(status, description) {
-            Closing::Served => {
-                let total = unsent.map_or(self.delivered, |n| self.asked.saturating_sub(n));
-                self.phase = Phase::Owing {
-                    total: total.max(self.delivered),
-                };
-                None
-            }
-            Closing::Full => {
-                self.phase = Phase::Owing { total: self.asked };
+        let closing = closing(status, description);
+        let total = sent_in_all(&closing, self.asked, self.delivered, unsent);
+        match closing {
+            Closing::Served | Closing::Full => {
+                self.phase = Phase::Owing { total };
                 None
             }
             Closing::TooLarge => {
-                let total = unsent.map_or(self.delivered, |n| self.asked.saturating_sub(n));
-                self.phase = Phase::Owing {
-                    total: total.max(self.delivered),
-                };
+                self.phase = Phase::Owing { total };
                 (total == 0 && self.delivered == 0).then(|| Refusal {
                     error: format!(
                         "{status} {description} (a message is larger than a whole pull request)"
@@ -238,6 +235,20 @@ enum Closing {
     Refused,
 }
 
+/// How many messages a closed request brought in all: its size less what
+/// the server says it did not send (`unsent`, from `Nats-Pending-Messages`),
+/// or what has arrived when the server does not say; never less than that.
+fn sent_in_all(closing: &Closing, asked: usize, delivered: usize, unsent: Option<usize>) -> usize {
+    let total = match closing {
+        Closing::Full => asked,
+        Closing::Served | Closing::TooLarge => {
+            unsent.map_or(delivered, |n| asked.saturating_sub(n))
+        }
+        Closing::Abandoned | Closing::Refused => delivered,
+    };
+    total.max(delivered)
+}
+
 /// Reads a status by its code and, for 409s, the server's description.
 fn closing(status: StatusCode, description: &str) -> Closing {
     match status {
@@ -269,5 +280,19 @@ mod tests {
         assert_eq!(c(409, "Exceeded MaxWaiting"), Closing::Refused);
         assert_eq!(c(503, ""), Closing::Refused);
         assert_eq!(c(404, "No Messages"), Closing::Refused);
+    }
+
+    #[test]
+    fn a_closed_request_waits_for_what_the_server_sent() {
+        // 1,000 asked, 645 here when "Batch Completed" arrives: 355 to come.
+        assert_eq!(sent_in_all(&Closing::Full, 1000, 645, Some(0)), 1000);
+        // Expired with 400 unsent: 600 in all.
+        assert_eq!(sent_in_all(&Closing::Served, 1000, 550, Some(400)), 600);
+        // No header (older servers): what is here is all.
+        assert_eq!(sent_in_all(&Closing::Served, 1000, 550, None), 550);
+        // The next message did not fit: 10 unsent of 1,000.
+        assert_eq!(sent_in_all(&Closing::TooLarge, 1000, 0, Some(10)), 990);
+        // Never less than what has arrived.
+        assert_eq!(sent_in_all(&Closing::Served, 1000, 700, Some(400)), 700);
     }
 }
