@@ -19,7 +19,7 @@ pub async fn check_file(path: &Path, database_url: &str) -> Result<usize, Config
     let url = pg.url.as_deref().unwrap_or(database_url);
     let sink = PgSink::connect(url, 1)
         .await
-        .map_err(|e| file.error("postgres", e.to_string()))?;
+        .map_err(|e| file.error("sink.postgres", e.to_string()))?;
     let mut broken = 0;
     println!("{}:", path.display());
     for (n, variant) in compiled.templates.variants().iter().enumerate() {
@@ -39,7 +39,7 @@ pub async fn check_file(path: &Path, database_url: &str) -> Result<usize, Config
             Err(e) => {
                 broken += 1;
                 let at = file.error(
-                    "insert",
+                    "sink.postgres.insert",
                     format!("statement {} cannot work: {e}\n    {first_line}", n + 1),
                 );
                 eprintln!("{at}");
