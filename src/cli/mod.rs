@@ -81,6 +81,10 @@ enum Command {
     Healthcheck {
         #[arg(long, env = "PORT", default_value_t = 3001)]
         port: u16,
+        /// The engine's listen address: dialled as it is, or on loopback
+        /// when it is every address (0.0.0.0, ::).
+        #[arg(long, env = "LISTEN_ADDR", default_value = "0.0.0.0")]
+        listen_addr: std::net::IpAddr,
     },
     /// Publish events to JetStream and wait for the server to store them.
     #[command(
@@ -118,7 +122,16 @@ pub fn main() -> ExitCode {
             database_url,
         }) => return check::main(paths, db.then_some(database_url.as_str())),
         Some(Command::Run(args)) => run::main(*args),
-        Some(Command::Healthcheck { port }) => healthcheck::main(port),
+        Some(Command::Healthcheck { port, listen_addr }) => {
+            // The error's text already holds its causes.
+            return match healthcheck::main(listen_addr, port) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::FAILURE
+                }
+            };
+        }
         Some(Command::Test {
             paths,
             database_url,

@@ -200,7 +200,8 @@ impl Pipeline {
         &self.cfg.source.nats.consumer.durable
     }
 
-    /// Directories holding files this pipeline reads (schema, migrations).
+    /// Directories holding files this pipeline reads (schema, migrations),
+    /// whether they exist or not: a missing one is watched for its return.
     pub fn referenced_dirs(&self) -> Vec<PathBuf> {
         let schema = self.cfg.validate.as_ref().map(|v| v.schema.as_path());
         let migrations = self.cfg.sink.postgres.migrations.as_deref();
@@ -208,7 +209,7 @@ impl Pipeline {
             .and_then(|s| s.parent())
             .into_iter()
             .chain(migrations)
-            .filter_map(|d| d.canonicalize().ok())
+            .map(std::path::Path::to_path_buf)
             .collect()
     }
 

@@ -5,6 +5,7 @@
 mod harness;
 
 mod batching;
+mod config_and_tools;
 mod faults;
 mod hot_reload;
 mod nats_auth;
