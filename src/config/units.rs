@@ -79,101 +79,17 @@ const LONGEST: (Duration, &str) = (
     "the engine's timers and NATS' nanosecond durations must be able to hold it",
 );
 
-/// Postgres counts `statement_timeout` and `lock_timeout` in whole
-/// milliseconds up to `i32::MAX`, and reads 0 as "no limit".
-const PG_TIMEOUT: Range<Duration> = Range {
-    floor: (
-        Duration::from_millis(1),
-        "Postgres counts this timeout in whole milliseconds and would read 0 as no limit",
-    ),
-    ceiling: (
-        Duration::from_millis(i32::MAX as u64),
-        "the largest timeout Postgres accepts",
-    ),
-};
-
-/// Something done every so often, or a first backoff that later ones
-/// double: zero would spin.
-const INTERVAL: Range<Duration> = Range {
-    floor: (
-        Duration::from_millis(1),
-        "it is the period of something repeated, which zero would make spin",
-    ),
-    ceiling: LONGEST,
-};
-
-/// A wait that may be zero (no wait at all).
-const WAIT: Range<Duration> = Range {
-    floor: (Duration::ZERO, ""),
-    ceiling: LONGEST,
-};
-
-/// The connection's time limit: zero would fail every connection.
-const CONNECT: Range<Duration> = Range {
-    floor: (
-        Duration::from_millis(1),
-        "no connection can be opened in no time",
-    ),
-    ceiling: LONGEST,
-};
-
-/// Held messages get progress acks every third of `ack_wait`, at least
-/// 100 ms apart: a shorter `ack_wait` would redeliver what the engine holds.
-const ACK_WAIT: Range<Duration> = Range {
-    floor: (
-        Duration::from_secs(1),
-        "held messages are kept alive every third of ack_wait, at most every 100ms; a shorter one would redeliver what the engine still holds",
-    ),
-    ceiling: LONGEST,
-};
-
-/// NATS refuses a stream `max_age` under 100 ms (0 would be no limit:
-/// leave the field out for that).
-const MAX_AGE: Range<Duration> = Range {
-    floor: (
-        Duration::from_millis(100),
-        "NATS refuses a shorter max_age (leave it out for no limit)",
-    ),
-    ceiling: LONGEST,
-};
-
-/// The duplicate window: zero would be the server's default, not none.
-const DUPLICATE_WINDOW: Range<Duration> = Range {
-    floor: (
-        Duration::from_millis(1),
-        "NATS reads 0 as its default window (leave it out for that)",
-    ),
-    ceiling: LONGEST,
-};
+/// A duration of at least `floor`, for `why`, and at most [`LONGEST`].
+const fn at_least(floor: Duration, why: &'static str) -> Range<Duration> {
+    Range {
+        floor: (floor, why),
+        ceiling: LONGEST,
+    }
+}
 
 /// The largest `batch.max_bytes`: a batch travels as text arrays that may
 /// take a few times its payload, and Postgres refuses messages over 1 GB.
 pub(super) const MAX_BATCH_BYTES: u64 = 256 << 20;
-
-const BATCH_BYTES: Range<u64> = Range {
-    floor: (1, "a batch must be able to hold an event"),
-    ceiling: (
-        MAX_BATCH_BYTES,
-        "a batch's statement must stay far below Postgres' 1 GB message limit",
-    ),
-};
-
-const PAYLOAD_BYTES: Range<u64> = Range {
-    floor: (1, "every event would be too large"),
-    ceiling: (
-        MAX_BATCH_BYTES,
-        "an event must fit a batch, whose largest is 256 MiB",
-    ),
-};
-
-/// NATS counts stream bytes in a signed 64-bit number (-1: no limit).
-const STREAM_BYTES: Range<u64> = Range {
-    floor: (1, "a stream that holds no byte holds nothing"),
-    ceiling: (
-        i64::MAX as u64,
-        "NATS counts stream bytes in a signed 64-bit number",
-    ),
-};
 
 /// The range a field's value must fall in: one type per kind of field, so
 /// a field's `deserialize_with` names what the value is for.
@@ -191,26 +107,69 @@ macro_rules! bounds {
 }
 
 bounds! {
-    /// `statement_timeout`, `lock_timeout`.
-    PgTimeout: Duration = PG_TIMEOUT;
-    /// `lag_interval`, `backoff_initial`.
-    Interval: Duration = INTERVAL;
-    /// `max_wait`, `backoff_max`, `delay`.
-    Wait: Duration = WAIT;
+    /// `statement_timeout`, `lock_timeout`: Postgres counts them in whole
+    /// milliseconds up to `i32::MAX`, and reads 0 as "no limit".
+    PgTimeout: Duration = Range {
+        floor: (
+            Duration::from_millis(1),
+            "Postgres counts this timeout in whole milliseconds and would read 0 as no limit",
+        ),
+        ceiling: (
+            Duration::from_millis(i32::MAX as u64),
+            "the largest timeout Postgres accepts",
+        ),
+    };
+    /// `lag_interval`, `backoff_initial`: something done every so often,
+    /// or a first backoff that later ones double.
+    Interval: Duration = at_least(
+        Duration::from_millis(1),
+        "it is the period of something repeated, which zero would make spin",
+    );
+    /// `max_wait`, `backoff_max`, `delay`: a wait that may be none.
+    Wait: Duration = at_least(Duration::ZERO, "");
     /// `connect_timeout`.
-    Connect: Duration = CONNECT;
-    /// `consumer.ack_wait`.
-    AckWait: Duration = ACK_WAIT;
-    /// `stream.max_age`.
-    MaxAge: Duration = MAX_AGE;
-    /// `stream.duplicate_window`.
-    DuplicateWindow: Duration = DUPLICATE_WINDOW;
+    Connect: Duration = at_least(
+        Duration::from_millis(1),
+        "no connection can be opened in no time",
+    );
+    /// `consumer.ack_wait`: held messages get progress acks every third of
+    /// it, at least 100 ms apart.
+    AckWait: Duration = at_least(
+        Duration::from_secs(1),
+        "held messages are kept alive every third of ack_wait, at most every 100ms; a shorter one would redeliver what the engine still holds",
+    );
+    /// `stream.max_age`: NATS refuses one under 100 ms.
+    MaxAge: Duration = at_least(
+        Duration::from_millis(100),
+        "NATS refuses a shorter max_age (leave it out for no limit)",
+    );
+    /// `stream.duplicate_window`: zero would be the server's default.
+    DuplicateWindow: Duration = at_least(
+        Duration::from_millis(1),
+        "NATS reads 0 as its default window (leave it out for that)",
+    );
     /// `batch.max_bytes`.
-    BatchBytes: u64 = BATCH_BYTES;
+    BatchBytes: u64 = Range {
+        floor: (1, "a batch must be able to hold an event"),
+        ceiling: (
+            MAX_BATCH_BYTES,
+            "a batch's statement must stay far below Postgres' 1 GB message limit",
+        ),
+    };
     /// `max_payload`.
-    PayloadBytes: u64 = PAYLOAD_BYTES;
-    /// `stream.max_bytes`.
-    StreamBytes: u64 = STREAM_BYTES;
+    PayloadBytes: u64 = Range {
+        floor: (1, "every event would be too large"),
+        ceiling: (
+            MAX_BATCH_BYTES,
+            "an event must fit a batch, whose largest is 256 MiB",
+        ),
+    };
+    /// `stream.max_bytes`: NATS counts stream bytes in a signed 64-bit
+    /// number.
+    StreamBytes: u64 = Range {
+        floor: (1, "a stream that holds no byte holds nothing"),
+        ceiling: (i64::MAX as u64, "NATS counts stream bytes in a signed 64-bit number"),
+    };
 }
 
 /// A duration within `B`'s range.

@@ -193,45 +193,29 @@ async fn pipeline_tests_leave_the_database_as_they_found_it() {
     assert_eq!(rows, 0, "test rows are rolled back");
 }
 
-/// A pipeline storing `msg.time` as text, with a migration of its own.
-fn msg_time_pipeline(env: &TestEnv) -> PathBuf {
-    let dir = env.fresh_dir("msg-time");
-    let migrations = dir.join("migrations");
-    std::fs::create_dir_all(&migrations).expect("migrations dir");
+/// The harness's `clicks` pipeline, storing `msg.time` too (a migration
+/// of its own adds the column), in the pipelines dir in place of tiktok,
+/// with a test file expecting a time no render gives.
+fn clicks_with_msg_time(env: &TestEnv) -> (reload::Clicks, PathBuf) {
+    let clicks = reload::Clicks::new(env);
     std::fs::write(
-        migrations.join("20260101000000_times.sql"),
-        "CREATE TABLE times (id text PRIMARY KEY, t text NOT NULL);",
+        clicks.migrations.join("20260101000001_msg_time.sql"),
+        "ALTER TABLE clicks ADD COLUMN msg_time text;",
     )
     .expect("write the migration");
-    let yaml = format!(
-        r#"name: times
-source:
-  nats:
-    stream:
-      name: {stream}
-      subjects: ["{prefix}>"]
-    consumer:
-      durable: {durable}
-      filter_subject: {prefix}>
-sink:
-  postgres:
-    migrations: {migrations}
-    insert: INSERT INTO times (id, t) VALUES ({{{{ event.id }}}}, {{{{ msg.time }}}})
-metrics:
-  prefix: times
-"#,
-        stream = env.stream,
-        prefix = env.subject_prefix,
-        durable = env.durable,
-        migrations = migrations.display(),
+    let yaml = reload::edit(
+        &clicks.yaml(true),
+        "INSERT INTO clicks (click_id, url) VALUES ({{ event.clickId }}, {{ event.url }})",
+        "INSERT INTO clicks (click_id, url, msg_time) VALUES ({{ event.clickId }}, {{ event.url }}, {{ msg.time }})",
     );
-    std::fs::write(dir.join("times.yaml"), yaml).expect("write the pipeline");
-    std::fs::write(
-        dir.join("times.test.yaml"),
-        "cases:\n  - name: time\n    subject: t\n    event: {id: a}\n    expect:\n      row: {t: not-a-time}\n",
-    )
-    .expect("write the test file");
-    dir
+    std::fs::remove_file(env.pipelines_dir().join("tiktok.yaml")).expect("remove tiktok.yaml");
+    env.write_pipeline(reload::Clicks::FILE, &yaml);
+    let tests = env.fresh_dir("msg-time").join("clicks.test.yaml");
+    let case = "cases:\n  - name: time\n    subject: web\n    event: {clickId: a, url: u}\n    expect:\n      row: {msg_time: not-a-time}\n";
+    let pipeline = env.pipelines_dir().join(reload::Clicks::FILE);
+    std::fs::write(&tests, format!("pipeline: {}\n{case}", pipeline.display()))
+        .expect("write the test file");
+    (clicks, tests)
 }
 
 /// The digits after the seconds' decimal point of an RFC 3339 time.
@@ -246,10 +230,10 @@ fn fraction_digits(time: &str) -> usize {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pipeline_tests_render_msg_time_as_the_engine_does() {
     let env = TestEnv::new().await;
-    let dir = msg_time_pipeline(&env);
+    let (clicks, tests) = clicks_with_msg_time(&env);
     let out = env
         .engine()
-        .output(&["test", dir.join("times.test.yaml").to_str().unwrap()])
+        .output(&["test", tests.to_str().expect("utf-8 path")])
         .await;
     let output = text(&out);
     let tested = output
@@ -259,21 +243,14 @@ async fn pipeline_tests_render_msg_time_as_the_engine_does() {
         .trim_matches('"')
         .to_string();
 
-    std::fs::remove_file(env.pipelines_dir().join("tiktok.yaml")).expect("remove tiktok.yaml");
-    std::fs::copy(
-        dir.join("times.yaml"),
-        env.pipelines_dir().join("times.yaml"),
-    )
-    .expect("copy");
-    let _engine = env.engine().start().await;
-    env.publish("x", r#"{"id": "e1"}"#).await;
-    let stored: String = wait_for("the event to be stored", DEADLINE, || async {
-        sqlx::query_scalar("SELECT t FROM times WHERE id = 'e1'")
-            .fetch_one(&env.db)
-            .await
-            .map_err(|e| e.to_string())
-    })
-    .await;
+    let _engine = env.engine().spawn();
+    clicks.wait_consumer("created", |_| true).await;
+    clicks.publish("e1").await;
+    clicks.wait_stored(&["e1"]).await;
+    let stored: String = sqlx::query_scalar("SELECT msg_time FROM clicks WHERE click_id = 'e1'")
+        .fetch_one(&env.db)
+        .await
+        .expect("the stored time");
     assert_eq!(fraction_digits(&stored), 9, "the engine: {stored}");
     assert_eq!(
         fraction_digits(&tested),
