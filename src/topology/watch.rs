@@ -251,8 +251,32 @@ impl Hangup {
 
 #[cfg(test)]
 mod tests {
-    use super::ignored;
-    use std::path::Path;
+    use super::*;
+
+    /// A missing directory has the path it will have once created, however
+    /// it was written, and its coming back concerns the watch while its
+    /// siblings' changes do not.
+    #[test]
+    fn a_missing_directory_is_recognised_when_it_comes_back() {
+        let root = std::env::temp_dir().join(format!("ingestd-watch-unit-{}", std::process::id()));
+        std::fs::create_dir_all(&root).unwrap();
+        let root = root.canonicalize().unwrap();
+        let written = root.join("pipelines/../migrations");
+        std::fs::create_dir_all(root.join("pipelines")).unwrap();
+        assert_eq!(normal(&written), root.join("migrations"));
+        assert_eq!(watch_target(&normal(&written)).unwrap().0, root);
+        let watches = Watches {
+            wanted: vec![normal(&written)],
+            watched: BTreeMap::new(),
+        };
+        assert!(watches.concern(&[root.join("migrations")]));
+        assert!(watches.concern(&[root.join("migrations/1_a.sql")]));
+        assert!(!watches.concern(&[root.join("Cargo.lock")]));
+        std::fs::create_dir(root.join("migrations")).unwrap();
+        assert_eq!(normal(&written), root.join("migrations"));
+        assert_eq!(watch_target(&written).unwrap().0, written);
+        std::fs::remove_dir_all(&root).unwrap();
+    }
 
     #[test]
     fn editor_files_are_ignored_configmap_links_not() {
