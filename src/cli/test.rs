@@ -4,9 +4,11 @@
 //!
 //! The cases run the production path: the file's cases are one batch,
 //! written by the engine's own writer (the same plans, the same fast or
-//! per-row path, the same isolation of rejected rows) in a transaction
-//! that is rolled back. A case's expected columns are then compared with
-//! the row its statement returns, run alone in a rolled-back transaction.
+//! per-row path, the same isolation of rejected rows) with the engine's
+//! message metadata. A case's expected columns are then compared with the
+//! row its statement returns, run alone. All of it, the pipeline's
+//! migrations first, happens in one dry run (`DryRun`): a transaction that
+//! is rolled back, so the database is left as it was found.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};

@@ -99,11 +99,13 @@ impl DryRun {
         let sink = PgSink::connect_with(url, 1, limits)
             .await
             .map_err(DryRunError::Connect)?;
-        let mut conn = sink.acquire_raw().await?;
+        let dry = Self { sink };
+        let mut conn = dry.connection().await?;
         Transactions::begin(&mut conn, None)
             .await
             .map_err(DryRunError::Transaction)?;
-        Ok(Self { sink })
+        drop(conn);
+        Ok(dry)
     }
 
     pub fn sink(&self) -> &PgSink {
@@ -158,16 +160,19 @@ impl DryRun {
     /// transaction (a lost connection is replaced by a new one outside it,
     /// which must never apply a migration for good).
     async fn in_transaction(&self) -> Result<PoolConnection<Postgres>, DryRunError> {
-        let conn = self.sink.acquire_raw().await?;
+        let conn = self.connection().await?;
         match Transactions::get_transaction_depth(&conn) {
             0 => Err(DryRunError::Lost),
             _ => Ok(conn),
         }
     }
-}
 
-impl PgSink {
-    async fn acquire_raw(&self) -> Result<PoolConnection<Postgres>, DryRunError> {
-        self.pool.acquire().await.map_err(DryRunError::Transaction)
+    /// The pool's only connection.
+    async fn connection(&self) -> Result<PoolConnection<Postgres>, DryRunError> {
+        self.sink
+            .pool
+            .acquire()
+            .await
+            .map_err(DryRunError::Transaction)
     }
 }
