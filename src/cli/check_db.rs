@@ -1,13 +1,14 @@
 //! `ingestd check --db`: every statement each pipeline can render, planned
-//! against the live database without writing (only the session's
-//! temporary per-row functions are created). It says which path each
+//! against the database as the pipeline's migrations leave it, in a dry
+//! run (the migrations, the plans and the session's per-row functions all
+//! inside one transaction that is rolled back). It says which path each
 //! statement takes and reports at `file:line` what cannot work.
 
 use std::path::Path;
 
 use crate::config::{ConfigError, PipelineFile};
 use crate::sink::postgres::plan::WritePath;
-use crate::sink::postgres::PgSink;
+use crate::sink::postgres::{DryRun, Limits};
 use crate::transform::event::Compiled;
 
 /// Checks one file against its database; prints a line per statement.
@@ -17,14 +18,23 @@ pub async fn check_file(path: &Path, database_url: &str) -> Result<usize, Config
     let compiled = Compiled::new(&file)?;
     let pg = &file.pipeline.sink.postgres;
     let url = pg.url.as_deref().unwrap_or(database_url);
-    let sink = PgSink::connect(url, 1)
+    let dry = DryRun::begin(url, Limits::of(pg))
         .await
-        .map_err(|e| file.error("postgres", e.to_string()))?;
+        .map_err(|e| file.error("sink.postgres", e))?;
+    if let Some(dir) = &pg.migrations {
+        dry.migrate(dir)
+            .await
+            .map_err(|e| file.error("sink.postgres.migrations", e))?;
+    }
     let mut broken = 0;
     println!("{}:", path.display());
     for (n, variant) in compiled.templates.variants().iter().enumerate() {
         let first_line = variant.sql.trim().lines().next().unwrap_or_default();
-        match sink.verify(variant).await {
+        let verified = dry
+            .isolated(dry.sink().verify(variant))
+            .await
+            .map_err(|e| file.error("sink.postgres", e))?;
+        match verified {
             Ok(plan) => {
                 let why = match &plan.path {
                     WritePath::Unnest(_) => String::new(),
@@ -39,12 +49,15 @@ pub async fn check_file(path: &Path, database_url: &str) -> Result<usize, Config
             Err(e) => {
                 broken += 1;
                 let at = file.error(
-                    "insert",
+                    "sink.postgres.insert",
                     format!("statement {} cannot work: {e}\n    {first_line}", n + 1),
                 );
                 eprintln!("{at}");
             }
         }
     }
+    dry.rollback()
+        .await
+        .map_err(|e| file.error("sink.postgres", e))?;
     Ok(broken)
 }

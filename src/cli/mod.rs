@@ -57,13 +57,17 @@ enum Command {
     },
     /// Run pipeline unit tests (NAME.test.yaml beside each pipeline) against a real database.
     #[command(
-        after_help = "Each case's row is inserted inside a transaction that is rolled back.\nExit status is 1 when a case fails.\n\nExample:\n  DATABASE_URL=postgresql://postgres@127.0.0.1/app ingestd test pipelines/"
+        after_help = "Each file's migrations and rows run inside a transaction that is rolled back\n(--apply-migrations applies the migrations for good first).\nExit status is 1 when a case fails.\n\nExample:\n  DATABASE_URL=postgresql://postgres@127.0.0.1/app ingestd test pipelines/"
     )]
     Test {
         /// Test files, pipeline files or directories (default: pipelines/).
         paths: Vec<PathBuf>,
         #[arg(long, env = "DATABASE_URL", default_value = compat::DATABASE_URL, hide_env_values = true)]
         database_url: String,
+        /// Apply the pipelines' migrations for good before testing (by
+        /// default they run inside the rolled-back transaction too).
+        #[arg(long)]
+        apply_migrations: bool,
     },
     /// Print the JSON Schema of the pipeline file format (for editors).
     #[command(
@@ -77,6 +81,10 @@ enum Command {
     Healthcheck {
         #[arg(long, env = "PORT", default_value_t = 3001)]
         port: u16,
+        /// The engine's listen address: dialled as it is, or on loopback
+        /// when it is every address (0.0.0.0, ::).
+        #[arg(long, env = "LISTEN_ADDR", default_value = "0.0.0.0")]
+        listen_addr: std::net::IpAddr,
     },
     /// Publish events to JetStream and wait for the server to store them.
     #[command(
@@ -109,11 +117,27 @@ pub fn main() -> ExitCode {
             database_url,
         }) => return check::main(paths, db.then_some(database_url.as_str())),
         Some(Command::Run(args)) => run::main(*args),
-        Some(Command::Healthcheck { port }) => healthcheck::main(port),
+        Some(Command::Healthcheck { port, listen_addr }) => {
+            // The error's text already holds its causes.
+            return match healthcheck::main(listen_addr, port) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::FAILURE
+                }
+            };
+        }
         Some(Command::Test {
             paths,
             database_url,
-        }) => return test::main(paths, &database_url),
+            apply_migrations,
+        }) => {
+            let migrations = match apply_migrations {
+                true => test::Migrations::Applied,
+                false => test::Migrations::RolledBack,
+            };
+            return test::main(paths, &database_url, migrations);
+        }
         Some(Command::Schema) => {
             println!("{:#}", config::json_schema());
             Ok(())

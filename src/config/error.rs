@@ -39,29 +39,16 @@ impl fmt::Display for ConfigError {
 
 impl std::error::Error for ConfigError {}
 
-pub(super) fn yaml_error(path: &Path, text: &str, e: &serde_yaml::Error) -> ConfigError {
+/// serde_yaml's error, located where serde_yaml found it: the value
+/// checks run in visitors (see `units`), so that is the value itself, and
+/// the message starts with the value's full key path.
+pub(super) fn yaml_error(path: &Path, e: &serde_yaml::Error) -> ConfigError {
     let mut err = ConfigError::new(path, None, strip_location(&e.to_string()));
     if let Some(loc) = e.location() {
         err.line = Some(loc.line());
         err.column = Some(loc.column());
-        if let Some(line) = refine_line(text, loc.line(), &err.message) {
-            err.line = Some(line);
-            err.column = None;
-        }
     }
     err
-}
-
-/// serde_yaml locates errors raised by our value checks (durations, sizes)
-/// at the enclosing mapping; those messages quote the bad value as
-/// `value`, so the first line from there on holding it is the real place.
-fn refine_line(text: &str, from: usize, message: &str) -> Option<usize> {
-    let quoted = message.split('`').nth(1).filter(|v| !v.is_empty())?;
-    text.lines()
-        .enumerate()
-        .skip(from.saturating_sub(1))
-        .find(|(_, l)| l.contains(quoted))
-        .map(|(i, _)| i + 1)
 }
 
 /// serde_yaml appends " at line L column C"; we print the location up front.

@@ -14,11 +14,22 @@ pub fn is_test_file(path: &Path) -> bool {
     SUFFIXES.iter().any(|s| name.ends_with(s))
 }
 
+/// A pipelines directory that cannot be read.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot read pipelines directory {}: {source}", dir.display())]
+pub struct DirError {
+    pub dir: PathBuf,
+    #[source]
+    pub source: std::io::Error,
+}
+
 /// The pipeline files of a directory (`*.yaml`, `*.yml`, but not hidden
 /// files or pipeline test files), sorted by name.
-pub fn pipeline_files(dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
-    let entries = std::fs::read_dir(dir)
-        .map_err(|e| anyhow::anyhow!("cannot read pipelines directory {}: {e}", dir.display()))?;
+pub fn pipeline_files(dir: &Path) -> Result<Vec<PathBuf>, DirError> {
+    let entries = std::fs::read_dir(dir).map_err(|source| DirError {
+        dir: dir.to_path_buf(),
+        source,
+    })?;
     let mut files: Vec<PathBuf> = entries
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| matches!(p.extension().and_then(|e| e.to_str()), Some("yaml" | "yml")))

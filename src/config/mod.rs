@@ -1,23 +1,28 @@
 //! The pipeline file: its model, `${VAR}` expansion and loading with
 //! file:line:column errors.
 //!
-//! Values are checked while deserializing (durations, sizes, enums, ranges)
-//! so that serde_yaml attaches the location of the offending value to the
-//! error; a problem found later (template, schema) is located with
-//! [`PipelineFile::line_of_key`].
+//! Values are checked while deserializing (durations and sizes against the
+//! range of what they become, enums, ranges) so that serde_yaml attaches
+//! the location and key path of the offending value to the error; a
+//! problem found later (template, schema, a combination of fields) is
+//! located by its full key path with [`PipelineFile::error`].
 
 mod env;
 mod error;
 pub mod files;
+mod locate;
 mod units;
 
-pub use env::expand_env;
+pub use env::{expand_env, EnvError, EnvErrorKind};
 use error::yaml_error;
 pub use error::ConfigError;
+pub use locate::{KeyPositions, Position};
 use units::{
-    de_duration, de_opt_duration, de_opt_size, de_opt_time, de_size, DurationText, SizeRepr,
+    de_duration, de_opt_duration, de_opt_size, de_opt_time, de_size, AckWait, BatchBytes, Connect,
+    DuplicateWindow, DurationText, Interval, MaxAge, PayloadBytes, PgTimeout, SizeRepr,
+    StreamBytes, Wait,
 };
-pub use units::{parse_size, parse_time};
+pub use units::{parse_size, parse_time, UnitError};
 
 use std::collections::BTreeMap;
 use std::num::NonZeroUsize;
@@ -53,7 +58,10 @@ pub struct Pipeline {
     #[serde(default)]
     pub log: LogConfig,
     /// Largest accepted payload; bigger messages are invalid events.
-    #[serde(default = "default_max_payload", deserialize_with = "de_size")]
+    #[serde(
+        default = "default_max_payload",
+        deserialize_with = "de_size::<PayloadBytes, _>"
+    )]
     #[schemars(with = "SizeRepr")]
     pub max_payload: u64,
 }
@@ -81,7 +89,10 @@ pub struct NatsSource {
     /// How often the consumer's state is read for the lag gauges
     /// (`ingestd_consumer_pending_messages` and the like): each read is one
     /// request to the server.
-    #[serde(default = "default_lag_interval", deserialize_with = "de_duration")]
+    #[serde(
+        default = "default_lag_interval",
+        deserialize_with = "de_duration::<Interval, _>"
+    )]
     #[schemars(with = "DurationText")]
     pub lag_interval: Duration,
 }
@@ -104,14 +115,14 @@ pub struct StreamConfig {
     #[serde(default)]
     pub retention: Retention,
     /// Oldest message kept, e.g. `7d` (default: no limit).
-    #[serde(default, deserialize_with = "de_opt_duration")]
+    #[serde(default, deserialize_with = "de_opt_duration::<MaxAge, _>")]
     #[schemars(with = "DurationText")]
     pub max_age: Option<Duration>,
     /// Most messages kept (default: no limit).
     #[serde(default)]
     pub max_messages: Option<i64>,
     /// Most bytes kept, e.g. `1GiB` (default: no limit).
-    #[serde(default, deserialize_with = "de_opt_size")]
+    #[serde(default, deserialize_with = "de_opt_size::<StreamBytes, _>")]
     #[schemars(with = "SizeRepr")]
     pub max_bytes: Option<u64>,
     /// What goes when a limit is reached: `old` messages, or `new` ones
@@ -126,7 +137,7 @@ pub struct StreamConfig {
     pub replicas: usize,
     /// How long `Nats-Msg-Id`s are remembered to drop duplicate publishes, e.g.
     /// `2m` (default: the server's).
-    #[serde(default, deserialize_with = "de_opt_duration")]
+    #[serde(default, deserialize_with = "de_opt_duration::<DuplicateWindow, _>")]
     #[schemars(with = "DurationText")]
     pub duplicate_window: Option<Duration>,
 }
@@ -179,7 +190,10 @@ pub struct ConsumerConfig {
     pub ack_policy: AckPolicy,
     /// How long the server waits for an acknowledgement before redelivering
     /// (default 30s); messages held longer get progress acknowledgements.
-    #[serde(default = "default_ack_wait", deserialize_with = "de_duration")]
+    #[serde(
+        default = "default_ack_wait",
+        deserialize_with = "de_duration::<AckWait, _>"
+    )]
     #[schemars(with = "DurationText")]
     pub ack_wait: Duration,
     /// Deliveries of a message before the server gives up on it (default 5).
@@ -272,20 +286,26 @@ pub struct PostgresSink {
     /// instead of a batch that waits forever.
     #[serde(
         default = "default_statement_timeout",
-        deserialize_with = "de_duration"
+        deserialize_with = "de_duration::<PgTimeout, _>"
     )]
     #[schemars(with = "DurationText")]
     pub statement_timeout: Duration,
     /// Longest opening a connection may take (TCP, TLS and the start-up
     /// exchange), so a server that accepts connections but never answers
     /// is an error, not a hang.
-    #[serde(default = "default_connect_timeout", deserialize_with = "de_duration")]
+    #[serde(
+        default = "default_connect_timeout",
+        deserialize_with = "de_duration::<Connect, _>"
+    )]
     #[schemars(with = "DurationText")]
     pub connect_timeout: Duration,
     /// Longest a migration waits for a lock (Postgres `lock_timeout`): a
     /// table locked by another session fails the (re)load with a clear
     /// message instead of blocking it.
-    #[serde(default = "default_lock_timeout", deserialize_with = "de_duration")]
+    #[serde(
+        default = "default_lock_timeout",
+        deserialize_with = "de_duration::<PgTimeout, _>"
+    )]
     #[schemars(with = "DurationText")]
     pub lock_timeout: Duration,
 }
@@ -317,7 +337,10 @@ pub struct BatchConfig {
     /// while events trickle in. In a backlog (JetStream reports more
     /// messages pending) a batch fills to `max_rows` regardless, for at
     /// most 60 ms.
-    #[serde(default = "default_max_wait", deserialize_with = "de_duration")]
+    #[serde(
+        default = "default_max_wait",
+        deserialize_with = "de_duration::<Wait, _>"
+    )]
     #[schemars(with = "DurationText")]
     pub max_wait: Duration,
     /// Batches written concurrently (default 2).
@@ -326,7 +349,10 @@ pub struct BatchConfig {
     /// Payload bytes per batch (and per pull request): with `max_rows` it
     /// bounds what a pipeline holds, whatever the size of its events. At
     /// least `max_payload`, at most 256 MiB.
-    #[serde(default = "default_batch_bytes", deserialize_with = "de_size")]
+    #[serde(
+        default = "default_batch_bytes",
+        deserialize_with = "de_size::<BatchBytes, _>"
+    )]
     #[schemars(with = "SizeRepr")]
     pub max_bytes: u64,
 }
@@ -353,10 +379,6 @@ fn default_max_wait() -> Duration {
 fn default_in_flight() -> NonZeroUsize {
     NonZeroUsize::new(2).expect("non-zero")
 }
-
-/// The largest `batch.max_bytes`: a batch travels as text arrays that may
-/// take a few times its payload, and Postgres refuses messages over 1 GB.
-const MAX_BATCH_BYTES: u64 = 256 << 20;
 
 fn default_batch_bytes() -> u64 {
     8 << 20
@@ -390,7 +412,7 @@ pub struct InvalidPolicy {
     #[serde(default)]
     pub subject: Option<String>,
     /// Redelivery delay for `action: nak`.
-    #[serde(default, deserialize_with = "de_opt_duration")]
+    #[serde(default, deserialize_with = "de_opt_duration::<Wait, _>")]
     #[schemars(with = "DurationText")]
     pub delay: Option<Duration>,
     /// After this many events in a row refused by the database with the
@@ -435,11 +457,17 @@ pub enum InvalidAction {
 #[serde(deny_unknown_fields)]
 pub struct TransientPolicy {
     /// First retry delay (default 100ms), doubled after each failure.
-    #[serde(default = "default_backoff_initial", deserialize_with = "de_duration")]
+    #[serde(
+        default = "default_backoff_initial",
+        deserialize_with = "de_duration::<Interval, _>"
+    )]
     #[schemars(with = "DurationText")]
     pub backoff_initial: Duration,
     /// Longest retry delay (default 10s).
-    #[serde(default = "default_backoff_max", deserialize_with = "de_duration")]
+    #[serde(
+        default = "default_backoff_max",
+        deserialize_with = "de_duration::<Wait, _>"
+    )]
     #[schemars(with = "DurationText")]
     pub backoff_max: Duration,
 }
@@ -540,12 +568,13 @@ fn default_prefix() -> String {
     "ingestd".to_string()
 }
 
-/// A pipeline file read from disk, with its expanded text kept for locating
-/// errors found after parsing.
+/// A pipeline file read from disk, with the positions of its keys kept for
+/// locating errors found after parsing.
 #[derive(Debug, Clone)]
 pub struct PipelineFile {
     pub path: PathBuf,
     pub text: String,
+    pub keys: KeyPositions,
     pub pipeline: Pipeline,
 }
 
@@ -560,12 +589,13 @@ impl PipelineFile {
 
     pub fn parse(path: &Path, raw: &str) -> Result<Self, ConfigError> {
         let text = expand_env(raw, |name| std::env::var(name).ok())
-            .map_err(|(line, msg)| ConfigError::new(path, Some(line), msg))?;
+            .map_err(|e| ConfigError::new(path, Some(e.line), e.to_string()))?;
         let mut pipeline: Pipeline =
-            serde_yaml::from_str(&text).map_err(|e| yaml_error(path, &text, &e))?;
+            serde_yaml::from_str(&text).map_err(|e| yaml_error(path, &e))?;
         pipeline.resolve_paths(path.parent().unwrap_or(Path::new(".")));
         let file = Self {
             path: path.to_path_buf(),
+            keys: KeyPositions::of(&text),
             text,
             pipeline,
         };
@@ -573,18 +603,22 @@ impl PipelineFile {
         Ok(file)
     }
 
-    /// The 1-based line of the first `key:` in the file, to point errors
-    /// found after parsing at the right place.
-    pub fn line_of_key(&self, key: &str) -> Option<usize> {
-        let needle = format!("{key}:");
-        self.text
-            .lines()
-            .position(|l| l.trim_start().starts_with(&needle))
-            .map(|i| i + 1)
+    /// The 1-based line of the key at `key_path` (`sink.postgres.insert`),
+    /// or of its nearest ancestor the file writes.
+    pub fn line_of(&self, key_path: &str) -> Option<usize> {
+        self.keys.find(key_path).map(|p| p.line)
     }
 
-    pub fn error(&self, key: &str, message: impl Into<String>) -> ConfigError {
-        ConfigError::new(&self.path, self.line_of_key(key), message)
+    /// An error about the value at `key_path` (`sink.postgres.batch.max_bytes`),
+    /// located at its key, or at its nearest ancestor's when the value is a
+    /// default. The message names the full path.
+    pub fn error(&self, key_path: &str, message: impl std::fmt::Display) -> ConfigError {
+        let mut err = ConfigError::new(&self.path, None, format!("{key_path}: {message}"));
+        if let Some(p) = self.keys.find(key_path) {
+            err.line = Some(p.line);
+            err.column = Some(p.column);
+        }
+        err
     }
 
     /// Cross-field checks that serde cannot express.
@@ -596,66 +630,26 @@ impl PipelineFile {
                 .chars()
                 .all(|c| c.is_ascii_alphanumeric() || "-_".contains(c))
         {
-            return Err(self.error("name", "name must be non-empty letters, digits, '-' or '_'"));
+            return Err(self.error("name", "must be non-empty letters, digits, '-' or '_'"));
         }
-        let m = &p.metrics;
-        if let Some(l) = m
-            .duration_labels
-            .iter()
-            .find(|l| !m.labels.contains_key(*l))
-        {
-            return Err(self.error(
-                "duration_labels",
-                format!("`{l}` is not one of metrics.labels"),
-            ));
-        }
-        if m.failed_labels.contains_key("reason") {
-            return Err(self.error("failed_labels", "`reason` is set by the engine"));
-        }
-        if m.buckets.is_empty() || m.buckets.windows(2).any(|w| w[0] >= w[1]) {
-            return Err(self.error("buckets", "buckets must be a non-empty increasing list"));
-        }
+        self.check_metrics()?;
         if let Some(ptr) = &p.log.event_id {
             if !ptr.is_empty() && !ptr.starts_with('/') {
                 return Err(self.error(
-                    "event_id",
-                    "event_id is a JSON pointer: empty or starting with `/` (e.g. /eventId)",
+                    "log.event_id",
+                    "a JSON pointer: empty or starting with `/` (e.g. /eventId)",
                 ));
             }
         }
-        let inv = &p.on_error.invalid;
-        match (inv.action, &inv.subject) {
-            (InvalidAction::DeadLetter, None) => {
-                return Err(self.error("action", "action `dead_letter` needs a `subject`"));
-            }
-            (InvalidAction::Ack | InvalidAction::Term, Some(_)) => {
-                return Err(self.error(
-                    "subject",
-                    "`subject` is used by actions `dead_letter` and `nak` (where it receives \
-                     events that reach max_deliver); with this action nothing would go there",
-                ));
-            }
-            _ => {}
-        }
-        if inv.delay.is_some() && inv.action != InvalidAction::Nak {
-            return Err(self.error("delay", "`delay` is used by action `nak` only"));
-        }
+        self.check_invalid_policy()?;
         self.check_start()?;
+        self.check_durations()?;
         let b = &p.sink.postgres.batch;
-        if b.max_bytes > MAX_BATCH_BYTES {
-            return Err(self.error(
-                "max_bytes",
-                format!(
-                    "batch.max_bytes ({}) is above {MAX_BATCH_BYTES}: a batch's statement must stay far below Postgres' 1 GB message limit",
-                    b.max_bytes
-                ),
-            ));
-        }
         if b.max_bytes < p.max_payload {
             return Err(self.error(
-                "max_bytes",
+                "sink.postgres.batch.max_bytes",
                 format!(
-                    "batch.max_bytes ({}) is below max_payload ({}): the largest event could never be pulled",
+                    "{} is below max_payload ({}): the largest event could never be pulled",
                     b.max_bytes, p.max_payload
                 ),
             ));
@@ -663,19 +657,92 @@ impl PipelineFile {
         if let Some(pending) = p.source.nats.consumer.max_ack_pending {
             if pending > 0 && (pending as usize) < b.max_rows.get() {
                 return Err(self.error(
-                    "max_ack_pending",
-                    format!(
-                        "max_ack_pending ({pending}) is below batch.max_rows ({})",
-                        b.max_rows
-                    ),
+                    "source.nats.consumer.max_ack_pending",
+                    format!("{pending} is below batch.max_rows ({})", b.max_rows),
                 ));
             }
         }
         Ok(())
     }
-}
 
-impl PipelineFile {
+    fn check_metrics(&self) -> Result<(), ConfigError> {
+        let m = &self.pipeline.metrics;
+        if let Some(l) = m
+            .duration_labels
+            .iter()
+            .find(|l| !m.labels.contains_key(*l))
+        {
+            return Err(self.error(
+                "metrics.duration_labels",
+                format!("`{l}` is not one of metrics.labels"),
+            ));
+        }
+        if m.failed_labels.contains_key("reason") {
+            return Err(self.error(
+                "metrics.failed_labels.reason",
+                "`reason` is set by the engine",
+            ));
+        }
+        if m.buckets.is_empty() || m.buckets.windows(2).any(|w| w[0] >= w[1]) {
+            return Err(self.error(
+                "metrics.buckets",
+                "buckets must be a non-empty increasing list",
+            ));
+        }
+        Ok(())
+    }
+
+    fn check_invalid_policy(&self) -> Result<(), ConfigError> {
+        let inv = &self.pipeline.on_error.invalid;
+        match (inv.action, &inv.subject) {
+            (InvalidAction::DeadLetter, None) => {
+                return Err(self.error(
+                    "on_error.invalid.action",
+                    "action `dead_letter` needs a `subject`",
+                ));
+            }
+            (InvalidAction::Ack | InvalidAction::Term, Some(_)) => {
+                return Err(self.error(
+                    "on_error.invalid.subject",
+                    "`subject` is used by actions `dead_letter` and `nak` (where it receives \
+                     events that reach max_deliver); with this action nothing would go there",
+                ));
+            }
+            _ => {}
+        }
+        if inv.delay.is_some() && inv.action != InvalidAction::Nak {
+            return Err(self.error(
+                "on_error.invalid.delay",
+                "`delay` is used by action `nak` only",
+            ));
+        }
+        Ok(())
+    }
+
+    /// Durations that bound each other.
+    fn check_durations(&self) -> Result<(), ConfigError> {
+        let t = &self.pipeline.on_error.transient;
+        if t.backoff_max < t.backoff_initial {
+            return Err(self.error(
+                "on_error.transient.backoff_max",
+                format!(
+                    "{:?} is below backoff_initial ({:?})",
+                    t.backoff_max, t.backoff_initial
+                ),
+            ));
+        }
+        let s = &self.pipeline.source.nats.stream;
+        if let (Some(window), Some(age)) = (s.duplicate_window, s.max_age) {
+            if window > age {
+                return Err(self.error(
+                    "source.nats.stream.duplicate_window",
+                    format!("{window:?} is longer than max_age ({age:?}): NATS refuses it"),
+                ));
+            }
+        }
+        Ok(())
+    }
+
     /// `start_sequence` and `start_time` go with their deliver policies.
     fn check_start(&self) -> Result<(), ConfigError> {
         let c = &self.pipeline.source.nats.consumer;
@@ -689,7 +756,7 @@ impl PipelineFile {
             (_, None, None) => return Ok(()),
             _ => "`start_sequence` and `start_time` go with deliver_policy by_start_sequence or by_start_time",
         };
-        Err(self.error("deliver_policy", needs))
+        Err(self.error("source.nats.consumer.deliver_policy", needs))
     }
 }
 
@@ -735,31 +802,6 @@ pub fn json_schema() -> serde_json::Value {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn env(name: &str) -> Option<String> {
-        match name {
-            "SET" => Some("value".into()),
-            "EMPTY" => Some(String::new()),
-            _ => None,
-        }
-    }
-
-    #[test]
-    fn expands_variables_and_defaults() {
-        let out = expand_env(
-            "a: ${SET}\nb: ${UNSET:-dflt}\nc: $${SET} $5\nd: ${EMPTY:-x}\n",
-            env,
-        )
-        .unwrap();
-        assert_eq!(out, "a: value\nb: dflt\nc: ${SET} $5\nd: x\n");
-    }
-
-    #[test]
-    fn unset_variable_names_its_line() {
-        let err = expand_env("a: 1\nb: ${NOPE}\n", env).unwrap_err();
-        assert_eq!(err.0, 2);
-        assert!(err.1.contains("NOPE"), "{}", err.1);
-    }
 
     #[test]
     fn sizes() {
@@ -851,6 +893,91 @@ mod tests {
         assert!(parse("8MiB").is_ok());
         assert!(parse("1GiB").unwrap_err().message.contains("1 GB"));
         assert!(parse("512KiB").unwrap_err().message.contains("max_payload"));
+    }
+
+    /// A pipeline with every duration and size field written out, each
+    /// on a line of its own, and `field` set to `value`.
+    fn every_field(field: &str, value: &str) -> String {
+        let text = "name: x\nmax_payload: 1MiB\nsource:\n  nats:\n    lag_interval: 5s\n    stream:\n      name: s\n      subjects: [a]\n      max_age: 7d\n      max_bytes: 1GiB\n      duplicate_window: 2m\n    consumer:\n      durable: d\n      filter_subject: a\n      ack_wait: 30s\nsink:\n  postgres:\n    insert: x\n    statement_timeout: 30s\n    connect_timeout: 3s\n    lock_timeout: 10s\n    batch:\n      max_wait: 3ms\n      max_bytes: 8MiB\non_error:\n  invalid:\n    action: nak\n    delay: 1s\n  transient:\n    backoff_initial: 100ms\n    backoff_max: 10s\n";
+        let key = field.rsplit('.').next().unwrap();
+        let keys = KeyPositions::of(text);
+        let line = keys.exact(field).expect("the field is written").line;
+        text.lines()
+            .enumerate()
+            .map(|(i, l)| match i + 1 == line {
+                true => format!("{}{key}: {value}\n", &l[..l.find(key).unwrap()]),
+                false => format!("{l}\n"),
+            })
+            .collect()
+    }
+
+    /// Every duration and size field refuses what it cannot become (zero
+    /// where zero would spin or mean "no limit", less than a millisecond
+    /// where Postgres counts milliseconds, more than a timer or NATS can
+    /// hold), with an error on the field's own line naming its full path.
+    #[test]
+    fn every_duration_and_size_is_bounded_and_located() {
+        let file = |text: &str| PipelineFile::parse(Path::new("p.yaml"), text);
+        assert!(file(&every_field("name", "x")).is_ok());
+        for (field, bad) in [
+            ("source.nats.lag_interval", "0s"),
+            ("source.nats.lag_interval", "400000000000y"),
+            ("source.nats.stream.max_age", "10ms"),
+            ("source.nats.stream.max_age", "400y"),
+            ("source.nats.stream.max_bytes", "0"),
+            ("source.nats.stream.max_bytes", "18446744073709551615"),
+            ("source.nats.stream.duplicate_window", "0s"),
+            ("source.nats.consumer.ack_wait", "100ms"),
+            ("source.nats.consumer.ack_wait", "400000000000y"),
+            ("sink.postgres.statement_timeout", "500us"),
+            ("sink.postgres.statement_timeout", "25d"),
+            ("sink.postgres.lock_timeout", "500us"),
+            ("sink.postgres.lock_timeout", "0s"),
+            ("sink.postgres.connect_timeout", "0s"),
+            ("sink.postgres.batch.max_wait", "400000000000y"),
+            ("sink.postgres.batch.max_bytes", "1GiB"),
+            ("sink.postgres.batch.max_bytes", "0"),
+            ("max_payload", "0"),
+            ("on_error.invalid.delay", "400000000000y"),
+            ("on_error.transient.backoff_initial", "0s"),
+            ("on_error.transient.backoff_max", "400000000000y"),
+        ] {
+            let text = every_field(field, bad);
+            let err = file(&text).expect_err(&format!("{field}: {bad} accepted"));
+            let line = KeyPositions::of(&text).exact(field).unwrap().line;
+            assert_eq!(err.line, Some(line), "{field}: {bad}: {err}");
+            assert!(err.message.starts_with(&format!("{field}: ")), "{err}");
+        }
+        for (field, good) in [
+            ("sink.postgres.statement_timeout", "1ms"),
+            ("sink.postgres.lock_timeout", "2147483647ms"),
+            ("sink.postgres.batch.max_wait", "0s"),
+            ("on_error.invalid.delay", "0s"),
+            ("source.nats.consumer.ack_wait", "1s"),
+        ] {
+            let text = every_field(field, good);
+            assert!(
+                file(&text).is_ok(),
+                "{field}: {good}: {:?}",
+                file(&text).err()
+            );
+        }
+    }
+
+    /// A check after parsing names the key it is about, not the first key
+    /// of that name: `batch.max_bytes`, not `stream.max_bytes`.
+    #[test]
+    fn checks_after_parsing_are_located_by_their_full_key_path() {
+        let text = every_field("sink.postgres.batch.max_bytes", "512KiB");
+        let err = PipelineFile::parse(Path::new("p.yaml"), &text).unwrap_err();
+        assert_eq!(err.line, Some(24), "{err}");
+        assert!(err.message.contains("max_payload"), "{err}");
+        let text = every_field("on_error.transient.backoff_max", "10ms");
+        let err = PipelineFile::parse(Path::new("p.yaml"), &text).unwrap_err();
+        assert_eq!(err.line, Some(31), "{err}");
+        let text = every_field("source.nats.stream.duplicate_window", "8d");
+        let err = PipelineFile::parse(Path::new("p.yaml"), &text).unwrap_err();
+        assert_eq!(err.line, Some(11), "{err}");
     }
 
     #[test]

@@ -126,17 +126,18 @@ impl Pipeline {
                 ..MsgMeta::default()
             };
         }
-        let info = msg.info().ok();
-        MsgMeta {
-            subject: msg.subject.to_string(),
-            stream: info.as_ref().map(|i| i.stream.to_string()),
-            seq: info.as_ref().map(|i| i.stream_sequence),
-            delivered: info.as_ref().map(|i| i.delivered),
-            time: info.as_ref().map(|i| {
-                let nanos = i.published.unix_timestamp_nanos();
-                chrono::DateTime::from_timestamp_nanos(nanos as i64)
-                    .to_rfc3339_opts(chrono::SecondsFormat::Nanos, true)
-            }),
+        match msg.info() {
+            Ok(i) => MsgMeta::delivered(
+                msg.subject.to_string(),
+                i.stream.to_string(),
+                i.stream_sequence,
+                i.delivered,
+                i.published,
+            ),
+            Err(_) => MsgMeta {
+                subject: msg.subject.to_string(),
+                ..MsgMeta::default()
+            },
         }
     }
 

@@ -124,15 +124,15 @@ impl Pipeline {
         let url = pg.url.clone().unwrap_or_else(|| deps.database_url.clone());
         let sink = PgSink::connect_with(&url, pg.pool_size, Limits::of(pg))
             .await
-            .map_err(|e| file.error("postgres", e.to_string()))?;
+            .map_err(|e| file.error("sink.postgres", e.to_string()))?;
         if let Some(dir) = &pg.migrations {
             sink.migrate(dir)
                 .await
-                .map_err(|e| file.error("migrations", e.to_string()))?;
+                .map_err(|e| file.error("sink.postgres.migrations", e.to_string()))?;
         }
         check_statement(&sink, &compiled.templates, &file.path)
             .await
-            .map_err(|e| file.error("insert", e))?;
+            .map_err(|e| file.error("sink.postgres.insert", e))?;
         let nats = &cfg.source.nats;
         let target = nats::Target {
             js: deps.js.clone(),
@@ -152,7 +152,7 @@ impl Pipeline {
             target.max_ack_pending,
         )
         .await
-        .map_err(|e| file.error("consumer", format!("{e:#}")))?;
+        .map_err(|e| file.error("source.nats.consumer", format!("{e:#}")))?;
         let dead_letters = match &cfg.on_error.invalid.subject {
             Some(subject) => {
                 let letters = DeadLetters {
@@ -164,7 +164,7 @@ impl Pipeline {
                 letters
                     .check()
                     .await
-                    .map_err(|e| file.error("subject", e))?;
+                    .map_err(|e| file.error("on_error.invalid.subject", e))?;
                 Some(letters)
             }
             None => None,
@@ -208,7 +208,8 @@ impl Pipeline {
         &self.cfg.source.nats.consumer.durable
     }
 
-    /// Directories holding files this pipeline reads (schema, migrations).
+    /// Directories holding files this pipeline reads (schema, migrations),
+    /// whether they exist or not: a missing one is watched for its return.
     pub fn referenced_dirs(&self) -> Vec<PathBuf> {
         let schema = self.cfg.validate.as_ref().map(|v| v.schema.as_path());
         let migrations = self.cfg.sink.postgres.migrations.as_deref();
@@ -216,7 +217,7 @@ impl Pipeline {
             .and_then(|s| s.parent())
             .into_iter()
             .chain(migrations)
-            .filter_map(|d| d.canonicalize().ok())
+            .map(std::path::Path::to_path_buf)
             .collect()
     }
 

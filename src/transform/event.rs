@@ -81,20 +81,20 @@ impl Compiled {
         let validator = match &cfg.validate {
             Some(v) => Some(
                 EventValidator::load(&v.schema, v.strip_unknown)
-                    .map_err(|e| file.error("schema", e))?,
+                    .map_err(|e| file.error("validate.schema", e))?,
             ),
             None => None,
         };
         let templates = Templates::compile(&cfg.sink.postgres.insert, &cfg.metrics.labels)
             .map_err(|e| {
-                let base = file.line_of_key("insert");
+                let base = file.line_of("sink.postgres.insert");
                 let line = match (base, e.line) {
                     (Some(b), Some(l)) => Some(b + l),
                     (b, _) => b,
                 };
                 config::ConfigError::new(&file.path, line, format!("template: {}", e.message))
             })?;
-        check_placeholders(&templates).map_err(|e| file.error("insert", e))?;
+        check_placeholders(&templates).map_err(|e| file.error("sink.postgres.insert", e))?;
         Ok(Self {
             max_payload: cfg.max_payload,
             event_id: cfg.log.event_id.clone(),

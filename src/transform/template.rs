@@ -36,6 +36,30 @@ pub struct MsgMeta {
     pub delivered: Option<i64>,
 }
 
+impl MsgMeta {
+    /// What templates see of a message JetStream delivered: the engine
+    /// builds it with this, and so does `ingestd test`, so that both
+    /// render `msg.time` alike (RFC 3339 in UTC, to the nanosecond).
+    pub fn delivered(
+        subject: String,
+        stream: String,
+        seq: u64,
+        delivered: i64,
+        published: time::OffsetDateTime,
+    ) -> Self {
+        let nanos = published.unix_timestamp_nanos();
+        let time = chrono::DateTime::from_timestamp_nanos(nanos as i64)
+            .to_rfc3339_opts(chrono::SecondsFormat::Nanos, true);
+        Self {
+            subject,
+            stream: Some(stream),
+            seq: Some(seq),
+            time: Some(time),
+            delivered: Some(delivered),
+        }
+    }
+}
+
 /// A template compile error, with its line inside the template.
 #[derive(Debug)]
 pub struct TemplateError {

@@ -6,6 +6,7 @@ mod harness;
 
 mod batching;
 mod cluster;
+mod config_and_tools;
 mod faults;
 mod hot_reload;
 mod nats_auth;

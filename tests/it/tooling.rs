@@ -143,11 +143,6 @@ async fn pipeline_tests_pass_on_the_shipped_pipelines() {
             "{dir}:\n{output}"
         );
     }
-    let rows: i64 = sqlx::query_scalar(r#"SELECT count(*) FROM "TiktokEvent""#)
-        .fetch_one(&env.db)
-        .await
-        .expect("the migration created the table");
-    assert_eq!(rows, 0, "test rows must be rolled back");
 }
 
 /// A copy of the shipped tiktok test file whose first case expects a wrong

@@ -1,6 +1,61 @@
-//! Migrations: the `.sql` files of a directory, applied at (re)load.
+//! Migrations: the `.sql` files of a directory, applied at (re)load, or
+//! inside a dry run's transaction (see [`super::DryRun`]).
+
+use std::path::PathBuf;
 
 use super::*;
+
+/// SQLSTATE `lock_not_available`: `lock_timeout` passed.
+const LOCK_NOT_AVAILABLE: &str = "55P03";
+
+/// Why a directory's migrations were not applied.
+#[derive(Debug, thiserror::Error)]
+pub enum MigrateError {
+    #[error("migrations {}: {source}", dir.display())]
+    Read {
+        dir: PathBuf,
+        #[source]
+        source: sqlx::migrate::MigrateError,
+    },
+    #[error("migrations {}: {}", dir.display(), sqlstate::describe(source))]
+    Session {
+        dir: PathBuf,
+        #[source]
+        source: sqlx::Error,
+    },
+    #[error("migrations {}: {source}{}", dir.display(), lock_hint(source, *lock))]
+    Apply {
+        dir: PathBuf,
+        /// The `lock_timeout` the migrations ran with.
+        lock: Duration,
+        #[source]
+        source: sqlx::migrate::MigrateError,
+    },
+}
+
+/// Names the setting when a migration gave up waiting for a lock.
+fn lock_hint(e: &sqlx::migrate::MigrateError, lock: Duration) -> String {
+    use sqlx::migrate::MigrateError as M;
+    let (M::Execute(sqlx::Error::Database(db)) | M::ExecuteMigration(sqlx::Error::Database(db), _)) =
+        e
+    else {
+        return String::new();
+    };
+    match db.code().as_deref() {
+        Some(LOCK_NOT_AVAILABLE) => {
+            format!(" (waited more than lock_timeout = {lock:?} for a lock another session holds)")
+        }
+        _ => String::new(),
+    }
+}
+
+/// How long the migration settings last: for the rest of a connection of
+/// their own, or until the end of the dry run's transaction.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Scope {
+    Session,
+    Transaction,
+}
 
 impl PgSink {
     /// Applies the `.sql` files of `dir` not yet applied (read at run time:
@@ -10,30 +65,60 @@ impl PgSink {
     /// (a migration may run longer than `statement_timeout`, but must not
     /// wait forever on another session's lock); the connection is closed
     /// afterwards rather than returned with those settings.
-    pub async fn migrate(&self, dir: &Path) -> anyhow::Result<()> {
-        let mut migrator = sqlx::migrate::Migrator::new(dir)
+    pub async fn migrate(&self, dir: &Path) -> Result<(), MigrateError> {
+        let mut conn = self
+            .pool
+            .acquire()
             .await
-            .map_err(|e| anyhow::anyhow!("migrations {}: {e}", dir.display()))?;
+            .map_err(|source| MigrateError::Session {
+                dir: dir.to_path_buf(),
+                source,
+            })?;
+        let result = self.migrate_on(&mut conn, dir, Scope::Session).await;
+        let _ = conn.close().await;
+        result
+    }
+
+    /// Applies `dir`'s migrations on `conn` with the migration settings
+    /// for `scope`; in `Scope::Transaction` the connection's own limits
+    /// are restored afterwards, since the transaction goes on.
+    pub(super) async fn migrate_on(
+        &self,
+        conn: &mut PgConnection,
+        dir: &Path,
+        scope: Scope,
+    ) -> Result<(), MigrateError> {
+        let mut migrator =
+            sqlx::migrate::Migrator::new(dir)
+                .await
+                .map_err(|source| MigrateError::Read {
+                    dir: dir.to_path_buf(),
+                    source,
+                })?;
         migrator.set_ignore_missing(true);
-        let mut conn = self.pool.acquire().await?;
+        let set = match scope {
+            Scope::Session => "SET",
+            Scope::Transaction => "SET LOCAL",
+        };
+        let session = |source| MigrateError::Session {
+            dir: dir.to_path_buf(),
+            source,
+        };
         let settings = format!(
-            "SET lock_timeout = {}; SET statement_timeout = 0",
+            "{set} lock_timeout = {}; {set} statement_timeout = 0",
             self.limits.lock.as_millis()
         );
-        conn.execute(settings.as_str()).await?;
+        conn.execute(settings.as_str()).await.map_err(session)?;
         let result = migrator.run_direct(&mut *conn).await;
-        let _ = conn.close().await;
-        result.map_err(|e| {
-            let text = e.to_string();
-            let hint = if text.contains("lock timeout") {
-                format!(
-                    " (waited more than lock_timeout = {:?} for a lock another session holds)",
-                    self.limits.lock
-                )
-            } else {
-                String::new()
-            };
-            anyhow::anyhow!("migrations {}: {text}{hint}", dir.display())
+        if scope == Scope::Transaction && result.is_ok() {
+            conn.execute("RESET lock_timeout; RESET statement_timeout")
+                .await
+                .map_err(session)?;
+        }
+        result.map_err(|source| MigrateError::Apply {
+            dir: dir.to_path_buf(),
+            lock: self.limits.lock,
+            source,
         })
     }
 }

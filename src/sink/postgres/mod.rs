@@ -22,7 +22,8 @@ mod write;
 
 use connect::Probe;
 pub use connect::{connect_options, redact_url, Limits};
-pub use trial::Trial;
+pub use migrate::MigrateError;
+pub use trial::{DryRun, DryRunError, Trial};
 
 use std::collections::HashMap;
 use std::path::Path;
