@@ -79,6 +79,28 @@ async fn create_r3_stream(bus: &Bus) {
         .expect("create the R3 stream");
 }
 
+/// A test environment with `ddl` run in its database, a cluster of
+/// `build`, the R3 stream holding `events` receipts (their ids returned) and
+/// the receipts pipeline in place of tiktok.yaml.
+async fn receipts_backlog(
+    build: ServerBuild,
+    ddl: &str,
+    events: usize,
+) -> (TestEnv, NatsCluster, Bus, Vec<String>) {
+    let env = TestEnv::new().await;
+    std::fs::remove_file(env.pipelines_dir().join("tiktok.yaml")).expect("drop tiktok.yaml");
+    sqlx::raw_sql(ddl)
+        .execute(&env.db)
+        .await
+        .expect("create the receipts table");
+    let cluster = NatsCluster::start(env.fresh_dir("cluster"), build).await;
+    let bus = cluster.bus(&env).await;
+    create_r3_stream(&bus).await;
+    env.write_pipeline("receipts.yaml", &pipeline(&env, &bus));
+    let ids = publish_backlog(&bus, events).await;
+    (env, cluster, bus, ids)
+}
+
 async fn publish_backlog(bus: &Bus, events: usize) -> Vec<String> {
     let ids: Vec<String> = (0..events).map(|i| format!("e{i:05}")).collect();
     let subject = bus.subject("receipt");
@@ -181,17 +203,9 @@ async fn wait_rows(env: &TestEnv, min: i64) {
 
 async fn drain_survives_leader_kills(build: ServerBuild) {
     const EVENTS: usize = 20_000;
-    let env = Arc::new(TestEnv::new().await);
-    std::fs::remove_file(env.pipelines_dir().join("tiktok.yaml")).expect("drop tiktok.yaml");
-    sqlx::raw_sql(&format!("{TABLE}; {PACE}"))
-        .execute(&env.db)
-        .await
-        .expect("create the receipts table");
-    let mut cluster = NatsCluster::start(env.fresh_dir("cluster"), build).await;
-    let bus = cluster.bus(&env).await;
-    create_r3_stream(&bus).await;
-    env.write_pipeline("receipts.yaml", &pipeline(&env, &bus));
-    let ids = publish_backlog(&bus, EVENTS).await;
+    let (env, mut cluster, bus, ids) =
+        receipts_backlog(build, &format!("{TABLE}; {PACE}"), EVENTS).await;
+    let env = Arc::new(env);
 
     let engine = bus
         .start(env.engine().var("NATS_URL", cluster.urls()))
@@ -244,17 +258,7 @@ async fn r3_drain_survives_leader_kills_on_current_server() {
 /// no fault at all, every message is delivered once.
 async fn r3_drain_delivers_each_message_once(build: ServerBuild) {
     const EVENTS: usize = 10_000;
-    let env = TestEnv::new().await;
-    std::fs::remove_file(env.pipelines_dir().join("tiktok.yaml")).expect("drop tiktok.yaml");
-    sqlx::raw_sql(TABLE)
-        .execute(&env.db)
-        .await
-        .expect("create the table");
-    let cluster = NatsCluster::start(env.fresh_dir("cluster"), build).await;
-    let bus = cluster.bus(&env).await;
-    create_r3_stream(&bus).await;
-    env.write_pipeline("receipts.yaml", &pipeline(&env, &bus));
-    publish_backlog(&bus, EVENTS).await;
+    let (env, cluster, bus, _) = receipts_backlog(build, TABLE, EVENTS).await;
 
     // One URL: the engine learns the others from the server.
     let _engine = bus

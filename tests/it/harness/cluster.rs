@@ -151,15 +151,7 @@ impl NatsCluster {
         let url = self.url(node);
         wait_for(&format!("JetStream through {url}"), DEADLINE, || async {
             let client = async_nats::connect(&url).await.map_err(state("connect"))?;
-            let reply = client
-                .request("$JS.API.INFO", Bytes::new())
-                .await
-                .map_err(state("account info"))?;
-            let info: Value = serde_json::from_slice(&reply.payload).map_err(state("parse"))?;
-            match info.get("error") {
-                None => Ok(()),
-                Some(e) => Err(format!("account info: {e}")),
-            }
+            jetstream_answers(&client).await
         })
         .await;
     }

@@ -19,9 +19,9 @@ use futures::StreamExt;
 use serde_json::{json, Value};
 
 use crate::harness::{
-    adapt_pipeline, all_acked, example_event, expect_eq, free_port, nats_server_bin, nats_url,
-    publish_windowed, redeliveries, signal, state, wait_for, Engine, EngineBuilder, Metrics,
-    TestEnv, DEADLINE, FAILED, PROCESSED, RECEIVED, TIKTOK_TABLE,
+    adapt_pipeline, all_acked, example_event, expect_eq, free_port, jetstream_answers,
+    nats_server_bin, nats_url, publish_windowed, redeliveries, signal, state, wait_for, Engine,
+    EngineBuilder, Metrics, TestEnv, DEADLINE, FAILED, PROCESSED, RECEIVED, TIKTOK_TABLE,
 };
 
 pub const NATS_STATUS: &str = "collector_nats_connection_status";
@@ -423,19 +423,9 @@ impl NatsServer {
         self.child = Some(child);
         let url = self.url();
         wait_for("our nats-server's JetStream", DEADLINE, || async {
-            // The raw API: async-nats' typed account info does not parse
-            // the answer of a 2.9 server.
             let (options, bare) = client_options(&url, self.ca.as_deref());
             let client = options.connect(bare).await.map_err(state("connect"))?;
-            let reply = client
-                .request("$JS.API.INFO", Bytes::new())
-                .await
-                .map_err(state("account info"))?;
-            let info: Value = serde_json::from_slice(&reply.payload).map_err(state("parse"))?;
-            match info.get("error") {
-                None => Ok(()),
-                Some(e) => Err(format!("account info: {e}")),
-            }
+            jetstream_answers(&client).await
         })
         .await;
     }

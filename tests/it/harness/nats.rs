@@ -132,3 +132,19 @@ pub fn all_acked(info: consumer::Info) -> Result<consumer::Info, String> {
         .map_err(|e| format!("(num_pending, num_ack_pending) {e}"))?;
     Ok(info)
 }
+
+/// `Ok` once JetStream answers account info through `client`: a server
+/// the test started has recovered its streams by then. The raw API:
+/// async-nats' typed account info does not parse the answer of a 2.9
+/// server.
+pub async fn jetstream_answers(client: &async_nats::Client) -> Result<(), String> {
+    let reply = client
+        .request("$JS.API.INFO", bytes::Bytes::new())
+        .await
+        .map_err(state("account info"))?;
+    let info: Value = serde_json::from_slice(&reply.payload).map_err(state("parse"))?;
+    match info.get("error") {
+        None => Ok(()),
+        Some(e) => Err(format!("account info: {e}")),
+    }
+}
