@@ -53,12 +53,13 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use async_nats::jetstream::context::PublishAckFuture;
-use chrono::{DateTime, FixedOffset, SecondsFormat};
 use clap::Parser;
 use futures::{FutureExt as _, StreamExt as _};
+use ingestd::util::rfc3339::{self, Fraction, Zulu};
 use serde_json::{json, Value};
 use sqlx::postgres::{PgConnection, PgPool};
 use sqlx::Connection as _;
+use time::{OffsetDateTime, UtcOffset};
 
 use harness::batching::{large_event_backlog, LARGE_EVENT_TABLE};
 use harness::bench::{acked_sequence, slow_moments, thousands, Percentiles, SlowMoment};
@@ -500,15 +501,16 @@ fn generate(i: u64, event_id: String) -> Generated {
     let r = splitmix64(i);
     let funnel_stage = if r & 1 == 0 { "top" } else { "bottom" };
     let event_type = EVENT_TYPES[(r >> 1) as usize % EVENT_TYPES.len()];
-    let utc =
-        DateTime::from_timestamp_millis(BASE_MILLIS + i as i64 * 37 + (r >> 40) as i64 % 1000)
-            .expect("timestamps are in range");
-    let offset = FixedOffset::east_opt(OFFSETS_SECS[(r >> 44) as usize % OFFSETS_SECS.len()])
-        .expect("offsets are valid");
+    let millis = BASE_MILLIS + i as i64 * 37 + (r >> 40) as i64 % 1000;
+    let utc = OffsetDateTime::from_unix_timestamp_nanos(i128::from(millis) * 1_000_000)
+        .expect("timestamps are in range");
+    let offset =
+        UtcOffset::from_whole_seconds(OFFSETS_SECS[(r >> 44) as usize % OFFSETS_SECS.len()])
+            .expect("offsets are valid");
     let engagement = if (r >> 4) & 1 == 0 {
         video_engagement(r)
     } else {
-        action_engagement(r, &utc.to_rfc3339_opts(SecondsFormat::Secs, true))
+        action_engagement(r, &rfc3339::format(utc, Fraction::Seconds, Zulu::Letter))
     };
     let data = json!({
         "user": {
@@ -520,7 +522,7 @@ fn generate(i: u64, event_id: String) -> Generated {
     });
     let mut event = json!({
         "eventId": event_id,
-        "timestamp": utc.with_timezone(&offset).to_rfc3339_opts(SecondsFormat::Millis, true),
+        "timestamp": rfc3339::format(utc.to_offset(offset), Fraction::Millis, Zulu::Letter),
         "source": "tiktok",
         "funnelStage": funnel_stage,
         "eventType": event_type,
@@ -535,7 +537,17 @@ fn generate(i: u64, event_id: String) -> Generated {
         payload: serde_json::to_vec(&event).expect("JSON values serialize"),
         row: StoredRow {
             event_id,
-            timestamp: utc.format("%Y-%m-%d %H:%M:%S%.3f").to_string(),
+            // As the column (no time zone) shows it: `2025-01-15 10:00:00.123`.
+            timestamp: format!(
+                "{:04}-{:02}-{:02} {:02}:{:02}:{:02}.{:03}",
+                utc.year(),
+                u8::from(utc.month()),
+                utc.day(),
+                utc.hour(),
+                utc.minute(),
+                utc.second(),
+                utc.millisecond()
+            ),
             funnel_stage,
             event_type,
             data,
@@ -684,7 +696,7 @@ fn csv_chunks(n: u64) -> Vec<Vec<u8>> {
     for i in 0..n {
         let row = generate(i, backlog_event_id(i)).row;
         let data = row.data.to_string();
-        let id = cuid::cuid1();
+        let id = cuid1::cuid();
         let fields = [
             id.as_str(),
             &row.event_id,

@@ -7,10 +7,10 @@ fn main() -> std::process::ExitCode {
 
 /// One malloc arena for the process, unless `MALLOC_ARENA_MAX` says
 /// otherwise. glibc gives threads that allocate at the same time arenas of
-/// their own, and each keeps what the events it parsed freed: the
-/// benchmark's drain peaks at 30 MiB with one arena and 35 MiB with
-/// glibc's default, at the same CPU per event (every event's allocations
-/// are short-lived, so the threads' caches serve them without the lock).
+/// their own, and each keeps what the events it parsed freed: one arena
+/// lowers the benchmark drain's peak memory at the same CPU per event
+/// (docs/decisions/0011-cost-per-event.md), as every event's allocations
+/// are short-lived and the threads' caches serve them without the lock.
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
 fn limit_malloc_arenas() {
     if std::env::var_os("MALLOC_ARENA_MAX").is_none() {

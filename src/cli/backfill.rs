@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::jetstream;
-use chrono::{DateTime, Utc};
+use time::OffsetDateTime;
 use tokio::sync::watch;
 
 use crate::config::{self, ConfigError, DeliverPolicy, PipelineFile};
@@ -37,7 +37,7 @@ pub struct Args {
     pub from_sequence: Option<u64>,
     /// Re-read messages published at or after this time (RFC 3339).
     #[arg(long, group = "start", value_parser = config::parse_time)]
-    pub from_time: Option<DateTime<Utc>>,
+    pub from_time: Option<OffsetDateTime>,
     #[arg(long, env = "DATABASE_URL", default_value = crate::cli::compat::DATABASE_URL, hide_env_values = true)]
     pub database_url: String,
     #[command(flatten)]

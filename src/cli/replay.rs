@@ -12,8 +12,8 @@
 
 use async_nats::jetstream::{self, consumer::pull, stream::Stream, Message};
 use async_nats::HeaderMap;
-use chrono::{DateTime, Utc};
 use futures::StreamExt;
+use time::OffsetDateTime;
 
 use crate::config;
 use crate::source::nats::{self, NatsOptions};
@@ -38,10 +38,10 @@ pub struct Args {
     pub subject: Option<String>,
     /// Only letters dead-lettered at or after this time (RFC 3339).
     #[arg(long, value_parser = config::parse_time)]
-    pub since: Option<DateTime<Utc>>,
+    pub since: Option<OffsetDateTime>,
     /// Only letters dead-lettered before this time (RFC 3339).
     #[arg(long, value_parser = config::parse_time)]
-    pub until: Option<DateTime<Utc>>,
+    pub until: Option<OffsetDateTime>,
     /// Print what would be re-published; change nothing.
     #[arg(long)]
     pub dry_run: bool,
@@ -83,7 +83,7 @@ struct Letter {
     pipeline: String,
     reason: String,
     subject: String,
-    dead_lettered: DateTime<Utc>,
+    dead_lettered: OffsetDateTime,
 }
 
 pub fn main(args: Args) -> anyhow::Result<()> {
@@ -199,7 +199,7 @@ impl Letter {
             pipeline: get("Ingestd-Pipeline")?,
             reason: get("Ingestd-Reason").unwrap_or_default(),
             subject: get("Ingestd-Subject")?,
-            dead_lettered: DateTime::from_timestamp_nanos(published.unix_timestamp_nanos() as i64),
+            dead_lettered: published,
         })
     }
 }

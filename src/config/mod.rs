@@ -209,7 +209,7 @@ pub struct ConsumerConfig {
     /// First publish time delivered (RFC 3339), with `deliver_policy: by_start_time`.
     #[serde(default, deserialize_with = "de_opt_time")]
     #[schemars(with = "Option<String>")]
-    pub start_time: Option<chrono::DateTime<chrono::Utc>>,
+    pub start_time: Option<time::OffsetDateTime>,
 }
 
 fn default_ack_wait() -> Duration {
@@ -825,7 +825,7 @@ mod tests {
                 .consumer
                 .start_time
                 .unwrap()
-                .timestamp(),
+                .unix_timestamp(),
             1_795_564_800
         );
         assert!(file("deliver_policy: by_start_sequence").is_err());

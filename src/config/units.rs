@@ -11,6 +11,9 @@ use std::fmt;
 use std::marker::PhantomData;
 use std::time::Duration;
 
+use time::format_description::well_known::Rfc3339;
+use time::{OffsetDateTime, UtcOffset};
+
 use schemars::JsonSchema;
 use serde::de::{self, Deserializer, Visitor};
 
@@ -57,7 +60,7 @@ pub enum UnitError {
     Time {
         text: String,
         #[source]
-        source: chrono::ParseError,
+        source: time::error::Parse,
     },
 }
 
@@ -257,7 +260,7 @@ pub(super) fn de_opt_duration<'de, B: Bounded<Duration>, D: Deserializer<'de>>(
 struct TimeVisitor;
 
 impl Visitor<'_> for TimeVisitor {
-    type Value = chrono::DateTime<chrono::Utc>;
+    type Value = OffsetDateTime;
 
     fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
         f.write_str("an RFC 3339 time such as 2026-11-25T21:00:00Z")
@@ -270,14 +273,14 @@ impl Visitor<'_> for TimeVisitor {
 
 pub(super) fn de_opt_time<'de, D: Deserializer<'de>>(
     d: D,
-) -> Result<Option<chrono::DateTime<chrono::Utc>>, D::Error> {
+) -> Result<Option<OffsetDateTime>, D::Error> {
     d.deserialize_str(TimeVisitor).map(Some)
 }
 
-/// An RFC 3339 time such as `2026-11-25T21:00:00Z`.
-pub fn parse_time(s: &str) -> Result<chrono::DateTime<chrono::Utc>, UnitError> {
-    chrono::DateTime::parse_from_rfc3339(s.trim())
-        .map(|t| t.with_timezone(&chrono::Utc))
+/// An RFC 3339 time such as `2026-11-25T21:00:00Z`, in UTC.
+pub fn parse_time(s: &str) -> Result<OffsetDateTime, UnitError> {
+    OffsetDateTime::parse(s.trim(), &Rfc3339)
+        .map(|t| t.to_offset(UtcOffset::UTC))
         .map_err(|source| UnitError::Time {
             text: s.to_string(),
             source,

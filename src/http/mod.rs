@@ -13,6 +13,7 @@ use serde_json::json;
 use tokio::sync::watch;
 
 use crate::topology::engine::Engine;
+use crate::util::rfc3339::{self, Fraction};
 
 /// Serves until `stop` turns true.
 pub async fn serve(
@@ -54,7 +55,7 @@ async fn pipelines(State(engine): State<Arc<Engine>>) -> Json<serde_json::Value>
 }
 
 async fn health() -> Json<serde_json::Value> {
-    let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+    let now = rfc3339::now_utc(Fraction::Millis);
     Json(json!({"status": "ok", "timestamp": now}))
 }
 

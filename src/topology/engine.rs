@@ -26,6 +26,7 @@ use crate::pipeline::{Deps, Pipeline, Stats};
 use crate::source::nats;
 use crate::telemetry::health::{Problem, Severity, Side};
 use crate::telemetry::metrics::Metrics;
+use crate::util::rfc3339::{self, Fraction, Zulu};
 
 /// What the engine needs from the command line and environment.
 #[derive(Clone)]
@@ -73,7 +74,7 @@ pub(super) struct Running {
     pub(super) stop: watch::Sender<bool>,
     pub(super) task: JoinHandle<()>,
     pub(super) fingerprint: u64,
-    pub(super) loaded_at: chrono::DateTime<chrono::Utc>,
+    pub(super) loaded_at: time::OffsetDateTime,
 }
 
 /// One pipeline as `/pipelines` shows it (and as clients read it back).
@@ -207,7 +208,7 @@ impl Slot {
             .into(),
             problem,
             version: r.map(|r| format!("{:016x}", r.fingerprint)),
-            loaded_at: r.map(|r| r.loaded_at.to_rfc3339()),
+            loaded_at: r.map(|r| rfc3339::format(r.loaded_at, Fraction::Fewest, Zulu::Offset)),
             last_error: self
                 .error
                 .as_ref()

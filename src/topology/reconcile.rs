@@ -208,7 +208,7 @@ impl Engine {
             stop: stop_tx,
             task,
             fingerprint,
-            loaded_at: chrono::Utc::now(),
+            loaded_at: time::OffsetDateTime::now_utc(),
         };
         let (old, orphan) = {
             let mut slots = self.slots.lock().expect("slots lock");

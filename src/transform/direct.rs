@@ -14,6 +14,7 @@ use std::collections::BTreeMap;
 use serde_json::{Map, Value as Json};
 
 use crate::transform::template::MsgMeta;
+use crate::util::rfc3339::{self, Fraction};
 
 /// Where one value comes from.
 #[derive(Debug, Clone)]
@@ -134,10 +135,10 @@ fn is_identifier(s: &str) -> bool {
 /// The template functions a value may call (see `template::base_env`).
 pub fn function(name: &str) -> Option<fn() -> String> {
     match name {
-        "cuid" => Some(cuid::cuid1),
+        "cuid" => Some(cuid1::cuid),
         "uuid" => Some(|| uuid::Uuid::new_v4().to_string()),
         "uuid7" => Some(|| uuid::Uuid::now_v7().to_string()),
-        "now" => Some(|| chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true)),
+        "now" => Some(|| rfc3339::now_utc(Fraction::Micros)),
         _ => None,
     }
 }

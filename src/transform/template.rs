@@ -15,6 +15,7 @@ use serde_json::Value as Json;
 
 pub use crate::sink::postgres::Rendered;
 use crate::transform::direct::{Direct, Expr};
+use crate::util::rfc3339::{self, Fraction, Zulu};
 
 thread_local! {
     /// Values of the `{{ }}` expressions of the render in progress on this
@@ -47,9 +48,8 @@ impl MsgMeta {
         delivered: i64,
         published: time::OffsetDateTime,
     ) -> Self {
-        let nanos = published.unix_timestamp_nanos();
-        let time = chrono::DateTime::from_timestamp_nanos(nanos as i64)
-            .to_rfc3339_opts(chrono::SecondsFormat::Nanos, true);
+        let utc = published.to_offset(time::UtcOffset::UTC);
+        let time = rfc3339::format(utc, Fraction::Nanos, Zulu::Letter);
         Self {
             subject,
             stream: Some(stream),
@@ -264,12 +264,10 @@ impl Templates {
 fn base_env() -> Environment<'static> {
     let mut env = Environment::new();
     env.set_undefined_behavior(UndefinedBehavior::Chainable);
-    env.add_function("cuid", cuid::cuid1);
+    env.add_function("cuid", cuid1::cuid);
     env.add_function("uuid", || uuid::Uuid::new_v4().to_string());
     env.add_function("uuid7", || uuid::Uuid::now_v7().to_string());
-    env.add_function("now", || {
-        chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
-    });
+    env.add_function("now", || rfc3339::now_utc(Fraction::Micros));
     env
 }
 

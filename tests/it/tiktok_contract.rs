@@ -320,11 +320,9 @@ async fn health_endpoints_follow_the_database() {
     let body = health.json();
     assert_eq!(body["status"], "ok", "{body}");
     let stamp = body["timestamp"].as_str().expect("timestamp is a string");
-    let stamp = chrono::DateTime::parse_from_rfc3339(stamp)
+    let stamp = time::OffsetDateTime::parse(stamp, &time::format_description::well_known::Rfc3339)
         .unwrap_or_else(|e| panic!("timestamp {stamp:?} is not ISO 8601: {e}"));
-    let skew = chrono::Utc::now()
-        .signed_duration_since(stamp)
-        .num_seconds();
+    let skew = (time::OffsetDateTime::now_utc() - stamp).whole_seconds();
     assert!(skew.abs() < 60, "timestamp {stamp} is not now");
 
     let live = engine.get("/live").await;

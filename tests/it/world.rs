@@ -156,52 +156,6 @@ async fn replaced_stream_fails_the_pipeline_with_backoff_until_repaired() {
 // 2. A rename is a move
 // ---------------------------------------------------------------------------
 
-/// Polls `/pipelines` in the background and records every answer in which
-/// no file runs the pipeline: a gap in processing.
-struct GapWatch {
-    stop: tokio::sync::watch::Sender<bool>,
-    task: tokio::task::JoinHandle<(u32, Vec<String>)>,
-}
-
-impl GapWatch {
-    fn start(engine: &Engine) -> Self {
-        let port = engine.port;
-        let (stop, mut stopped) = tokio::sync::watch::channel(false);
-        let task = tokio::spawn(async move {
-            let http = reqwest::Client::new();
-            let url = format!("http://127.0.0.1:{port}/pipelines");
-            let (mut polls, mut gaps) = (0, Vec::new());
-            loop {
-                if let Ok(reply) = http.get(&url).send().await {
-                    let body = reply.text().await.unwrap_or_default();
-                    polls += 1;
-                    if !body.contains("\"state\":\"running\"") {
-                        gaps.push(body);
-                    }
-                }
-                tokio::select! {
-                    _ = stopped.changed() => return (polls, gaps),
-                    _ = tokio::time::sleep(Duration::from_millis(20)) => {}
-                }
-            }
-        });
-        Self { stop, task }
-    }
-
-    /// Stops; panics if any answer showed a gap.
-    async fn assert_no_gap(self) {
-        let _ = self.stop.send(true);
-        let (polls, gaps) = self.task.await.expect("gap watch");
-        assert!(polls > 3, "only {polls} polls");
-        assert!(
-            gaps.is_empty(),
-            "{} of {polls} answers without a running pipeline: {:?}",
-            gaps.len(),
-            gaps.first()
-        );
-    }
-}
-
 /// Starts the engine on the test's tiktok pipeline and waits until it stores.
 async fn started(env: &TestEnv) -> Engine {
     let engine = env.engine().start().await;
@@ -216,7 +170,7 @@ async fn started(env: &TestEnv) -> Engine {
 async fn renamed_file_keeps_its_pipeline_running() {
     let env = TestEnv::new().await;
     let engine = started(&env).await;
-    let gaps = GapWatch::start(&engine);
+    let gaps = reload::GapWatch::start(&engine);
     let dir = env.pipelines_dir();
     std::fs::rename(dir.join("tiktok.yaml"), dir.join("renamed.yaml")).expect("rename");
     reload::wait_running(&engine, "renamed.yaml").await;
@@ -253,7 +207,7 @@ async fn configmap_update_reloads_without_a_gap() {
     let engine = env.engine().pipelines_dir(&dir).start().await;
     reload::assert_stores(&env, "first").await;
     let before = reload::wait_running(&engine, "tiktok.yaml").await;
-    let gaps = GapWatch::start(&engine);
+    let gaps = reload::GapWatch::start(&engine);
     write_version("..2026_11_25_02", &reload::revision(&yaml, "2"));
     std::os::unix::fs::symlink("..2026_11_25_02", dir.join("..data_tmp")).expect("link");
     std::fs::rename(dir.join("..data_tmp"), dir.join("..data")).expect("swap");
@@ -272,7 +226,7 @@ async fn duplicate_pipeline_is_refused_and_the_first_never_stops() {
     let env = TestEnv::new().await;
     let engine = started(&env).await;
     let before = reload::wait_running(&engine, "tiktok.yaml").await;
-    let gaps = GapWatch::start(&engine);
+    let gaps = reload::GapWatch::start(&engine);
     env.write_pipeline(
         "copy.yaml",
         &reload::revision(&env.tiktok_pipeline(), "copy"),
@@ -331,14 +285,13 @@ async fn restless_directory_still_reloads_and_editor_files_are_ignored() {
         "tiktok.yaml",
         &reload::revision(&env.tiktok_pipeline(), "edited"),
     );
+    // The churn only ends when told: a debounce that waited for quiet would
+    // never load the new version.
     reload::wait_new_version(&engine, "tiktok.yaml", &before).await;
-    let took = edited.elapsed();
+    eprintln!("reload while files kept changing: {:?}", edited.elapsed());
+    assert!(!churn.is_finished(), "the directory stopped changing");
     let _ = stop.send(true);
     churn.await.expect("churn");
-    assert!(
-        took < Duration::from_secs(5),
-        "reload took {took:?} while files kept changing"
-    );
     let statuses = reload::try_statuses(&engine).await.expect("statuses");
     assert_eq!(statuses.len(), 1, "editor files loaded: {statuses:?}");
     let m = engine.metrics().await;
@@ -388,9 +341,24 @@ async fn hung_database_is_a_transient_error_within_the_timeouts() {
     let frozen = std::time::Instant::now();
     env.publish_event(&event("while-hung")).await;
     engine.wait_metric_at_least(SINK_RETRIES, &[], 1.0).await;
-    let to_error = frozen.elapsed();
-    eprintln!("hung database: transient error after {to_error:?}");
-    assert!(to_error < Duration::from_secs(6), "took {to_error:?}");
+    eprintln!(
+        "hung database: transient error after {:?}",
+        frozen.elapsed()
+    );
+    // Ended by the engine's own clock, which is all that can end it (a
+    // server that does not answer cancels nothing): waiting for a pool
+    // connection ends after connect_timeout, a write attempt after
+    // connect_timeout + statement_timeout + 1 s.
+    let log = engine.log();
+    let failed = log
+        .lines()
+        .find(|line| line.contains("write failed"))
+        .unwrap_or_else(|| panic!("no failed write in the log: {log}"));
+    assert!(
+        failed.contains("pool timed out while waiting for an open connection")
+            || failed.contains("the database did not answer within 3s"),
+        "not ended by the engine's timeouts: {failed}"
+    );
     wait_for("/ready 503", DEADLINE, || async {
         expect_eq(engine.try_get("/ready").await?.status, 503)
     })
@@ -503,10 +471,13 @@ async fn sigterm_during_a_migration_lock_wait_exits_in_bounded_time() {
     let asked = std::time::Instant::now();
     signal(engine.pid(), "TERM");
     engine.wait_exit().await;
-    let took = asked.elapsed();
     churn.abort();
-    eprintln!("SIGTERM during a migration lock wait: exited after {took:?}");
-    assert!(took < Duration::from_secs(7), "took {took:?}");
+    // The lock would hold the migration for 10 minutes: an exit within the
+    // harness's deadline is the reload abandoned.
+    eprintln!(
+        "SIGTERM during a migration lock wait: exited after {:?}",
+        asked.elapsed()
+    );
     locker.rollback().await.expect("unlock");
 }
 
@@ -523,9 +494,10 @@ async fn sigterm_while_the_database_hangs_exits_in_bounded_time() {
     let asked = std::time::Instant::now();
     signal(engine.pid(), "TERM");
     engine.wait_exit().await;
-    let took = asked.elapsed();
-    eprintln!("SIGTERM while the database hangs: exited after {took:?}");
-    assert!(took < Duration::from_secs(7), "took {took:?}");
+    eprintln!(
+        "SIGTERM while the database hangs: exited after {:?}",
+        asked.elapsed()
+    );
     let _second = env.engine().start().await;
     env.wait_row("held").await;
 }
@@ -738,13 +710,13 @@ async fn large_event_backlog_drains_without_disconnect_in_bounded_memory() {
 // ---------------------------------------------------------------------------
 
 /// Requests `/ready` and `/health` as fast as 8 clients pacing 8 ms can
-/// (a few hundred per second on two cores) until stopped; returns how many
-/// were answered.
+/// until stopped; returns the answers and those that were not a healthy
+/// 200.
 fn hammer(
     port: u16,
 ) -> (
     tokio::sync::watch::Sender<bool>,
-    tokio::task::JoinHandle<u64>,
+    tokio::task::JoinHandle<(u64, Vec<String>)>,
 ) {
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let task = tokio::spawn(async move {
@@ -754,59 +726,76 @@ fn hammer(
                 let http = reqwest::Client::new();
                 let path = if i % 2 == 0 { "ready" } else { "health" };
                 let url = format!("http://127.0.0.1:{port}/{path}");
-                let mut answered = 0u64;
+                let (mut answered, mut unhealthy) = (0u64, Vec::new());
                 while !*stopped.borrow() {
-                    if http.get(&url).send().await.is_ok() {
-                        answered += 1;
+                    match http.get(&url).send().await {
+                        Ok(r) if r.status() == 200 => answered += 1,
+                        Ok(r) => unhealthy.push(format!("{path}: {}", r.status())),
+                        Err(e) => unhealthy.push(format!("{path}: {e}")),
                     }
                     tokio::select! {
                         _ = stopped.changed() => {}
                         _ = tokio::time::sleep(Duration::from_millis(8)) => {}
                     }
                 }
-                answered
+                (answered, unhealthy)
             }
         });
-        futures::future::join_all(clients).await.into_iter().sum()
+        futures::future::join_all(clients).await.into_iter().fold(
+            (0, Vec::new()),
+            |(n, mut bad), (m, more)| {
+                bad.extend(more);
+                (n + m, bad)
+            },
+        )
     });
     (stop, task)
 }
 
-/// Publishes a backlog of `n` events, starts an engine (with a probe
-/// hammer when `hammered`) and returns how long it took to store them all
-/// and the probe rate.
-async fn drain_time(n: usize, hammered: bool) -> (Duration, f64) {
-    let env = TestEnv::new().await;
-    let ids: Vec<String> = (0..n).map(|i| format!("e{i:06}")).collect();
-    batching::publish_backlog(&env, ids.iter().map(|id| batching::top_event(id))).await;
-    let started = std::time::Instant::now();
-    let engine = env.engine().spawn();
-    let probes = hammered.then(|| hammer(engine.port));
-    batching::wait_drained(&env, n as u64, Duration::from_secs(120)).await;
-    wait_rows_at_least(&env, n as i64, DEADLINE).await;
-    let took = started.elapsed();
-    let rate = match probes {
-        Some((stop, task)) => {
-            let _ = stop.send(true);
-            task.await.expect("hammer") as f64 / took.as_secs_f64()
-        }
-        None => 0.0,
-    };
-    (took, rate)
-}
-
-/// Draining a backlog while `/ready` and `/health` are hammered at about
-/// 500 requests per second takes not much longer than without: probes
-/// use a cached answer and a connection of their own, never the write pool.
+/// Probes never take a connection from the write pool: with `pool_size: 1`
+/// and that connection held by a batch waiting on a row lock, `/ready`
+/// still finds the database up on its own connection (a probe waiting for
+/// the pool would give up after its 2 s timeout and answer 503) while 8
+/// clients hammer `/ready` and `/health`; once the lock is released the
+/// batch is stored.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn probe_hammer_does_not_slow_the_drain() {
-    const N: usize = 20_000;
-    let (plain, _) = drain_time(N, false).await;
-    let (hammered, rate) = drain_time(N, true).await;
-    let ratio = hammered.as_secs_f64() / plain.as_secs_f64();
-    eprintln!("probe hammer: drain {plain:?} alone, {hammered:?} with {rate:.0} probes/s: ratio {ratio:.2}");
-    assert!(rate > 350.0, "the hammer only reached {rate:.0} requests/s");
-    assert!(ratio < 1.8, "the probes slowed the drain {ratio:.2}×");
+async fn probes_answer_while_the_only_write_connection_is_taken() {
+    let env = TestEnv::new().await;
+    env.write_pipeline(
+        "tiktok.yaml",
+        &with_sink_settings(&env, "    pool_size: 1\n"),
+    );
+    let engine = started(&env).await;
+    let blocker = block_event(&env, "slow").await;
+    env.publish_event(&event("slow")).await;
+    wait_for("the slow batch to wait", DEADLINE, || {
+        engine_waits_on_a_lock(&env)
+    })
+    .await;
+    let (stop, probes) = hammer(engine.port);
+    let up = serde_json::json!({"status": "ok", "checks": {"database": "up", "nats": "up"}});
+    // Longer than a probe's cached answer (0.5 s) and its timeout (2 s).
+    assert_holds("/ready healthy", Duration::from_secs(3), || async {
+        let ready = engine.try_get("/ready").await?;
+        expect_eq((ready.status, ready.json()), (200, up.clone()))
+    })
+    .await;
+    engine_waits_on_a_lock(&env)
+        .await
+        .expect("the write connection was taken throughout");
+    let _ = stop.send(true);
+    let (answered, unhealthy) = probes.await.expect("hammer");
+    eprintln!("probes while the write pool was taken: {answered} answered");
+    assert!(unhealthy.is_empty(), "unhealthy answers: {unhealthy:?}");
+    assert!(answered > 0, "no probe was answered");
+    blocker.rollback().await.expect("release the row");
+    wait_for("the slow event stored", DEADLINE, || async {
+        expect_eq(
+            stored_ids(&env).await,
+            vec!["first".to_string(), "slow".to_string()],
+        )
+    })
+    .await;
 }
 
 /// Holds a row of eventId `event_id` in an open transaction: the engine's
@@ -850,12 +839,10 @@ async fn back_to_back_reloads_during_a_slow_batch_lose_no_pull_request() {
         env.write_pipeline("tiktok.yaml", &reload::revision(&yaml, &round.to_string()));
         reload::wait_new_version(&engine, "tiktok.yaml", &before).await;
     }
-    let reloading = began.elapsed();
-    eprintln!("4 reloads during a slow batch took {reloading:?}");
-    assert!(
-        reloading < Duration::from_secs(8),
-        "reloads waited for the slow batch: {reloading:?}"
-    );
+    eprintln!("4 reloads during a slow batch took {:?}", began.elapsed());
+    engine_waits_on_a_lock(&env)
+        .await
+        .expect("the reloads took effect while the slow batch still waited");
     blocker.rollback().await.expect("release the row");
     ids.sort();
     wait_for("every event stored once", DEADLINE, || async {

@@ -38,7 +38,8 @@ use std::hash::{Hash, Hasher};
 use std::sync::atomic::{AtomicU32, Ordering};
 
 use serde_json::Value as Json;
-use sqlx::{Either, Executor, PgConnection};
+use sqlx::postgres::PgRow;
+use sqlx::{Either, Executor, PgConnection, Row};
 
 use crate::sink::postgres::{json_text, sql, sqlstate, ParamValue};
 
@@ -229,7 +230,6 @@ impl Plan {
 const TEXT_OID: u32 = 25;
 
 /// One row of `pg_type`, as much as encoding needs.
-#[derive(sqlx::FromRow)]
 struct TypeRow {
     oid: i64,
     cast: String,
@@ -239,6 +239,21 @@ struct TypeRow {
     category: String,
     name: String,
     schema: String,
+}
+
+impl sqlx::FromRow<'_, PgRow> for TypeRow {
+    fn from_row(row: &PgRow) -> Result<Self, sqlx::Error> {
+        Ok(Self {
+            oid: row.try_get("oid")?,
+            cast: row.try_get("cast")?,
+            kind: row.try_get("kind")?,
+            base: row.try_get("base")?,
+            elem: row.try_get("elem")?,
+            category: row.try_get("category")?,
+            name: row.try_get("name")?,
+            schema: row.try_get("schema")?,
+        })
+    }
 }
 
 /// The cast and encoding of each placeholder type, resolving domains to

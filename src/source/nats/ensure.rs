@@ -86,7 +86,7 @@ fn consumer_config(c: &ConsumerConfig, max_ack_pending: i64) -> pull::Config {
                 start_sequence: c.start_sequence.unwrap_or(1),
             },
             config::DeliverPolicy::ByStartTime => DeliverPolicy::ByStartTime {
-                start_time: offset_time(c.start_time.unwrap_or_default()),
+                start_time: c.start_time.unwrap_or(time::OffsetDateTime::UNIX_EPOCH),
             },
         },
         ack_policy: match c.ack_policy {
@@ -97,13 +97,6 @@ fn consumer_config(c: &ConsumerConfig, max_ack_pending: i64) -> pull::Config {
         max_ack_pending,
         ..Default::default()
     }
-}
-
-/// A JetStream time for a consumer's start.
-pub fn offset_time(t: chrono::DateTime<chrono::Utc>) -> time::OffsetDateTime {
-    let nanos = t.timestamp_nanos_opt().unwrap_or_default();
-    time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(nanos))
-        .unwrap_or(time::OffsetDateTime::UNIX_EPOCH)
 }
 
 /// True when every subject matched by `filter` is matched by `pattern`

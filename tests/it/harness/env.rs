@@ -183,7 +183,7 @@ impl TestEnv {
         let sql = format!(
             r#"SELECT "id", "eventId",
                       to_char("timestamp", 'YYYY-MM-DD HH24:MI:SS.MS') AS "timestamp",
-                      "funnelStage", "eventType", "data",
+                      "funnelStage", "eventType", "data"::text AS "data",
                       to_char("createdAt", 'YYYY-MM-DD HH24:MI:SS.MS') AS "createdAt",
                       EXTRACT(EPOCH FROM (now() AT TIME ZONE 'UTC') - "createdAt")::float8
                           AS created_age_secs

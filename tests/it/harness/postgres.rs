@@ -15,20 +15,38 @@ pub fn postgres_url(port: u16, database: &str) -> String {
 /// A row of the contract's `TiktokEvent` table, with the timestamp rendered
 /// as text (the column has no time zone; text makes the comparison exact)
 /// and `createdAt` as its age in seconds relative to the database's UTC now.
-#[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct TiktokRow {
     pub id: String,
-    #[sqlx(rename = "eventId")]
     pub event_id: String,
     pub timestamp: String,
-    #[sqlx(rename = "funnelStage")]
     pub funnel_stage: String,
-    #[sqlx(rename = "eventType")]
     pub event_type: String,
     pub data: Value,
-    #[sqlx(rename = "createdAt")]
     pub created_at: String,
     pub created_age_secs: f64,
+}
+
+/// Read from the columns `TestEnv::try_rows_in` selects, `data` as its
+/// JSON text.
+impl sqlx::FromRow<'_, sqlx::postgres::PgRow> for TiktokRow {
+    fn from_row(row: &sqlx::postgres::PgRow) -> Result<Self, sqlx::Error> {
+        use sqlx::Row;
+        let data: String = row.try_get("data")?;
+        Ok(Self {
+            id: row.try_get("id")?,
+            event_id: row.try_get("eventId")?,
+            timestamp: row.try_get("timestamp")?,
+            funnel_stage: row.try_get("funnelStage")?,
+            event_type: row.try_get("eventType")?,
+            data: serde_json::from_str(&data).map_err(|e| sqlx::Error::ColumnDecode {
+                index: "data".into(),
+                source: e.into(),
+            })?,
+            created_at: row.try_get("createdAt")?,
+            created_age_secs: row.try_get("created_age_secs")?,
+        })
+    }
 }
 
 /// The unquoted name of the contract's table, as SQL.

@@ -386,3 +386,49 @@ pub fn longest_stall(samples: &[Progress]) -> Option<(Duration, Progress)> {
         })
         .max_by_key(|(stall, _)| *stall)
 }
+
+/// Polls `/pipelines` in the background and records every answer in which
+/// no file runs the pipeline: a gap in processing.
+pub struct GapWatch {
+    stop: tokio::sync::watch::Sender<bool>,
+    task: tokio::task::JoinHandle<(u32, Vec<String>)>,
+}
+
+impl GapWatch {
+    pub fn start(engine: &Engine) -> Self {
+        let port = engine.port;
+        let (stop, mut stopped) = tokio::sync::watch::channel(false);
+        let task = tokio::spawn(async move {
+            let http = reqwest::Client::new();
+            let url = format!("http://127.0.0.1:{port}/pipelines");
+            let (mut polls, mut gaps) = (0, Vec::new());
+            loop {
+                if let Ok(reply) = http.get(&url).send().await {
+                    let body = reply.text().await.unwrap_or_default();
+                    polls += 1;
+                    if !body.contains("\"state\":\"running\"") {
+                        gaps.push(body);
+                    }
+                }
+                tokio::select! {
+                    _ = stopped.changed() => return (polls, gaps),
+                    _ = tokio::time::sleep(Duration::from_millis(20)) => {}
+                }
+            }
+        });
+        Self { stop, task }
+    }
+
+    /// Stops; panics if any answer showed a gap.
+    pub async fn assert_no_gap(self) {
+        let _ = self.stop.send(true);
+        let (polls, gaps) = self.task.await.expect("gap watch");
+        assert!(polls > 3, "only {polls} polls");
+        assert!(
+            gaps.is_empty(),
+            "{} of {polls} answers without a running pipeline: {:?}",
+            gaps.len(),
+            gaps.first()
+        );
+    }
+}
