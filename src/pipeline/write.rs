@@ -33,7 +33,7 @@ impl Pipeline {
             let Some(problem) = held else { break };
             self.hold(&problem, backoff, &rows);
             if *stop.borrow() {
-                return self.release(&rows).await;
+                return self.release(rows).await;
             }
             let messages: Vec<&Message> = rows.iter().map(|r| &r.held.msg).collect();
             self.keeping_alive(tokio::time::sleep(backoff), &messages, &mut next_progress)

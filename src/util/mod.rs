@@ -1,4 +1,5 @@
 //! Helpers every component may use: they depend on no other module.
 
+pub mod backoff;
 pub mod redact;
 pub mod text;

@@ -551,7 +551,7 @@ async fn dead_letters_keep_control_headers_aside_and_are_retried_until_accepted(
     headers.insert("Nats-Msg-Id", "original-id");
     bus.publish(TOP_VIEW, headers, b"not json".to_vec()).await;
     wait_for("the refused dead letter to be logged", DEADLINE, || async {
-        if engine.log().contains("dead letter refused") {
+        if engine.log().contains("dead letters refused") {
             Ok(())
         } else {
             Err("not yet".to_string())
