@@ -71,6 +71,8 @@ pub struct Pipeline {
     rejected_run: std::sync::Mutex<RejectedRun>,
     /// Set by a reload: who gets this version's open pull requests.
     successor: std::sync::Mutex<Option<mpsc::UnboundedSender<Handoff>>>,
+    /// See [`Deps::stop_patience`].
+    stop_patience: Duration,
     /// Where dead letters go while this version runs (with dead letters).
     outbox: std::sync::Mutex<Option<letters::Outbox>>,
 }
@@ -94,6 +96,10 @@ pub struct Deps {
     pub js: jetstream::Context,
     pub metrics: Arc<Metrics>,
     pub database_url: String,
+    /// How long a write attempt may go on once its version is told to stop
+    /// (half the shutdown grace): then its batch is released, so another
+    /// process takes it at once instead of after `ack_wait`.
+    pub stop_patience: Duration,
 }
 
 /// A delivered message and when it arrived (for the duration histogram).
@@ -196,6 +202,7 @@ impl Pipeline {
             stats,
             successor: std::sync::Mutex::new(None),
             outbox: std::sync::Mutex::new(None),
+            stop_patience: deps.stop_patience,
             rejected_run: std::sync::Mutex::new(RejectedRun::default()),
             dead_letters,
             stream,

@@ -252,6 +252,7 @@ pub async fn start(settings: &Settings) -> anyhow::Result<Arc<Engine>> {
             js: async_nats::jetstream::new(nats.clone()),
             metrics: metrics.clone(),
             database_url: settings.database_url.clone(),
+            stop_patience: settings.shutdown_grace / 2,
         },
         nats,
         slots: Mutex::new(BTreeMap::new()),

@@ -30,6 +30,33 @@ fn assert_max_deliver_letter(letter: &DeadLetter, seq: u64) {
     assert_eq!(letter.header("Ingestd-Stream-Sequence"), seq.to_string());
 }
 
+/// One pull request from the durable, as a peer would, expected to find
+/// nothing to deliver.
+async fn pull_once(bus: &Bus) {
+    let consumer: async_nats::jetstream::consumer::PullConsumer = bus
+        .js
+        .get_stream(&bus.stream)
+        .await
+        .expect("get stream")
+        .get_consumer(&bus.durable)
+        .await
+        .expect("get consumer");
+    let mut batch = consumer
+        .batch()
+        .max_messages(1)
+        .expires(Duration::from_secs(1))
+        .messages()
+        .await
+        .expect("fetch");
+    use futures::StreamExt;
+    let drained = tokio::time::timeout(DEADLINE, async {
+        while let Some(m) = batch.next().await {
+            assert!(m.is_err(), "nothing is deliverable, got a message");
+        }
+    });
+    drained.await.expect("the pull request ends");
+}
+
 /// The pipeline's `/pipelines` entry.
 async fn pipeline_status(engine: &Engine) -> Result<Value, String> {
     let reply = engine.try_get("/pipelines").await?;
@@ -141,6 +168,9 @@ async fn max_deliver_letters_survive_an_absent_engine_and_a_refusal() {
     let first = bus.take_one().await;
     let second = bus.take_one().await;
     first.ack_with(AckKind::Nak(None)).await.expect("nak");
+    // The server announces a message it gives up on when it next looks for
+    // one to deliver: a peer's pull request, while no engine listens.
+    pull_once(&bus).await;
 
     let engine = bus.start(env.engine()).await;
     let letters = dlq.wait_letters(1).await;
