@@ -73,6 +73,11 @@ pub fn main(args: Args) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A backfill stops once caught up, with nothing in flight but its last
+/// batch; on a database that stopped answering that batch is released after
+/// this long (as `run` would with its default shutdown grace).
+const BACKFILL_STOP_PATIENCE: Duration = Duration::from_secs(12);
+
 pub async fn run(args: Args) -> Result<Summary, BackfillError> {
     let mut file = PipelineFile::load(&args.file)?;
     retarget(&mut file, &args);
@@ -87,6 +92,7 @@ pub async fn run(args: Args) -> Result<Summary, BackfillError> {
         js: js.clone(),
         metrics,
         database_url: args.database_url,
+        stop_patience: BACKFILL_STOP_PATIENCE,
     };
     let pipeline = Pipeline::build(file, &deps, Arc::default())
         .await

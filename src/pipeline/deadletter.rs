@@ -1,12 +1,24 @@
 //! Dead letters: events that can never be stored, published with the reason
 //! to a subject the pipeline names, and events JetStream gave up on after
-//! `max_deliver` attempts (found through its advisories).
+//! `max_deliver` attempts.
 //!
 //! Every dead letter carries `Nats-Msg-Id: <stream>:<sequence>`, so JetStream
 //! stores it once even when it is published twice (a redelivery after a
-//! lost ack, or two pipeline versions during a reload).
+//! lost ack, two pipeline versions during a reload, or both the engine's own
+//! view of a last delivery and the server's advisory).
+//!
+//! JetStream announces a message it stops redelivering with a core-NATS
+//! advisory, which nobody receives while the engine restarts or NATS
+//! reconnects. So the engine keeps each consumer's advisories in a small
+//! work-queue stream of its own ([`capture_advisories`]) and acknowledges
+//! one only once its letter is confirmed.
 
-use async_nats::jetstream::{self, stream::Stream};
+use std::time::Duration;
+
+use async_nats::jetstream::consumer::PullConsumer;
+use async_nats::jetstream::context::{GetStreamByNameError, PublishError};
+use async_nats::jetstream::stream::{LastRawMessageErrorKind, Stream};
+use async_nats::jetstream::{self, AckKind, Message};
 use async_nats::HeaderMap;
 use bytes::Bytes;
 use futures::StreamExt;
@@ -14,6 +26,8 @@ use prometheus::IntCounterVec;
 use serde::Deserialize;
 use tokio::sync::watch;
 
+use super::letters::{Outbox, Parcel};
+use crate::util::backoff::Backoff;
 use crate::util::text::truncate;
 
 /// Where a pipeline's dead letters go.
@@ -26,46 +40,71 @@ pub struct DeadLetters {
 }
 
 /// One event to dead-letter and why.
-pub struct Letter<'a> {
+pub struct Letter {
     pub payload: Bytes,
-    pub headers: Option<&'a HeaderMap>,
-    pub subject: &'a str,
-    pub stream: &'a str,
+    pub headers: Option<HeaderMap>,
+    pub subject: String,
+    pub stream: String,
     pub stream_seq: u64,
     pub delivered: i64,
-    pub reason: &'a str,
-    pub error: &'a str,
+    pub reason: &'static str,
+    pub error: String,
+}
+
+/// Why JetStream did not take a dead letter.
+#[derive(Debug, thiserror::Error)]
+pub enum LetterError {
+    #[error("dead-letter publish to {subject}: {source}")]
+    Publish {
+        subject: String,
+        #[source]
+        source: PublishError,
+    },
+    #[error("dead letter not confirmed by JetStream ({subject}): {source}")]
+    NotConfirmed {
+        subject: String,
+        #[source]
+        source: PublishError,
+    },
+    #[error("no stream captures the dead-letter subject `{subject}`: {source}")]
+    NoStream {
+        subject: String,
+        #[source]
+        source: GetStreamByNameError,
+    },
 }
 
 impl DeadLetters {
     /// Publishes and waits for JetStream's confirmation: only then may the
     /// original be acknowledged.
-    pub async fn publish(&self, letter: Letter<'_>) -> Result<(), String> {
-        let mut headers = carried_headers(letter.headers);
+    pub async fn publish(&self, letter: &Letter) -> Result<(), LetterError> {
+        let mut headers = carried_headers(letter.headers.as_ref());
         headers.insert(
             "Nats-Msg-Id",
             format!("{}:{}", letter.stream, letter.stream_seq).as_str(),
         );
         headers.insert("Ingestd-Pipeline", self.pipeline.as_str());
         headers.insert("Ingestd-Reason", letter.reason);
-        let error = truncate(letter.error, 1000).replace(['\r', '\n'], " ");
+        let error = truncate(&letter.error, 1000).replace(['\r', '\n'], " ");
         headers.insert("Ingestd-Error", error.as_str());
-        headers.insert("Ingestd-Subject", letter.subject);
+        headers.insert("Ingestd-Subject", letter.subject.as_str());
         headers.insert(
             "Ingestd-Stream-Sequence",
             letter.stream_seq.to_string().as_str(),
         );
         headers.insert("Ingestd-Delivered", letter.delivered.to_string().as_str());
+        let subject = || self.subject.clone();
         let confirm = self
             .js
-            .publish_with_headers(self.subject.clone(), headers, letter.payload)
+            .publish_with_headers(self.subject.clone(), headers, letter.payload.clone())
             .await
-            .map_err(|e| format!("dead-letter publish to {}: {e}", self.subject))?;
-        confirm.await.map_err(|e| {
-            format!(
-                "dead letter not confirmed by JetStream ({}): {e}",
-                self.subject
-            )
+            .map_err(|source| LetterError::Publish {
+                subject: subject(),
+                source,
+            })?;
+        confirm.await.map_err(|source| LetterError::NotConfirmed {
+            subject: subject(),
+            source,
         })?;
         self.counter
             .with_label_values(&[&self.pipeline, letter.reason])
@@ -75,16 +114,14 @@ impl DeadLetters {
 
     /// Fails when no stream captures the dead-letter subject: every dead
     /// letter would be refused, and its original never acknowledged.
-    pub async fn check(&self) -> Result<(), String> {
+    pub async fn check(&self) -> Result<(), LetterError> {
         self.js
             .stream_by_subject(self.subject.clone())
             .await
             .map(|_| ())
-            .map_err(|e| {
-                format!(
-                    "no stream captures the dead-letter subject `{}`: {e}",
-                    self.subject
-                )
+            .map_err(|source| LetterError::NoStream {
+                subject: self.subject.clone(),
+                source,
             })
     }
 }
@@ -113,6 +150,9 @@ fn carried_headers(original: Option<&HeaderMap>) -> HeaderMap {
     headers
 }
 
+/// The reason of letters for events JetStream stopped redelivering.
+pub const MAX_DELIVER: &str = "max_deliver";
+
 /// JetStream's advisory for a message that reached `max_deliver`.
 #[derive(Deserialize)]
 struct MaxDeliveries {
@@ -120,62 +160,233 @@ struct MaxDeliveries {
     deliveries: i64,
 }
 
-/// Dead-letters each message JetStream stops delivering to the consumer,
-/// until `stop` turns true.
-pub async fn watch_max_deliveries(
-    letters: DeadLetters,
-    stream: Stream,
-    durable: String,
-    mut stop: watch::Receiver<bool>,
-) {
-    let stream_name = stream.cached_info().config.name.clone();
-    let advisory = format!("$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{stream_name}.{durable}");
-    let mut sub = match letters.js.client().subscribe(advisory.clone()).await {
-        Ok(s) => s,
-        Err(e) => {
-            tracing::error!(error = %e, %advisory, "cannot watch max-deliveries advisories");
-            return;
-        }
+/// Where a consumer's max-deliveries advisories are read from.
+pub enum Advisories {
+    /// Kept in a work-queue stream of the engine's own until dead-lettered.
+    Kept(Box<PullConsumer>),
+    /// Received as they are published: the account would not let the engine
+    /// keep them (no permission, or another stream captures the subject).
+    Live,
+}
+
+/// How long kept advisories wait for an engine to dead-letter them.
+const ADVISORIES_MAX_AGE: Duration = Duration::from_secs(7 * 24 * 3600);
+/// The durable that reads kept advisories (every version and process of the
+/// pipeline shares it; the letters' `Nats-Msg-Id` absorbs a second reader).
+const ADVISORIES_DURABLE: &str = "ingestd";
+
+fn advisory_subject(stream: &str, durable: &str) -> String {
+    format!("$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{stream}.{durable}")
+}
+
+/// Ensures the stream that keeps the consumer's max-deliveries advisories
+/// (as replicated as the source stream) and its reader; falls back to live
+/// advisories, with a warning, where the account does not allow it.
+pub async fn capture_advisories(
+    js: &jetstream::Context,
+    source: &Stream,
+    durable: &str,
+) -> Advisories {
+    let config = &source.cached_info().config;
+    let name = format!("INGESTD_MAX_DELIVERIES_{}_{durable}", config.name);
+    let kept = async {
+        let stream = js
+            .get_or_create_stream(jetstream::stream::Config {
+                name: name.clone(),
+                subjects: vec![advisory_subject(&config.name, durable)],
+                retention: jetstream::stream::RetentionPolicy::WorkQueue,
+                max_age: ADVISORIES_MAX_AGE,
+                num_replicas: config.num_replicas,
+                description: Some(format!(
+                    "ingestd: max-deliveries advisories of {}/{durable} until dead-lettered",
+                    config.name
+                )),
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| e.to_string())?;
+        stream
+            .get_or_create_consumer(
+                ADVISORIES_DURABLE,
+                jetstream::consumer::pull::Config {
+                    durable_name: Some(ADVISORIES_DURABLE.into()),
+                    ack_policy: jetstream::consumer::AckPolicy::Explicit,
+                    ..Default::default()
+                },
+            )
+            .await
+            .map_err(|e| e.to_string())
     };
-    loop {
-        let msg = tokio::select! {
-            _ = stop.wait_for(|s| *s) => return,
-            m = sub.next() => match m { Some(m) => m, None => return },
-        };
-        let Ok(adv) = serde_json::from_slice::<MaxDeliveries>(&msg.payload) else {
-            continue;
-        };
-        if let Err(e) = dead_letter_sequence(&letters, &stream, &stream_name, &adv).await {
-            tracing::error!(pipeline = %letters.pipeline, stream_seq = adv.stream_seq, error = %e,
-                "message reached max_deliver and could not be dead-lettered");
+    match kept.await {
+        Ok(consumer) => Advisories::Kept(Box::new(consumer)),
+        Err(error) => {
+            tracing::warn!(stream = %name, %error,
+                "cannot keep max-deliveries advisories in a stream; reading them live (those published while the engine is away are missed)");
+            Advisories::Live
         }
     }
 }
 
-async fn dead_letter_sequence(
-    letters: &DeadLetters,
-    stream: &Stream,
-    name: &str,
-    adv: &MaxDeliveries,
-) -> Result<(), String> {
-    let m = stream
-        .get_raw_message(adv.stream_seq)
-        .await
-        .map_err(|e| e.to_string())?;
-    tracing::warn!(pipeline = %letters.pipeline, stream_seq = adv.stream_seq, deliveries = adv.deliveries,
-        "message reached max_deliver: dead-lettering it");
-    letters
-        .publish(Letter {
+/// How many kept advisories one request asks for, and how long it waits.
+const ADVISORY_BATCH: (usize, Duration) = (64, Duration::from_secs(5));
+/// First and longest pause after the advisories could not be read.
+const ADVISORY_BACKOFF: (Duration, Duration) = (Duration::from_millis(200), Duration::from_secs(5));
+
+/// Turns each advisory into a letter for the outbox, until `stop` turns true.
+pub(super) async fn watch_max_deliveries(
+    advisories: Advisories,
+    letters: DeadLetters,
+    source: Stream,
+    durable: String,
+    outbox: Outbox,
+    mut stop: watch::Receiver<bool>,
+) {
+    let reader = AdvisoryReader {
+        stream_name: source.cached_info().config.name.clone(),
+        source,
+        pipeline: letters.pipeline.clone(),
+        outbox,
+    };
+    match advisories {
+        Advisories::Kept(consumer) => reader.kept(consumer, &mut stop).await,
+        Advisories::Live => reader.live(&letters, &durable, &mut stop).await,
+    }
+}
+
+/// Reads advisories and hands their letters to the outbox.
+struct AdvisoryReader {
+    source: Stream,
+    stream_name: String,
+    pipeline: String,
+    outbox: Outbox,
+}
+
+impl AdvisoryReader {
+    async fn kept(&self, consumer: Box<PullConsumer>, stop: &mut watch::Receiver<bool>) {
+        let mut backoff = Backoff::new(ADVISORY_BACKOFF);
+        loop {
+            let batch = consumer
+                .batch()
+                .max_messages(ADVISORY_BATCH.0)
+                .expires(ADVISORY_BATCH.1)
+                .messages();
+            let batch = tokio::select! {
+                _ = stop.wait_for(|s| *s) => return,
+                b = batch => b,
+            };
+            let mut batch = match batch {
+                Ok(b) => b,
+                Err(error) => {
+                    tracing::warn!(pipeline = %self.pipeline, %error, "cannot read kept max-deliveries advisories; retrying");
+                    if stopped_within(stop, backoff.pause()).await {
+                        return;
+                    }
+                    continue;
+                }
+            };
+            backoff.reset();
+            loop {
+                let next = tokio::select! {
+                    _ = stop.wait_for(|s| *s) => return,
+                    n = batch.next() => n,
+                };
+                match next {
+                    Some(Ok(msg)) => self.kept_advisory(msg).await,
+                    Some(Err(error)) => {
+                        tracing::debug!(pipeline = %self.pipeline, %error, "advisory request ended");
+                        break;
+                    }
+                    None => break,
+                }
+            }
+        }
+    }
+
+    /// Posts a kept advisory's letter; the advisory itself is acknowledged
+    /// by the outbox once the letter is confirmed.
+    async fn kept_advisory(&self, msg: Message) {
+        let Ok(adv) = serde_json::from_slice::<MaxDeliveries>(&msg.payload) else {
+            tracing::warn!(pipeline = %self.pipeline, "unreadable max-deliveries advisory dropped");
+            let _ = msg.ack().await;
+            return;
+        };
+        match self.letter(&adv).await {
+            Ok(Some(letter)) => self.outbox.post(Parcel::advisory(msg, letter)).await,
+            Ok(None) => {
+                let _ = msg.ack().await;
+            }
+            Err(error) => {
+                tracing::warn!(pipeline = %self.pipeline, stream_seq = adv.stream_seq, %error,
+                    "cannot read the message that reached max_deliver; the advisory is read again");
+                let _ = msg.ack_with(AckKind::Nak(Some(ADVISORY_BACKOFF.1))).await;
+            }
+        }
+    }
+
+    async fn live(&self, letters: &DeadLetters, durable: &str, stop: &mut watch::Receiver<bool>) {
+        let advisory = advisory_subject(&self.stream_name, durable);
+        let mut sub = match letters.js.client().subscribe(advisory.clone()).await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!(error = %e, %advisory, "cannot watch max-deliveries advisories");
+                return;
+            }
+        };
+        loop {
+            let msg = tokio::select! {
+                _ = stop.wait_for(|s| *s) => return,
+                m = sub.next() => match m { Some(m) => m, None => return },
+            };
+            let Ok(adv) = serde_json::from_slice::<MaxDeliveries>(&msg.payload) else {
+                continue;
+            };
+            match self.letter(&adv).await {
+                Ok(Some(letter)) => self.outbox.post(Parcel::unacknowledged(letter)).await,
+                Ok(None) => {}
+                Err(error) => {
+                    tracing::error!(pipeline = %self.pipeline, stream_seq = adv.stream_seq, %error,
+                        "message reached max_deliver and could not be dead-lettered");
+                }
+            }
+        }
+    }
+
+    /// The letter for an advisory's message; none when the stream no longer
+    /// holds it (its limits removed it).
+    async fn letter(
+        &self,
+        adv: &MaxDeliveries,
+    ) -> Result<Option<Letter>, async_nats::jetstream::stream::RawMessageError> {
+        let m = match self.source.get_raw_message(adv.stream_seq).await {
+            Ok(m) => m,
+            Err(e) if e.kind() == LastRawMessageErrorKind::NoMessageFound => {
+                tracing::warn!(pipeline = %self.pipeline, stream_seq = adv.stream_seq,
+                    "a message reached max_deliver but the stream no longer holds it: no dead letter");
+                return Ok(None);
+            }
+            Err(e) => return Err(e),
+        };
+        tracing::warn!(pipeline = %self.pipeline, stream_seq = adv.stream_seq, deliveries = adv.deliveries,
+            "message reached max_deliver: dead-lettering it");
+        Ok(Some(Letter {
             payload: m.payload,
-            headers: Some(&m.headers),
-            subject: m.subject.as_str(),
-            stream: name,
+            headers: Some(m.headers),
+            subject: m.subject.to_string(),
+            stream: self.stream_name.clone(),
             stream_seq: adv.stream_seq,
             delivered: adv.deliveries,
-            reason: "max_deliver",
-            error: "JetStream stopped redelivering: max_deliver reached",
-        })
-        .await
+            reason: MAX_DELIVER,
+            error: "JetStream stopped redelivering: max_deliver reached".into(),
+        }))
+    }
+}
+
+/// Waits `pause`; true when `stop` turned true meanwhile.
+pub(super) async fn stopped_within(stop: &mut watch::Receiver<bool>, pause: Duration) -> bool {
+    tokio::select! {
+        _ = stop.wait_for(|s| *s) => true,
+        _ = tokio::time::sleep(pause) => false,
+    }
 }
 
 #[cfg(test)]

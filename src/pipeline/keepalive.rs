@@ -54,7 +54,7 @@ impl Pipeline {
     }
 }
 
-async fn progress<'a>(messages: impl Iterator<Item = &'a Message>) {
+pub(super) async fn progress<'a>(messages: impl Iterator<Item = &'a Message>) {
     for m in messages {
         let _ = m.ack_with(AckKind::Progress).await;
     }

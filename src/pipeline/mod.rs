@@ -10,8 +10,9 @@
 //!   while it waits, so waiting never spends a delivery attempt.
 
 mod collect;
-pub mod deadletter;
+mod deadletter;
 mod keepalive;
+mod letters;
 mod settle;
 mod write;
 
@@ -35,12 +36,10 @@ use crate::transform::event::{self, Compiled, Invalid, InvalidKind, Prepared};
 use crate::transform::template::{MsgMeta, Templates};
 use crate::util::text::truncate;
 use deadletter::{DeadLetters, Letter};
+use letters::Parcel;
 
 /// The `reason` label of events that can never be stored.
 const VALIDATION_ERROR: &str = "validation_error";
-/// First and longest pause between attempts to publish a dead letter.
-const DEAD_LETTER_BACKOFF: (Duration, Duration) =
-    (Duration::from_millis(100), Duration::from_secs(5));
 
 /// The `reason` label of events left unacknowledged for redelivery.
 const PROCESSING_ERROR: &str = "processing_error";
@@ -70,10 +69,18 @@ pub struct Pipeline {
     pub stats: Arc<Stats>,
     /// Consecutive database rejections (see `suspect_rejections`).
     rejected_run: std::sync::Mutex<RejectedRun>,
-    /// This version's stop signal, once it runs.
-    stop: std::sync::OnceLock<watch::Receiver<bool>>,
     /// Set by a reload: who gets this version's open pull requests.
     successor: std::sync::Mutex<Option<mpsc::UnboundedSender<Handoff>>>,
+    /// See [`Deps::stop_patience`].
+    stop_patience: Duration,
+    /// Where dead letters go while this version runs (with dead letters).
+    outbox: std::sync::Mutex<Option<letters::Outbox>>,
+}
+
+/// The dead-letter tasks of a running version.
+struct LetterTasks {
+    stage: tokio::task::JoinHandle<()>,
+    watch: tokio::task::JoinHandle<()>,
 }
 
 /// Per-pipeline event counts, for `/pipelines`.
@@ -89,6 +96,10 @@ pub struct Deps {
     pub js: jetstream::Context,
     pub metrics: Arc<Metrics>,
     pub database_url: String,
+    /// How long a write attempt may go on once its version is told to stop
+    /// (half the shutdown grace): then its batch is released, so another
+    /// process takes it at once instead of after `ack_wait`.
+    pub stop_patience: Duration,
 }
 
 /// A delivered message and when it arrived (for the duration histogram).
@@ -164,7 +175,7 @@ impl Pipeline {
                 letters
                     .check()
                     .await
-                    .map_err(|e| file.error("on_error.invalid.subject", e))?;
+                    .map_err(|e| file.error("on_error.invalid.subject", e.to_string()))?;
                 Some(letters)
             }
             None => None,
@@ -190,8 +201,9 @@ impl Pipeline {
             engine: deps.metrics.clone(),
             stats,
             successor: std::sync::Mutex::new(None),
+            outbox: std::sync::Mutex::new(None),
+            stop_patience: deps.stop_patience,
             rejected_run: std::sync::Mutex::new(RejectedRun::default()),
-            stop: std::sync::OnceLock::new(),
             dead_letters,
             stream,
             lag: Arc::new(deps.metrics.engine.lag.pipeline(&file.pipeline.name)),
@@ -231,7 +243,6 @@ impl Pipeline {
         mut stop: watch::Receiver<bool>,
         mut adopt: Option<mpsc::UnboundedReceiver<Handoff>>,
     ) {
-        let _ = self.stop.set(stop.clone());
         let batch = &self.cfg.sink.postgres.batch;
         let slots = Arc::new(Semaphore::new(batch.max_in_flight.get()));
         let mut puller = Puller::new(
@@ -249,16 +260,7 @@ impl Pipeline {
             self.consumer.clone(),
             self.cfg.source.nats.lag_interval,
         );
-        if let Some(letters) = &self.dead_letters {
-            let durable = self.durable().to_string();
-            let watch = deadletter::watch_max_deliveries(
-                letters.clone(),
-                self.stream.clone(),
-                durable,
-                stop.clone(),
-            );
-            tokio::spawn(watch);
-        }
+        let letters = self.start_letters(&stop).await;
         while let Some(held) = self.collect(&mut puller, &mut stop, &mut adopt).await {
             self.dispatch(held, &slots, &mut puller, &stop).await;
         }
@@ -285,8 +287,58 @@ impl Pipeline {
             self.dispatch(chunk, &slots, &mut puller, &stop).await;
         }
         let _ = slots.acquire_many(batch.max_in_flight.get() as u32).await;
+        if let Some(letters) = letters {
+            self.finish_letters(letters).await;
+        }
         poller.finish().await;
         tracing::info!(pipeline = %self.name, "pipeline stopped");
+    }
+
+    /// Starts the dead-letter stage and the max-deliveries watch that feeds
+    /// it (with dead letters); both are this version's, joined by
+    /// [`Self::finish_letters`].
+    async fn start_letters(&self, stop: &watch::Receiver<bool>) -> Option<LetterTasks> {
+        let letters = self.dead_letters.as_ref()?;
+        let (outbox, inbox) = letters::outbox();
+        *self.outbox.lock().expect("outbox lock") = Some(outbox.clone());
+        let stage = letters::Stage {
+            letters: letters.clone(),
+            health: self.health.clone(),
+            acks: self.acks.clone(),
+            keepalive: self.keepalive_period(),
+        };
+        let durable = self.durable().to_string();
+        let advisories = deadletter::capture_advisories(&letters.js, &self.stream, &durable).await;
+        let watch = deadletter::watch_max_deliveries(
+            advisories,
+            letters.clone(),
+            self.stream.clone(),
+            durable,
+            outbox,
+            stop.clone(),
+        );
+        Some(LetterTasks {
+            stage: tokio::spawn(stage.run(inbox)),
+            watch: tokio::spawn(watch),
+        })
+    }
+
+    /// Ends the max-deliveries watch (it has seen `stop`), then closes the
+    /// outbox once every writer is done, and waits for the stage to publish
+    /// or leave what it holds. A panic in either is reported, not lost.
+    async fn finish_letters(&self, tasks: LetterTasks) {
+        let watch = tasks.watch.await;
+        self.outbox.lock().expect("outbox lock").take();
+        for (task, joined) in [
+            ("max-deliveries watch", watch),
+            ("dead-letter stage", tasks.stage.await),
+        ] {
+            if let Err(e) = joined {
+                tracing::error!(pipeline = %self.name, task, error = %e, "task ended abnormally");
+                self.health
+                    .fail(Side::DeadLetters, Severity::Failing, format!("{task}: {e}"));
+            }
+        }
     }
 
     /// Prepares a batch and hands it to a writer task once a slot is free.
@@ -305,11 +357,6 @@ impl Pipeline {
         let this = self.clone();
         let stop = stop.clone();
         tokio::spawn(async move { this.write(rows, stop, permit).await });
-    }
-
-    /// True once this version has been told to stop.
-    fn stopping(&self) -> bool {
-        self.stop.get().is_some_and(|s| *s.borrow())
     }
 
     fn count_failure(&self, held: &Held, reason: &str) {

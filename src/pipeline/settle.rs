@@ -4,26 +4,29 @@
 use super::*;
 
 impl Pipeline {
-    /// Acknowledges the stored rows and rejects the rows the database
-    /// refused; returns the rows still pending.
+    /// Acknowledges the stored rows, then rejects the rows the database
+    /// refused (stored rows never wait on a rejection's policy); returns the
+    /// rows still pending.
     pub(super) async fn settle(&self, rows: Vec<Row>) -> Vec<Row> {
         let mut pending = Vec::new();
+        let mut rejected = Vec::new();
         let mut settled = Settled::now();
         for mut row in rows {
             match std::mem::replace(&mut row.write.outcome, Outcome::Pending) {
                 Outcome::Stored => self.processed(row, &mut settled).await,
-                Outcome::Rejected(rejection) => {
-                    let invalid = Invalid {
-                        kind: InvalidKind::Unstorable,
-                        error: rejection.error,
-                        event_id: self.compiled.event_id_in(&row.held.msg.payload),
-                    };
-                    self.reject(row.held, invalid).await
-                }
+                Outcome::Rejected(rejection) => rejected.push((row, rejection)),
                 Outcome::Pending => pending.push(row),
             }
         }
         self.acks.record(settled.acked);
+        for (row, rejection) in rejected {
+            let invalid = Invalid {
+                kind: InvalidKind::Unstorable,
+                error: rejection.error,
+                event_id: self.compiled.event_id_in(&row.held.msg.payload),
+            };
+            self.reject(row.held, invalid).await
+        }
         pending
     }
 
@@ -67,10 +70,43 @@ impl Pipeline {
     }
 
     /// Leaves the pending rows for JetStream to redeliver (nak: another
-    /// process may take them at once); their failed attempt is counted.
-    pub(super) async fn release(&self, rows: &[Row]) {
+    /// process may take them at once); their failed attempt is counted. A
+    /// row on its last allowed delivery would not come back: with dead
+    /// letters it is dead-lettered instead.
+    pub(super) async fn release(&self, rows: Vec<Row>) {
         for row in rows {
-            let _ = row.held.msg.ack_with(AckKind::Nak(None)).await;
+            match self.last_delivery(&row.held.msg) {
+                Some(letter) => self.post(row.held, letter).await,
+                None => {
+                    let _ = row.held.msg.ack_with(AckKind::Nak(None)).await;
+                }
+            }
+        }
+    }
+
+    /// The `max_deliver` letter for `msg` when this is its last allowed
+    /// delivery and the pipeline has dead letters.
+    fn last_delivery(&self, msg: &Message) -> Option<Letter> {
+        self.dead_letters.as_ref()?;
+        let max = self.cfg.source.nats.consumer.max_deliver;
+        let info = msg.info().ok().filter(|i| max > 0 && i.delivered >= max)?;
+        Some(letter(
+            msg,
+            &info,
+            deadletter::MAX_DELIVER,
+            "held at its last allowed delivery when the pipeline stopped".into(),
+        ))
+    }
+
+    /// Hands a letter to the dead-letter stage; without one running (the
+    /// pipeline has stopped), the event is left for redelivery.
+    async fn post(&self, held: Held, letter: Letter) {
+        let outbox = self.outbox.lock().expect("outbox lock").clone();
+        match outbox {
+            Some(outbox) => outbox.post(Parcel::delivery(held, letter)).await,
+            None => {
+                let _ = held.msg.ack_with(AckKind::Nak(None)).await;
+            }
         }
     }
 
@@ -99,15 +135,13 @@ impl Pipeline {
                 .ack_with(AckKind::Nak(policy.delay))
                 .await
                 .map_err(|e| e.to_string()),
-            InvalidAction::DeadLetter => self.dead_letter(&held.msg, &invalid).await,
+            InvalidAction::DeadLetter => {
+                self.count_failure(&held, VALIDATION_ERROR);
+                return self.dead_letter(held, &invalid).await;
+            }
         };
         match settled {
-            Ok(())
-                if matches!(
-                    policy.action,
-                    InvalidAction::Ack | InvalidAction::DeadLetter
-                ) =>
-            {
+            Ok(()) if policy.action == InvalidAction::Ack => {
                 self.acks.record(held.msg.reply.clone());
             }
             Ok(()) => {}
@@ -118,41 +152,44 @@ impl Pipeline {
         self.count_failure(&held, VALIDATION_ERROR);
     }
 
-    /// Publishes the original payload with headers explaining the failure,
-    /// waits for JetStream to confirm it, and only then acks the original.
-    /// A refused publish (the dead-letter stream gone, NATS down) is retried
-    /// with backoff while the original is held and kept alive; a pipeline
-    /// that stops meanwhile leaves the original for redelivery. Never a
-    /// silent loss.
-    pub(super) async fn dead_letter(&self, msg: &Message, invalid: &Invalid) -> Result<(), String> {
-        let letters = self.dead_letters.as_ref().expect("checked at load");
-        let info = msg.info().map_err(|e| e.to_string())?;
-        let mut backoff = DEAD_LETTER_BACKOFF.0;
-        loop {
-            let letter = Letter {
-                payload: msg.payload.clone(),
-                headers: msg.headers.as_ref(),
-                subject: msg.subject.as_str(),
-                stream: info.stream,
-                stream_seq: info.stream_sequence,
-                delivered: info.delivered,
-                reason: invalid.kind.as_str(),
-                error: &invalid.error,
-            };
-            let Err(e) = letters.publish(letter).await else {
-                break;
-            };
-            if backoff == DEAD_LETTER_BACKOFF.0 {
-                tracing::warn!(pipeline = %self.name, error = %e, "dead letter refused; holding the event and retrying");
+    /// Hands the event to the dead-letter stage, which acknowledges it once
+    /// JetStream confirms its letter (see `letters`): a refused letter holds
+    /// back only itself.
+    async fn dead_letter(&self, held: Held, invalid: &Invalid) {
+        match held.msg.info() {
+            Ok(info) => {
+                let letter = letter(
+                    &held.msg,
+                    &info,
+                    invalid.kind.as_str(),
+                    invalid.error.clone(),
+                );
+                self.post(held, letter).await
             }
-            if self.stopping() {
-                return Err(format!("{e}; left for redelivery"));
+            Err(error) => {
+                tracing::warn!(pipeline = %self.name, %error, "an invalid event without JetStream metadata cannot be dead-lettered; it is left for redelivery");
+                let _ = held.msg.ack_with(AckKind::Nak(None)).await;
             }
-            let _ = msg.ack_with(AckKind::Progress).await;
-            tokio::time::sleep(backoff).await;
-            backoff = (backoff * 2).min(DEAD_LETTER_BACKOFF.1);
         }
-        msg.ack().await.map_err(|e| e.to_string())
+    }
+}
+
+/// The letter for a delivered message.
+fn letter(
+    msg: &Message,
+    info: &async_nats::jetstream::message::Info<'_>,
+    reason: &'static str,
+    error: String,
+) -> Letter {
+    Letter {
+        payload: msg.payload.clone(),
+        headers: msg.headers.clone(),
+        subject: msg.subject.to_string(),
+        stream: info.stream.to_string(),
+        stream_seq: info.stream_sequence,
+        delivered: info.delivered,
+        reason,
+        error,
     }
 }
 

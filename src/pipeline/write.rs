@@ -13,7 +13,7 @@ impl Pipeline {
     pub(super) async fn write(
         &self,
         mut rows: Vec<Row>,
-        stop: watch::Receiver<bool>,
+        mut stop: watch::Receiver<bool>,
         _permit: OwnedSemaphorePermit,
     ) {
         let policy = &self.cfg.on_error.transient;
@@ -25,15 +25,20 @@ impl Pipeline {
                 let (messages, mut writes): (Vec<&Message>, Vec<&mut SinkRow>) =
                     rows.iter_mut().map(|r| (&r.held.msg, &mut r.write)).unzip();
                 let attempt = self.sink.write_bounded(&mut writes, Finish::Commit);
-                self.keeping_alive(attempt, &messages, &mut next_progress)
-                    .await
+                let attempt = self.keeping_alive(attempt, &messages, &mut next_progress);
+                unless_stopped_for(attempt, &mut stop, self.stop_patience).await
+            };
+            let Some(result) = result else {
+                tracing::warn!(pipeline = %self.name, patience = ?self.stop_patience,
+                    "stopping: a write attempt did not end in time; its batch is released for redelivery");
+                return self.release(rows).await;
             };
             let held = result.err().or_else(|| self.suspect_rejections(&mut rows));
             rows = self.settle(rows).await;
             let Some(problem) = held else { break };
             self.hold(&problem, backoff, &rows);
             if *stop.borrow() {
-                return self.release(&rows).await;
+                return self.release(rows).await;
             }
             let messages: Vec<&Message> = rows.iter().map(|r| &r.held.msg).collect();
             self.keeping_alive(tokio::time::sleep(backoff), &messages, &mut next_progress)
@@ -115,4 +120,19 @@ impl Pipeline {
              (raise on_error.invalid.failing_after if these events really are bad)"
         )))
     }
+}
+
+/// `fut`'s output, unless `stop` turns true and `fut` then takes longer
+/// than `patience` (a statement on a database that stopped answering).
+async fn unless_stopped_for<T>(
+    fut: impl std::future::Future<Output = T>,
+    stop: &mut watch::Receiver<bool>,
+    patience: Duration,
+) -> Option<T> {
+    tokio::pin!(fut);
+    tokio::select! {
+        out = &mut fut => return Some(out),
+        _ = stop.wait_for(|s| *s) => {}
+    }
+    tokio::time::timeout(patience, fut).await.ok()
 }

@@ -4,7 +4,9 @@
 //!
 //! A problem belongs to one side of the pipeline. The source side is NATS
 //! (a consumer or stream that vanished, pulls the server rejects); the sink
-//! side is Postgres (unreachable, or refusing the pipeline's statement).
+//! side is Postgres (unreachable, or refusing the pipeline's statement); the
+//! dead-letter side is the stream that takes dead letters (gone, or
+//! refusing them), which holds only the letters, never valid events.
 //! Each side is either fine, *retrying* (transient: it is expected to pass
 //! by itself) or *failing* (the pipeline's own fault: an operator must act,
 //! for example with a migration or a GRANT).
@@ -20,14 +22,23 @@ use serde::{Deserialize, Serialize};
 pub enum Side {
     Source,
     Sink,
+    #[serde(rename = "dead_letters")]
+    DeadLetters,
 }
 
 impl Side {
+    const ALL: [Side; 3] = [Side::Source, Side::Sink, Side::DeadLetters];
+
     pub fn as_str(self) -> &'static str {
         match self {
             Side::Source => "source",
             Side::Sink => "sink",
+            Side::DeadLetters => "dead_letters",
         }
+    }
+
+    fn index(self) -> usize {
+        self as usize
     }
 }
 
@@ -53,8 +64,8 @@ pub struct Problem {
 /// The problems of one pipeline and the metrics that publish them.
 pub struct Health {
     pipeline: String,
-    source: Mutex<Option<Problem>>,
-    sink: Mutex<Option<Problem>>,
+    /// One slot per [`Side`], in the order of [`Side::ALL`].
+    sides: [Mutex<Option<Problem>>; 3],
     metrics: HealthMetrics,
 }
 
@@ -73,7 +84,7 @@ impl HealthMetrics {
             state: IntGaugeVec::new(
                 prometheus::Opts::new(
                     "ingestd_pipeline_problem",
-                    "1 while a pipeline's side (source or sink) is failing or retrying",
+                    "1 while a pipeline's side (source, sink or dead_letters) is failing or retrying",
                 ),
                 &["pipeline", "side", "severity"],
             )?,
@@ -106,17 +117,13 @@ impl Health {
     pub fn new(pipeline: &str, metrics: HealthMetrics) -> Self {
         Self {
             pipeline: pipeline.to_string(),
-            source: Mutex::new(None),
-            sink: Mutex::new(None),
+            sides: Default::default(),
             metrics,
         }
     }
 
     fn slot(&self, side: Side) -> &Mutex<Option<Problem>> {
-        match side {
-            Side::Source => &self.source,
-            Side::Sink => &self.sink,
-        }
+        &self.sides[side.index()]
     }
 
     /// Records a failed attempt. Returns true when this changes the side's
@@ -162,22 +169,22 @@ impl Health {
         self.slot(side).lock().expect("health lock").clone()
     }
 
-    /// The worse of the two sides' problems (failing before retrying, the
-    /// sink before the source).
+    /// The worst of the sides' problems (failing before retrying; at equal
+    /// severity the sink, then the source, then the dead letters).
     pub fn worst(&self) -> Option<Problem> {
-        let sink = self.problem(Side::Sink);
-        let source = self.problem(Side::Source);
-        match (sink, source) {
-            (Some(a), Some(b)) if b.severity > a.severity => Some(b),
-            (Some(a), _) => Some(a),
-            (None, b) => b,
-        }
+        [Side::Sink, Side::Source, Side::DeadLetters]
+            .into_iter()
+            .filter_map(|side| self.problem(side))
+            .reduce(|worst, p| match p.severity > worst.severity {
+                true => p,
+                false => worst,
+            })
     }
 
     /// Stops publishing this pipeline's gauges (it is being replaced or
     /// removed; a successor publishes its own).
     pub fn release(&self) {
-        for side in [Side::Source, Side::Sink] {
+        for side in Side::ALL {
             self.recover(side);
         }
     }
@@ -203,6 +210,8 @@ mod tests {
         assert!(!h.recover(Side::Sink));
         assert_eq!(h.worst().unwrap().side, Side::Source);
         assert_eq!(gauge("failing"), 0);
+        assert!(h.fail(Side::DeadLetters, Severity::Failing, "refused"));
+        assert_eq!(h.worst().unwrap().side, Side::DeadLetters);
         let attempts = metrics
             .failures
             .with_label_values(&["p", "sink", "retrying"])

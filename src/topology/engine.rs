@@ -121,13 +121,15 @@ impl Engine {
         true
     }
 
-    /// True when the connection is up and no pipeline has a problem pulling.
+    /// True when the connection is up and no pipeline has a problem pulling
+    /// or dead-lettering (both are JetStream's answers).
     pub fn source_up(&self) -> bool {
         self.nats_up()
-            && self
-                .running()
-                .iter()
-                .all(|p| p.health.problem(Side::Source).is_none())
+            && self.running().iter().all(|p| {
+                [Side::Source, Side::DeadLetters]
+                    .into_iter()
+                    .all(|side| p.health.problem(side).is_none())
+            })
     }
 
     pub fn statuses(&self) -> Vec<Status> {
@@ -251,6 +253,7 @@ pub async fn start(settings: &Settings) -> anyhow::Result<Arc<Engine>> {
             js: async_nats::jetstream::new(nats.clone()),
             metrics: metrics.clone(),
             database_url: settings.database_url.clone(),
+            stop_patience: settings.shutdown_grace / 2,
         },
         nats,
         slots: Mutex::new(BTreeMap::new()),

@@ -1,5 +1,6 @@
 //! Helpers every component may use: they depend on no other module.
 
+pub mod backoff;
 pub mod redact;
 pub mod rfc3339;
 pub mod text;

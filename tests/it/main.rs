@@ -7,6 +7,7 @@ mod harness;
 mod batching;
 mod cluster;
 mod config_and_tools;
+mod dead_letters;
 mod docs;
 mod faults;
 mod hot_reload;

@@ -502,6 +502,41 @@ async fn sigterm_while_the_database_hangs_exits_in_bounded_time() {
     env.wait_row("held").await;
 }
 
+/// SIGTERM while a write hangs on a database that stopped answering, with
+/// timeouts far beyond the shutdown grace: the attempt is abandoned after
+/// half the grace and its batch released (nak), so a second process stores
+/// the event within the grace + 5 s, not after ack_wait (30 s).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_during_a_hung_write_releases_its_batch() {
+    const GRACE: Duration = Duration::from_secs(4);
+    let env = TestEnv::new().await;
+    let proxy = TcpProxy::to_postgres().await;
+    let long_timeouts = "    statement_timeout: 60s\n    connect_timeout: 30s\n";
+    env.write_pipeline("tiktok.yaml", &with_sink_settings(&env, long_timeouts));
+    let engine = env
+        .engine()
+        .database_url(proxied(&env, &proxy))
+        .var("SHUTDOWN_GRACE", "4s")
+        .start()
+        .await;
+    reload::assert_stores(&env, "first").await;
+    proxy.freeze();
+    env.publish_event(&event("held")).await;
+    engine.wait_metric(RECEIVED, &[], 2.0).await;
+    let asked = std::time::Instant::now();
+    signal(engine.pid(), "TERM");
+    engine.wait_exit().await;
+    let _second = env.engine().start().await;
+    let within = (GRACE + Duration::from_secs(5)).saturating_sub(asked.elapsed());
+    wait_for(
+        "the held event stored by the second process",
+        within,
+        || async { expect_eq(env.try_count(TIKTOK_TABLE).await?, 2) },
+    )
+    .await;
+    assert_stored_exactly(&env, &["first".into(), "held".into()]).await;
+}
+
 // ---------------------------------------------------------------------------
 // 5. Dead letters are always deliverable
 // ---------------------------------------------------------------------------
@@ -523,7 +558,7 @@ async fn dead_letters_keep_control_headers_aside_and_are_retried_until_accepted(
     headers.insert("Nats-Msg-Id", "original-id");
     bus.publish(TOP_VIEW, headers, b"not json".to_vec()).await;
     wait_for("the refused dead letter to be logged", DEADLINE, || async {
-        if engine.log().contains("dead letter refused") {
+        if engine.log().contains("dead letters refused") {
             Ok(())
         } else {
             Err("not yet".to_string())

@@ -482,6 +482,9 @@ pub async fn kill9(engine: &Engine) {
 pub struct DeadLetterQueue {
     pub subject: String,
     pub stream: String,
+    /// The stream the engine keeps the consumer's max-deliveries
+    /// advisories in (its name as the engine forms it).
+    pub advisories: String,
     js: jetstream::Context,
     url: String,
 }
@@ -509,6 +512,7 @@ impl DeadLetterQueue {
         let queue = Self {
             subject: format!("{}.dlq.tiktok", env.id),
             stream: format!("DLQ_{}", env.id),
+            advisories: format!("INGESTD_MAX_DELIVERIES_{}_{}", bus.stream, bus.durable),
             js: bus.js.clone(),
             url: bus.url.clone(),
         };
@@ -581,8 +585,10 @@ impl DeadLetterQueue {
 impl Drop for DeadLetterQueue {
     /// Best effort, on its own runtime (the test's may be shutting down).
     fn drop(&mut self) {
-        let (stream, url) = (self.stream.clone(), self.url.clone());
-        crate::harness::on_own_runtime(crate::harness::delete_stream(url, stream));
+        for stream in [&self.stream, &self.advisories] {
+            let (stream, url) = (stream.clone(), self.url.clone());
+            crate::harness::on_own_runtime(crate::harness::delete_stream(url, stream));
+        }
     }
 }
 
