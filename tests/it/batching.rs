@@ -273,7 +273,7 @@ async fn held_messages_stay_within_the_configured_bound() {
     prepare_table(
         &env,
         r#"CREATE FUNCTION slow_insert() RETURNS trigger LANGUAGE plpgsql AS
-               $$ BEGIN PERFORM pg_sleep(0.02); RETURN NULL; END $$;
+               $$ BEGIN PERFORM pg_sleep(0.004); RETURN NULL; END $$;
            CREATE TRIGGER slow_insert BEFORE INSERT ON "TiktokEvent"
                FOR EACH STATEMENT EXECUTE FUNCTION slow_insert();"#,
     )
