@@ -278,7 +278,14 @@ pub struct PostgresSink {
     /// How events are grouped into one transaction.
     #[serde(default)]
     pub batch: BatchConfig,
-    /// Connections to the database (default 4).
+    /// `shared` (default): the engine's pool for this database
+    /// (`DATABASE_POOL_SIZE` connections for every pipeline that writes
+    /// there); `own`: a pool of this pipeline's own, of `pool_size`
+    /// connections, for a pipeline that must never wait behind the others.
+    #[serde(default)]
+    pub pool: PoolMode,
+    /// Connections of the pipeline's own pool (`pool: own`; default 4).
+    /// Ignored with the shared pool.
     #[serde(default = "default_pool_size")]
     pub pool_size: u32,
     /// Longest a statement may run (Postgres `statement_timeout`): a
@@ -312,6 +319,17 @@ pub struct PostgresSink {
 
 fn default_pool_size() -> u32 {
     4
+}
+
+/// Whose connections a pipeline writes with (`sink.postgres.pool`).
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum PoolMode {
+    /// The engine's pool for the database, shared with its other pipelines.
+    #[default]
+    Shared,
+    /// A pool of the pipeline's own, of `pool_size` connections.
+    Own,
 }
 
 pub fn default_statement_timeout() -> Duration {
@@ -661,6 +679,13 @@ impl PipelineFile {
                     format!("{pending} is below batch.max_rows ({})", b.max_rows),
                 ));
             }
+        }
+        let pg = &p.sink.postgres;
+        if pg.pool == PoolMode::Own && pg.pool_size == 0 {
+            return Err(self.error(
+                "sink.postgres.pool_size",
+                "a pool of the pipeline's own (pool: own) needs at least 1 connection",
+            ));
         }
         Ok(())
     }
