@@ -77,13 +77,11 @@ async fn ready(State(engine): State<Arc<Engine>>) -> Response {
     let ready = engine.readiness().await;
     let word = |up: bool| if up { "up" } else { "down" };
     let ok = ready.ok();
-    let mut body = json!({
+    // The collector's shape: the reason is logged and in `/pipelines`.
+    let body = json!({
         "status": if ok { "ok" } else { "degraded" },
         "checks": {"database": word(ready.database), "nats": word(ready.nats)},
     });
-    if let Some(reason) = &ready.reason {
-        body["reason"] = json!(reason);
-    }
     let code = if ok {
         StatusCode::OK
     } else {
