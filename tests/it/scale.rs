@@ -3,6 +3,7 @@
 //! fair turns, session settings per transaction, and loads that failed for
 //! a transient reason tried again by themselves.
 
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Duration;
 
 use crate::harness::scale::*;
@@ -11,20 +12,19 @@ use crate::harness::*;
 /// The engine's shared pool in these tests (`DATABASE_POOL_SIZE`).
 const POOL: i64 = 8;
 
-/// Samples the engine's connections on `server` until `stop`; the peak.
+/// Samples the engine's connections on `server` into `peak` until `stop`.
 async fn sample_peak(
     server: &PgServer,
     admin: sqlx::PgPool,
+    peak: &AtomicI64,
     stop: tokio::sync::watch::Receiver<bool>,
-) -> i64 {
-    let mut peak = 0;
+) {
     while !*stop.borrow() {
         if let Ok(n) = server.engine_connections(&admin).await {
-            peak = peak.max(n);
+            peak.fetch_max(n, Ordering::Relaxed);
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    peak
 }
 
 async fn wait_all_running(engine: &Engine, count: usize, within: Duration) {
@@ -53,8 +53,9 @@ async fn wait_rows(admin: &sqlx::PgPool, want: i64) {
 
 /// A hundred pipeline files on a Postgres with `max_connections = 100`:
 /// all run within 10 s, every event is stored exactly once, the engine
-/// never holds more than its pool and one probe, `/ready` answers 200, and
-/// a file added at run time runs within 5 s.
+/// never holds more than its pool and one probe, `/ready` answers 200. A
+/// file added at run time with a pool of its own runs within 5 s, and its
+/// pool is gone with it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hundred_pipelines_share_one_connection_budget() {
     let env = TestEnv::new().await;
@@ -73,12 +74,13 @@ async fn a_hundred_pipelines_share_one_connection_budget() {
     env.create_stream().await;
     let per_pipeline = 20;
     publish_many(&env, &names, per_pipeline).await;
+    let peak = AtomicI64::new(0);
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let sampler = {
         let admin = server.admin().await.expect("sampler connection");
-        let server = &server;
-        async move { sample_peak(server, admin, stopped).await }
+        sample_peak(&server, admin, &peak, stopped)
     };
+    let own = 2;
     let scenario = async {
         let engine = env
             .engine()
@@ -89,34 +91,54 @@ async fn a_hundred_pipelines_share_one_connection_budget() {
         engine
             .wait_ok("/ready", Duration::from_secs(5), Duration::from_millis(100))
             .await;
+        let shared_peak = peak.load(Ordering::Relaxed);
         let extra = "p100".to_string();
-        env.write_pipeline(
-            "p100.yaml",
-            &many_yaml(&env, &extra, &server.url("postgres"), ""),
-        );
+        let isolated = format!("    pool: own\n    pool_size: {own}\n");
+        let yaml = many_yaml(&env, &extra, &server.url("postgres"), &isolated);
+        env.write_pipeline("p100.yaml", &yaml);
         wait_all_running(&engine, names.len() + 1, Duration::from_secs(5)).await;
         publish_many(&env, std::slice::from_ref(&extra), per_pipeline).await;
         wait_rows(&admin, ((names.len() + 1) * per_pipeline) as i64).await;
         let metrics = engine.metrics().await;
-        assert_eq!(metrics.sum("ingestd_db_pool_size", &[]), POOL as f64);
+        assert_eq!(
+            metrics.sum("ingestd_db_pool_size", &[]),
+            (POOL + own) as f64
+        );
         assert_eq!(
             metrics.sum("ingestd_pipeline_failures_total", &[]),
             0.0,
             "waiting for a connection is not a failure"
         );
+        std::fs::remove_file(env.pipelines_dir().join("p100.yaml")).expect("remove p100");
+        wait_for("p100's pool gone", DEADLINE, || async {
+            let metrics = engine.try_metrics().await?;
+            let size = metrics.sum("ingestd_db_pool_size", &[]);
+            let held = server.engine_connections(&admin).await?;
+            match (size == POOL as f64, held <= POOL + 1) {
+                (true, true) => Ok(()),
+                _ => Err(format!("pool sizes {size}, {held} connections held")),
+            }
+        })
+        .await;
         let _ = stop.send(true);
-        engine
+        (engine, shared_peak)
     };
-    let (peak, engine) = tokio::join!(sampler, scenario);
+    let ((), (engine, shared_peak)) = tokio::join!(sampler, scenario);
     let distinct: i64 = sqlx::query_scalar("SELECT count(DISTINCT (pipeline, n)) FROM events")
         .fetch_one(&admin)
         .await
         .expect("distinct rows");
     assert_eq!(distinct, (101 * per_pipeline) as i64);
-    assert!(peak > 0, "the sampler saw the engine's connections");
+    assert!(shared_peak > 0, "the sampler saw the engine's connections");
     assert!(
-        peak <= POOL + 1,
-        "the engine held {peak} connections; its budget is {POOL} + 1 probe"
+        shared_peak <= POOL + 1,
+        "a hundred pipelines held {shared_peak} connections; the budget is {POOL} + 1 probe"
+    );
+    let peak = peak.load(Ordering::Relaxed);
+    assert!(
+        peak <= POOL + 1 + own,
+        "the engine held {peak} connections; with p100's own pool the budget is {}",
+        POOL + 1 + own
     );
     drop(engine);
 }
