@@ -383,3 +383,20 @@ pub async fn start(settings: &Settings) -> anyhow::Result<Arc<Engine>> {
     metrics.set_nats_connected(engine.nats_up());
     Ok(engine)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn load_retries_back_off_up_to_their_cap() {
+        let mut retry = Retry::after(None);
+        let mut waits = vec![retry.backoff];
+        for _ in 0..6 {
+            retry = Retry::after(Some(&retry));
+            waits.push(retry.backoff);
+        }
+        let ms: Vec<u128> = waits.iter().map(Duration::as_millis).collect();
+        assert_eq!(ms, [250, 500, 1000, 2000, 4000, 5000, 5000]);
+    }
+}

@@ -217,3 +217,27 @@ pub fn connect_options(url: &str) -> anyhow::Result<PgConnectOptions> {
 pub fn redact_url(url: &str) -> String {
     crate::util::redact::url(url)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The settings go to the server as literals whatever they contain.
+    #[test]
+    fn session_settings_are_literals() {
+        let session = Session {
+            statement: Duration::from_millis(1500),
+            search_path: Some(r"a'b\c, public".into()),
+        };
+        assert_eq!(
+            session.set_local(),
+            "SELECT pg_catalog.set_config('statement_timeout', '1500', true), \
+             pg_catalog.set_config('search_path', E'a''b\\\\c, public', true)"
+        );
+        let plain = Session {
+            search_path: None,
+            ..session
+        };
+        assert!(!plain.set_local().contains("search_path"));
+    }
+}

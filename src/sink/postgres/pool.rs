@@ -432,3 +432,32 @@ impl Collector for PoolsCollector {
         gauges.iter().flat_map(|g| g.collect()).collect()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Connections are interchangeable when everything but `schema=` is the
+    /// same (in any order of parameters); anything else is another pool.
+    #[test]
+    fn pools_are_keyed_by_the_url_without_its_schema() {
+        let key = |url: &str| Target::parse(url).unwrap().key;
+        let base = "postgresql://u:pw@h:5432/db?sslmode=disable&connect_timeout=3";
+        assert_eq!(
+            key(&format!("{base}&schema=a")),
+            key("postgresql://u:pw@h:5432/db?schema=b&connect_timeout=3&sslmode=disable")
+        );
+        for other in [
+            "postgresql://u:other@h:5432/db?sslmode=disable&connect_timeout=3",
+            "postgresql://v:pw@h:5432/db?sslmode=disable&connect_timeout=3",
+            "postgresql://u:pw@h:5433/db?sslmode=disable&connect_timeout=3",
+            "postgresql://u:pw@h:5432/other?sslmode=disable&connect_timeout=3",
+            "postgresql://u:pw@h:5432/db?sslmode=require&connect_timeout=3",
+        ] {
+            assert_ne!(key(base), key(other), "{other}");
+        }
+        let t = Target::parse(&format!("{base}&schema=ingest")).unwrap();
+        assert_eq!(t.search_path.as_deref(), Some("ingest"));
+        assert!(!t.name().contains("pw"));
+    }
+}
