@@ -989,6 +989,29 @@ mod tests {
         }
     }
 
+    /// `pool: own` takes its size from `pool_size`, which must then be at
+    /// least one; the shared pool (the default) ignores it.
+    #[test]
+    fn a_pool_of_its_own_needs_a_connection() {
+        let with = |extra: &str| {
+            let text = every_field("sink.postgres.insert", "x")
+                .replace("    insert: x\n", &format!("    insert: x\n{extra}"));
+            PipelineFile::parse(Path::new("p.yaml"), &text)
+        };
+        let shared = with("").expect("the default");
+        assert_eq!(shared.pipeline.sink.postgres.pool, PoolMode::Shared);
+        let own = with("    pool: own\n    pool_size: 2\n").expect("own");
+        assert_eq!(own.pipeline.sink.postgres.pool, PoolMode::Own);
+        assert!(with("    pool_size: 0\n").is_ok());
+        let err = with("    pool: own\n    pool_size: 0\n").unwrap_err();
+        assert!(
+            err.message.starts_with("sink.postgres.pool_size: "),
+            "{err}"
+        );
+        assert_eq!(err.line, Some(20), "{err}");
+        assert!(with("    pool: mine\n").is_err());
+    }
+
     /// A check after parsing names the key it is about, not the first key
     /// of that name: `batch.max_bytes`, not `stream.max_bytes`.
     #[test]
