@@ -295,3 +295,43 @@ async fn session_settings_apply_per_transaction_on_a_shared_connection() {
         assert_eq!(seen, vec![reference], "{schema}");
     }
 }
+
+/// A file added while NATS is unreachable is `waiting` (not `failed`) and
+/// loads by itself once NATS is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_added_while_nats_was_unreachable_loads_once_it_is_back() {
+    let env = TestEnv::new().await;
+    env.exec(EVENTS_TABLE).await;
+    let mut proxy = TcpProxy::to_nats().await;
+    let engine = env.engine().var("NATS_URL", proxy.nats_url()).start().await;
+    proxy.stop().await;
+    let yaml = many_yaml(&env, "later", &env.database_url(), "");
+    env.write_pipeline("later.yaml", &yaml);
+    let error = wait_for("later waiting", DEADLINE, || async {
+        let reply = engine.try_get("/pipelines").await?.json();
+        let later = reply["pipelines"]
+            .as_array()
+            .and_then(|list| list.iter().find(|p| p["file"] == "later.yaml").cloned())
+            .ok_or("no later.yaml yet")?;
+        match later["state"].as_str() {
+            Some("waiting") => Ok(later["last_error"].clone()),
+            other => Err(format!("{other:?}: {later}")),
+        }
+    })
+    .await;
+    assert!(
+        error.as_str().is_some_and(|e| e.contains("source.nats")),
+        "{error}"
+    );
+    proxy.start().await;
+    wait_for("later running", DEADLINE, || async {
+        let states = states(&engine).await?;
+        expect_eq(states.get("later").map(String::as_str), Some("running"))
+    })
+    .await;
+    publish_many(&env, &["later".to_string()], 3).await;
+    wait_for("later's rows", DEADLINE, || async {
+        expect_eq(env.try_count("events WHERE pipeline = 'later'").await?, 3)
+    })
+    .await;
+}
