@@ -42,6 +42,8 @@ mod cluster;
 mod floors;
 #[path = "../tests/it/harness/mod.rs"]
 mod harness;
+#[path = "bench/many.rs"]
+mod many;
 
 use std::cell::Cell;
 use std::collections::HashMap;
@@ -169,6 +171,9 @@ struct Args {
     /// Events of each cluster drain (phase 8); 0 leaves the phase out.
     #[arg(long, default_value_t = TARGET_EVENTS)]
     cluster_events: u64,
+    /// Events of each of the hundred pipelines (phase 9); 0 leaves the phase out.
+    #[arg(long, default_value_t = 500)]
+    many_events: usize,
     /// The ingestd binary (default: the one cargo built with this benchmark).
     #[arg(long)]
     ingestd: Option<PathBuf>,
@@ -336,6 +341,21 @@ async fn phases(b: &Bench, args: &Args) {
         }
     }
 
+    let many = (args.many_events > 0).then_some(args.many_events);
+    let many = match many {
+        Some(events) => {
+            println!(
+                "\n== [9] {} pipelines on one stream and one database, {} events each",
+                many::PIPELINES,
+                thousands(events as u64)
+            );
+            let figures = many::many_pipelines(&b.program, events).await;
+            figures.print();
+            Some(figures)
+        }
+        None => None,
+    };
+
     summary(args, &rounds, &general, &latency, &large, &transform, &nats);
     for c in &clusters {
         println!(
@@ -346,6 +366,15 @@ async fn phases(b: &Bench, args: &Args) {
             thousands(c.r1.deliveries),
             thousands(c.r3.deliveries),
             thousands(c.events)
+        );
+    }
+    if let Some(m) = &many {
+        println!(
+            "   [9] {} pipelines: all running after {} (target ≤ 10 s), all stored after {}, peak {} connections",
+            many::PIPELINES,
+            secs(m.all_running),
+            secs(m.all_stored),
+            m.peak_connections
         );
     }
 }

@@ -88,15 +88,17 @@ pub async fn run(args: Args) -> Result<Summary, BackfillError> {
         .await
         .map_err(BackfillError::Setup)?;
     let js = jetstream::new(client);
-    let deps = Deps {
-        js: js.clone(),
+    let deps = Deps::new(
+        js.clone(),
         metrics,
-        database_url: args.database_url,
-        stop_patience: BACKFILL_STOP_PATIENCE,
-    };
+        args.database_url,
+        crate::sink::postgres::DEFAULT_POOL_SIZE,
+        BACKFILL_STOP_PATIENCE,
+    )
+    .map_err(BackfillError::Setup)?;
     let pipeline = Pipeline::build(file, &deps, Arc::default())
         .await
-        .map_err(BackfillError::Setup)?;
+        .map_err(|e| BackfillError::Setup(e.into()))?;
     let pipeline = Arc::new(pipeline);
     let nats = |e: &dyn std::fmt::Display| BackfillError::Nats(e.to_string());
     let mut stream = js.get_stream(&stream_name).await.map_err(|e| nats(&e))?;

@@ -33,6 +33,11 @@ pub struct RunArgs {
     /// most a few seconds later, whatever it is doing).
     #[arg(long, env = "SHUTDOWN_GRACE", default_value = "25s", value_parser = humantime::parse_duration)]
     shutdown_grace: Duration,
+    /// Connections of each database's pool, shared by every pipeline that
+    /// writes there (a pipeline may have a pool of its own: `sink.postgres.pool: own`).
+    #[arg(long, env = "DATABASE_POOL_SIZE", default_value_t = crate::sink::postgres::DEFAULT_POOL_SIZE,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    db_pool_size: u32,
     /// Threads that run the pipelines (default: half the CPUs, at least
     /// one).
     #[arg(long, env = "INGESTD_WORKER_THREADS")]
@@ -52,6 +57,7 @@ pub fn main(args: RunArgs) -> anyhow::Result<()> {
         nats: args.nats,
         listen: SocketAddr::new(args.listen_addr, args.port),
         shutdown_grace: args.shutdown_grace,
+        db_pool_size: args.db_pool_size,
     };
     let threads = args.worker_threads.unwrap_or_else(default_worker_threads);
     tokio::runtime::Builder::new_multi_thread()

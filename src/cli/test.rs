@@ -209,7 +209,7 @@ async fn run_file(
     let url = pg.url.as_deref().unwrap_or(database_url);
     let limits = Limits::of(pg);
     if let (Some(m), Migrations::Applied) = (&pg.migrations, migrations) {
-        let sink = PgSink::connect_with(url, 1, limits)
+        let sink = PgSink::private(url, limits)
             .await
             .map_err(TestError::Connect)?;
         sink.migrate(m).await?;

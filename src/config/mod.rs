@@ -278,7 +278,14 @@ pub struct PostgresSink {
     /// How events are grouped into one transaction.
     #[serde(default)]
     pub batch: BatchConfig,
-    /// Connections to the database (default 4).
+    /// `shared` (default): the engine's pool for this database
+    /// (`DATABASE_POOL_SIZE` connections for every pipeline that writes
+    /// there); `own`: a pool of this pipeline's own, of `pool_size`
+    /// connections, for a pipeline that must never wait behind the others.
+    #[serde(default)]
+    pub pool: PoolMode,
+    /// Connections of the pipeline's own pool (`pool: own`; default 4).
+    /// Ignored with the shared pool.
     #[serde(default = "default_pool_size")]
     pub pool_size: u32,
     /// Longest a statement may run (Postgres `statement_timeout`): a
@@ -312,6 +319,17 @@ pub struct PostgresSink {
 
 fn default_pool_size() -> u32 {
     4
+}
+
+/// Whose connections a pipeline writes with (`sink.postgres.pool`).
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum PoolMode {
+    /// The engine's pool for the database, shared with its other pipelines.
+    #[default]
+    Shared,
+    /// A pool of the pipeline's own, of `pool_size` connections.
+    Own,
 }
 
 pub fn default_statement_timeout() -> Duration {
@@ -662,6 +680,13 @@ impl PipelineFile {
                 ));
             }
         }
+        let pg = &p.sink.postgres;
+        if pg.pool == PoolMode::Own && pg.pool_size == 0 {
+            return Err(self.error(
+                "sink.postgres.pool_size",
+                "a pool of the pipeline's own (pool: own) needs at least 1 connection",
+            ));
+        }
         Ok(())
     }
 
@@ -962,6 +987,29 @@ mod tests {
                 file(&text).err()
             );
         }
+    }
+
+    /// `pool: own` takes its size from `pool_size`, which must then be at
+    /// least one; the shared pool (the default) ignores it.
+    #[test]
+    fn a_pool_of_its_own_needs_a_connection() {
+        let with = |extra: &str| {
+            let text = every_field("sink.postgres.insert", "x")
+                .replace("    insert: x\n", &format!("    insert: x\n{extra}"));
+            PipelineFile::parse(Path::new("p.yaml"), &text)
+        };
+        let shared = with("").expect("the default");
+        assert_eq!(shared.pipeline.sink.postgres.pool, PoolMode::Shared);
+        let own = with("    pool: own\n    pool_size: 2\n").expect("own");
+        assert_eq!(own.pipeline.sink.postgres.pool, PoolMode::Own);
+        assert!(with("    pool_size: 0\n").is_ok());
+        let err = with("    pool: own\n    pool_size: 0\n").unwrap_err();
+        assert!(
+            err.message.starts_with("sink.postgres.pool_size: "),
+            "{err}"
+        );
+        assert_eq!(err.line, Some(20), "{err}");
+        assert!(with("    pool: mine\n").is_err());
     }
 
     /// A check after parsing names the key it is about, not the first key

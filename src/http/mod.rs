@@ -49,9 +49,15 @@ async fn metrics(State(engine): State<Arc<Engine>>) -> Response {
     }
 }
 
-/// Each pipeline file: state, version, load time, last load error, counts.
+/// Each pipeline file: state, version, load time, last load error, counts;
+/// and readiness with its reason, as `/ready` sees it.
 async fn pipelines(State(engine): State<Arc<Engine>>) -> Json<serde_json::Value> {
-    Json(json!({"pipelines_dir": engine.dir.display().to_string(), "pipelines": engine.statuses()}))
+    let ready = engine.readiness().await;
+    Json(json!({
+        "pipelines_dir": engine.dir.display().to_string(),
+        "ready": {"ok": ready.ok(), "reason": ready.reason},
+        "pipelines": engine.statuses(),
+    }))
 }
 
 async fn health() -> Json<serde_json::Value> {
@@ -69,13 +75,13 @@ async fn live() -> Json<serde_json::Value> {
 /// database being down for it, a pipeline whose consumer is gone as NATS
 /// being down: the shape stays the collector's, `/pipelines` has the detail.
 async fn ready(State(engine): State<Arc<Engine>>) -> Response {
-    let database = engine.database_up().await;
-    let nats = engine.source_up();
+    let ready = engine.readiness().await;
     let word = |up: bool| if up { "up" } else { "down" };
-    let ok = database && nats;
+    let ok = ready.ok();
+    // The collector's shape: the reason is logged and in `/pipelines`.
     let body = json!({
         "status": if ok { "ok" } else { "degraded" },
-        "checks": {"database": word(database), "nats": word(nats)},
+        "checks": {"database": word(ready.database), "nats": word(ready.nats)},
     });
     let code = if ok {
         StatusCode::OK

@@ -27,7 +27,9 @@ use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
 use crate::config::{self, InvalidAction, PipelineFile};
-use crate::sink::postgres::{Finish, Limits, Outcome, PgSink, Rejection, SinkRow, WriteError};
+use crate::sink::postgres::{
+    Finish, Limits, Outcome, PgSink, PoolChoice, Pools, Rejection, SinkRow, WriteError,
+};
 use crate::source::nats::{self, Handoff, Puller};
 use crate::telemetry::health::{Health, Severity, Side};
 use crate::telemetry::lag;
@@ -100,6 +102,59 @@ pub struct Deps {
     /// (half the shutdown grace): then its batch is released, so another
     /// process takes it at once instead of after `ack_wait`.
     pub stop_patience: Duration,
+    /// The database pools the pipelines share.
+    pub pools: Arc<Pools>,
+}
+
+impl Deps {
+    /// Handles with pools of `pool_size` connections per database, whose
+    /// gauges join the engine's metrics.
+    pub fn new(
+        js: jetstream::Context,
+        metrics: Arc<Metrics>,
+        database_url: String,
+        pool_size: u32,
+        stop_patience: Duration,
+    ) -> anyhow::Result<Self> {
+        let pools = Pools::new(pool_size)?;
+        metrics.registry.register(pools.collector())?;
+        Ok(Self {
+            js,
+            metrics,
+            database_url,
+            pools,
+            stop_patience,
+        })
+    }
+}
+
+/// Why a pipeline file did not become a pipeline: its content (waits for
+/// the file to change), or a service that did not answer (a database or
+/// NATS outage, a lock held too long: tried again by itself).
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    #[error("{0:#}")]
+    Content(anyhow::Error),
+    #[error("{0:#}")]
+    Transient(anyhow::Error),
+}
+
+impl BuildError {
+    fn content(e: impl Into<anyhow::Error>) -> Self {
+        BuildError::Content(e.into())
+    }
+
+    fn of(transient: bool, e: impl Into<anyhow::Error>) -> Self {
+        if transient {
+            BuildError::Transient(e.into())
+        } else {
+            BuildError::Content(e.into())
+        }
+    }
+
+    pub fn is_transient(&self) -> bool {
+        matches!(self, BuildError::Transient(_))
+    }
 }
 
 /// A delivered message and when it arrived (for the duration histogram).
@@ -128,22 +183,31 @@ struct RejectedRun {
 impl Pipeline {
     /// Compiles and connects everything the file declares; any failure is
     /// reported against the file, and nothing is started.
-    pub async fn build(file: PipelineFile, deps: &Deps, stats: Arc<Stats>) -> anyhow::Result<Self> {
+    pub async fn build(
+        file: PipelineFile,
+        deps: &Deps,
+        stats: Arc<Stats>,
+    ) -> Result<Self, BuildError> {
         let cfg = file.pipeline.clone();
-        let compiled = Compiled::new(&file)?;
+        let compiled = Compiled::new(&file).map_err(BuildError::content)?;
         let pg = &cfg.sink.postgres;
         let url = pg.url.clone().unwrap_or_else(|| deps.database_url.clone());
-        let sink = PgSink::connect_with(&url, pg.pool_size, Limits::of(pg))
+        let choice = match pg.pool {
+            config::PoolMode::Shared => PoolChoice::Shared,
+            config::PoolMode::Own => PoolChoice::Own(pg.pool_size),
+        };
+        let sink = PgSink::connect(&deps.pools, &url, choice, Limits::of(pg))
             .await
-            .map_err(|e| file.error("sink.postgres", e.to_string()))?;
+            .map_err(|e| BuildError::of(e.is_transient(), file.error("sink.postgres", e)))?;
         if let Some(dir) = &pg.migrations {
-            sink.migrate(dir)
-                .await
-                .map_err(|e| file.error("sink.postgres.migrations", e.to_string()))?;
+            sink.migrate(dir).await.map_err(|e| {
+                BuildError::of(
+                    e.is_transient(),
+                    file.error("sink.postgres.migrations", e.to_string()),
+                )
+            })?;
         }
-        check_statement(&sink, &compiled.templates, &file.path)
-            .await
-            .map_err(|e| file.error("sink.postgres.insert", e))?;
+        check_statement(&sink, &compiled.templates, &file).await?;
         let nats = &cfg.source.nats;
         let target = nats::Target {
             js: deps.js.clone(),
@@ -163,7 +227,12 @@ impl Pipeline {
             target.max_ack_pending,
         )
         .await
-        .map_err(|e| file.error("source.nats.consumer", format!("{e:#}")))?;
+        .map_err(|e| {
+            BuildError::of(
+                e.is_transient(),
+                file.error("source.nats.consumer", format!("{e:#}")),
+            )
+        })?;
         let dead_letters = match &cfg.on_error.invalid.subject {
             Some(subject) => {
                 let letters = DeadLetters {
@@ -175,7 +244,7 @@ impl Pipeline {
                 letters
                     .check()
                     .await
-                    .map_err(|e| file.error("on_error.invalid.subject", e.to_string()))?;
+                    .map_err(|e| BuildError::content(file.error("on_error.invalid.subject", e)))?;
                 Some(letters)
             }
             None => None,
@@ -185,7 +254,7 @@ impl Pipeline {
         let families = deps
             .metrics
             .family_set(&cfg.metrics, &file.path)
-            .map_err(|e| file.error("metrics", e.to_string()))?;
+            .map_err(|e| BuildError::content(file.error("metrics", e.to_string())))?;
         Ok(Self {
             name: cfg.name.clone(),
             health: Arc::new(Health::new(&cfg.name, deps.metrics.engine.health.clone())),
@@ -381,15 +450,19 @@ impl Pipeline {
 async fn check_statement(
     sink: &PgSink,
     templates: &Templates,
-    file: &std::path::Path,
-) -> Result<(), String> {
-    let sample = event::sample_render(templates)?;
-    sink.verify(&sample)
-        .await
-        .map_err(|e| format!("the insert statement is rejected by the database: {e}"))?;
+    file: &PipelineFile,
+) -> Result<(), BuildError> {
+    const KEY: &str = "sink.postgres.insert";
+    let sample =
+        event::sample_render(templates).map_err(|e| BuildError::content(file.error(KEY, e)))?;
+    sink.verify(&sample).await.map_err(|e| {
+        let transient = matches!(e, WriteError::Transient(_));
+        let e = format!("the insert statement is rejected by the database: {e}");
+        BuildError::of(transient, file.error(KEY, e))
+    })?;
     for variant in templates.variants().iter().filter(|v| v.sql != sample.sql) {
         if let Err(e) = sink.verify(variant).await {
-            tracing::warn!(file = %file.display(), statement = %variant.sql, error = %e, "a branch of the insert template cannot work");
+            tracing::warn!(file = %file.path.display(), statement = %variant.sql, error = %e, "a branch of the insert template cannot work");
         }
     }
     Ok(())

@@ -38,7 +38,13 @@ pub struct Settings {
     pub listen: SocketAddr,
     /// How long shutdown waits for in-flight batches.
     pub shutdown_grace: Duration,
+    /// Connections of each database's shared pool.
+    pub db_pool_size: u32,
 }
+
+/// The first and longest pause before a file that failed to load for a
+/// transient reason is tried again.
+const LOAD_RETRY: (Duration, Duration) = (Duration::from_millis(250), Duration::from_secs(5));
 
 /// How long stopping waits for the NATS connection to send what it buffers.
 const FINAL_FLUSH: Duration = Duration::from_secs(2);
@@ -54,6 +60,44 @@ pub struct Engine {
     pub(super) slots: Mutex<BTreeMap<PathBuf, Slot>>,
     /// Replaced versions still finishing their batches.
     pub(super) retiring: Mutex<Vec<JoinHandle<()>>>,
+    /// The pipeline and check of the last reason not to be ready (logged
+    /// once per change).
+    pub(super) not_ready: Mutex<Option<(Option<String>, &'static str)>>,
+}
+
+/// What `/ready` and `/pipelines` say about readiness.
+#[derive(Debug, Clone, Serialize)]
+pub struct Readiness {
+    pub database: bool,
+    pub nats: bool,
+    /// Why not ready (the first reason found), if so.
+    pub reason: Option<NotReady>,
+}
+
+impl Readiness {
+    pub fn ok(&self) -> bool {
+        self.database && self.nats
+    }
+}
+
+/// One reason the engine is not ready.
+#[derive(Debug, Clone, Serialize)]
+pub struct NotReady {
+    /// The pipeline concerned (none for the NATS connection itself).
+    pub pipeline: Option<String>,
+    /// `database` or `nats`.
+    pub check: &'static str,
+    pub error: String,
+}
+
+impl NotReady {
+    fn new(pipeline: Option<&str>, check: &'static str, error: &str) -> Self {
+        Self {
+            pipeline: pipeline.map(str::to_string),
+            check,
+            error: error.to_string(),
+        }
+    }
 }
 
 /// A pipeline file's state: the version running (if any) and the last
@@ -67,6 +111,26 @@ pub(super) struct Slot {
     /// Fingerprint of the last attempted content, so an unchanged broken
     /// file is not rebuilt on every unrelated change.
     pub(super) attempted: Option<u64>,
+    /// When the last load failed for a transient reason: when it is tried
+    /// again.
+    pub(super) retry: Option<Retry>,
+}
+
+/// The next try of a load that failed for a transient reason.
+pub(super) struct Retry {
+    pub(super) at: tokio::time::Instant,
+    pub(super) backoff: Duration,
+}
+
+impl Retry {
+    /// The try after `last` (backoff doubled up to its cap).
+    pub(super) fn after(last: Option<&Retry>) -> Self {
+        let backoff = last.map_or(LOAD_RETRY.0, |r| (r.backoff * 2).min(LOAD_RETRY.1));
+        Self {
+            at: tokio::time::Instant::now() + backoff,
+            backoff,
+        }
+    }
 }
 
 pub(super) struct Running {
@@ -85,7 +149,10 @@ pub struct Status {
     /// `failing` (running, but an operator must fix its statement, table or
     /// consumer), `retrying` (running, waiting out an outage), `degraded`
     /// (running an older version because the file's current content failed
-    /// to load), `running`, or `failed` (never loaded).
+    /// to load), `running`, `waiting` (not running: its load failed for a
+    /// transient reason, a database or NATS that did not answer, and is
+    /// tried again by itself) or `failed` (not running: its content is
+    /// wrong; tried again when the file changes).
     pub state: Cow<'static, str>,
     /// The running version's current problem, if any.
     pub problem: Option<Problem>,
@@ -110,26 +177,57 @@ impl Engine {
             .collect()
     }
 
-    /// True when every pipeline's database answers and no pipeline has a
-    /// problem writing.
-    pub async fn database_up(&self) -> bool {
+    /// What `/ready` answers. The first reason found is logged when it
+    /// changes (which pipeline, which check), not on every probe.
+    pub async fn readiness(&self) -> Readiness {
+        let mut ready = Readiness {
+            database: true,
+            nats: self.nats_up(),
+            reason: None,
+        };
+        if !ready.nats {
+            ready.reason = Some(NotReady::new(None, "nats", "not connected to NATS"));
+        }
         for p in self.running() {
-            if p.health.problem(Side::Sink).is_some() || !p.sink.ping().await {
-                return false;
+            let database = match p.health.problem(Side::Sink) {
+                Some(problem) => Some(problem.error),
+                None if !p.sink.ping().await => {
+                    Some("the database does not answer the health probe".to_string())
+                }
+                None => None,
+            };
+            // Pulling and dead-lettering are both JetStream's answers.
+            let source = [Side::Source, Side::DeadLetters]
+                .into_iter()
+                .find_map(|side| p.health.problem(side))
+                .map(|problem| problem.error);
+            ready.database &= database.is_none();
+            ready.nats &= source.is_none();
+            let found = database
+                .map(|e| ("database", e))
+                .or(source.map(|e| ("nats", e)));
+            if let (None, Some((check, error))) = (&ready.reason, found) {
+                ready.reason = Some(NotReady::new(Some(&p.name), check, &error));
             }
         }
-        true
+        self.log_readiness(&ready.reason);
+        ready
     }
 
-    /// True when the connection is up and no pipeline has a problem pulling
-    /// or dead-lettering (both are JetStream's answers).
-    pub fn source_up(&self) -> bool {
-        self.nats_up()
-            && self.running().iter().all(|p| {
-                [Side::Source, Side::DeadLetters]
-                    .into_iter()
-                    .all(|side| p.health.problem(side).is_none())
-            })
+    fn log_readiness(&self, reason: &Option<NotReady>) {
+        let key = reason.as_ref().map(|r| (r.pipeline.clone(), r.check));
+        let mut last = self.not_ready.lock().expect("readiness lock");
+        if *last == key {
+            return;
+        }
+        *last = key;
+        match reason {
+            Some(r) => {
+                tracing::warn!(pipeline = r.pipeline.as_deref().unwrap_or("-"), check = r.check,
+                error = %r.error, "not ready")
+            }
+            None => tracing::info!("ready"),
+        }
     }
 
     pub fn statuses(&self) -> Vec<Status> {
@@ -179,6 +277,27 @@ impl Engine {
         }
     }
 
+    /// When the next load that failed for a transient reason is due.
+    pub fn next_retry(&self) -> Option<tokio::time::Instant> {
+        let slots = self.slots.lock().expect("slots lock");
+        slots
+            .values()
+            .filter_map(|s| s.retry.as_ref())
+            .map(|r| r.at)
+            .min()
+    }
+
+    /// Makes the next reconcile try again the files whose retry is due.
+    pub fn forget_due_retries(&self) {
+        let now = tokio::time::Instant::now();
+        let mut slots = self.slots.lock().expect("slots lock");
+        for slot in slots.values_mut() {
+            if slot.retry.as_ref().is_some_and(|r| r.at <= now) {
+                slot.attempted = None;
+            }
+        }
+    }
+
     /// Directories whose changes may change a pipeline: the pipelines
     /// directory and those of referenced schemas and migrations.
     pub fn watched_dirs(&self) -> Vec<PathBuf> {
@@ -205,6 +324,7 @@ impl Slot {
                 (Some(_), Some(_), _) => "retrying",
                 (Some(_), None, None) => "running",
                 (Some(_), None, Some(_)) => "degraded",
+                (None, _, _) if self.retry.is_some() => "waiting",
                 (None, _, _) => "failed",
             }
             .into(),
@@ -249,15 +369,17 @@ pub async fn start(settings: &Settings) -> anyhow::Result<Arc<Engine>> {
     let engine = Arc::new(Engine {
         metrics: metrics.clone(),
         dir,
-        deps: Deps {
-            js: async_nats::jetstream::new(nats.clone()),
-            metrics: metrics.clone(),
-            database_url: settings.database_url.clone(),
-            stop_patience: settings.shutdown_grace / 2,
-        },
+        deps: Deps::new(
+            async_nats::jetstream::new(nats.clone()),
+            metrics.clone(),
+            settings.database_url.clone(),
+            settings.db_pool_size,
+            settings.shutdown_grace / 2,
+        )?,
         nats,
         slots: Mutex::new(BTreeMap::new()),
         retiring: Mutex::new(Vec::new()),
+        not_ready: Mutex::new(None),
     });
     let errors = engine.reconcile().await;
     if !errors.is_empty() {
@@ -266,4 +388,21 @@ pub async fn start(settings: &Settings) -> anyhow::Result<Arc<Engine>> {
     }
     metrics.set_nats_connected(engine.nats_up());
     Ok(engine)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn load_retries_back_off_up_to_their_cap() {
+        let mut retry = Retry::after(None);
+        let mut waits = vec![retry.backoff];
+        for _ in 0..6 {
+            retry = Retry::after(Some(&retry));
+            waits.push(retry.backoff);
+        }
+        let ms: Vec<u128> = waits.iter().map(Duration::as_millis).collect();
+        assert_eq!(ms, [250, 500, 1000, 2000, 4000, 5000, 5000]);
+    }
 }

@@ -94,6 +94,7 @@ impl Engine {
                 .is_some_and(|r| r.fingerprint == fingerprint)
             {
                 slot.error = None;
+                slot.retry = None;
                 slot.attempted = Some(fingerprint);
                 return Ok(());
             }
@@ -104,7 +105,7 @@ impl Engine {
         }
         let built = match loaded {
             Ok(file) => self.build(path, file, gone).await,
-            Err(e) => Err(e),
+            Err(e) => Err(Refusal::content(e)),
         };
         match built {
             Ok((pipeline, moved_from)) => {
@@ -113,16 +114,19 @@ impl Engine {
                     .await;
                 Ok(())
             }
-            Err(e) => {
+            Err(Refusal { error, transient }) => {
                 self.count(path, "failure");
-                tracing::error!(error = %e, "pipeline not (re)loaded; any running version keeps running");
-                self.slots
-                    .lock()
-                    .expect("slots lock")
-                    .entry(path.to_path_buf())
-                    .or_default()
-                    .error = Some(e.clone());
-                Err(e)
+                let mut slots = self.slots.lock().expect("slots lock");
+                let slot = slots.entry(path.to_path_buf()).or_default();
+                slot.retry = transient.then(|| Retry::after(slot.retry.as_ref()));
+                match &slot.retry {
+                    Some(retry) => tracing::warn!(error = %error, retry_in = ?retry.backoff,
+                        "pipeline not (re)loaded for now; trying again (any running version keeps running)"),
+                    None => tracing::error!(error = %error,
+                        "pipeline not (re)loaded; any running version keeps running"),
+                }
+                slot.error = Some(error.clone());
+                Err(error)
             }
         }
     }
@@ -134,8 +138,10 @@ impl Engine {
         path: &Path,
         file: PipelineFile,
         gone: &[PathBuf],
-    ) -> Result<(Pipeline, Option<PathBuf>), String> {
-        let moved_from = self.check_unique(path, &file, gone)?;
+    ) -> Result<(Pipeline, Option<PathBuf>), Refusal> {
+        let moved_from = self
+            .check_unique(path, &file, gone)
+            .map_err(Refusal::content)?;
         let stats = {
             let mut slots = self.slots.lock().expect("slots lock");
             let from = moved_from.as_ref().and_then(|f| slots.get(f));
@@ -148,7 +154,10 @@ impl Engine {
         };
         let pipeline = Pipeline::build(file, &self.deps, stats)
             .await
-            .map_err(|e| format!("{e:#}"))?;
+            .map_err(|e| Refusal {
+                transient: e.is_transient(),
+                error: e.to_string(),
+            })?;
         Ok((pipeline, moved_from))
     }
 
@@ -217,6 +226,7 @@ impl Engine {
                 .and_then(|m| m.running);
             let slot = slots.entry(path.to_path_buf()).or_default();
             slot.error = None;
+            slot.retry = None;
             match slot.running.replace(new) {
                 Some(old) => (Some(old), moved),
                 None => (moved, None),
@@ -264,6 +274,21 @@ impl Engine {
         let mut retiring = self.retiring.lock().expect("retiring lock");
         retiring.retain(|t| !t.is_finished());
         retiring.push(tokio::spawn(stop(old)));
+    }
+}
+
+/// Why a file was not loaded, and whether it is tried again by itself.
+pub(super) struct Refusal {
+    error: String,
+    transient: bool,
+}
+
+impl Refusal {
+    fn content(error: String) -> Self {
+        Self {
+            error,
+            transient: false,
+        }
     }
 }
 

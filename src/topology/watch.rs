@@ -64,6 +64,7 @@ pub async fn watch(engine: Arc<Engine>, mut stop: watch::Receiver<bool>) {
                 tracing::info!("SIGHUP: reloading every pipeline file");
                 engine.forget_attempts();
             }
+            _ = retry_due(&engine) => engine.forget_due_retries(),
         }
         reload(&engine).await;
         while watches.update(&mut watcher, engine.watched_dirs()) {
@@ -174,11 +175,19 @@ async fn sighup_only(engine: Arc<Engine>, mut stop: watch::Receiver<bool>) {
     loop {
         tokio::select! {
             _ = stopped(&mut stop) => return,
-            _ = hup.recv() => {
-                engine.forget_attempts();
-                reload(&engine).await;
-            }
+            _ = hup.recv() => engine.forget_attempts(),
+            _ = retry_due(&engine) => engine.forget_due_retries(),
         }
+        reload(&engine).await;
+    }
+}
+
+/// Until the next load that failed for a transient reason is due (forever
+/// when there is none).
+async fn retry_due(engine: &Engine) {
+    match engine.next_retry() {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
     }
 }
 

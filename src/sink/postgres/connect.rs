@@ -1,35 +1,8 @@
-//! Connecting: the pool and its limits, the health probe's own connection,
-//! Postgres URLs (Prisma's `schema=`) and their redaction.
+//! Connecting: a sink's pool, its limits and session settings, Postgres
+//! URLs (Prisma's `schema=`) and their redaction.
 
+use super::pool::{Pool, PoolChoice, Pools, Probe, Target};
 use super::*;
-
-/// How long a probe's answer stands: probes at any rate cost the database
-/// at most one query per sink per this period.
-const PROBE_FRESH: Duration = Duration::from_millis(500);
-
-/// The health probe's own connection and when it last checked.
-#[derive(Default)]
-pub(super) struct Probe {
-    conn: Option<sqlx::PgConnection>,
-    checked: Option<std::time::Instant>,
-}
-
-impl Probe {
-    async fn check(&mut self, options: &PgConnectOptions) -> bool {
-        use sqlx::Connection as _;
-        if self.conn.is_none() {
-            self.conn = sqlx::PgConnection::connect_with(options).await.ok();
-        }
-        match &mut self.conn {
-            Some(conn) => conn.execute("SELECT 1").await.is_ok(),
-            None => false,
-        }
-    }
-}
-
-fn probe_answer(up: &std::sync::atomic::AtomicBool) -> bool {
-    up.load(std::sync::atomic::Ordering::Relaxed)
-}
 
 /// Time limits of a sink's connections (see the `sink.postgres` fields of
 /// the same names).
@@ -72,95 +45,199 @@ impl Default for Limits {
     }
 }
 
-impl PgSink {
-    /// Connects with the default [`Limits`].
-    pub async fn connect(url: &str, pool_size: u32) -> anyhow::Result<Self> {
-        Self::connect_with(url, pool_size, Limits::default()).await
+/// What a pipeline's transactions set for themselves, so that any
+/// connection of a shared pool serves it as a connection of its own would:
+/// each transaction begins with them (`SET LOCAL`, sent with `BEGIN` in one
+/// round trip), and they end with it. Safe behind PgBouncer in transaction
+/// mode, where consecutive transactions may run on different servers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct Session {
+    statement: Duration,
+    search_path: Option<String>,
+}
+
+impl Session {
+    /// The settings as one statement: `set_config(…, true)` is `SET LOCAL`
+    /// with the value as a string, read as the setting's own syntax (a
+    /// `search_path` list, as the connection option `-c` reads it).
+    fn set_local(&self) -> String {
+        let mut set = format!(
+            "SELECT pg_catalog.set_config('statement_timeout', '{}', true)",
+            self.statement.as_millis()
+        );
+        if let Some(path) = &self.search_path {
+            set.push_str(&format!(
+                ", pg_catalog.set_config('search_path', {}, true)",
+                literal(path)
+            ));
+        }
+        set
     }
 
-    /// Connects lazily-checked: the first connection is opened here so a
-    /// wrong URL fails at start-up, not on the first event.
-    pub async fn connect_with(url: &str, pool_size: u32, limits: Limits) -> anyhow::Result<Self> {
-        let statement_timeout = format!("{}", limits.statement.as_millis());
-        let options = connect_options(url)?.options([("statement_timeout", statement_timeout)]);
-        let connecting = PgPoolOptions::new()
-            .max_connections(pool_size.max(1))
-            .acquire_timeout(limits.connect)
-            .connect_with(options.clone());
-        let pool = match tokio::time::timeout(limits.connect, connecting).await {
-            Ok(Ok(pool)) => pool,
-            Ok(Err(e)) => anyhow::bail!(
-                "cannot connect to Postgres at {}: {}",
-                redact_url(url),
-                crate::util::redact::secrets_in(&e.to_string(), url)
-            ),
-            Err(_) => anyhow::bail!(
-                "cannot connect to Postgres at {}: no answer within {:?}",
-                redact_url(url),
-                limits.connect
-            ),
-        };
-        Ok(Self {
+    /// Begins a transaction with the session's settings; inside a
+    /// transaction already (a dry run), a savepoint with them.
+    pub(super) async fn begin<'c>(
+        &self,
+        conn: &'c mut PgConnection,
+    ) -> Result<sqlx::Transaction<'c, Postgres>, sqlx::Error> {
+        use sqlx::Connection as _;
+        if conn.is_in_transaction() {
+            let mut tx = Acquire::begin(conn).await?;
+            (&mut *tx).execute(self.set_local().as_str()).await?;
+            Ok(tx)
+        } else {
+            conn.begin_with(format!("BEGIN; {}", self.set_local()))
+                .await
+        }
+    }
+
+    /// `SET` statements for the session of a connection of its own (the
+    /// migrations'), or for the rest of a transaction.
+    pub(super) fn search_path_sql(&self, local: bool) -> Option<String> {
+        self.search_path.as_ref().map(|path| {
+            format!(
+                "SELECT pg_catalog.set_config('search_path', {}, {local})",
+                literal(path)
+            )
+        })
+    }
+}
+
+/// A string literal whatever `standard_conforming_strings` says.
+fn literal(text: &str) -> String {
+    format!("E'{}'", text.replace('\\', "\\\\").replace('\'', "''"))
+}
+
+/// Why a sink could not connect.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    #[error("{0:#}")]
+    Url(anyhow::Error),
+    #[error("cannot connect to Postgres at {url}: {error}")]
+    Connect {
+        url: String,
+        error: String,
+        transient: bool,
+    },
+}
+
+impl ConnectError {
+    /// True when the database may be reachable later (an outage, a full
+    /// server), false when the URL or the credentials are wrong.
+    pub fn is_transient(&self) -> bool {
+        matches!(
+            self,
+            ConnectError::Connect {
+                transient: true,
+                ..
+            }
+        )
+    }
+}
+
+impl PgSink {
+    fn with_pool(pool: Arc<Pool>, target: &Target, limits: Limits) -> Self {
+        Self {
             pool,
             limits,
-            options,
-            probe: tokio::sync::Mutex::new(Probe::default()),
-            probe_up: std::sync::atomic::AtomicBool::new(true),
+            session: Session {
+                statement: limits.statement,
+                search_path: target.search_path.clone(),
+            },
             plans: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// A sink on the pool `choice` names, with a first connection opened
+    /// here so a wrong URL fails at load, not on the first event.
+    pub async fn connect(
+        pools: &Pools,
+        url: &str,
+        choice: PoolChoice,
+        limits: Limits,
+    ) -> Result<Self, ConnectError> {
+        let target = Target::parse(url).map_err(ConnectError::Url)?;
+        let sink = Self::with_pool(pools.pool(&target, choice), &target, limits);
+        sink.check(url).await?;
+        Ok(sink)
+    }
+
+    /// Opens (or takes) one connection of the pool.
+    async fn check(&self, url: &str) -> Result<(), ConnectError> {
+        let limit = self.limits.connect;
+        let Err(e) = self.pool.acquire(limit).await else {
+            return Ok(());
+        };
+        let error = match &e {
+            sqlx::Error::PoolTimedOut => format!("no answer within {limit:?}"),
+            e => crate::util::redact::secrets_in(&e.to_string(), url),
+        };
+        Err(ConnectError::Connect {
+            url: redact_url(url),
+            error,
+            transient: sqlstate::fault(&e) == Fault::Transient,
         })
     }
 
-    /// True when the database answers a trivial query within two seconds,
-    /// on the probe's own connection: probes never take a connection from
-    /// the write pool. Checked at most once per [`PROBE_FRESH`]; probes
-    /// arriving meanwhile (or while a check runs) get the last answer.
+    /// A sink with a one-connection pool of its own, in no registry, whose
+    /// connection carries the session settings itself (`ingestd test`,
+    /// `check --db`: see [`super::DryRun`]).
+    pub async fn private(url: &str, limits: Limits) -> anyhow::Result<Self> {
+        let target = Target::parse(url)?;
+        let options = target.session_options(Some(limits.statement));
+        let probe = Arc::new(Probe::new(options.clone()));
+        let pool = Arc::new(Pool::new(redact_url(url), options, 1, probe));
+        let sink = Self::with_pool(pool, &target, limits);
+        sink.check(url).await?;
+        Ok(sink)
+    }
+
+    /// True when the database answers its probe (shared by the sinks of
+    /// one database; see [`Probe::ping`]).
     pub async fn ping(&self) -> bool {
-        let Ok(mut probe) = self.probe.try_lock() else {
-            return probe_answer(&self.probe_up);
-        };
-        if probe.checked.is_some_and(|t| t.elapsed() < PROBE_FRESH) {
-            return probe_answer(&self.probe_up);
-        }
-        let up = tokio::time::timeout(Duration::from_secs(2), probe.check(&self.options))
-            .await
-            .unwrap_or(false);
-        if !up {
-            probe.conn = None;
-        }
-        probe.checked = Some(std::time::Instant::now());
-        self.probe_up
-            .store(up, std::sync::atomic::Ordering::Relaxed);
-        up
+        self.pool.probe.ping().await
+    }
+
+    /// The session settings' statement for a transaction of this sink.
+    pub(super) async fn begin<'c>(
+        &self,
+        conn: &'c mut PgConnection,
+    ) -> Result<sqlx::Transaction<'c, Postgres>, sqlx::Error> {
+        self.session.begin(conn).await
     }
 }
 
 /// Parses a Postgres URL, honouring Prisma's `schema=NAME` parameter as the
 /// connection's `search_path` (the original service's URLs carry it).
 pub fn connect_options(url: &str) -> anyhow::Result<PgConnectOptions> {
-    let mut parsed = url::Url::parse(url)
-        .map_err(|e| anyhow::anyhow!("invalid database URL {}: {e}", redact_url(url)))?;
-    let schema = parsed
-        .query_pairs()
-        .find(|(k, _)| k == "schema")
-        .map(|(_, v)| v.into_owned());
-    let rest: Vec<(String, String)> = parsed
-        .query_pairs()
-        .filter(|(k, _)| k != "schema")
-        .map(|(k, v)| (k.into_owned(), v.into_owned()))
-        .collect();
-    parsed.set_query(None);
-    if !rest.is_empty() {
-        parsed.query_pairs_mut().extend_pairs(rest);
-    }
-    let mut options = PgConnectOptions::from_str(parsed.as_str())
-        .map_err(|e| anyhow::anyhow!("invalid database URL {}: {e}", redact_url(url)))?;
-    if let Some(schema) = schema {
-        options = options.options([("search_path", schema)]);
-    }
-    Ok(options.application_name("ingestd"))
+    Ok(Target::parse(url)?.session_options(None))
 }
 
 /// The URL with its passwords replaced, for logs and errors.
 pub fn redact_url(url: &str) -> String {
     crate::util::redact::url(url)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The settings go to the server as literals whatever they contain.
+    #[test]
+    fn session_settings_are_literals() {
+        let session = Session {
+            statement: Duration::from_millis(1500),
+            search_path: Some(r"a'b\c, public".into()),
+        };
+        assert_eq!(
+            session.set_local(),
+            "SELECT pg_catalog.set_config('statement_timeout', '1500', true), \
+             pg_catalog.set_config('search_path', E'a''b\\\\c, public', true)"
+        );
+        let plain = Session {
+            search_path: None,
+            ..session
+        };
+        assert!(!plain.set_local().contains("search_path"));
+    }
 }

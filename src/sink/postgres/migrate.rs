@@ -33,6 +33,24 @@ pub enum MigrateError {
     },
 }
 
+impl MigrateError {
+    /// True when trying again later may succeed: the database did not
+    /// answer, or another session held a lock longer than `lock_timeout`.
+    pub fn is_transient(&self) -> bool {
+        use sqlx::migrate::MigrateError as M;
+        let sql = match self {
+            MigrateError::Read { .. } => return false,
+            MigrateError::Session { source, .. } => source,
+            MigrateError::Apply { source, .. } => match source {
+                M::Execute(e) | M::ExecuteMigration(e, _) => e,
+                _ => return false,
+            },
+        };
+        db_code(sql).as_deref() == Some(LOCK_NOT_AVAILABLE)
+            || sqlstate::fault(sql) == Fault::Transient
+    }
+}
+
 /// Names the setting when a migration gave up waiting for a lock.
 fn lock_hint(e: &sqlx::migrate::MigrateError, lock: Duration) -> String {
     use sqlx::migrate::MigrateError as M;
@@ -61,21 +79,22 @@ impl PgSink {
     /// Applies the `.sql` files of `dir` not yet applied (read at run time:
     /// adding a migration needs no recompiling). Versions are shared by all
     /// directories that target one database, hence `ignore_missing`. Runs on
-    /// a connection of its own whose lock waits end after `lock_timeout`
+    /// a connection of the pool, in the pipeline's `search_path`, whose lock
+    /// waits end after `lock_timeout`
     /// (a migration may run longer than `statement_timeout`, but must not
     /// wait forever on another session's lock); the connection is closed
     /// afterwards rather than returned with those settings.
     pub async fn migrate(&self, dir: &Path) -> Result<(), MigrateError> {
         let mut conn = self
             .pool
-            .acquire()
+            .acquire(self.limits.connect)
             .await
             .map_err(|source| MigrateError::Session {
                 dir: dir.to_path_buf(),
                 source,
             })?;
         let result = self.migrate_on(&mut conn, dir, Scope::Session).await;
-        let _ = conn.close().await;
+        conn.close().await;
         result
     }
 
@@ -104,10 +123,13 @@ impl PgSink {
             dir: dir.to_path_buf(),
             source,
         };
-        let settings = format!(
+        let mut settings = format!(
             "{set} lock_timeout = {}; {set} statement_timeout = 0",
             self.limits.lock.as_millis()
         );
+        if let Some(path) = self.session.search_path_sql(scope == Scope::Transaction) {
+            settings = format!("{settings}; {path}");
+        }
         conn.execute(settings.as_str()).await.map_err(session)?;
         let result = migrator.run_direct(&mut *conn).await;
         if scope == Scope::Transaction && result.is_ok() {

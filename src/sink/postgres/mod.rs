@@ -15,14 +15,17 @@
 mod connect;
 mod migrate;
 pub mod plan;
+mod pool;
 pub mod sql;
 pub mod sqlstate;
 mod trial;
 mod write;
 
-use connect::Probe;
-pub use connect::{connect_options, redact_url, Limits};
+use connect::Session;
+pub use connect::{connect_options, redact_url, ConnectError, Limits};
 pub use migrate::MigrateError;
+use pool::{Conn, Pool};
+pub use pool::{PoolChoice, Pools, DEFAULT_POOL_SIZE};
 pub use trial::{DryRun, DryRunError, Trial};
 
 use std::collections::HashMap;
@@ -180,14 +183,12 @@ pub enum Finish {
     Rollback,
 }
 
+/// One pipeline's writer: its pool (shared with the other sinks of its
+/// database, or its own), its limits and session settings, its plans.
 pub struct PgSink {
-    pool: PgPool,
+    pool: Arc<Pool>,
     limits: Limits,
-    /// How the probe connects (the pool's options).
-    options: PgConnectOptions,
-    probe: tokio::sync::Mutex<Probe>,
-    /// The probe's last answer.
-    probe_up: std::sync::atomic::AtomicBool,
+    session: Session,
     plans: Mutex<HashMap<String, Arc<Plan>>>,
 }
 
@@ -200,7 +201,22 @@ impl PgSink {
             return Ok(p);
         }
         let mut conn = self.acquire().await?;
-        let plan = Plan::build(&mut conn, &rendered.sql, rendered.params.len())
+        self.plan_on(&mut conn, rendered).await
+    }
+
+    /// [`Self::plan`] on a connection the caller holds. The statement is
+    /// described inside a transaction with the session's settings, so its
+    /// names resolve through the pipeline's `search_path`.
+    async fn plan_on(
+        &self,
+        conn: &mut PgConnection,
+        rendered: &Rendered,
+    ) -> Result<Arc<Plan>, WriteError> {
+        if let Some(p) = self.cached(&rendered.sql) {
+            return Ok(p);
+        }
+        let mut tx = self.begin(conn).await.map_err(WriteError::from_sqlx)?;
+        let plan = Plan::build(&mut tx, &rendered.sql, rendered.params.len())
             .await
             .map_err(|e| match e {
                 PlanError::Database(db) if sqlstate::fault(&db) == Fault::Transient => {
@@ -208,6 +224,7 @@ impl PgSink {
                 }
                 other => WriteError::Pipeline(format!("the statement cannot be prepared: {other}")),
             })?;
+        tx.rollback().await.map_err(WriteError::from_sqlx)?;
         let plan = Arc::new(plan);
         let mut plans = self.plans.lock().expect("plans lock");
         if plans.len() >= MAX_PLANS {
@@ -222,8 +239,8 @@ impl PgSink {
     /// statement the database refuses, or a missing TEMPORARY privilege,
     /// shows at load and in `ingestd check --db`.
     pub async fn verify(&self, rendered: &Rendered) -> Result<Arc<Plan>, WriteError> {
-        let plan = self.plan(rendered).await?;
         let mut conn = self.acquire().await?;
+        let plan = self.plan_on(&mut conn, rendered).await?;
         sqlx::query(&plan.function.create)
             .execute(&mut *conn)
             .await
@@ -241,8 +258,12 @@ impl PgSink {
         self.plans.lock().expect("plans lock").clear();
     }
 
-    async fn acquire(&self) -> Result<PoolConnection<Postgres>, WriteError> {
-        self.pool.acquire().await.map_err(WriteError::from_sqlx)
+    /// A connection, once this sink's turn at the pool comes.
+    async fn acquire(&self) -> Result<Conn<'_>, WriteError> {
+        self.pool
+            .acquire(self.limits.connect)
+            .await
+            .map_err(WriteError::from_sqlx)
     }
 }
 

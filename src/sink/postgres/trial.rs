@@ -44,7 +44,7 @@ impl PgSink {
             plan.row_sql
         );
         let mut conn = self.acquire().await?;
-        let mut tx = conn.begin().await.map_err(WriteError::from_sqlx)?;
+        let mut tx = self.begin(&mut conn).await.map_err(WriteError::from_sqlx)?;
         let mut q = sqlx::query_scalar::<_, String>(&sql);
         for v in &values {
             q = q.bind(v.as_deref());
@@ -96,7 +96,7 @@ pub struct DryRun {
 
 impl DryRun {
     pub async fn begin(url: &str, limits: Limits) -> Result<Self, DryRunError> {
-        let sink = PgSink::connect_with(url, 1, limits)
+        let sink = PgSink::private(url, limits)
             .await
             .map_err(DryRunError::Connect)?;
         let dry = Self { sink };
@@ -151,7 +151,7 @@ impl DryRun {
                 .await
                 .map_err(DryRunError::Transaction)?;
         }
-        let _ = sqlx::Connection::close(conn.detach()).await;
+        conn.close().await;
         self.sink.pool.close().await;
         Ok(())
     }
@@ -159,7 +159,7 @@ impl DryRun {
     /// The pool's connection, checked to be still the one inside the
     /// transaction (a lost connection is replaced by a new one outside it,
     /// which must never apply a migration for good).
-    async fn in_transaction(&self) -> Result<PoolConnection<Postgres>, DryRunError> {
+    async fn in_transaction(&self) -> Result<Conn<'_>, DryRunError> {
         let conn = self.connection().await?;
         match Transactions::get_transaction_depth(&conn) {
             0 => Err(DryRunError::Lost),
@@ -168,10 +168,10 @@ impl DryRun {
     }
 
     /// The pool's only connection.
-    async fn connection(&self) -> Result<PoolConnection<Postgres>, DryRunError> {
+    async fn connection(&self) -> Result<Conn<'_>, DryRunError> {
         self.sink
             .pool
-            .acquire()
+            .acquire(self.sink.limits.connect)
             .await
             .map_err(DryRunError::Transaction)
     }

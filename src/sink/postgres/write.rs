@@ -8,15 +8,18 @@ use super::*;
 
 impl PgSink {
     /// One write attempt (see [`Self::write`]) bounded by the engine's own
-    /// clock ([`Limits::attempt`]). Rows committed before the bound passes
-    /// keep their outcome.
+    /// clock ([`Limits::attempt`]) once its turn at the pool has come: the
+    /// wait for a turn is backpressure (the caller keeps the batch alive),
+    /// not part of the attempt. Rows committed before the bound passes keep
+    /// their outcome.
     pub async fn write_bounded(
         &self,
         rows: &mut [&mut SinkRow],
         finish: Finish,
     ) -> Result<(), WriteError> {
+        let turn = self.pool.turn().await;
         let bound = self.limits.attempt();
-        tokio::time::timeout(bound, self.write(rows, finish))
+        tokio::time::timeout(bound, self.write_in(turn, rows, finish))
             .await
             .unwrap_or_else(|_| {
                 Err(WriteError::Transient(format!(
@@ -30,12 +33,25 @@ impl PgSink {
     /// `Stored` (once the transaction is finished as `finish` says). On an
     /// error every pending row stays `Pending`.
     pub async fn write(&self, rows: &mut [&mut SinkRow], finish: Finish) -> Result<(), WriteError> {
-        let (batch, refused) = self.encode_pending(rows).await?;
+        let turn = self.pool.turn().await;
+        self.write_in(turn, rows, finish).await
+    }
+
+    async fn write_in(
+        &self,
+        turn: pool::Turn<'_>,
+        rows: &mut [&mut SinkRow],
+        finish: Finish,
+    ) -> Result<(), WriteError> {
+        let mut conn = turn
+            .connect(self.limits.connect)
+            .await
+            .map_err(WriteError::from_sqlx)?;
+        let (batch, refused) = self.encode_pending(&mut conn, rows).await?;
         let indices: Vec<usize> = batch.iter().map(|e| e.index).collect();
         let result = if batch.is_empty() {
             Ok(Vec::new())
         } else {
-            let mut conn = self.acquire().await?;
             self.attempts(&mut conn, &batch, finish).await
         };
         drop(batch);
@@ -66,6 +82,7 @@ impl PgSink {
     /// rows' strings), and the rows no plan can take (a NUL in a value).
     async fn encode_pending<'a>(
         &self,
+        conn: &mut PgConnection,
         rows: &'a [&mut SinkRow],
     ) -> Result<(Vec<Encoded<'a>>, Vec<(usize, Rejection)>), WriteError> {
         let mut batch = Vec::new();
@@ -77,7 +94,7 @@ impl PgSink {
             }
             let plan = match &last {
                 Some((sql, plan)) if Arc::ptr_eq(sql, &row.rendered.sql) => plan.clone(),
-                _ => self.plan(&row.rendered).await?,
+                _ => self.plan_on(conn, &row.rendered).await?,
             };
             last = Some((&row.rendered.sql, plan.clone()));
             match plan.encode(&row.rendered.params) {
@@ -153,7 +170,7 @@ impl PgSink {
         finish: Finish,
     ) -> Result<Vec<(usize, Rejection)>, Failed> {
         loop {
-            match run_batch(conn, batch, mode, finish).await {
+            match run_batch(conn, &self.session, batch, mode, finish).await {
                 Err(Failed::Sql(e)) if missing_function(&e, batch) => {
                     create_functions(conn, batch).await?;
                 }
@@ -193,11 +210,12 @@ type RowFailure = (i32, String, String);
 /// fails the whole attempt.
 async fn run_batch(
     conn: &mut PgConnection,
+    session: &Session,
     batch: &[Encoded<'_>],
     mode: Mode,
     finish: Finish,
 ) -> Result<Vec<(usize, Rejection)>, Failed> {
-    let mut tx = conn.begin().await?;
+    let mut tx = session.begin(conn).await?;
     let mut rejected = Vec::new();
     let mut start = 0;
     for run in batch.chunk_by(|a, b| Arc::ptr_eq(&a.plan, &b.plan)) {

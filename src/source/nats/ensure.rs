@@ -3,6 +3,52 @@
 
 use super::*;
 
+/// Why a stream or consumer could not be ensured, and whether trying again
+/// later may succeed (NATS did not answer) or the file must change.
+#[derive(Debug, thiserror::Error)]
+#[error("{error:#}")]
+pub struct EnsureError {
+    error: anyhow::Error,
+    transient: bool,
+}
+
+impl EnsureError {
+    pub fn is_transient(&self) -> bool {
+        self.transient
+    }
+
+    fn new(transient: bool, error: anyhow::Error) -> Self {
+        Self { error, transient }
+    }
+}
+
+/// A JetStream error passes by itself when its code is 503: the server is
+/// unavailable (no quorum, JetStream starting), not refusing the request.
+const UNAVAILABLE: usize = 503;
+
+fn stream_transient(e: &jetstream::context::CreateStreamError) -> bool {
+    use jetstream::context::CreateStreamErrorKind as K;
+    match e.kind() {
+        K::JetStreamUnavailable | K::TimedOut => true,
+        K::JetStream(js) => js.code() == UNAVAILABLE,
+        _ => false,
+    }
+}
+
+fn request_transient(e: &jetstream::context::RequestError) -> bool {
+    use jetstream::context::RequestErrorKind as K;
+    matches!(e.kind(), K::NoResponders | K::TimedOut | K::Other)
+}
+
+fn consumer_transient(e: &jetstream::stream::ConsumerError) -> bool {
+    use jetstream::stream::ConsumerErrorKind as K;
+    match e.kind() {
+        K::TimedOut | K::Request => true,
+        K::JetStream(js) => js.code() == UNAVAILABLE,
+        _ => false,
+    }
+}
+
 /// Ensures the stream (created when missing, used as is when present, but
 /// refused when its subjects do not cover the consumer's filter) and the
 /// durable consumer (created, or its settings updated to the file's).
@@ -11,35 +57,54 @@ pub async fn ensure(
     s: &StreamConfig,
     c: &ConsumerConfig,
     max_ack_pending: i64,
-) -> anyhow::Result<(stream::Stream, PullConsumer)> {
+) -> Result<(stream::Stream, PullConsumer), EnsureError> {
     let mut stream = js
         .get_or_create_stream(stream_config(s))
         .await
-        .with_context(|| format!("cannot ensure stream {}", s.name))?;
-    let info = stream
-        .info()
-        .await
-        .with_context(|| format!("stream {}", s.name))?;
+        .map_err(|e| {
+            let transient = stream_transient(&e);
+            EnsureError::new(
+                transient,
+                anyhow::Error::new(e).context(format!("cannot ensure stream {}", s.name)),
+            )
+        })?;
+    let info = stream.info().await.map_err(|e| {
+        let transient = request_transient(&e);
+        EnsureError::new(
+            transient,
+            anyhow::Error::new(e).context(format!("stream {}", s.name)),
+        )
+    })?;
     // Servers before 2.10 refuse such a consumer, later ones accept it and
     // deliver nothing: refuse it on every version.
-    anyhow::ensure!(
-        info.config
-            .subjects
-            .iter()
-            .any(|p| subject_covers(p, &c.filter_subject)),
-        "the existing stream {} has subjects {:?}, which do not cover the consumer's filter {}: \
-         it would receive nothing",
-        s.name,
-        info.config.subjects,
-        c.filter_subject
-    );
+    if !info
+        .config
+        .subjects
+        .iter()
+        .any(|p| subject_covers(p, &c.filter_subject))
+    {
+        return Err(EnsureError::new(
+            false,
+            anyhow::anyhow!(
+                "the existing stream {} has subjects {:?}, which do not cover the consumer's filter {}: \
+                 it would receive nothing",
+                s.name,
+                info.config.subjects,
+                c.filter_subject
+            ),
+        ));
+    }
     let consumer = stream
         .create_consumer(consumer_config(c, max_ack_pending))
         .await
-        .with_context(|| {
-            format!(
-                "cannot create or update consumer {} on stream {}",
-                c.durable, s.name
+        .map_err(|e| {
+            let transient = consumer_transient(&e);
+            EnsureError::new(
+                transient,
+                anyhow::Error::new(e).context(format!(
+                    "cannot create or update consumer {} on stream {}",
+                    c.durable, s.name
+                )),
             )
         })?;
     Ok((stream, consumer))

@@ -26,7 +26,7 @@ mod request;
 
 pub use acks::RecentAcks;
 pub use connect::{connect, NatsAuth, NatsOptions, ServerListError};
-pub use ensure::{ensure, subject_covers};
+pub use ensure::{ensure, subject_covers, EnsureError};
 pub use handoff::Handoff;
 pub use puller::Puller;
 

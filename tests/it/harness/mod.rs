@@ -17,6 +17,7 @@ pub mod cluster;
 pub mod faults;
 pub mod operations;
 pub mod reload;
+pub mod scale;
 pub mod statements;
 
 mod engine;
