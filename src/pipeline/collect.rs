@@ -95,6 +95,7 @@ impl Pipeline {
     pub(super) async fn prepare_all(&self, held: Vec<Held>) -> Vec<Row> {
         let mut rows = Vec::with_capacity(held.len());
         for h in held {
+            crate::util::testhook::panic_point("prepare", &h.msg.payload);
             match self
                 .compiled
                 .prepare(&h.msg.payload, &self.meta(&h.msg), &self.headers(&h.msg))

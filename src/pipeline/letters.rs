@@ -13,11 +13,16 @@
 //! - the stage is a task of its pipeline version, joined when it stops.
 
 use std::collections::VecDeque;
+use std::panic::AssertUnwindSafe;
+
+use futures::FutureExt;
 
 use super::deadletter::{DeadLetters, Letter};
 use super::keepalive::progress;
+use super::supervise::panic_text;
 use super::*;
 use crate::util::backoff::Backoff;
+use crate::util::testhook;
 
 /// First and longest pause between attempts to publish a refused letter.
 const DEAD_LETTER_BACKOFF: (Duration, Duration) =
@@ -134,9 +139,28 @@ pub(super) fn outbox() -> (Outbox, mpsc::Receiver<Parcel>) {
 }
 
 impl Stage {
-    /// Runs until every outbox is dropped; then tries the letters still held
-    /// once more and leaves the rest for redelivery.
+    /// Runs until every outbox is dropped; a panic is reported as the
+    /// pipeline's `dead_letters` problem (cleared by the next confirmed
+    /// letter) and the stage serves on (the letters it held come back after
+    /// `ack_wait`).
     pub(super) async fn run(self, mut inbox: mpsc::Receiver<Parcel>) {
+        loop {
+            let serve = AssertUnwindSafe(self.serve(&mut inbox)).catch_unwind();
+            let Err(panic) = serve.await else { return };
+            let text = panic_text(&*panic);
+            tracing::error!(pipeline = %self.letters.pipeline, panic = %text,
+                "the dead-letter stage panicked; the letters it held are delivered again after ack_wait");
+            self.health.fail(
+                Side::DeadLetters,
+                Severity::Failing,
+                format!("the dead-letter stage panicked: {text}"),
+            );
+        }
+    }
+
+    /// Serves the outbox until every sender is dropped; then tries the
+    /// letters still held once more and leaves the rest for redelivery.
+    async fn serve(&self, inbox: &mut mpsc::Receiver<Parcel>) {
         let mut held = VecDeque::new();
         let mut backoff = Backoff::new(DEAD_LETTER_BACKOFF);
         let mut retry_at: Option<Instant> = None;
@@ -172,6 +196,7 @@ impl Stage {
     /// when to try again then.
     async fn deliver(&self, held: &mut VecDeque<Parcel>, backoff: &mut Backoff) -> Option<Instant> {
         while let Some(parcel) = held.front() {
+            testhook::panic_point("dead_letter", &parcel.letter.payload);
             if let Err(error) = self.letters.publish(&parcel.letter).await {
                 if self
                     .health

@@ -14,6 +14,7 @@ mod deadletter;
 mod keepalive;
 mod letters;
 mod settle;
+mod supervise;
 mod write;
 
 use std::collections::BTreeMap;
@@ -73,16 +74,26 @@ pub struct Pipeline {
     rejected_run: std::sync::Mutex<RejectedRun>,
     /// Set by a reload: who gets this version's open pull requests.
     successor: std::sync::Mutex<Option<mpsc::UnboundedSender<Handoff>>>,
+    /// Set by a writer that panicked; the loop then restarts.
+    writer_panicked: std::sync::atomic::AtomicBool,
     /// See [`Deps::stop_patience`].
     stop_patience: Duration,
     /// Where dead letters go while this version runs (with dead letters).
     outbox: std::sync::Mutex<Option<letters::Outbox>>,
 }
 
-/// The dead-letter tasks of a running version.
+/// The dead-letter tasks of a running version. Dropped unjoined (its loop
+/// panicked), the watch is aborted; the stage ends by itself once the
+/// outbox it reads is replaced.
 struct LetterTasks {
     stage: tokio::task::JoinHandle<()>,
     watch: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for LetterTasks {
+    fn drop(&mut self) {
+        self.watch.abort();
+    }
 }
 
 /// Per-pipeline event counts, for `/pipelines`.
@@ -272,6 +283,7 @@ impl Pipeline {
             successor: std::sync::Mutex::new(None),
             outbox: std::sync::Mutex::new(None),
             stop_patience: deps.stop_patience,
+            writer_panicked: Default::default(),
             rejected_run: std::sync::Mutex::new(RejectedRun::default()),
             dead_letters,
             stream,
@@ -306,12 +318,14 @@ impl Pipeline {
     /// request, writes and acknowledges everything it holds, and returns.
     ///
     /// A version started by a reload gets `adopt`: its predecessor's open
-    /// pull requests arrive there when the predecessor stops.
-    pub async fn run(
+    /// pull requests arrive there when the predecessor stops. A loop
+    /// `restarted` after a panic clears the panic's problem once it pulls.
+    async fn run_once(
         self: Arc<Self>,
         mut stop: watch::Receiver<bool>,
         mut adopt: Option<mpsc::UnboundedReceiver<Handoff>>,
-    ) {
+        mut restarted: bool,
+    ) -> supervise::Ended {
         let batch = &self.cfg.sink.postgres.batch;
         let slots = Arc::new(Semaphore::new(batch.max_in_flight.get()));
         let mut puller = Puller::new(
@@ -331,6 +345,12 @@ impl Pipeline {
         );
         let letters = self.start_letters(&stop).await;
         while let Some(held) = self.collect(&mut puller, &mut stop, &mut adopt).await {
+            if self.writer_panicked.swap(false, Ordering::Relaxed) {
+                return supervise::Ended::WriterPanicked;
+            }
+            if std::mem::take(&mut restarted) && self.health.recover(Side::Source) {
+                tracing::info!(pipeline = %self.name, "pulling again after a restart");
+            }
             self.dispatch(held, &slots, &mut puller, &stop).await;
         }
         let successor = self.successor.lock().expect("successor lock").take();
@@ -361,6 +381,7 @@ impl Pipeline {
         }
         poller.finish().await;
         tracing::info!(pipeline = %self.name, "pipeline stopped");
+        supervise::Ended::Stopped
     }
 
     /// Starts the dead-letter stage and the max-deliveries watch that feeds
@@ -395,12 +416,12 @@ impl Pipeline {
     /// Ends the max-deliveries watch (it has seen `stop`), then closes the
     /// outbox once every writer is done, and waits for the stage to publish
     /// or leave what it holds. A panic in either is reported, not lost.
-    async fn finish_letters(&self, tasks: LetterTasks) {
-        let watch = tasks.watch.await;
+    async fn finish_letters(&self, mut tasks: LetterTasks) {
+        let watch = (&mut tasks.watch).await;
         self.outbox.lock().expect("outbox lock").take();
         for (task, joined) in [
             ("max-deliveries watch", watch),
-            ("dead-letter stage", tasks.stage.await),
+            ("dead-letter stage", (&mut tasks.stage).await),
         ] {
             if let Err(e) = joined {
                 tracing::error!(pipeline = %self.name, task, error = %e, "task ended abnormally");
@@ -423,9 +444,7 @@ impl Pipeline {
             return;
         }
         let permit = self.wait_for_slot(slots, &rows, puller).await;
-        let this = self.clone();
-        let stop = stop.clone();
-        tokio::spawn(async move { this.write(rows, stop, permit).await });
+        self.spawn_writer(rows, stop.clone(), permit);
     }
 
     fn count_failure(&self, held: &Held, reason: &str) {

@@ -16,6 +16,9 @@ impl Pipeline {
         mut stop: watch::Receiver<bool>,
         _permit: OwnedSemaphorePermit,
     ) {
+        for row in &rows {
+            crate::util::testhook::panic_point("write", &row.held.msg.payload);
+        }
         let policy = &self.cfg.on_error.transient;
         let mut backoff = policy.backoff_initial;
         let oldest = rows.iter().map(|r| r.held.received).min();

@@ -203,11 +203,18 @@ impl Poller {
         Self { task, lag }
     }
 
-    /// Stops polling; the last version of a pipeline to stop removes its
-    /// series.
-    pub async fn finish(self) {
+    /// Stops polling and waits until the poll has ended.
+    pub async fn finish(mut self) {
         self.task.abort();
-        let _ = self.task.await;
+        let _ = (&mut self.task).await;
+    }
+}
+
+impl Drop for Poller {
+    /// Ends the poll (also when its pipeline's loop panicked); the last
+    /// version of a pipeline to stop removes its series.
+    fn drop(&mut self) {
+        self.task.abort();
         let families = &self.lag.families;
         let mut users = families.users.lock().expect("lag users lock");
         let left = users.get_mut(&self.lag.name).map(|n| {

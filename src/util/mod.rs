@@ -3,4 +3,5 @@
 pub mod backoff;
 pub mod redact;
 pub mod rfc3339;
+pub mod testhook;
 pub mod text;

@@ -13,6 +13,7 @@ mod faults;
 mod hot_reload;
 mod nats_auth;
 mod operations;
+mod panics;
 mod scale;
 mod statements;
 mod tiktok_contract;
