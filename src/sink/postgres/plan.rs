@@ -13,7 +13,10 @@
 //! - **unnest** (an optimisation): a plain `INSERT … VALUES (one tuple)`,
 //!   optionally with `ON CONFLICT`, whose expressions cannot see the rows the
 //!   same statement inserts (no subquery, no user function, no
-//!   statement-level trigger or rule on the table) becomes one
+//!   statement-level trigger or rule on the table), into a table whose
+//!   row checks one statement would postpone to its end (AFTER ROW
+//!   triggers, foreign keys to itself, deferrable constraints: see
+//!   [`Catalog`]) has none, becomes one
 //!   `INSERT … SELECT … FROM UNNEST(…) WITH ORDINALITY ORDER BY` statement.
 //!   Rows go in stream order; an `ON CONFLICT DO UPDATE` that meets the same
 //!   key twice fails (21000) and the batch falls back to per row.
@@ -328,32 +331,102 @@ async fn unnest_blocker(
         return Ok(Some("a subquery".into()));
     }
     let names = sql::called_names(sql_text);
-    let (relkind, row_only, user_functions): (Option<String>, bool, Vec<String>) = sqlx::query_as(
-        "SELECT (SELECT relkind::text FROM pg_class WHERE oid = to_regclass($1)), \
-                NOT EXISTS (SELECT 1 FROM pg_trigger WHERE tgrelid = to_regclass($1) \
-                            AND NOT tgisinternal AND (tgtype & 1) = 0) \
-                AND NOT EXISTS (SELECT 1 FROM pg_rewrite WHERE ev_class = to_regclass($1) \
-                            AND rulename <> '_RETURN'), \
-                ARRAY(SELECT DISTINCT p.proname::text FROM pg_proc p \
-                      JOIN pg_namespace n ON n.oid = p.pronamespace \
-                      WHERE p.proname = ANY($2) \
-                      AND n.nspname NOT IN ('pg_catalog', 'information_schema'))",
-    )
-    .bind(&target)
-    .bind(&names)
-    .fetch_one(&mut *conn)
-    .await?;
-    Ok(match relkind.as_deref() {
-        Some("r" | "p") if !row_only => {
-            Some(format!("{target} has a statement-level trigger or a rule"))
+    let catalog: Catalog = sqlx::query_as(CATALOG_FACTS)
+        .bind(&target)
+        .bind(&names)
+        .fetch_one(&mut *conn)
+        .await?;
+    Ok(catalog.blocker(&target))
+}
+
+/// What the catalog says about an INSERT's target that decides whether
+/// one statement for the whole batch keeps the single-row meaning. The
+/// facts are read when the plan is built, so a migration or a reload
+/// (both build a new sink) judges the table as it is then.
+#[derive(Debug, sqlx::FromRow)]
+struct Catalog {
+    /// `pg_class.relkind` of the target, if it exists.
+    relkind: Option<String>,
+    /// Statement-level triggers and rules on the target: they see or count
+    /// the statement's rows together.
+    statement_level: Vec<String>,
+    /// User AFTER ROW triggers (INSERT or UPDATE) on the target or its
+    /// partitions: in one statement they fire only once every row is in.
+    after_row: Vec<String>,
+    /// Foreign keys from the table (or a partition) to itself: checked at
+    /// the end of the statement, so a parent later in the batch would count.
+    self_referencing: Vec<String>,
+    /// Deferrable constraints: checked at the end of the statement (or of
+    /// the transaction), not after each row.
+    deferrable: Vec<String>,
+    /// User-defined functions the statement calls: they may read the table.
+    user_functions: Vec<String>,
+}
+
+/// The catalog facts of [`Catalog`], for the target `$1` (as written in
+/// the statement) and the names the statement calls `$2`. A table and its
+/// partitions are one tree (`pg_partition_tree` lists none for a plain
+/// table, hence the union with the target itself).
+const CATALOG_FACTS: &str = "\
+WITH tree AS (SELECT to_regclass($1) AS relid \
+              UNION SELECT relid FROM pg_partition_tree(to_regclass($1)))
+SELECT (SELECT relkind::text FROM pg_class WHERE oid = to_regclass($1)) AS relkind,
+  ARRAY(SELECT format('trigger %I', tgname) FROM pg_trigger \
+        WHERE tgrelid = to_regclass($1) AND NOT tgisinternal AND (tgtype & 1) = 0 \
+        UNION ALL SELECT format('rule %I', rulename) FROM pg_rewrite \
+        WHERE ev_class = to_regclass($1) AND rulename <> '_RETURN') AS statement_level,
+  ARRAY(SELECT format('%I on %s', tgname, tgrelid::regclass) FROM pg_trigger \
+        WHERE tgrelid IN (SELECT relid FROM tree) AND NOT tgisinternal AND tgparentid = 0 \
+        AND (tgtype & 1) = 1 AND (tgtype & (2 | 64)) = 0 AND (tgtype & (4 | 16)) <> 0 \
+        ORDER BY 1) AS after_row,
+  ARRAY(SELECT format('%I on %s', conname, conrelid::regclass) FROM pg_constraint \
+        WHERE contype = 'f' AND conparentid = 0 AND conrelid IN (SELECT relid FROM tree) \
+        AND confrelid IN (SELECT relid FROM tree) ORDER BY 1) AS self_referencing,
+  ARRAY(SELECT format('%I on %s', conname, conrelid::regclass) FROM pg_constraint \
+        WHERE condeferrable AND conparentid = 0 AND conrelid IN (SELECT relid FROM tree) \
+        ORDER BY 1) AS deferrable,
+  ARRAY(SELECT DISTINCT p.proname::text FROM pg_proc p \
+        JOIN pg_namespace n ON n.oid = p.pronamespace \
+        WHERE p.proname = ANY($2) \
+        AND n.nspname NOT IN ('pg_catalog', 'information_schema')) AS user_functions";
+
+impl Catalog {
+    /// Why the target rules the unnest statement out, with the facts that
+    /// do, or None.
+    fn blocker(&self, target: &str) -> Option<String> {
+        if !matches!(self.relkind.as_deref(), Some("r" | "p")) {
+            return Some(format!("{target} is not a plain table"));
         }
-        Some("r" | "p") if !user_functions.is_empty() => Some(format!(
-            "calls user-defined functions ({})",
-            user_functions.join(", ")
-        )),
-        Some("r" | "p") => None,
-        _ => Some(format!("{target} is not a plain table")),
-    })
+        let facts = [
+            (&self.statement_level, "statement-level triggers or rules"),
+            (
+                &self.after_row,
+                "AFTER ROW triggers, which one statement fires only after its last row",
+            ),
+            (
+                &self.self_referencing,
+                "a foreign key to itself, which one statement checks only after its last row",
+            ),
+            (
+                &self.deferrable,
+                "deferrable constraints, checked after the statement, not after each row",
+            ),
+        ];
+        let found: Vec<String> = facts
+            .iter()
+            .filter(|(names, _)| !names.is_empty())
+            .map(|(names, why)| format!("{target} has {why}: {}", names.join(", ")))
+            .collect();
+        if !found.is_empty() {
+            return Some(found.join("; "));
+        }
+        (!self.user_functions.is_empty()).then(|| {
+            format!(
+                "calls user-defined functions ({})",
+                self.user_functions.join(", ")
+            )
+        })
+    }
 }
 
 /// The unnest statements of a statement `unnest_blocker` lets through.

@@ -346,6 +346,47 @@ ON CONFLICT (k) DO NOTHING RETURNING k, tag",
             path: "unnest, plain insert first",
         },
         Case {
+            // One multi-row INSERT fires AFTER ROW triggers once every row
+            // is in: each audit row would see the batch's final balance.
+            name: "after_row_trigger_reads_the_table",
+            ddl: "CREATE TABLE ledger (id text PRIMARY KEY, acct text NOT NULL, amount int NOT NULL);
+CREATE TABLE audit (id text PRIMARY KEY, balance bigint NOT NULL);
+CREATE FUNCTION audit_balance() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+  INSERT INTO audit VALUES (NEW.id, (SELECT sum(amount) FROM ledger WHERE acct = NEW.acct));
+  RETURN NULL;
+END $$;
+CREATE TRIGGER ledger_audit AFTER INSERT ON ledger FOR EACH ROW EXECUTE FUNCTION audit_balance();",
+            template: "INSERT INTO ledger (id, acct, amount) VALUES ({{ event.id }}, {{ event.acct }}, {{ event.amount }})
+ON CONFLICT (id) DO NOTHING",
+            tables: &["ledger", "audit"],
+            event: |r, i| {
+                let id = if i > 5 && r.chance(5) { r.below(i as u64) as usize } else { i };
+                json!({"id": format!("l{id}"), "acct": r.key(5), "amount": r.below(100)})
+            },
+            order_independent: false,
+            path: "per-row",
+        },
+        Case {
+            // A foreign key to the same table is checked after the whole
+            // statement: a parent one or two events later would count.
+            name: "self_referencing_foreign_key",
+            ddl: "CREATE TABLE nodes (id text PRIMARY KEY, parent text REFERENCES nodes (id));",
+            template: "INSERT INTO nodes (id, parent) VALUES ({{ event.id }}, {{ event.parent }})
+ON CONFLICT (id) DO NOTHING",
+            tables: &["nodes"],
+            event: |r, i| {
+                let parent = match r.below(10) {
+                    0 => Value::Null,
+                    1 | 2 => json!(format!("n{}", i as u64 + 1 + r.below(2))),
+                    _ => json!(format!("n{}", (i as u64).saturating_sub(r.below(4)))),
+                };
+                json!({"id": format!("n{i}"), "parent": parent})
+            },
+            order_independent: false,
+            path: "per-row",
+        },
+        Case {
             name: "default_in_values",
             ddl: "CREATE TABLE withdef (k text PRIMARY KEY, v int NOT NULL DEFAULT 42, note text);",
             template: "INSERT INTO withdef (k, v, note) VALUES ({{ event.k }}, DEFAULT, {{ event.note }})
