@@ -191,7 +191,7 @@ async fn check_db_shows_each_statements_path_and_what_cannot_work() {
             .map_or(0, Vec::len);
     }
     // Only the fixtures' own rows: checking wrote nothing.
-    assert_eq!(rows_before, 15 + 60, "{stdout}");
+    assert_eq!(rows_before, 15 + 60 + 15 + 1000, "{stdout}");
 
     let broken = "INSERT INTO kv (k, nope) VALUES ({{ event.k }}, {{ event.v }})";
     let yaml = pipeline_yaml(&env, "chk_0", "x.>", broken, 1, "");

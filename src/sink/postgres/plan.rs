@@ -7,7 +7,7 @@
 //!
 //! - **per row** (any statement): a session-local PL/pgSQL function runs the
 //!   row statement once per event, in order, so a batch is one round trip
-//!   and the statement is planned once per connection. Every plan has this
+//!   and each row's statement is planned with its values. Every plan has this
 //!   function; it is also how rows are isolated when a batch fails (a
 //!   savepoint per row, in a second attempt).
 //! - **unnest** (an optimisation): a plain `INSERT … VALUES (one tuple)`,
@@ -194,9 +194,10 @@ impl Plan {
             cast(n, format!("${n}::text"))
         });
         let body = sql::replace_placeholders(sql_text, 0..sql_text.len(), &marks, |n| {
-            cast(n, format!("_ingestd_a{n}[_ingestd_i]"))
+            format!("_ingestd_v{n}")
         });
-        let function = row_function(&body, params.len(), returns_rows);
+        let casts: Vec<&str> = params.iter().map(|p| p.cast.as_str()).collect();
+        let function = row_function(&body, &casts, returns_rows);
         let path = match unnest_blocker(conn, sql_text, &marks).await? {
             None => WritePath::Unnest(unnest(sql_text, &marks, &cast)),
             Some(reason) => WritePath::PerRow(reason),
@@ -327,6 +328,21 @@ async fn unnest_blocker(
             "values outside the VALUES tuple (ON CONFLICT SET/WHERE, RETURNING)".into(),
         ));
     }
+    let conditional = |item: &std::ops::Range<usize>| {
+        marks
+            .iter()
+            .any(|(r, _)| item.start <= r.start && r.end <= item.end)
+            && CONDITIONAL
+                .iter()
+                .any(|w| sql::has_word(&sql_text[item.clone()], w))
+    };
+    if tuple.items.iter().any(conditional) {
+        return Ok(Some(
+            "a value inside CASE, COALESCE, AND or OR: the single-row statement reads every value, \
+             one statement for the batch only those it reaches"
+                .into(),
+        ));
+    }
     if sql::has_word(sql_text, "select") {
         return Ok(Some("a subquery".into()));
     }
@@ -429,6 +445,11 @@ impl Catalog {
     }
 }
 
+/// Words that evaluate some operands only when others say so. A bound
+/// value is read whether or not its expression is evaluated; the unnest
+/// statement casts a value where the expression reads it.
+const CONDITIONAL: [&str; 4] = ["case", "coalesce", "and", "or"];
+
 /// The unnest statements of a statement `unnest_blocker` lets through.
 fn unnest(
     sql_text: &str,
@@ -477,38 +498,65 @@ fn unnest_statement(
     )
 }
 
-/// The PL/pgSQL function that runs `body` (the row statement, its values
-/// read from the array arguments at `_ingestd_i`) for each row in order.
-/// With `isolate`, each row runs in its own savepoint and a failure that
-/// is the row's own fault is returned instead of raised, so one pass finds
-/// every failing row; any other failure is raised at once.
-fn row_function(body: &str, arity: usize, returns_rows: bool) -> RowFunction {
+/// The PL/pgSQL function that runs `body` (the row statement, with `$n`
+/// written as the variable `_ingestd_vn`) for each row in order. With
+/// `isolate`, each row runs in its own savepoint and a failure that is the
+/// row's own fault is returned instead of raised, so one pass finds every
+/// failing row; any other failure is raised at once.
+///
+/// What keeps it equal to the statement run on its own:
+/// - each value is cast into a variable of its placeholder's type before
+///   the statement runs, as a bound parameter is read before execution:
+///   a value the type refuses fails the row even where the statement
+///   would never evaluate it (a `SET` of an `UPDATE` that matches no row);
+/// - every execution is planned with its values (`force_custom_plan`): a
+///   cached generic plan, which PL/pgSQL switches to after five
+///   executions on a connection, would make an error that only a custom
+///   plan's constant folding raises depend on the row's position;
+/// - rows a statement returns are read in a `FOR` loop, whatever their
+///   number (`INTO` fails on more than one for DML);
+/// - the statement is static SQL run in the function, so its `FOUND` and
+///   row count are read by nothing.
+fn row_function(body: &str, casts: &[&str], returns_rows: bool) -> RowFunction {
     let statement = if returns_rows {
-        format!("{body}\n        INTO _ingestd_r")
+        format!("FOR _ingestd_r IN {body}\n        LOOP END LOOP")
     } else {
         body.to_string()
     };
+    let declare: String = casts
+        .iter()
+        .enumerate()
+        .map(|(k, cast)| format!("\n    _ingestd_v{} {cast};", k + 1))
+        .collect();
+    let bind: String = casts
+        .iter()
+        .enumerate()
+        .map(|(k, cast)| {
+            let n = k + 1;
+            format!("\n        _ingestd_v{n} := (_ingestd_a{n}[_ingestd_i])::{cast};")
+        })
+        .collect();
     let mut h = std::collections::hash_map::DefaultHasher::new();
-    (statement.as_str(), arity).hash(&mut h);
+    (statement.as_str(), casts).hash(&mut h);
     let name = format!("pg_temp.ingestd_{:016x}", h.finish());
     let mut tag = String::from("$ingestd$");
     while statement.contains(&tag) {
         tag.insert(1, 'x');
     }
-    let args: String = (1..=arity)
+    let args: String = (1..=casts.len())
         .map(|n| format!(", _ingestd_a{n} text[]"))
         .collect();
     let event_fault = sqlstate::event_fault_sql("SQLSTATE");
     let create = format!(
         "CREATE OR REPLACE FUNCTION {name}(_ingestd_isolate boolean, _ingestd_n integer{args})
 RETURNS TABLE(_ingestd_row integer, _ingestd_state text, _ingestd_message text)
-LANGUAGE plpgsql AS {tag}
+LANGUAGE plpgsql SET plan_cache_mode = force_custom_plan AS {tag}
 DECLARE
-    _ingestd_r record;
+    _ingestd_r record;{declare}
 BEGIN
     FOR _ingestd_i IN 1.._ingestd_n LOOP
         IF _ingestd_isolate THEN
-            BEGIN
+            BEGIN{bind}
         {statement};
             EXCEPTION WHEN OTHERS THEN
                 IF NOT ({event_fault}) THEN
@@ -519,14 +567,16 @@ BEGIN
                 _ingestd_message := SQLERRM;
                 RETURN NEXT;
             END;
-        ELSE
+        ELSE{bind}
         {statement};
         END IF;
     END LOOP;
 END
 {tag}"
     );
-    let binds: String = (3..arity + 3).map(|n| format!(", ${n}::text[]")).collect();
+    let binds: String = (3..casts.len() + 3)
+        .map(|n| format!(", ${n}::text[]"))
+        .collect();
     let call = format!(
         "SELECT _ingestd_row, _ingestd_state, _ingestd_message FROM {name}($1::boolean, $2::integer{binds})"
     );
@@ -706,18 +756,22 @@ mod tests {
     #[test]
     fn the_row_function_runs_the_statement_per_row() {
         let f = row_function(
-            "INSERT INTO t VALUES ((_ingestd_a1[_ingestd_i])::int4)",
-            1,
+            "INSERT INTO t VALUES (_ingestd_v1)",
+            &["pg_catalog.int4"],
             false,
         );
         assert!(f.name.starts_with("pg_temp.ingestd_"));
         assert!(f.create.contains("FOR _ingestd_i IN 1.._ingestd_n LOOP"));
-        assert!(!f.create.contains("INTO _ingestd_r\n"));
+        assert!(f.create.contains("_ingestd_v1 pg_catalog.int4;"));
+        assert!(f
+            .create
+            .contains("_ingestd_v1 := (_ingestd_a1[_ingestd_i])::pg_catalog.int4;"));
+        assert!(f.create.contains("SET plan_cache_mode = force_custom_plan"));
         assert!(f.call.ends_with("($1::boolean, $2::integer, $3::text[])"));
-        let returning = row_function("UPDATE t SET a = 1 RETURNING a", 0, true);
+        let returning = row_function("DELETE FROM t RETURNING a", &[], true);
         assert!(returning
             .create
-            .contains("RETURNING a\n        INTO _ingestd_r;"));
+            .contains("FOR _ingestd_r IN DELETE FROM t RETURNING a\n        LOOP END LOOP;"));
         assert_ne!(f.name, returning.name);
     }
 }

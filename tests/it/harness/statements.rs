@@ -7,7 +7,10 @@
 //! it with `PREPARE`/`EXECUTE`, each value a quoted literal that Postgres
 //! types by its own inference and reads with the type's input function,
 //! one event after another in stream order, in one transaction, each in a
-//! savepoint (a failing statement has no effect and is counted).
+//! savepoint (a failing statement has no effect and is counted). Each
+//! execution is planned with its values, as a statement run once is
+//! (`force_custom_plan`): a prepared statement's generic plan, after five
+//! executions, would make the reference depend on positions itself.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -387,6 +390,50 @@ ON CONFLICT (id) DO NOTHING",
             path: "per-row",
         },
         Case {
+            // A bound value is read before the statement runs: a value its
+            // type refuses fails the event even where no row matches. In
+            // the per-row function a cached generic plan (after five
+            // executions on a connection) cast it only for a matched row.
+            name: "bad_value_where_no_row_matches",
+            ddl: "CREATE TABLE stock (k text PRIMARY KEY, n bigint NOT NULL);
+INSERT INTO stock SELECT 'k' || i, 0 FROM generate_series(0, 14) i;",
+            template: "UPDATE stock SET n = n + {{ event.n }} WHERE k = {{ event.k }}",
+            tables: &["stock"],
+            event: |r, _| {
+                let n = if r.chance(15) { json!("many") } else { json!(r.below(50)) };
+                json!({"k": r.key(30), "n": n})
+            },
+            order_independent: true,
+            path: "per-row",
+        },
+        Case {
+            // One statement for the batch casts a value inside COALESCE
+            // only where COALESCE reads it.
+            name: "coalesce_of_values",
+            ddl: "CREATE TABLE picks (id text PRIMARY KEY, v int);",
+            template: "INSERT INTO picks (id, v) VALUES ({{ event.id }}, COALESCE({{ event.a }}::int, {{ event.b }}::int))",
+            tables: &["picks"],
+            event: |r, i| {
+                let a = if r.chance(50) { Value::Null } else { json!(r.below(9)) };
+                let b = if r.chance(15) { json!("none") } else { json!(r.below(9)) };
+                json!({"id": format!("p{i}"), "a": a, "b": b})
+            },
+            order_independent: true,
+            path: "per-row",
+        },
+        Case {
+            // DML returning several rows: PL/pgSQL's `INTO` refused them.
+            name: "delete_returning_several_rows",
+            ddl: "CREATE TABLE sessions (sid int PRIMARY KEY, user_id text NOT NULL);
+INSERT INTO sessions SELECT i, 'u' || (i % 10) FROM generate_series(0, 999) i;",
+            template: "DELETE FROM sessions WHERE user_id = {{ event.user }} AND sid < {{ event.before }}
+RETURNING sid, user_id",
+            tables: &["sessions"],
+            event: |r, i| json!({"user": format!("u{}", r.below(10)), "before": 3 * i as u64 + r.below(40)}),
+            order_independent: false,
+            path: "per-row",
+        },
+        Case {
             name: "default_in_values",
             ddl: "CREATE TABLE withdef (k text PRIMARY KEY, v int NOT NULL DEFAULT 42, note text);",
             template: "INSERT INTO withdef (k, v, note) VALUES ({{ event.k }}, DEFAULT, {{ event.note }})
@@ -507,10 +554,12 @@ pub async fn run_reference(
     schema: &str,
     statements: &[(String, Vec<Value>)],
 ) -> usize {
-    sqlx::raw_sql(&format!("SET search_path = {schema}; BEGIN"))
-        .execute(&mut *conn)
-        .await
-        .expect("begin the reference");
+    sqlx::raw_sql(&format!(
+        "SET search_path = {schema}; SET plan_cache_mode = force_custom_plan; BEGIN"
+    ))
+    .execute(&mut *conn)
+    .await
+    .expect("begin the reference");
     let mut prepared: BTreeMap<&str, usize> = BTreeMap::new();
     let mut failed = 0;
     for (sql, values) in statements {
@@ -537,7 +586,7 @@ pub async fn run_reference(
                 .expect("roll back a failed reference statement");
         }
     }
-    sqlx::raw_sql("COMMIT; DEALLOCATE ALL; RESET search_path")
+    sqlx::raw_sql("COMMIT; DEALLOCATE ALL; RESET search_path; RESET plan_cache_mode")
         .execute(&mut *conn)
         .await
         .expect("commit the reference");
