@@ -7,6 +7,7 @@ use std::time::Duration;
 use crate::harness::statements::*;
 use crate::harness::*;
 use ingestd::sink::postgres::sqlstate::{self, Fault};
+use ingestd::sink::postgres::PgSink;
 use serde_json::{json, Value};
 
 /// Events per pipeline of the corpus.
@@ -143,6 +144,46 @@ async fn batches_equal_the_single_row_statements_in_stream_order() {
         }
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+/// Rows at fault are isolated with a few savepoints, not one per row: a
+/// batch of 200 rows, 4 of them bad (the first two, one in the middle, the
+/// last), written through the sink. Each (sub)transaction that stored rows
+/// left its own `xmin`: at most 2b + 1 = 9 here, where a savepoint per row
+/// (the writer before) left 196. The outcomes and the table are the
+/// reference's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn isolating_bad_rows_takes_a_few_savepoints_not_one_per_row() {
+    let env = TestEnv::new().await;
+    let mut conn = env.db.acquire().await.expect("a connection");
+    let ddl = "CREATE TABLE t (id int PRIMARY KEY, v int NOT NULL CHECK (v >= 0));";
+    create_schema(&mut conn, "iso_eng", ddl).await;
+    create_schema(&mut conn, "iso_ref", ddl).await;
+    let template = "INSERT INTO t (id, v) VALUES ({{ event.id }}, {{ event.v }})";
+    let bad = [0, 1, 100, 199];
+    let statements: Vec<_> = (0..200)
+        .map(|i| {
+            let v = if bad.contains(&i) { -1 } else { i };
+            render(template, &json!({"id": i, "v": v}), &json!({}))
+        })
+        .collect();
+    let url = format!("{}?schema=iso_eng", env.database_url());
+    let sink = PgSink::connect(&url, 1).await.expect("connect the sink");
+    let ours = sink_outcomes(&sink, &statements, statements.len()).await;
+    let theirs = reference_outcomes(&mut conn, "iso_ref", &statements).await;
+    assert_eq!(ours, theirs);
+    assert_eq!(
+        table_contents(&mut conn, "iso_eng", "t").await,
+        table_contents(&mut conn, "iso_ref", "t").await
+    );
+    let writers: i64 = sqlx::query_scalar("SELECT count(DISTINCT xmin::text) FROM iso_eng.t")
+        .fetch_one(&mut *conn)
+        .await
+        .expect("count the writing transactions");
+    assert!(
+        writers <= 2 * bad.len() as i64 + 1,
+        "{writers} (sub)transactions"
+    );
 }
 
 /// `ingestd check --db` plans every statement of every pipeline against

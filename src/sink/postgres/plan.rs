@@ -8,8 +8,8 @@
 //! - **per row** (any statement): a session-local PL/pgSQL function runs the
 //!   row statement once per event, in order, so a batch is one round trip
 //!   and each row's statement is planned with its values. Every plan has this
-//!   function; it is also how rows are isolated when a batch fails (a
-//!   savepoint per row, in a second attempt).
+//!   function; it is also how rows are isolated when a batch fails (in a
+//!   second attempt, a savepoint per range of rows between failing ones).
 //! - **unnest** (an optimisation): a plain `INSERT … VALUES (one tuple)`,
 //!   optionally with `ON CONFLICT`, whose expressions cannot see the rows the
 //!   same statement inserts (no subquery, no user function, no
@@ -499,10 +499,20 @@ fn unnest_statement(
 }
 
 /// The PL/pgSQL function that runs `body` (the row statement, with `$n`
-/// written as the variable `_ingestd_vn`) for each row in order. With
-/// `isolate`, each row runs in its own savepoint and a failure that is the
-/// row's own fault is returned instead of raised, so one pass finds every
-/// failing row; any other failure is raised at once.
+/// written as the variable `_ingestd_vn`) for each row in order.
+///
+/// With `isolate`, a failure that is the row's own fault is returned
+/// instead of raised (any other is raised at once), and the other rows
+/// are stored as the single-row statements would store them. Rows run in
+/// ranges, each range in one savepoint: from the first row not yet done
+/// to the last; when row k fails, the range's savepoint is rolled back,
+/// k is returned, and the rows before k run again in a range of their
+/// own before the rows after it. With b rows at fault that is at most
+/// 2b + 1 savepoints and each row runs at most twice: a savepoint per row
+/// would overflow each backend's cache of 64 subtransactions, which slows
+/// every session's snapshots. A row returned once is never run again
+/// (where the rows before it fail on their second run, which only
+/// something outside the batch can cause).
 ///
 /// What keeps it equal to the statement run on its own:
 /// - each value is cast into a variable of its placeholder's type before
@@ -552,24 +562,44 @@ fn row_function(body: &str, casts: &[&str], returns_rows: bool) -> RowFunction {
 RETURNS TABLE(_ingestd_row integer, _ingestd_state text, _ingestd_message text)
 LANGUAGE plpgsql SET plan_cache_mode = force_custom_plan AS {tag}
 DECLARE
-    _ingestd_r record;{declare}
+    _ingestd_r record;
+    _ingestd_k integer;
+    _ingestd_from integer := 1;
+    _ingestd_to integer := _ingestd_n;
+    _ingestd_next integer := _ingestd_n + 1;
+    _ingestd_skip boolean[] := '{{}}';{declare}
 BEGIN
-    FOR _ingestd_i IN 1.._ingestd_n LOOP
-        IF _ingestd_isolate THEN
-            BEGIN{bind}
+    IF NOT _ingestd_isolate THEN
+        FOR _ingestd_i IN 1.._ingestd_n LOOP{bind}
         {statement};
+        END LOOP;
+        RETURN;
+    END IF;
+    WHILE _ingestd_from <= _ingestd_n LOOP
+        IF _ingestd_from <= _ingestd_to THEN
+            BEGIN
+                FOR _ingestd_i IN _ingestd_from.._ingestd_to LOOP
+                    CONTINUE WHEN _ingestd_skip[_ingestd_i];
+                    _ingestd_k := _ingestd_i;{bind}
+        {statement};
+                END LOOP;
             EXCEPTION WHEN OTHERS THEN
                 IF NOT ({event_fault}) THEN
                     RAISE;
                 END IF;
-                _ingestd_row := _ingestd_i;
+                _ingestd_skip[_ingestd_k] := true;
+                _ingestd_row := _ingestd_k;
                 _ingestd_state := SQLSTATE;
                 _ingestd_message := SQLERRM;
                 RETURN NEXT;
+                _ingestd_to := _ingestd_k - 1;
+                _ingestd_next := _ingestd_k + 1;
+                CONTINUE;
             END;
-        ELSE{bind}
-        {statement};
         END IF;
+        _ingestd_from := _ingestd_next;
+        _ingestd_to := _ingestd_n;
+        _ingestd_next := _ingestd_n + 1;
     END LOOP;
 END
 {tag}"

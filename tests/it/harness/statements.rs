@@ -15,6 +15,7 @@
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
+use ingestd::sink::postgres::{Finish, Outcome, PgSink, Rendered, SinkRow};
 use serde_json::{json, Value};
 use sqlx::{PgConnection, Row};
 
@@ -548,12 +549,12 @@ fn array_literal(items: &[Value]) -> String {
 }
 
 /// Runs the rendered statements one by one in `schema`, in order, in one
-/// transaction, each in a savepoint; returns how many failed.
-pub async fn run_reference(
+/// transaction, each in a savepoint; returns which failed.
+pub async fn reference_outcomes(
     conn: &mut PgConnection,
     schema: &str,
     statements: &[(String, Vec<Value>)],
-) -> usize {
+) -> Vec<bool> {
     sqlx::raw_sql(&format!(
         "SET search_path = {schema}; SET plan_cache_mode = force_custom_plan; BEGIN"
     ))
@@ -561,7 +562,7 @@ pub async fn run_reference(
     .await
     .expect("begin the reference");
     let mut prepared: BTreeMap<&str, usize> = BTreeMap::new();
-    let mut failed = 0;
+    let mut failed = Vec::with_capacity(statements.len());
     for (sql, values) in statements {
         let next = prepared.len();
         let n = *prepared.entry(sql.as_str()).or_insert(next);
@@ -578,8 +579,9 @@ pub async fn run_reference(
             format!("({})", args.join(", "))
         };
         let run = format!("SAVEPOINT ev; EXECUTE ref_{n}{args}; RELEASE SAVEPOINT ev");
-        if sqlx::raw_sql(&run).execute(&mut *conn).await.is_err() {
-            failed += 1;
+        let rejected = sqlx::raw_sql(&run).execute(&mut *conn).await.is_err();
+        failed.push(rejected);
+        if rejected {
             sqlx::raw_sql("ROLLBACK TO SAVEPOINT ev")
                 .execute(&mut *conn)
                 .await
@@ -591,6 +593,51 @@ pub async fn run_reference(
         .await
         .expect("commit the reference");
     failed
+}
+
+/// How many of the rendered statements fail when run as
+/// [`reference_outcomes`] runs them.
+pub async fn run_reference(
+    conn: &mut PgConnection,
+    schema: &str,
+    statements: &[(String, Vec<Value>)],
+) -> usize {
+    let outcomes = reference_outcomes(conn, schema, statements).await;
+    outcomes.into_iter().filter(|&rejected| rejected).count()
+}
+
+/// Writes the rendered statements through the engine's sink, in batches
+/// of `batch` rows, each committed; returns which were rejected. The sink
+/// is the one a pipeline uses: its plans, paths and isolation.
+pub async fn sink_outcomes(
+    sink: &PgSink,
+    statements: &[(String, Vec<Value>)],
+    batch: usize,
+) -> Vec<bool> {
+    let mut texts: BTreeMap<&str, Arc<str>> = BTreeMap::new();
+    let mut rows: Vec<SinkRow> = statements
+        .iter()
+        .map(|(sql, values)| {
+            let sql = texts.entry(sql).or_insert_with(|| Arc::from(sql.as_str()));
+            SinkRow {
+                rendered: Rendered::new(sql.clone(), values.clone()),
+                outcome: Outcome::Pending,
+            }
+        })
+        .collect();
+    for chunk in rows.chunks_mut(batch.max(1)) {
+        let mut refs: Vec<&mut SinkRow> = chunk.iter_mut().collect();
+        sink.write(&mut refs, Finish::Commit)
+            .await
+            .unwrap_or_else(|e| panic!("a batch failed as a whole: {e}"));
+    }
+    rows.iter()
+        .map(|r| match &r.outcome {
+            Outcome::Stored => false,
+            Outcome::Rejected(_) => true,
+            Outcome::Pending => panic!("a row stayed pending: {:?}", r.rendered),
+        })
+        .collect()
 }
 
 /// The contents of `table` in `schema`, as sorted JSON rows.
