@@ -186,6 +186,58 @@ async fn isolating_bad_rows_takes_a_few_savepoints_not_one_per_row() {
     );
 }
 
+/// Sessions read values as the database is configured, as psql's do: the
+/// database sets TimeZone, DateStyle, IntervalStyle and
+/// extra_float_digits, the role in that database a DateStyle of its own
+/// (which wins), the URL's `options` an IntervalStyle (which wins over the
+/// database's). The same statement through the sink and through psql
+/// stores the same row. (sqlx's startup packet made the sink store
+/// 15:00-03 for "18:00", 2 January for "01/02/2025" and 17 significant
+/// digits where psql keeps 15.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_read_values_as_the_database_is_configured() {
+    let env = TestEnv::new().await;
+    let db = &env.db_name;
+    env.exec(&format!(
+        "ALTER DATABASE {db} SET timezone = 'America/Sao_Paulo';
+         ALTER DATABASE {db} SET datestyle = 'ISO, YMD';
+         ALTER DATABASE {db} SET intervalstyle = 'iso_8601';
+         ALTER DATABASE {db} SET extra_float_digits = 0;
+         ALTER ROLE CURRENT_USER IN DATABASE {db} SET datestyle = 'ISO, DMY'"
+    ))
+    .await;
+    let ddl = "CREATE TABLE vals (id int PRIMARY KEY, at timestamptz, day date, span interval, ratio text);";
+    let mut conn = env.db.acquire().await.expect("a connection");
+    create_schema(&mut conn, "set_eng", ddl).await;
+    create_schema(&mut conn, "set_ref", ddl).await;
+    let template = "INSERT INTO vals (id, at, day, span, ratio)
+VALUES ({{ event.id }}, {{ event.at }}, {{ event.day }}, {{ event.span }}, ({{ event.x }}::float8 + 0.2::float8)::text)";
+    let event = json!({"id": 1, "at": "2025-07-01 18:00", "day": "01/02/2025", "span": "-1 2:03:04", "x": 0.1});
+    let statement = render(template, &event, &json!({}));
+    let options = "options=-c%20IntervalStyle%3Dsql_standard";
+    let url = format!("{}?schema=set_eng&{options}", env.database_url());
+    let sink = PgSink::connect(&url, 1).await.expect("connect the sink");
+    let stored = sink_outcomes(&sink, std::slice::from_ref(&statement), 1).await;
+    assert_eq!(stored, [false], "the row is stored");
+    let psql = std::process::Command::new("psql")
+        .args(["-X", "-q", "-v", "ON_ERROR_STOP=1", "-c"])
+        .arg(format!(
+            "SET search_path = set_ref; {}",
+            inline(&statement.0, &statement.1)
+        ))
+        .arg(format!("{}?{options}", env.database_url()))
+        .output()
+        .expect("run psql");
+    assert!(
+        psql.status.success(),
+        "{}",
+        String::from_utf8_lossy(&psql.stderr)
+    );
+    let theirs = table_contents(&mut conn, "set_ref", "vals").await;
+    assert_eq!(table_contents(&mut conn, "set_eng", "vals").await, theirs);
+    assert_eq!(theirs[0]["ratio"], "0.3", "psql kept 15 digits: {theirs}");
+}
+
 /// `ingestd check --db` plans every statement of every pipeline against
 /// the database without writing, names the path each takes (as the corpus
 /// expects), and reports a statement that cannot work at the file's

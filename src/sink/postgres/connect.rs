@@ -83,7 +83,8 @@ impl PgSink {
     pub async fn connect_with(url: &str, pool_size: u32, limits: Limits) -> anyhow::Result<Self> {
         let statement_timeout = format!("{}", limits.statement.as_millis());
         let options = connect_options(url)?.options([("statement_timeout", statement_timeout)]);
-        let connecting = PgPoolOptions::new()
+        let options = super::session::options(options);
+        let connecting = super::session::restoring(PgPoolOptions::new(), &options)
             .max_connections(pool_size.max(1))
             .acquire_timeout(limits.connect)
             .connect_with(options.clone());

@@ -16,6 +16,7 @@
 mod connect;
 mod migrate;
 pub mod plan;
+mod session;
 pub mod sql;
 pub mod sqlstate;
 mod trial;

@@ -548,6 +548,14 @@ fn array_literal(items: &[Value]) -> String {
     format!("{{{}}}", parts.join(","))
 }
 
+/// A rendered statement with its values written in as the reference
+/// binds them (quoted literals of unknown type), for psql.
+pub fn inline(sql: &str, values: &[Value]) -> String {
+    (1..=values.len()).rev().fold(sql.to_string(), |text, n| {
+        text.replace(&format!("${n}"), &literal(&values[n - 1]))
+    })
+}
+
 /// Runs the rendered statements one by one in `schema`, in order, in one
 /// transaction, each in a savepoint; returns which failed.
 pub async fn reference_outcomes(
