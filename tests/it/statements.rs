@@ -169,7 +169,9 @@ async fn isolating_bad_rows_takes_a_few_savepoints_not_one_per_row() {
         .collect();
     let url = format!("{}?schema=iso_eng", env.database_url());
     let sink = PgSink::connect(&url, 1).await.expect("connect the sink");
-    let ours = sink_outcomes(&sink, &statements, statements.len()).await;
+    let ours = sink_outcomes(&sink, &statements, statements.len())
+        .await
+        .expect("write the batch");
     let theirs = reference_outcomes(&mut conn, "iso_ref", &statements).await;
     assert_eq!(ours, theirs);
     assert_eq!(
@@ -217,7 +219,9 @@ VALUES ({{ event.id }}, {{ event.at }}, {{ event.day }}, {{ event.span }}, ({{ e
     let options = "options=-c%20IntervalStyle%3Dsql_standard";
     let url = format!("{}?schema=set_eng&{options}", env.database_url());
     let sink = PgSink::connect(&url, 1).await.expect("connect the sink");
-    let stored = sink_outcomes(&sink, std::slice::from_ref(&statement), 1).await;
+    let stored = sink_outcomes(&sink, std::slice::from_ref(&statement), 1)
+        .await
+        .expect("write the row");
     assert_eq!(stored, [false], "the row is stored");
     let psql = std::process::Command::new("psql")
         .args(["-X", "-q", "-v", "ON_ERROR_STOP=1", "-c"])
@@ -236,6 +240,116 @@ VALUES ({{ event.id }}, {{ event.at }}, {{ event.day }}, {{ event.span }}, ({{ e
     let theirs = table_contents(&mut conn, "set_ref", "vals").await;
     assert_eq!(table_contents(&mut conn, "set_eng", "vals").await, theirs);
     assert_eq!(theirs[0]["ratio"], "0.3", "psql kept 15 digits: {theirs}");
+}
+
+/// Draws of the statement generator (`harness/generator.rs`: table shapes,
+/// statements, events, the database's TimeZone and DateStyle), each
+/// written through the sink twice, as one batch and in batches of 1–7
+/// rows on one connection, and compared with the single-row reference:
+/// every event's outcome and every table. So no outcome depends on the
+/// event's position in its batch, on the batch's size or on how many
+/// batches the connection ran before. The seed and the number of draws
+/// are printed; `INGESTD_STATEMENT_SEED` and `INGESTD_STATEMENT_DRAWS` set
+/// them (a longer run: `INGESTD_STATEMENT_DRAWS=2000 cargo test --test it
+/// -- statements::generated`), and a failing draw names its own seed,
+/// which replays it alone with `INGESTD_STATEMENT_DRAWS=1`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn generated_statements_match_the_single_row_reference() {
+    let number = |name: &str, default: u64| {
+        std::env::var(name).map_or(default, |v| {
+            v.parse()
+                .unwrap_or_else(|_| panic!("{name}={v} is not a number"))
+        })
+    };
+    let seed = number("INGESTD_STATEMENT_SEED", 0x22_5eed);
+    let draws = number("INGESTD_STATEMENT_DRAWS", 120);
+    eprintln!("statement generator: seed {seed}, {draws} draws");
+    let env = TestEnv::new().await;
+    let mut conn = env.db.acquire().await.expect("a connection");
+    let mut failures = Vec::new();
+    for i in 0..draws {
+        let draw = generator::Draw::new(seed + i);
+        eprintln!("draw {i}: seed {}", draw.seed);
+        let found = compare_draw(&env, &mut conn, &format!("g{i}"), &draw).await;
+        if !found.is_empty() {
+            failures.push(format!(
+                "seed {} (INGESTD_STATEMENT_SEED={} INGESTD_STATEMENT_DRAWS=1), settings {:?}:\n{}\n{}\n  {}",
+                draw.seed,
+                draw.seed,
+                draw.settings,
+                draw.ddl,
+                draw.template,
+                found.join("\n  ")
+            ));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n\n"));
+}
+
+/// The differences between the sink and the reference on one draw, in
+/// schemas named after `prefix`.
+async fn compare_draw(
+    env: &TestEnv,
+    conn: &mut sqlx::PgConnection,
+    prefix: &str,
+    draw: &generator::Draw,
+) -> Vec<String> {
+    let (zone, style) = draw.settings;
+    env.exec(&format!(
+        "ALTER DATABASE {db} SET timezone = '{zone}'; ALTER DATABASE {db} SET datestyle = '{style}'",
+        db = env.db_name
+    ))
+    .await;
+    // The reference deallocates its statements: the simple protocol here.
+    sqlx::raw_sql(&format!(
+        "SET TimeZone = '{zone}'; SET DateStyle = '{style}'"
+    ))
+    .execute(&mut *conn)
+    .await
+    .expect("the reference's settings");
+    let statements: Vec<_> = draw
+        .events
+        .iter()
+        .map(|e| render(&draw.template, e, &json!({})))
+        .collect();
+    let reference = format!("{prefix}_ref");
+    create_schema(conn, &reference, &draw.ddl).await;
+    let theirs = reference_outcomes(conn, &reference, &statements).await;
+    let mut found = Vec::new();
+    let small = 1 + (draw.seed % 7) as usize;
+    for (variant, batch) in [("one", statements.len()), ("small", small)] {
+        let schema = format!("{prefix}_{variant}");
+        create_schema(conn, &schema, &draw.ddl).await;
+        let url = format!("{}?schema={schema}", env.database_url());
+        let sink = PgSink::connect(&url, 1).await.expect("connect the sink");
+        let ours = match sink_outcomes(&sink, &statements, batch).await {
+            Ok(ours) => ours,
+            Err(e) => {
+                found.push(format!(
+                    "batches of {batch}: a batch failed as a whole: {e}"
+                ));
+                continue;
+            }
+        };
+        for (i, (o, t)) in ours.iter().zip(&theirs).enumerate() {
+            if o != t {
+                found.push(format!(
+                    "batches of {batch}: event {i} {}: engine rejected {o}, reference {t}",
+                    draw.events[i]
+                ));
+            }
+        }
+        for (table, left_out) in &draw.tables {
+            let a = table_contents_without(conn, &schema, table, left_out).await;
+            let b = table_contents_without(conn, &reference, table, left_out).await;
+            if a != b {
+                found.push(format!(
+                    "batches of {batch}: table {table} differs\n    engine:    {a}\n    reference: {b}"
+                ));
+            }
+        }
+    }
+    found
 }
 
 /// `ingestd check --db` plans every statement of every pipeline against

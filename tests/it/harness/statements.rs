@@ -15,7 +15,7 @@
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
-use ingestd::sink::postgres::{Finish, Outcome, PgSink, Rendered, SinkRow};
+use ingestd::sink::postgres::{Finish, Outcome, PgSink, Rendered, SinkRow, WriteError};
 use serde_json::{json, Value};
 use sqlx::{PgConnection, Row};
 
@@ -616,12 +616,13 @@ pub async fn run_reference(
 
 /// Writes the rendered statements through the engine's sink, in batches
 /// of `batch` rows, each committed; returns which were rejected. The sink
-/// is the one a pipeline uses: its plans, paths and isolation.
+/// is the one a pipeline uses: its plans, paths and isolation. A batch
+/// that fails as a whole ends it with that error.
 pub async fn sink_outcomes(
     sink: &PgSink,
     statements: &[(String, Vec<Value>)],
     batch: usize,
-) -> Vec<bool> {
+) -> Result<Vec<bool>, WriteError> {
     let mut texts: BTreeMap<&str, Arc<str>> = BTreeMap::new();
     let mut rows: Vec<SinkRow> = statements
         .iter()
@@ -635,24 +636,35 @@ pub async fn sink_outcomes(
         .collect();
     for chunk in rows.chunks_mut(batch.max(1)) {
         let mut refs: Vec<&mut SinkRow> = chunk.iter_mut().collect();
-        sink.write(&mut refs, Finish::Commit)
-            .await
-            .unwrap_or_else(|e| panic!("a batch failed as a whole: {e}"));
+        sink.write(&mut refs, Finish::Commit).await?;
     }
-    rows.iter()
+    Ok(rows
+        .iter()
         .map(|r| match &r.outcome {
             Outcome::Stored => false,
             Outcome::Rejected(_) => true,
             Outcome::Pending => panic!("a row stayed pending: {:?}", r.rendered),
         })
-        .collect()
+        .collect())
 }
 
 /// The contents of `table` in `schema`, as sorted JSON rows.
 pub async fn table_contents(conn: &mut PgConnection, schema: &str, table: &str) -> Value {
+    table_contents_without(conn, schema, table, &[]).await
+}
+
+/// The contents of `table` in `schema` without the columns `left_out`, as
+/// sorted JSON rows.
+pub async fn table_contents_without(
+    conn: &mut PgConnection,
+    schema: &str,
+    table: &str,
+    left_out: &[&str],
+) -> Value {
+    let minus: String = left_out.iter().map(|c| format!(" - '{c}'")).collect();
     let sql = format!(
         "SELECT coalesce(jsonb_agg(x ORDER BY x::text), '[]')::text FROM \
-         (SELECT to_jsonb(t) AS x FROM {schema}.{table} t) s"
+         (SELECT to_jsonb(t){minus} AS x FROM {schema}.{table} t) s"
     );
     let text: String = sqlx::query(&sql)
         .fetch_one(&mut *conn)
