@@ -244,11 +244,13 @@ VALUES ({{ event.id }}, {{ event.at }}, {{ event.day }}, {{ event.span }}, ({{ e
 
 /// Draws of the statement generator (`harness/generator.rs`: table shapes,
 /// statements, events, the database's TimeZone and DateStyle), each
-/// written through the sink twice, as one batch and in batches of 1–7
-/// rows on one connection, and compared with the single-row reference:
-/// every event's outcome and every table. So no outcome depends on the
-/// event's position in its batch, on the batch's size or on how many
-/// batches the connection ran before. The seed and the number of draws
+/// written through the sink as one batch and in batches of 1–7 rows on one
+/// connection, and, where no outcome depends on order, two batches at once
+/// on two connections (as `max_in_flight: 2`, the default), each compared
+/// with the single-row reference: every event's outcome and every table.
+/// So no outcome depends on the event's position in its batch, on the
+/// batch's size, on batches in flight or on how many batches the
+/// connection ran before. The seed and the number of draws
 /// are printed; `INGESTD_STATEMENT_SEED` and `INGESTD_STATEMENT_DRAWS` set
 /// them (a longer run: `INGESTD_STATEMENT_DRAWS=2000 cargo test --test it
 /// -- statements::generated`), and a failing draw names its own seed,
@@ -262,13 +264,15 @@ async fn generated_statements_match_the_single_row_reference() {
         })
     };
     let seed = number("INGESTD_STATEMENT_SEED", 0x22_5eed);
-    let draws = number("INGESTD_STATEMENT_DRAWS", 120);
+    let draws = number("INGESTD_STATEMENT_DRAWS", 200);
     eprintln!("statement generator: seed {seed}, {draws} draws");
     let env = TestEnv::new().await;
     let mut conn = env.db.acquire().await.expect("a connection");
     let mut failures = Vec::new();
+    let mut in_flight = 0;
     for i in 0..draws {
         let draw = generator::Draw::new(seed + i);
+        in_flight += usize::from(draw.order_independent);
         eprintln!("draw {i}: seed {}", draw.seed);
         let found = compare_draw(&env, &mut conn, &format!("g{i}"), &draw).await;
         if !found.is_empty() {
@@ -283,6 +287,7 @@ async fn generated_statements_match_the_single_row_reference() {
             ));
         }
     }
+    eprintln!("{draws} draws, {in_flight} of them also with two batches in flight");
     assert!(failures.is_empty(), "{}", failures.join("\n\n"));
 }
 
@@ -317,16 +322,22 @@ async fn compare_draw(
     let theirs = reference_outcomes(conn, &reference, &statements).await;
     let mut found = Vec::new();
     let small = 1 + (draw.seed % 7) as usize;
-    for (variant, batch) in [("one", statements.len()), ("small", small)] {
+    let mut variants = vec![("one", statements.len(), 1), ("small", small, 1)];
+    if draw.order_independent {
+        variants.push(("par", small, 2));
+    }
+    for (variant, batch, in_flight) in variants {
         let schema = format!("{prefix}_{variant}");
         create_schema(conn, &schema, &draw.ddl).await;
         let url = format!("{}?schema={schema}", env.database_url());
-        let sink = PgSink::connect(&url, 1).await.expect("connect the sink");
-        let ours = match sink_outcomes(&sink, &statements, batch).await {
+        let sink = PgSink::connect(&url, in_flight as u32)
+            .await
+            .expect("connect the sink");
+        let ours = match sink_outcomes_in_flight(&sink, &statements, batch, in_flight).await {
             Ok(ours) => ours,
             Err(e) => {
                 found.push(format!(
-                    "batches of {batch}: a batch failed as a whole: {e}"
+                    "{variant}, batches of {batch}: a batch failed as a whole: {e}"
                 ));
                 continue;
             }
@@ -334,7 +345,7 @@ async fn compare_draw(
         for (i, (o, t)) in ours.iter().zip(&theirs).enumerate() {
             if o != t {
                 found.push(format!(
-                    "batches of {batch}: event {i} {}: engine rejected {o}, reference {t}",
+                    "{variant}, batches of {batch}: event {i} {}: engine rejected {o}, reference {t}",
                     draw.events[i]
                 ));
             }
@@ -344,7 +355,7 @@ async fn compare_draw(
             let b = table_contents_without(conn, &reference, table, left_out).await;
             if a != b {
                 found.push(format!(
-                    "batches of {batch}: table {table} differs\n    engine:    {a}\n    reference: {b}"
+                    "{variant}, batches of {batch}: table {table} differs\n    engine:    {a}\n    reference: {b}"
                 ));
             }
         }

@@ -28,6 +28,10 @@ pub struct Draw {
     pub events: Vec<Value>,
     /// `TimeZone` and `DateStyle` of the database.
     pub settings: (&'static str, &'static str),
+    /// No event's outcome depends on the order of the others (inserts of
+    /// distinct keys into a table nothing reads), so batches may commit
+    /// in any order.
+    pub order_independent: bool,
 }
 
 /// A column type: its SQL, values it takes and values it refuses.
@@ -242,9 +246,22 @@ CREATE TRIGGER t_audit AFTER INSERT OR UPDATE ON t FOR EACH ROW EXECUTE FUNCTION
         ))
     }
 
-    fn statement(&self, r: &mut Rng) -> String {
+    /// True when the table lets no row's outcome depend on the rows
+    /// before it, for inserts of distinct keys: nothing reads the table
+    /// or ties keys together.
+    fn order_independent(&self, ddl: &str) -> bool {
+        !(self.before_trigger
+            || self.after_trigger
+            || self.self_reference
+            || ddl.contains("t_folded"))
+    }
+
+    /// The template, and whether it only inserts (a plain insert or
+    /// `DO NOTHING`).
+    fn statement(&self, r: &mut Rng) -> (String, bool) {
         let do_nothing = || self.insert(" ON CONFLICT (k) DO NOTHING");
-        match r.below(7) {
+        let kind = r.below(7);
+        let template = match kind {
             0 => self.insert(""),
             1 => do_nothing(),
             2 => self.upsert(r),
@@ -274,11 +291,18 @@ INSERT INTO t ({}) SELECT {}, coalesce((SELECT sum(n) FROM old), 0) + {{{{ event
                 "{{% if event.op == 'drop' %}}DELETE FROM t WHERE k = {{{{ event.k }}}}{{% else %}}{}{{% endif %}}",
                 self.insert("")
             ),
-        }
+        };
+        (template, kind < 2)
     }
 
-    fn event(&self, r: &mut Rng, keys: u64, bad: u64) -> Value {
-        let k = format!("{}{}", if r.chance(15) { "K" } else { "k" }, r.below(keys));
+    /// Event `i`; its key is one of `keys` (so keys repeat), or its own
+    /// where `distinct`.
+    fn event(&self, r: &mut Rng, i: usize, keys: Option<u64>, bad: u64) -> Value {
+        let k = match keys {
+            Some(keys) => format!("{}{}", if r.chance(15) { "K" } else { "k" }, r.below(keys)),
+            None => format!("k{i}"),
+        };
+        let keys = keys.unwrap_or(6);
         let n = if r.chance(bad) {
             json!(r.pick(&["-1", "lots"]))
         } else {
@@ -315,11 +339,12 @@ impl Draw {
         let mut r = Rng::new(seed);
         let shape = Shape::draw(&mut r);
         let ddl = shape.ddl(&mut r);
-        let template = shape.statement(&mut r);
-        let keys = 3 + r.below(12);
+        let (template, inserts_only) = shape.statement(&mut r);
+        let order_independent = inserts_only && shape.order_independent(&ddl);
+        let keys = (!order_independent).then(|| 3 + r.below(12));
         let bad = r.below(12);
-        let events = (0..20 + r.below(40))
-            .map(|_| shape.event(&mut r, keys, bad))
+        let events = (0..20 + r.below(40) as usize)
+            .map(|i| shape.event(&mut r, i, keys, bad))
             .collect();
         let identity = if shape.identity { vec!["id"] } else { vec![] };
         let settings = (
@@ -333,6 +358,7 @@ impl Draw {
             tables: vec![("t", identity), ("audit", vec![])],
             events,
             settings,
+            order_independent,
         }
     }
 }

@@ -623,6 +623,19 @@ pub async fn sink_outcomes(
     statements: &[(String, Vec<Value>)],
     batch: usize,
 ) -> Result<Vec<bool>, WriteError> {
+    sink_outcomes_in_flight(sink, statements, batch, 1).await
+}
+
+/// As [`sink_outcomes`], with `in_flight` batches written at once (batch
+/// `j` by writer `j % in_flight`, each writer's in order), as a pipeline's
+/// `max_in_flight` does; a batch that meets a transient error (two
+/// batches deadlocking) is written again, as the pipeline retries it.
+pub async fn sink_outcomes_in_flight(
+    sink: &PgSink,
+    statements: &[(String, Vec<Value>)],
+    batch: usize,
+    in_flight: usize,
+) -> Result<Vec<bool>, WriteError> {
     let mut texts: BTreeMap<&str, Arc<str>> = BTreeMap::new();
     let mut rows: Vec<SinkRow> = statements
         .iter()
@@ -634,9 +647,25 @@ pub async fn sink_outcomes(
             }
         })
         .collect();
-    for chunk in rows.chunks_mut(batch.max(1)) {
-        let mut refs: Vec<&mut SinkRow> = chunk.iter_mut().collect();
-        sink.write(&mut refs, Finish::Commit).await?;
+    let mut writers: Vec<Vec<&mut [SinkRow]>> = (0..in_flight).map(|_| Vec::new()).collect();
+    for (j, chunk) in rows.chunks_mut(batch.max(1)).enumerate() {
+        writers[j % in_flight].push(chunk);
+    }
+    let written = writers.into_iter().map(|chunks| async move {
+        for chunk in chunks {
+            let mut refs: Vec<&mut SinkRow> = chunk.iter_mut().collect();
+            let mut tries = 0;
+            loop {
+                match sink.write(&mut refs, Finish::Commit).await {
+                    Err(WriteError::Transient(_)) if tries < 10 => tries += 1,
+                    other => break other?,
+                }
+            }
+        }
+        Ok::<(), WriteError>(())
+    });
+    for result in futures::future::join_all(written).await {
+        result?;
     }
     Ok(rows
         .iter()
