@@ -556,7 +556,7 @@ fn row_function(body: &str, casts: &[&str], returns_rows: bool) -> RowFunction {
     let args: String = (1..=casts.len())
         .map(|n| format!(", _ingestd_a{n} text[]"))
         .collect();
-    let event_fault = sqlstate::event_fault_sql("SQLSTATE");
+    let body = loops(&statement, &bind);
     let create = format!(
         "CREATE OR REPLACE FUNCTION {name}(_ingestd_isolate boolean, _ingestd_n integer{args})
 RETURNS TABLE(_ingestd_row integer, _ingestd_state text, _ingestd_message text)
@@ -568,7 +568,27 @@ DECLARE
     _ingestd_to integer := _ingestd_n;
     _ingestd_next integer := _ingestd_n + 1;
     _ingestd_skip boolean[] := '{{}}';{declare}
-BEGIN
+BEGIN{body}
+END
+{tag}"
+    );
+    let binds: String = (3..casts.len() + 3)
+        .map(|n| format!(", ${n}::text[]"))
+        .collect();
+    let call = format!(
+        "SELECT _ingestd_row, _ingestd_state, _ingestd_message FROM {name}($1::boolean, $2::integer{binds})"
+    );
+    RowFunction { name, create, call }
+}
+
+/// The row function's statements: every row in order, or (with
+/// `_ingestd_isolate`) the rows in ranges between failing ones, as
+/// [`row_function`] describes. `bind` casts the row's values into their
+/// variables before `statement` runs.
+fn loops(statement: &str, bind: &str) -> String {
+    let event_fault = sqlstate::event_fault_sql("SQLSTATE");
+    format!(
+        "
     IF NOT _ingestd_isolate THEN
         FOR _ingestd_i IN 1.._ingestd_n LOOP{bind}
         {statement};
@@ -600,17 +620,8 @@ BEGIN
         _ingestd_from := _ingestd_next;
         _ingestd_to := _ingestd_n;
         _ingestd_next := _ingestd_n + 1;
-    END LOOP;
-END
-{tag}"
-    );
-    let binds: String = (3..casts.len() + 3)
-        .map(|n| format!(", ${n}::text[]"))
-        .collect();
-    let call = format!(
-        "SELECT _ingestd_row, _ingestd_state, _ingestd_message FROM {name}($1::boolean, $2::integer{binds})"
-    );
-    RowFunction { name, create, call }
+    END LOOP;"
+    )
 }
 
 /// A value Postgres cannot store in any text type.
