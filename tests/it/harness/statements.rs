@@ -435,6 +435,18 @@ RETURNING sid, user_id",
             path: "per-row",
         },
         Case {
+            // A deferrable unique constraint is checked after the whole
+            // statement, even INITIALLY IMMEDIATE.
+            name: "deferrable_unique_constraint",
+            ddl: "CREATE TABLE slots (k text NOT NULL, v int NOT NULL,
+  CONSTRAINT slots_k UNIQUE (k) DEFERRABLE INITIALLY IMMEDIATE);",
+            template: "INSERT INTO slots (k, v) VALUES ({{ event.k }}, {{ event.v }})",
+            tables: &["slots"],
+            event: |r, _| json!({"k": r.key(200), "v": r.below(9)}),
+            order_independent: false,
+            path: "per-row",
+        },
+        Case {
             name: "default_in_values",
             ddl: "CREATE TABLE withdef (k text PRIMARY KEY, v int NOT NULL DEFAULT 42, note text);",
             template: "INSERT INTO withdef (k, v, note) VALUES ({{ event.k }}, DEFAULT, {{ event.note }})
