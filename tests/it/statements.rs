@@ -190,9 +190,10 @@ async fn isolating_bad_rows_takes_a_few_savepoints_not_one_per_row() {
 
 /// Sessions read values as the database is configured, as psql's do: the
 /// database sets TimeZone, DateStyle, IntervalStyle and
-/// extra_float_digits, the role in that database a DateStyle of its own
-/// (which wins), the URL's `options` an IntervalStyle (which wins over the
-/// database's). The same statement through the sink and through psql
+/// extra_float_digits; the role a TimeZone and a DateStyle (which win over
+/// the database's), the role in that database another DateStyle (which
+/// wins over both); the URL's `options` an IntervalStyle (which wins over
+/// the database's). The same statement through the sink and through psql
 /// stores the same row. (sqlx's startup packet made the sink store
 /// 15:00-03 for "18:00", 2 January for "01/02/2025" and 17 significant
 /// digits where psql keeps 15.)
@@ -200,14 +201,21 @@ async fn isolating_bad_rows_takes_a_few_savepoints_not_one_per_row() {
 async fn sessions_read_values_as_the_database_is_configured() {
     let env = TestEnv::new().await;
     let db = &env.db_name;
+    let role = format!("r_{}", env.id);
     env.exec(&format!(
-        "ALTER DATABASE {db} SET timezone = 'America/Sao_Paulo';
-         ALTER DATABASE {db} SET datestyle = 'ISO, YMD';
+        "CREATE ROLE {role} LOGIN SUPERUSER PASSWORD 'postgres';
+         ALTER DATABASE {db} SET timezone = 'Asia/Tokyo';
+         ALTER ROLE {role} SET timezone = 'America/Sao_Paulo';
+         ALTER DATABASE {db} SET datestyle = 'ISO, MDY';
+         ALTER ROLE {role} SET datestyle = 'SQL, MDY';
+         ALTER ROLE {role} IN DATABASE {db} SET datestyle = 'ISO, DMY';
          ALTER DATABASE {db} SET intervalstyle = 'iso_8601';
-         ALTER DATABASE {db} SET extra_float_digits = 0;
-         ALTER ROLE CURRENT_USER IN DATABASE {db} SET datestyle = 'ISO, DMY'"
+         ALTER DATABASE {db} SET extra_float_digits = 0"
     ))
     .await;
+    let database_url =
+        env.database_url()
+            .replacen("postgres:postgres@", &format!("{role}:postgres@"), 1);
     let ddl = "CREATE TABLE vals (id int PRIMARY KEY, at timestamptz, day date, span interval, ratio text);";
     let mut conn = env.db.acquire().await.expect("a connection");
     create_schema(&mut conn, "set_eng", ddl).await;
@@ -217,21 +225,21 @@ VALUES ({{ event.id }}, {{ event.at }}, {{ event.day }}, {{ event.span }}, ({{ e
     let event = json!({"id": 1, "at": "2025-07-01 18:00", "day": "01/02/2025", "span": "-1 2:03:04", "x": 0.1});
     let statement = render(template, &event, &json!({}));
     let options = "options=-c%20IntervalStyle%3Dsql_standard";
-    let url = format!("{}?schema=set_eng&{options}", env.database_url());
+    let url = format!("{database_url}?schema=set_eng&{options}");
     let sink = PgSink::connect(&url, 1).await.expect("connect the sink");
-    let stored = sink_outcomes(&sink, std::slice::from_ref(&statement), 1)
-        .await
-        .expect("write the row");
-    assert_eq!(stored, [false], "the row is stored");
+    let stored = sink_outcomes(&sink, std::slice::from_ref(&statement), 1).await;
+    drop(sink);
     let psql = std::process::Command::new("psql")
         .args(["-X", "-q", "-v", "ON_ERROR_STOP=1", "-c"])
         .arg(format!(
             "SET search_path = set_ref; {}",
             inline(&statement.0, &statement.1)
         ))
-        .arg(format!("{}?{options}", env.database_url()))
+        .arg(format!("{database_url}?{options}"))
         .output()
         .expect("run psql");
+    env.exec(&format!("DROP ROLE {role}")).await;
+    assert_eq!(stored.expect("write the row"), [false], "the row is stored");
     assert!(
         psql.status.success(),
         "{}",

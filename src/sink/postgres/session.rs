@@ -73,7 +73,7 @@ SELECT coalesce(
    WHERE s.setdatabase IN (0, (SELECT oid FROM pg_database WHERE datname = current_database()))
      AND s.setrole IN (0, (SELECT oid FROM pg_roles WHERE rolname = session_user))
      AND lower(split_part(c, '=', 1)) = lower($1)
-   ORDER BY (s.setdatabase = 0), (s.setrole = 0) LIMIT 1),
+   ORDER BY (s.setrole = 0), (s.setdatabase = 0) LIMIT 1),
   $2,
   CASE WHEN $3 THEN (SELECT boot_val FROM pg_settings WHERE lower(name) = lower($1)) END)";
 
