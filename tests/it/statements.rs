@@ -146,6 +146,58 @@ async fn batches_equal_the_single_row_statements_in_stream_order() {
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
 
+/// The catalog is read as the pipeline's migrations leave the table: a
+/// table created plain by one migration and given an AFTER ROW trigger by
+/// the next is planned per row, and `check --db` names the trigger; the
+/// same pipeline without the second migration keeps the unnest path.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_write_path_follows_the_migrations() {
+    let env = TestEnv::new().await;
+    let dir = env.fresh_dir("migrated");
+    let migrations = dir.join("migrations");
+    std::fs::create_dir_all(&migrations).expect("create the migrations directory");
+    std::fs::write(
+        migrations.join("1_table.sql"),
+        "CREATE TABLE public.kv (k text PRIMARY KEY, v int NOT NULL);
+CREATE TABLE public.kv_log (k text NOT NULL);
+CREATE FUNCTION public.kv_log() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN INSERT INTO public.kv_log VALUES (NEW.k); RETURN NULL; END $$;",
+    )
+    .expect("write a migration");
+    let template = "INSERT INTO kv (k, v) VALUES ({{ event.k }}, {{ event.v }})";
+    let yaml = pipeline_yaml(&env, "public", "x.>", template, 1, "").replace(
+        "    pool_size: 2\n",
+        &format!(
+            "    pool_size: 2\n    migrations: {}\n",
+            migrations.display()
+        ),
+    );
+    let file = dir.join("migrated.yaml");
+    std::fs::write(&file, yaml).expect("write the pipeline");
+    let file_arg = file.display().to_string();
+    let path_line = |out: std::process::Output| {
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(
+            out.status.success(),
+            "{stdout}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        stdout
+    };
+    let before = path_line(env.engine().output(&["check", "--db", &file_arg]).await);
+    assert!(before.contains("statement 1: unnest ("), "{before}");
+    std::fs::write(
+        migrations.join("2_trigger.sql"),
+        "CREATE TRIGGER kv_logged AFTER INSERT ON public.kv FOR EACH ROW EXECUTE FUNCTION public.kv_log();",
+    )
+    .expect("write a migration");
+    let after = path_line(env.engine().output(&["check", "--db", &file_arg]).await);
+    assert!(
+        after.contains("statement 1: per-row (") && after.contains("kv_logged on kv"),
+        "{after}"
+    );
+}
+
 /// Rows at fault are isolated with a few savepoints, not one per row: a
 /// batch of 200 rows, 4 of them bad (the first two, one in the middle, the
 /// last), written through the sink. Each (sub)transaction that stored rows
