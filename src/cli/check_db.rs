@@ -11,6 +11,11 @@ use crate::sink::postgres::plan::WritePath;
 use crate::sink::postgres::{DryRun, Limits};
 use crate::transform::event::Compiled;
 
+/// Why a statement takes the unnest path (`plan::unnest_blocker` found
+/// nothing against it).
+const UNNEST_REASON: &str = "one VALUES tuple into a table without statement-level or AFTER ROW \
+triggers, rules, foreign keys to itself or deferrable constraints, and no user-defined function";
+
 /// Checks one file against its database; prints a line per statement.
 /// Returns the number of statements that cannot work.
 pub async fn check_file(path: &Path, database_url: &str) -> Result<usize, ConfigError> {
@@ -37,11 +42,11 @@ pub async fn check_file(path: &Path, database_url: &str) -> Result<usize, Config
         match verified {
             Ok(plan) => {
                 let why = match &plan.path {
-                    WritePath::Unnest(_) => String::new(),
-                    WritePath::PerRow(reason) => format!(" ({reason})"),
+                    WritePath::Unnest(_) => UNNEST_REASON,
+                    WritePath::PerRow(reason) => reason,
                 };
                 println!(
-                    "  statement {}: {}{why}: {first_line}",
+                    "  statement {}: {} ({why}): {first_line}",
                     n + 1,
                     plan.path.name()
                 );

@@ -8,7 +8,8 @@
 //! the plan's per-row function. An UNNEST statement that meets one key
 //! twice in an upsert (21000) is run again row by row, as the single-row
 //! statements would meet it. When a batch fails because of some rows'
-//! values, a further attempt runs every row in a savepoint of its own, so
+//! values, a further attempt runs the rows in ranges between the failing
+//! ones, a savepoint per range (at most 2b + 1 for b rows at fault), so
 //! the rows at fault are known after two round trips, whatever their
 //! number, and the others commit.
 
@@ -16,6 +17,7 @@ mod connect;
 mod migrate;
 pub mod plan;
 mod pool;
+mod session;
 pub mod sql;
 pub mod sqlstate;
 mod trial;

@@ -7,13 +7,16 @@
 //!
 //! - **per row** (any statement): a session-local PL/pgSQL function runs the
 //!   row statement once per event, in order, so a batch is one round trip
-//!   and the statement is planned once per connection. Every plan has this
-//!   function; it is also how rows are isolated when a batch fails (a
-//!   savepoint per row, in a second attempt).
+//!   and each row's statement is planned with its values. Every plan has this
+//!   function; it is also how rows are isolated when a batch fails (in a
+//!   second attempt, a savepoint per range of rows between failing ones).
 //! - **unnest** (an optimisation): a plain `INSERT … VALUES (one tuple)`,
 //!   optionally with `ON CONFLICT`, whose expressions cannot see the rows the
 //!   same statement inserts (no subquery, no user function, no
-//!   statement-level trigger or rule on the table) becomes one
+//!   statement-level trigger or rule on the table), into a table whose
+//!   row checks one statement would postpone to its end (AFTER ROW
+//!   triggers, foreign keys to itself, deferrable constraints: see
+//!   [`Catalog`]) has none, becomes one
 //!   `INSERT … SELECT … FROM UNNEST(…) WITH ORDINALITY ORDER BY` statement.
 //!   Rows go in stream order; an `ON CONFLICT DO UPDATE` that meets the same
 //!   key twice fails (21000) and the batch falls back to per row.
@@ -192,9 +195,10 @@ impl Plan {
             cast(n, format!("${n}::text"))
         });
         let body = sql::replace_placeholders(sql_text, 0..sql_text.len(), &marks, |n| {
-            cast(n, format!("_ingestd_a{n}[_ingestd_i]"))
+            format!("_ingestd_v{n}")
         });
-        let function = row_function(&body, params.len(), returns_rows);
+        let casts: Vec<&str> = params.iter().map(|p| p.cast.as_str()).collect();
+        let function = row_function(&body, &casts, returns_rows);
         let path = match unnest_blocker(conn, sql_text, &marks).await? {
             None => WritePath::Unnest(unnest(sql_text, &marks, &cast)),
             Some(reason) => WritePath::PerRow(reason),
@@ -339,37 +343,140 @@ async fn unnest_blocker(
             "values outside the VALUES tuple (ON CONFLICT SET/WHERE, RETURNING)".into(),
         ));
     }
+    let conditional = |item: &std::ops::Range<usize>| {
+        marks
+            .iter()
+            .any(|(r, _)| item.start <= r.start && r.end <= item.end)
+            && CONDITIONAL
+                .iter()
+                .any(|w| sql::has_word(&sql_text[item.clone()], w))
+    };
+    if tuple.items.iter().any(conditional) {
+        return Ok(Some(
+            "a value inside CASE, COALESCE, AND or OR: the single-row statement reads every value, \
+             one statement for the batch only those it reaches"
+                .into(),
+        ));
+    }
     if sql::has_word(sql_text, "select") {
         return Ok(Some("a subquery".into()));
     }
     let names = sql::called_names(sql_text);
-    let (relkind, row_only, user_functions): (Option<String>, bool, Vec<String>) = sqlx::query_as(
-        "SELECT (SELECT relkind::text FROM pg_class WHERE oid = to_regclass($1)), \
-                NOT EXISTS (SELECT 1 FROM pg_trigger WHERE tgrelid = to_regclass($1) \
-                            AND NOT tgisinternal AND (tgtype & 1) = 0) \
-                AND NOT EXISTS (SELECT 1 FROM pg_rewrite WHERE ev_class = to_regclass($1) \
-                            AND rulename <> '_RETURN'), \
-                ARRAY(SELECT DISTINCT p.proname::text FROM pg_proc p \
-                      JOIN pg_namespace n ON n.oid = p.pronamespace \
-                      WHERE p.proname = ANY($2) \
-                      AND n.nspname NOT IN ('pg_catalog', 'information_schema'))",
-    )
-    .bind(&target)
-    .bind(&names)
-    .fetch_one(&mut *conn)
-    .await?;
-    Ok(match relkind.as_deref() {
-        Some("r" | "p") if !row_only => {
-            Some(format!("{target} has a statement-level trigger or a rule"))
-        }
-        Some("r" | "p") if !user_functions.is_empty() => Some(format!(
-            "calls user-defined functions ({})",
-            user_functions.join(", ")
-        )),
-        Some("r" | "p") => None,
-        _ => Some(format!("{target} is not a plain table")),
-    })
+    let catalog: Catalog = sqlx::query_as(CATALOG_FACTS)
+        .bind(&target)
+        .bind(&names)
+        .fetch_one(&mut *conn)
+        .await?;
+    Ok(catalog.blocker(&target))
 }
+
+/// What the catalog says about an INSERT's target that decides whether
+/// one statement for the whole batch keeps the single-row meaning. The
+/// facts are read when the plan is built, so a migration or a reload
+/// (both build a new sink) judges the table as it is then.
+#[derive(Debug)]
+struct Catalog {
+    /// `pg_class.relkind` of the target, if it exists.
+    relkind: Option<String>,
+    /// Statement-level triggers and rules on the target: they see or count
+    /// the statement's rows together.
+    statement_level: Vec<String>,
+    /// User AFTER ROW triggers (INSERT or UPDATE) on the target or its
+    /// partitions: in one statement they fire only once every row is in.
+    after_row: Vec<String>,
+    /// Foreign keys from the table (or a partition) to itself: checked at
+    /// the end of the statement, so a parent later in the batch would count.
+    self_referencing: Vec<String>,
+    /// Deferrable constraints: checked at the end of the statement (or of
+    /// the transaction), not after each row.
+    deferrable: Vec<String>,
+    /// User-defined functions the statement calls: they may read the table.
+    user_functions: Vec<String>,
+}
+
+impl sqlx::FromRow<'_, PgRow> for Catalog {
+    fn from_row(row: &PgRow) -> Result<Self, sqlx::Error> {
+        Ok(Self {
+            relkind: row.try_get("relkind")?,
+            statement_level: row.try_get("statement_level")?,
+            after_row: row.try_get("after_row")?,
+            self_referencing: row.try_get("self_referencing")?,
+            deferrable: row.try_get("deferrable")?,
+            user_functions: row.try_get("user_functions")?,
+        })
+    }
+}
+
+/// The catalog facts of [`Catalog`], for the target `$1` (as written in
+/// the statement) and the names the statement calls `$2`. A table and its
+/// partitions are one tree (`pg_partition_tree` lists none for a plain
+/// table, hence the union with the target itself).
+const CATALOG_FACTS: &str = "\
+WITH tree AS (SELECT to_regclass($1) AS relid \
+              UNION SELECT relid FROM pg_partition_tree(to_regclass($1)))
+SELECT (SELECT relkind::text FROM pg_class WHERE oid = to_regclass($1)) AS relkind,
+  ARRAY(SELECT format('trigger %I', tgname) FROM pg_trigger \
+        WHERE tgrelid = to_regclass($1) AND NOT tgisinternal AND (tgtype & 1) = 0 \
+        UNION ALL SELECT format('rule %I', rulename) FROM pg_rewrite \
+        WHERE ev_class = to_regclass($1) AND rulename <> '_RETURN') AS statement_level,
+  ARRAY(SELECT format('%I on %s', tgname, tgrelid::regclass) FROM pg_trigger \
+        WHERE tgrelid IN (SELECT relid FROM tree) AND NOT tgisinternal AND tgparentid = 0 \
+        AND (tgtype & 1) = 1 AND (tgtype & (2 | 64)) = 0 AND (tgtype & (4 | 16)) <> 0 \
+        ORDER BY 1) AS after_row,
+  ARRAY(SELECT format('%I on %s', conname, conrelid::regclass) FROM pg_constraint \
+        WHERE contype = 'f' AND conparentid = 0 AND conrelid IN (SELECT relid FROM tree) \
+        AND confrelid IN (SELECT relid FROM tree) ORDER BY 1) AS self_referencing,
+  ARRAY(SELECT format('%I on %s', conname, conrelid::regclass) FROM pg_constraint \
+        WHERE condeferrable AND conparentid = 0 AND conrelid IN (SELECT relid FROM tree) \
+        ORDER BY 1) AS deferrable,
+  ARRAY(SELECT DISTINCT p.proname::text FROM pg_proc p \
+        JOIN pg_namespace n ON n.oid = p.pronamespace \
+        WHERE p.proname = ANY($2) \
+        AND n.nspname NOT IN ('pg_catalog', 'information_schema')) AS user_functions";
+
+impl Catalog {
+    /// Why the target rules the unnest statement out, with the facts that
+    /// do, or None.
+    fn blocker(&self, target: &str) -> Option<String> {
+        if !matches!(self.relkind.as_deref(), Some("r" | "p")) {
+            return Some(format!("{target} is not a plain table"));
+        }
+        let facts = [
+            (&self.statement_level, "statement-level triggers or rules"),
+            (
+                &self.after_row,
+                "AFTER ROW triggers, which one statement fires only after its last row",
+            ),
+            (
+                &self.self_referencing,
+                "a foreign key to itself, which one statement checks only after its last row",
+            ),
+            (
+                &self.deferrable,
+                "deferrable constraints, checked after the statement, not after each row",
+            ),
+        ];
+        let found: Vec<String> = facts
+            .iter()
+            .filter(|(names, _)| !names.is_empty())
+            .map(|(names, why)| format!("{target} has {why}: {}", names.join(", ")))
+            .collect();
+        if !found.is_empty() {
+            return Some(found.join("; "));
+        }
+        (!self.user_functions.is_empty()).then(|| {
+            format!(
+                "calls user-defined functions ({})",
+                self.user_functions.join(", ")
+            )
+        })
+    }
+}
+
+/// Words that evaluate some operands only when others say so. A bound
+/// value is read whether or not its expression is evaluated; the unnest
+/// statement casts a value where the expression reads it.
+const CONDITIONAL: [&str; 4] = ["case", "coalesce", "and", "or"];
 
 /// The unnest statements of a statement `unnest_blocker` lets through.
 fn unnest(
@@ -419,60 +526,130 @@ fn unnest_statement(
     )
 }
 
-/// The PL/pgSQL function that runs `body` (the row statement, its values
-/// read from the array arguments at `_ingestd_i`) for each row in order.
-/// With `isolate`, each row runs in its own savepoint and a failure that
-/// is the row's own fault is returned instead of raised, so one pass finds
-/// every failing row; any other failure is raised at once.
-fn row_function(body: &str, arity: usize, returns_rows: bool) -> RowFunction {
+/// The PL/pgSQL function that runs `body` (the row statement, with `$n`
+/// written as the variable `_ingestd_vn`) for each row in order.
+///
+/// With `isolate`, a failure that is the row's own fault is returned
+/// instead of raised (any other is raised at once), and the other rows
+/// are stored as the single-row statements would store them. Rows run in
+/// ranges, each range in one savepoint: from the first row not yet done
+/// to the last; when row k fails, the range's savepoint is rolled back,
+/// k is returned, and the rows before k run again in a range of their
+/// own before the rows after it. With b rows at fault that is at most
+/// 2b + 1 savepoints and each row runs at most twice: a savepoint per row
+/// would overflow each backend's cache of 64 subtransactions, which slows
+/// every session's snapshots. A row returned once is never run again
+/// (where the rows before it fail on their second run, which only
+/// something outside the batch can cause).
+///
+/// What keeps it equal to the statement run on its own:
+/// - each value is cast into a variable of its placeholder's type before
+///   the statement runs, as a bound parameter is read before execution:
+///   a value the type refuses fails the row even where the statement
+///   would never evaluate it (a `SET` of an `UPDATE` that matches no row);
+/// - every execution is planned with its values (`force_custom_plan`): a
+///   cached generic plan, which PL/pgSQL switches to after five
+///   executions on a connection, would make an error that only a custom
+///   plan's constant folding raises depend on the row's position;
+/// - rows a statement returns are read in a `FOR` loop, whatever their
+///   number (`INTO` fails on more than one for DML);
+/// - the statement is static SQL run in the function, so its `FOUND` and
+///   row count are read by nothing.
+fn row_function(body: &str, casts: &[&str], returns_rows: bool) -> RowFunction {
     let statement = if returns_rows {
-        format!("{body}\n        INTO _ingestd_r")
+        format!("FOR _ingestd_r IN {body}\n        LOOP END LOOP")
     } else {
         body.to_string()
     };
+    let declare: String = casts
+        .iter()
+        .enumerate()
+        .map(|(k, cast)| format!("\n    _ingestd_v{} {cast};", k + 1))
+        .collect();
+    let bind: String = casts
+        .iter()
+        .enumerate()
+        .map(|(k, cast)| {
+            let n = k + 1;
+            format!("\n        _ingestd_v{n} := (_ingestd_a{n}[_ingestd_i])::{cast};")
+        })
+        .collect();
     let mut h = std::collections::hash_map::DefaultHasher::new();
-    (statement.as_str(), arity).hash(&mut h);
+    (statement.as_str(), casts).hash(&mut h);
     let name = format!("pg_temp.ingestd_{:016x}", h.finish());
     let mut tag = String::from("$ingestd$");
     while statement.contains(&tag) {
         tag.insert(1, 'x');
     }
-    let args: String = (1..=arity)
+    let args: String = (1..=casts.len())
         .map(|n| format!(", _ingestd_a{n} text[]"))
         .collect();
-    let event_fault = sqlstate::event_fault_sql("SQLSTATE");
+    let body = loops(&statement, &bind);
     let create = format!(
         "CREATE OR REPLACE FUNCTION {name}(_ingestd_isolate boolean, _ingestd_n integer{args})
 RETURNS TABLE(_ingestd_row integer, _ingestd_state text, _ingestd_message text)
-LANGUAGE plpgsql AS {tag}
+LANGUAGE plpgsql SET plan_cache_mode = force_custom_plan AS {tag}
 DECLARE
     _ingestd_r record;
-BEGIN
-    FOR _ingestd_i IN 1.._ingestd_n LOOP
-        IF _ingestd_isolate THEN
-            BEGIN
-        {statement};
-            EXCEPTION WHEN OTHERS THEN
-                IF NOT ({event_fault}) THEN
-                    RAISE;
-                END IF;
-                _ingestd_row := _ingestd_i;
-                _ingestd_state := SQLSTATE;
-                _ingestd_message := SQLERRM;
-                RETURN NEXT;
-            END;
-        ELSE
-        {statement};
-        END IF;
-    END LOOP;
+    _ingestd_k integer;
+    _ingestd_from integer := 1;
+    _ingestd_to integer := _ingestd_n;
+    _ingestd_next integer := _ingestd_n + 1;
+    _ingestd_skip boolean[] := '{{}}';{declare}
+BEGIN{body}
 END
 {tag}"
     );
-    let binds: String = (3..arity + 3).map(|n| format!(", ${n}::text[]")).collect();
+    let binds: String = (3..casts.len() + 3)
+        .map(|n| format!(", ${n}::text[]"))
+        .collect();
     let call = format!(
         "SELECT _ingestd_row, _ingestd_state, _ingestd_message FROM {name}($1::boolean, $2::integer{binds})"
     );
     RowFunction { name, create, call }
+}
+
+/// The row function's statements: every row in order, or (with
+/// `_ingestd_isolate`) the rows in ranges between failing ones, as
+/// [`row_function`] describes. `bind` casts the row's values into their
+/// variables before `statement` runs.
+fn loops(statement: &str, bind: &str) -> String {
+    let event_fault = sqlstate::event_fault_sql("SQLSTATE");
+    format!(
+        "
+    IF NOT _ingestd_isolate THEN
+        FOR _ingestd_i IN 1.._ingestd_n LOOP{bind}
+        {statement};
+        END LOOP;
+        RETURN;
+    END IF;
+    WHILE _ingestd_from <= _ingestd_n LOOP
+        IF _ingestd_from <= _ingestd_to THEN
+            BEGIN
+                FOR _ingestd_i IN _ingestd_from.._ingestd_to LOOP
+                    CONTINUE WHEN _ingestd_skip[_ingestd_i];
+                    _ingestd_k := _ingestd_i;{bind}
+        {statement};
+                END LOOP;
+            EXCEPTION WHEN OTHERS THEN
+                IF NOT ({event_fault}) THEN
+                    RAISE;
+                END IF;
+                _ingestd_skip[_ingestd_k] := true;
+                _ingestd_row := _ingestd_k;
+                _ingestd_state := SQLSTATE;
+                _ingestd_message := SQLERRM;
+                RETURN NEXT;
+                _ingestd_to := _ingestd_k - 1;
+                _ingestd_next := _ingestd_k + 1;
+                CONTINUE;
+            END;
+        END IF;
+        _ingestd_from := _ingestd_next;
+        _ingestd_to := _ingestd_n;
+        _ingestd_next := _ingestd_n + 1;
+    END LOOP;"
+    )
 }
 
 /// A value Postgres cannot store in any text type.
@@ -648,18 +825,22 @@ mod tests {
     #[test]
     fn the_row_function_runs_the_statement_per_row() {
         let f = row_function(
-            "INSERT INTO t VALUES ((_ingestd_a1[_ingestd_i])::int4)",
-            1,
+            "INSERT INTO t VALUES (_ingestd_v1)",
+            &["pg_catalog.int4"],
             false,
         );
         assert!(f.name.starts_with("pg_temp.ingestd_"));
         assert!(f.create.contains("FOR _ingestd_i IN 1.._ingestd_n LOOP"));
-        assert!(!f.create.contains("INTO _ingestd_r\n"));
+        assert!(f.create.contains("_ingestd_v1 pg_catalog.int4;"));
+        assert!(f
+            .create
+            .contains("_ingestd_v1 := (_ingestd_a1[_ingestd_i])::pg_catalog.int4;"));
+        assert!(f.create.contains("SET plan_cache_mode = force_custom_plan"));
         assert!(f.call.ends_with("($1::boolean, $2::integer, $3::text[])"));
-        let returning = row_function("UPDATE t SET a = 1 RETURNING a", 0, true);
+        let returning = row_function("DELETE FROM t RETURNING a", &[], true);
         assert!(returning
             .create
-            .contains("RETURNING a\n        INTO _ingestd_r;"));
+            .contains("FOR _ingestd_r IN DELETE FROM t RETURNING a\n        LOOP END LOOP;"));
         assert_ne!(f.name, returning.name);
     }
 }

@@ -166,7 +166,8 @@ impl Pool {
         probe: Arc<Probe>,
     ) -> Self {
         let size = size.max(1);
-        let pg = PgPoolOptions::new()
+        let options = super::session::options(options);
+        let pg = super::session::restoring(PgPoolOptions::new(), &options)
             .max_connections(size)
             .acquire_timeout(POOL_ACQUIRE_LIMIT)
             .connect_lazy_with(options);

@@ -1,6 +1,7 @@
-//! The batch writer: runs of one plan, each row in a savepoint of its own
-//! to isolate rejected rows, the session functions of the per-row path, all
-//! bounded by the engine's clock.
+//! The batch writer: runs of one plan, the attempts that isolate rejected
+//! rows (in the per-row function, a savepoint per range of good rows), the
+//! session functions of the per-row path, all bounded by the engine's
+//! clock.
 
 use std::borrow::Cow;
 
@@ -180,8 +181,8 @@ impl PgSink {
     }
 }
 
-/// How a batch is run: as fast as its plans allow, or each row in a
-/// savepoint of its own to find the rows at fault.
+/// How a batch is run: as fast as its plans allow, or through the per-row
+/// functions with the rows at fault isolated.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Mode {
     /// As `Batch`, with each plan's plain insert where it has one.

@@ -15,6 +15,7 @@ pub mod batching;
 pub mod bench;
 pub mod cluster;
 pub mod faults;
+pub mod generator;
 pub mod operations;
 pub mod reload;
 pub mod scale;

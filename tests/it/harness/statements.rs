@@ -7,11 +7,15 @@
 //! it with `PREPARE`/`EXECUTE`, each value a quoted literal that Postgres
 //! types by its own inference and reads with the type's input function,
 //! one event after another in stream order, in one transaction, each in a
-//! savepoint (a failing statement has no effect and is counted).
+//! savepoint (a failing statement has no effect and is counted). Each
+//! execution is planned with its values, as a statement run once is
+//! (`force_custom_plan`): a prepared statement's generic plan, after five
+//! executions, would make the reference depend on positions itself.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
+use ingestd::sink::postgres::{Finish, Outcome, PgSink, Rendered, SinkRow, WriteError};
 use serde_json::{json, Value};
 use sqlx::{PgConnection, Row};
 
@@ -346,6 +350,103 @@ ON CONFLICT (k) DO NOTHING RETURNING k, tag",
             path: "unnest, plain insert first",
         },
         Case {
+            // One multi-row INSERT fires AFTER ROW triggers once every row
+            // is in: each audit row would see the batch's final balance.
+            name: "after_row_trigger_reads_the_table",
+            ddl: "CREATE TABLE ledger (id text PRIMARY KEY, acct text NOT NULL, amount int NOT NULL);
+CREATE TABLE audit (id text PRIMARY KEY, balance bigint NOT NULL);
+CREATE FUNCTION audit_balance() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+  INSERT INTO audit VALUES (NEW.id, (SELECT sum(amount) FROM ledger WHERE acct = NEW.acct));
+  RETURN NULL;
+END $$;
+CREATE TRIGGER ledger_audit AFTER INSERT ON ledger FOR EACH ROW EXECUTE FUNCTION audit_balance();",
+            template: "INSERT INTO ledger (id, acct, amount) VALUES ({{ event.id }}, {{ event.acct }}, {{ event.amount }})
+ON CONFLICT (id) DO NOTHING",
+            tables: &["ledger", "audit"],
+            event: |r, i| {
+                let id = if i > 5 && r.chance(5) { r.below(i as u64) as usize } else { i };
+                json!({"id": format!("l{id}"), "acct": r.key(5), "amount": r.below(100)})
+            },
+            order_independent: false,
+            path: "per-row",
+        },
+        Case {
+            // A foreign key to the same table is checked after the whole
+            // statement: a parent one or two events later would count.
+            name: "self_referencing_foreign_key",
+            ddl: "CREATE TABLE nodes (id text PRIMARY KEY, parent text REFERENCES nodes (id));",
+            template: "INSERT INTO nodes (id, parent) VALUES ({{ event.id }}, {{ event.parent }})
+ON CONFLICT (id) DO NOTHING",
+            tables: &["nodes"],
+            event: |r, i| {
+                let parent = match r.below(10) {
+                    0 => Value::Null,
+                    1 | 2 => json!(format!("n{}", i as u64 + 1 + r.below(2))),
+                    _ => json!(format!("n{}", (i as u64).saturating_sub(r.below(4)))),
+                };
+                json!({"id": format!("n{i}"), "parent": parent})
+            },
+            order_independent: false,
+            path: "per-row",
+        },
+        Case {
+            // A bound value is read before the statement runs: a value its
+            // type refuses fails the event even where no row matches. In
+            // the per-row function a cached generic plan (after five
+            // executions on a connection) cast it only for a matched row.
+            name: "bad_value_where_no_row_matches",
+            ddl: "CREATE TABLE stock (k text PRIMARY KEY, n bigint NOT NULL);
+INSERT INTO stock SELECT 'k' || i, 0 FROM generate_series(0, 14) i;",
+            template: "UPDATE stock SET n = n + {{ event.n }} WHERE k = {{ event.k }}",
+            tables: &["stock"],
+            event: |r, _| {
+                let n = if r.chance(15) { json!("many") } else { json!(r.below(50)) };
+                json!({"k": r.key(30), "n": n})
+            },
+            order_independent: true,
+            path: "per-row",
+        },
+        Case {
+            // One statement for the batch casts a value inside COALESCE
+            // only where COALESCE reads it.
+            name: "coalesce_of_values",
+            ddl: "CREATE TABLE picks (id text PRIMARY KEY, v int);",
+            template: "INSERT INTO picks (id, v) VALUES ({{ event.id }}, COALESCE({{ event.a }}::int, {{ event.b }}::int))",
+            tables: &["picks"],
+            event: |r, i| {
+                let a = if r.chance(50) { Value::Null } else { json!(r.below(9)) };
+                let b = if r.chance(15) { json!("none") } else { json!(r.below(9)) };
+                json!({"id": format!("p{i}"), "a": a, "b": b})
+            },
+            order_independent: true,
+            path: "per-row",
+        },
+        Case {
+            // DML returning several rows: PL/pgSQL's `INTO` refused them.
+            name: "delete_returning_several_rows",
+            ddl: "CREATE TABLE sessions (sid int PRIMARY KEY, user_id text NOT NULL);
+INSERT INTO sessions SELECT i, 'u' || (i % 10) FROM generate_series(0, 999) i;",
+            template: "DELETE FROM sessions WHERE user_id = {{ event.user }} AND sid < {{ event.before }}
+RETURNING sid, user_id",
+            tables: &["sessions"],
+            event: |r, i| json!({"user": format!("u{}", r.below(10)), "before": 3 * i as u64 + r.below(40)}),
+            order_independent: false,
+            path: "per-row",
+        },
+        Case {
+            // A deferrable unique constraint is checked after the whole
+            // statement, even INITIALLY IMMEDIATE.
+            name: "deferrable_unique_constraint",
+            ddl: "CREATE TABLE slots (k text NOT NULL, v int NOT NULL,
+  CONSTRAINT slots_k UNIQUE (k) DEFERRABLE INITIALLY IMMEDIATE);",
+            template: "INSERT INTO slots (k, v) VALUES ({{ event.k }}, {{ event.v }})",
+            tables: &["slots"],
+            event: |r, _| json!({"k": r.key(200), "v": r.below(9)}),
+            order_independent: false,
+            path: "per-row",
+        },
+        Case {
             name: "default_in_values",
             ddl: "CREATE TABLE withdef (k text PRIMARY KEY, v int NOT NULL DEFAULT 42, note text);",
             template: "INSERT INTO withdef (k, v, note) VALUES ({{ event.k }}, DEFAULT, {{ event.note }})
@@ -459,19 +560,29 @@ fn array_literal(items: &[Value]) -> String {
     format!("{{{}}}", parts.join(","))
 }
 
+/// A rendered statement with its values written in as the reference
+/// binds them (quoted literals of unknown type), for psql.
+pub fn inline(sql: &str, values: &[Value]) -> String {
+    (1..=values.len()).rev().fold(sql.to_string(), |text, n| {
+        text.replace(&format!("${n}"), &literal(&values[n - 1]))
+    })
+}
+
 /// Runs the rendered statements one by one in `schema`, in order, in one
-/// transaction, each in a savepoint; returns how many failed.
-pub async fn run_reference(
+/// transaction, each in a savepoint; returns which failed.
+pub async fn reference_outcomes(
     conn: &mut PgConnection,
     schema: &str,
     statements: &[(String, Vec<Value>)],
-) -> usize {
-    sqlx::raw_sql(&format!("SET search_path = {schema}; BEGIN"))
-        .execute(&mut *conn)
-        .await
-        .expect("begin the reference");
+) -> Vec<bool> {
+    sqlx::raw_sql(&format!(
+        "SET search_path = {schema}; SET plan_cache_mode = force_custom_plan; BEGIN"
+    ))
+    .execute(&mut *conn)
+    .await
+    .expect("begin the reference");
     let mut prepared: BTreeMap<&str, usize> = BTreeMap::new();
-    let mut failed = 0;
+    let mut failed = Vec::with_capacity(statements.len());
     for (sql, values) in statements {
         let next = prepared.len();
         let n = *prepared.entry(sql.as_str()).or_insert(next);
@@ -488,26 +599,123 @@ pub async fn run_reference(
             format!("({})", args.join(", "))
         };
         let run = format!("SAVEPOINT ev; EXECUTE ref_{n}{args}; RELEASE SAVEPOINT ev");
-        if sqlx::raw_sql(&run).execute(&mut *conn).await.is_err() {
-            failed += 1;
+        let rejected = sqlx::raw_sql(&run).execute(&mut *conn).await.is_err();
+        failed.push(rejected);
+        if rejected {
             sqlx::raw_sql("ROLLBACK TO SAVEPOINT ev")
                 .execute(&mut *conn)
                 .await
                 .expect("roll back a failed reference statement");
         }
     }
-    sqlx::raw_sql("COMMIT; DEALLOCATE ALL; RESET search_path")
+    sqlx::raw_sql("COMMIT; DEALLOCATE ALL; RESET search_path; RESET plan_cache_mode")
         .execute(&mut *conn)
         .await
         .expect("commit the reference");
     failed
 }
 
+/// How many of the rendered statements fail when run as
+/// [`reference_outcomes`] runs them.
+pub async fn run_reference(
+    conn: &mut PgConnection,
+    schema: &str,
+    statements: &[(String, Vec<Value>)],
+) -> usize {
+    let outcomes = reference_outcomes(conn, schema, statements).await;
+    outcomes.into_iter().filter(|&rejected| rejected).count()
+}
+
+/// A sink on a pool of `size` connections of its own (a registry of the
+/// test's), with the default limits.
+pub async fn test_sink(url: &str, size: u32) -> PgSink {
+    use ingestd::sink::postgres::{Limits, PoolChoice, Pools};
+    let pools = Pools::new(size).expect("pools");
+    PgSink::connect(&pools, url, PoolChoice::Shared, Limits::default())
+        .await
+        .expect("connect the sink")
+}
+
+/// Writes the rendered statements through the engine's sink, in batches
+/// of `batch` rows, each committed; returns which were rejected. The sink
+/// is the one a pipeline uses: its plans, paths and isolation. A batch
+/// that fails as a whole ends it with that error.
+pub async fn sink_outcomes(
+    sink: &PgSink,
+    statements: &[(String, Vec<Value>)],
+    batch: usize,
+) -> Result<Vec<bool>, WriteError> {
+    sink_outcomes_in_flight(sink, statements, batch, 1).await
+}
+
+/// As [`sink_outcomes`], with `in_flight` batches written at once (batch
+/// `j` by writer `j % in_flight`, each writer's in order), as a pipeline's
+/// `max_in_flight` does; a batch that meets a transient error (two
+/// batches deadlocking) is written again, as the pipeline retries it.
+pub async fn sink_outcomes_in_flight(
+    sink: &PgSink,
+    statements: &[(String, Vec<Value>)],
+    batch: usize,
+    in_flight: usize,
+) -> Result<Vec<bool>, WriteError> {
+    let mut texts: BTreeMap<&str, Arc<str>> = BTreeMap::new();
+    let mut rows: Vec<SinkRow> = statements
+        .iter()
+        .map(|(sql, values)| {
+            let sql = texts.entry(sql).or_insert_with(|| Arc::from(sql.as_str()));
+            SinkRow {
+                rendered: Rendered::new(sql.clone(), values.clone()),
+                outcome: Outcome::Pending,
+            }
+        })
+        .collect();
+    let mut writers: Vec<Vec<&mut [SinkRow]>> = (0..in_flight).map(|_| Vec::new()).collect();
+    for (j, chunk) in rows.chunks_mut(batch.max(1)).enumerate() {
+        writers[j % in_flight].push(chunk);
+    }
+    let written = writers.into_iter().map(|chunks| async move {
+        for chunk in chunks {
+            let mut refs: Vec<&mut SinkRow> = chunk.iter_mut().collect();
+            let mut tries = 0;
+            loop {
+                match sink.write(&mut refs, Finish::Commit).await {
+                    Err(WriteError::Transient(_)) if tries < 10 => tries += 1,
+                    other => break other?,
+                }
+            }
+        }
+        Ok::<(), WriteError>(())
+    });
+    for result in futures::future::join_all(written).await {
+        result?;
+    }
+    Ok(rows
+        .iter()
+        .map(|r| match &r.outcome {
+            Outcome::Stored => false,
+            Outcome::Rejected(_) => true,
+            Outcome::Pending => panic!("a row stayed pending: {:?}", r.rendered),
+        })
+        .collect())
+}
+
 /// The contents of `table` in `schema`, as sorted JSON rows.
 pub async fn table_contents(conn: &mut PgConnection, schema: &str, table: &str) -> Value {
+    table_contents_without(conn, schema, table, &[]).await
+}
+
+/// The contents of `table` in `schema` without the columns `left_out`, as
+/// sorted JSON rows.
+pub async fn table_contents_without(
+    conn: &mut PgConnection,
+    schema: &str,
+    table: &str,
+    left_out: &[&str],
+) -> Value {
+    let minus: String = left_out.iter().map(|c| format!(" - '{c}'")).collect();
     let sql = format!(
         "SELECT coalesce(jsonb_agg(x ORDER BY x::text), '[]')::text FROM \
-         (SELECT to_jsonb(t) AS x FROM {schema}.{table} t) s"
+         (SELECT to_jsonb(t){minus} AS x FROM {schema}.{table} t) s"
     );
     let text: String = sqlx::query(&sql)
         .fetch_one(&mut *conn)
