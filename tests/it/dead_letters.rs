@@ -57,24 +57,13 @@ async fn pull_once(bus: &Bus) {
     drained.await.expect("the pull request ends");
 }
 
-/// The pipeline's `/pipelines` entry.
-async fn pipeline_status(engine: &Engine) -> Result<Value, String> {
-    let reply = engine.try_get("/pipelines").await?;
-    let all: Value = serde_json::from_str(&reply.body).map_err(|e| e.to_string())?;
-    all["pipelines"]
-        .as_array()
-        .and_then(|a| a.first())
-        .cloned()
-        .ok_or_else(|| format!("no pipeline in {}", reply.body))
-}
-
 /// Waits until `/pipelines` shows the refused letters and `/ready` is 503.
 async fn wait_letters_refused_shown(engine: &Engine) {
     wait_for(
         "refused dead letters in /pipelines and /ready",
         DEADLINE,
         || async {
-            let status = pipeline_status(engine).await?;
+            let status = engine.try_pipeline_status().await?;
             expect_eq(status["problem"]["side"].as_str(), Some("dead_letters"))
                 .map_err(|e| format!("problem side {e} in {status}"))?;
             let ready = engine.try_get("/ready").await?;
@@ -143,7 +132,7 @@ async fn refused_dead_letters_hold_back_only_themselves() {
     assert_stored_exactly(&env, &valid).await;
     let m = wait_settled(&engine, VALID as f64).await;
     assert_eq!(m.sum(FAILED, VALIDATION_ERROR), INVALID as f64);
-    let status = pipeline_status(&engine).await.expect("/pipelines");
+    let status = engine.try_pipeline_status().await.expect("/pipelines");
     assert!(status["problem"].is_null(), "problem left: {status}");
 }
 

@@ -11,26 +11,16 @@ use std::time::Duration;
 use crate::harness::faults::*;
 use crate::harness::*;
 use async_nats::HeaderMap;
-use serde_json::Value;
 
 /// What a panicking task held comes back after this.
 const ACK_WAIT: Duration = Duration::from_secs(2);
 /// The payload bytes that arm the hook (the engine's `testhook::MARKER`).
 const MARKER: &str = "ingestd-test-panic";
 
-async fn pipeline_status(engine: &Engine) -> Result<Value, String> {
-    let reply = engine.try_get("/pipelines").await?;
-    let all: Value = serde_json::from_str(&reply.body).map_err(|e| e.to_string())?;
-    all["pipelines"]
-        .get(0)
-        .cloned()
-        .ok_or_else(|| format!("no pipeline in {}", reply.body))
-}
-
 /// Waits until `/pipelines` shows the panic on `side` and `/ready` is 503.
 async fn wait_panic_shown(engine: &Engine, side: &str) {
     wait_for("the panic shown as failing", DEADLINE, || async {
-        let status = pipeline_status(engine).await?;
+        let status = engine.try_pipeline_status().await?;
         let problem = &status["problem"];
         expect_eq(problem["side"].as_str(), Some(side))
             .map_err(|e| format!("side {e}: {status}"))?;
@@ -48,7 +38,7 @@ async fn wait_panic_shown(engine: &Engine, side: &str) {
 /// Waits until the problem has cleared and `/ready` answers 200.
 async fn wait_recovered(engine: &Engine) {
     wait_for("the pipeline recovered", DEADLINE, || async {
-        let status = pipeline_status(engine).await?;
+        let status = engine.try_pipeline_status().await?;
         if !status["problem"].is_null() {
             return Err(format!("problem left: {status}"));
         }

@@ -165,16 +165,7 @@ async fn a_file_whose_database_was_unreachable_loads_once_it_is_back() {
     })
     .await;
     proxy.start().await;
-    wait_for("later running", DEADLINE, || async {
-        let states = states(&engine).await?;
-        expect_eq(states.get("later").map(String::as_str), Some("running"))
-    })
-    .await;
-    publish_many(&env, &["later".to_string()], 3).await;
-    wait_for("later's rows", DEADLINE, || async {
-        expect_eq(env.try_count("events WHERE pipeline = 'later'").await?, 3)
-    })
-    .await;
+    later_runs_and_stores(&env, &engine).await;
     let states = states(&engine).await.expect("states");
     assert_eq!(
         states.get("broken.yaml").map(String::as_str),
@@ -324,12 +315,18 @@ async fn a_file_added_while_nats_was_unreachable_loads_once_it_is_back() {
         "{error}"
     );
     proxy.start().await;
+    later_runs_and_stores(&env, &engine).await;
+}
+
+/// Once what it waited for is back, the file `later` runs by itself and
+/// stores its events.
+async fn later_runs_and_stores(env: &TestEnv, engine: &Engine) {
     wait_for("later running", DEADLINE, || async {
-        let states = states(&engine).await?;
+        let states = states(engine).await?;
         expect_eq(states.get("later").map(String::as_str), Some("running"))
     })
     .await;
-    publish_many(&env, &["later".to_string()], 3).await;
+    publish_many(env, &["later".to_string()], 3).await;
     wait_for("later's rows", DEADLINE, || async {
         expect_eq(env.try_count("events WHERE pipeline = 'later'").await?, 3)
     })

@@ -234,6 +234,18 @@ impl Engine {
         .await
     }
 
+    /// The first pipeline's entry in `/pipelines` (the tests' engines
+    /// mostly run one).
+    pub async fn try_pipeline_status(&self) -> Result<serde_json::Value, String> {
+        let reply = self.try_get("/pipelines").await?;
+        let all: serde_json::Value =
+            serde_json::from_str(&reply.body).map_err(|e| e.to_string())?;
+        all["pipelines"]
+            .get(0)
+            .cloned()
+            .ok_or_else(|| format!("no pipeline in {}", reply.body))
+    }
+
     pub async fn try_metrics(&self) -> Result<Metrics, String> {
         let reply = self.try_get("/metrics").await?;
         expect_eq(reply.status, 200).map_err(|e| format!("/metrics status {e}"))?;
