@@ -200,7 +200,15 @@ impl Pipeline {
         stats: Arc<Stats>,
     ) -> Result<Self, BuildError> {
         let cfg = file.pipeline.clone();
-        let compiled = Compiled::new(&file).map_err(BuildError::content)?;
+        // Schema compiles and template variants are CPU work: off the
+        // threads that run the pipelines.
+        let compiled = {
+            let file = file.clone();
+            tokio::task::spawn_blocking(move || Compiled::new(&file))
+                .await
+                .map_err(BuildError::content)?
+                .map_err(BuildError::content)?
+        };
         let pg = &cfg.sink.postgres;
         let url = pg.url.clone().unwrap_or_else(|| deps.database_url.clone());
         let choice = match pg.pool {

@@ -83,8 +83,9 @@ impl Engine {
     /// Loads one file if its content changed, and swaps versions (taking
     /// over the pipeline of a `gone` file it moved from).
     pub(super) async fn reconcile_file(&self, path: &Path, gone: &[PathBuf]) -> Result<(), String> {
-        let loaded = PipelineFile::load(path).map_err(|e| e.to_string());
-        let fingerprint = loaded.as_ref().map_or_else(|e| hash_of(e), fingerprint);
+        let (loaded, fingerprint) = load_and_fingerprint(path)
+            .await
+            .map_err(|e| format!("{}: {e}", path.display()))?;
         {
             let mut slots = self.slots.lock().expect("slots lock");
             let slot = slots.entry(path.to_path_buf()).or_default();
@@ -290,6 +291,21 @@ impl Refusal {
             transient: false,
         }
     }
+}
+
+/// Reads and fingerprints a file (and the schema and migrations it names)
+/// on a blocking thread: file reads and hashing stay off the threads that
+/// run the pipelines.
+async fn load_and_fingerprint(
+    path: &Path,
+) -> Result<(Result<PipelineFile, String>, u64), tokio::task::JoinError> {
+    let path = path.to_path_buf();
+    tokio::task::spawn_blocking(move || {
+        let loaded = PipelineFile::load(&path).map_err(|e| e.to_string());
+        let fingerprint = loaded.as_ref().map_or_else(|e| hash_of(e), fingerprint);
+        (loaded, fingerprint)
+    })
+    .await
 }
 
 /// Identifies a version: the expanded file text and the content of the
