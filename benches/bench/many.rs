@@ -5,8 +5,8 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use super::harness::scale::{many_yaml, publish_many, states, PgServer, EVENTS_TABLE};
-use super::harness::{wait_for_every, TestEnv, DEADLINE};
+use super::harness::scale::{states, ManyPipelines};
+use super::harness::{wait_for_every, DEADLINE};
 use super::{secs, thousands};
 
 /// Pipelines of the phase.
@@ -55,21 +55,12 @@ struct Progress {
 
 /// Runs the phase with `events` per pipeline.
 pub async fn many_pipelines(program: &Path, events: usize) -> ManyFigures {
-    let env = TestEnv::new().await;
-    let _ = std::fs::remove_file(env.pipelines_dir().join("tiktok.yaml"));
-    let server = PgServer::start(100).await;
-    let admin = server.admin().await.expect("admin connection");
-    sqlx::raw_sql(EVENTS_TABLE)
-        .execute(&admin)
-        .await
-        .expect("table");
-    let names: Vec<String> = (0..PIPELINES).map(|i| format!("p{i:03}")).collect();
-    for name in &names {
-        let yaml = many_yaml(&env, name, &server.url("postgres"), "");
-        env.write_pipeline(&format!("{name}.yaml"), &yaml);
-    }
-    env.create_stream().await;
-    publish_many(&env, &names, events).await;
+    let ManyPipelines {
+        env,
+        server,
+        admin,
+        names,
+    } = ManyPipelines::set_up(PIPELINES, events).await;
     let start = Instant::now();
     let engine = env.engine().program(program).spawn();
     let progress = std::cell::RefCell::new(Progress::default());

@@ -58,22 +58,13 @@ async fn wait_rows(admin: &sqlx::PgPool, want: i64) {
 /// pool is gone with it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hundred_pipelines_share_one_connection_budget() {
-    let env = TestEnv::new().await;
-    std::fs::remove_file(env.pipelines_dir().join("tiktok.yaml")).expect("remove tiktok.yaml");
-    let server = PgServer::start(100).await;
-    let admin = server.admin().await.expect("admin connection");
-    sqlx::raw_sql(EVENTS_TABLE)
-        .execute(&admin)
-        .await
-        .expect("table");
-    let names: Vec<String> = (0..100).map(|i| format!("p{i:03}")).collect();
-    for name in &names {
-        let yaml = many_yaml(&env, name, &server.url("postgres"), "");
-        env.write_pipeline(&format!("{name}.yaml"), &yaml);
-    }
-    env.create_stream().await;
     let per_pipeline = 20;
-    publish_many(&env, &names, per_pipeline).await;
+    let ManyPipelines {
+        env,
+        server,
+        admin,
+        names,
+    } = ManyPipelines::set_up(100, per_pipeline).await;
     let peak = AtomicI64::new(0);
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let sampler = {

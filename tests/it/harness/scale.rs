@@ -184,6 +184,43 @@ sink:
     )
 }
 
+/// `count` pipelines `p000`, `p001`, … (see [`many_yaml`]) in place of
+/// tiktok.yaml, writing to the `events` table of a Postgres of their own
+/// (`max_connections = 100`), with their stream created and `events`
+/// events published for each.
+pub struct ManyPipelines {
+    pub env: TestEnv,
+    pub server: PgServer,
+    pub admin: PgPool,
+    pub names: Vec<String>,
+}
+
+impl ManyPipelines {
+    pub async fn set_up(count: usize, events: usize) -> Self {
+        let env = TestEnv::new().await;
+        std::fs::remove_file(env.pipelines_dir().join("tiktok.yaml")).expect("remove tiktok.yaml");
+        let server = PgServer::start(100).await;
+        let admin = server.admin().await.expect("admin connection");
+        sqlx::raw_sql(EVENTS_TABLE)
+            .execute(&admin)
+            .await
+            .expect("table");
+        let names: Vec<String> = (0..count).map(|i| format!("p{i:03}")).collect();
+        for name in &names {
+            let yaml = many_yaml(&env, name, &server.url("postgres"), "");
+            env.write_pipeline(&format!("{name}.yaml"), &yaml);
+        }
+        env.create_stream().await;
+        publish_many(&env, &names, events).await;
+        Self {
+            env,
+            server,
+            admin,
+            names,
+        }
+    }
+}
+
 /// Publishes `count` events `{"n": 1..=count}` for each of `names`,
 /// confirmed in windows.
 pub async fn publish_many(env: &TestEnv, names: &[String], count: usize) {
