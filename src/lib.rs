@@ -14,30 +14,41 @@ pub mod http;
 pub mod pipeline;
 pub mod sink;
 pub mod source;
+pub mod statement;
 pub mod telemetry;
 pub mod topology;
 pub mod transform;
 pub mod util;
 
 /// The dependency rules of ARCHITECTURE.md, checked on the source: each
-/// top-level module uses only the modules listed for it (outside its unit
-/// tests), which also rules out cycles between them.
+/// top-level module uses only the modules listed for it, in its unit tests
+/// too (a test that needs another module's code shows a rule is missing),
+/// which also rules out cycles between them.
 #[cfg(test)]
 mod architecture {
     use std::collections::{BTreeMap, BTreeSet};
     use std::path::Path;
 
     /// Module → the modules it may use.
-    const ALLOWED: [(&str, &[&str]); 10] = [
+    const ALLOWED: [(&str, &[&str]); 11] = [
         ("util", &[]),
+        ("statement", &[]),
         ("config", &["util"]),
         ("telemetry", &["config", "util"]),
         ("source", &["config", "telemetry", "util"]),
-        ("sink", &["config", "telemetry", "util"]),
-        ("transform", &["config", "sink", "util"]),
+        ("sink", &["config", "statement", "telemetry", "util"]),
+        ("transform", &["config", "statement", "util"]),
         (
             "pipeline",
-            &["config", "source", "transform", "sink", "telemetry", "util"],
+            &[
+                "config",
+                "source",
+                "statement",
+                "transform",
+                "sink",
+                "telemetry",
+                "util",
+            ],
         ),
         (
             "topology",
@@ -49,6 +60,7 @@ mod architecture {
             &[
                 "config",
                 "source",
+                "statement",
                 "transform",
                 "sink",
                 "pipeline",
@@ -67,8 +79,7 @@ mod architecture {
                 uses(&path, found);
                 continue;
             }
-            let text = std::fs::read_to_string(&path).expect("read a source file");
-            let code = text.split("#[cfg(test)]").next().unwrap_or_default();
+            let code = std::fs::read_to_string(&path).expect("read a source file");
             for (i, _) in code.match_indices("crate::") {
                 let rest = &code[i + "crate::".len()..];
                 let names = match rest.strip_prefix('{') {

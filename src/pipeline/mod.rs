@@ -328,6 +328,8 @@ impl Pipeline {
     /// A version started by a reload gets `adopt`: its predecessor's open
     /// pull requests arrive there when the predecessor stops. A loop
     /// `restarted` after a panic clears the panic's problem once it pulls.
+    /// A writer's panic ends the run like a stop: what is pulled is written
+    /// and in-flight writers are joined before the loop restarts.
     async fn run_once(
         self: Arc<Self>,
         mut stop: watch::Receiver<bool>,
@@ -353,13 +355,13 @@ impl Pipeline {
         );
         let letters = self.start_letters(&stop).await;
         while let Some(held) = self.collect(&mut puller, &mut stop, &mut adopt).await {
-            if self.writer_panicked.swap(false, Ordering::Relaxed) {
-                return supervise::Ended::WriterPanicked;
-            }
             if std::mem::take(&mut restarted) && self.health.recover(Side::Source) {
                 tracing::info!(pipeline = %self.name, "pulling again after a restart");
             }
             self.dispatch(held, &slots, &mut puller, &stop).await;
+            if self.writer_panicked.load(Ordering::Relaxed) {
+                break;
+            }
         }
         let successor = self.successor.lock().expect("successor lock").take();
         let rest: Vec<Held> = match successor {
@@ -389,7 +391,10 @@ impl Pipeline {
         }
         poller.finish().await;
         tracing::info!(pipeline = %self.name, "pipeline stopped");
-        supervise::Ended::Stopped
+        match self.writer_panicked.load(Ordering::Relaxed) {
+            true => supervise::Ended::WriterPanicked,
+            false => supervise::Ended::Stopped,
+        }
     }
 
     /// Starts the dead-letter stage and the max-deliveries watch that feeds

@@ -2,8 +2,8 @@
 //! dead-letter stage is caught where the task is owned, logged, reported as
 //! the pipeline's `failing` problem (on the side it happened: the loop is
 //! the source side, a writer the sink side), and the work is started again
-//! with backoff: a writer's panic ends the loop at its next batch, which
-//! then restarts like a panicked loop. What the panicking task held is not
+//! with backoff: a writer's panic ends the loop's run after its current
+//! batch, which then restarts like a panicked loop. What the panicking task held is not
 //! acknowledged, so JetStream delivers it again after `ack_wait`: nothing is
 //! lost, though those deliveries end in no outcome of their own.
 
@@ -51,12 +51,15 @@ impl Pipeline {
             let once = self.clone().run_once(stop.clone(), adopt.take(), restarted);
             match AssertUnwindSafe(once).catch_unwind().await {
                 Ok(Ended::Stopped) => return,
+                // The panic stays shown through the pause: only a write of
+                // the restarted loop clears it.
                 Ok(Ended::WriterPanicked) => {}
                 Err(panic) => self.panicked(Side::Source, "the pipeline's loop", &*panic),
             }
             if stopped_within(&mut stop, backoff.pause()).await {
                 return;
             }
+            self.writer_panicked.store(false, Ordering::Relaxed);
             restarted = true;
         }
     }
@@ -70,8 +73,8 @@ impl Pipeline {
             .fail(side, Severity::Failing, format!("{task} panicked: {text}"));
     }
 
-    /// Writes a batch on a task of its own; a panic there is reported (the
-    /// next successful write clears it).
+    /// Writes a batch on a task of its own; a panic there is reported and
+    /// ends the loop's run (the first write after the restart clears it).
     pub(super) fn spawn_writer(
         self: &Arc<Self>,
         rows: Vec<Row>,

@@ -49,7 +49,10 @@ impl Pipeline {
             backoff = (backoff * 2).min(policy.backoff_max);
             self.count_received(rows.iter().map(|r| &r.held.msg));
         }
-        if self.health.recover(Side::Sink) {
+        // A writer's panic is cleared by the restarted run, not by a batch
+        // that was in flight beside it.
+        let panicked = self.writer_panicked.load(Ordering::Relaxed);
+        if !panicked && self.health.recover(Side::Sink) {
             tracing::info!(pipeline = %self.name, "writing again");
         }
     }

@@ -164,7 +164,7 @@ impl Compiled {
 /// values.
 fn check_placeholders(templates: &Templates) -> Result<(), String> {
     let sample = sample_render(templates)?;
-    let marks = crate::sink::postgres::sql::placeholders(&sample.sql).len();
+    let marks = crate::statement::lexer::placeholders(&sample.sql).len();
     if marks == sample.params.len() {
         return Ok(());
     }

@@ -13,7 +13,7 @@ use minijinja::value::Serde;
 use minijinja::{Environment, UndefinedBehavior, Value};
 use serde_json::Value as Json;
 
-pub use crate::sink::postgres::Rendered;
+pub use crate::statement::Rendered;
 use crate::transform::direct::{Direct, Expr};
 use crate::util::rfc3339::{self, Fraction, Zulu};
 

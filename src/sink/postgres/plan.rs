@@ -44,7 +44,9 @@ use serde_json::Value as Json;
 use sqlx::postgres::PgRow;
 use sqlx::{Either, Executor, PgConnection, Row};
 
-use crate::sink::postgres::{json_text, sql, sqlstate, ParamValue};
+use crate::sink::postgres::sqlstate;
+use crate::statement::lexer as sql;
+use crate::statement::{json_text, ParamValue};
 
 /// How a run of consecutive rows with the same plan is written.
 #[derive(Debug, Clone, PartialEq, Eq)]

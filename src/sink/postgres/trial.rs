@@ -31,7 +31,7 @@ impl PgSink {
                 }))
             }
         };
-        if crate::sink::postgres::sql::first_word(&plan.sql).as_deref() == Some("with") {
+        if crate::statement::lexer::first_word(&plan.sql).as_deref() == Some("with") {
             return Ok(Trial::Unavailable);
         }
         let returning = if plan.returns_rows {
