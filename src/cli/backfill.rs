@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use async_nats::jetstream;
 use time::OffsetDateTime;
-use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
 
 use crate::config::{self, ConfigError, DeliverPolicy, PipelineFile};
 use crate::pipeline::{Deps, Pipeline};
@@ -110,11 +110,14 @@ pub async fn run(args: Args) -> Result<Summary, BackfillError> {
         .last_sequence;
     let durable = pipeline.durable().to_string();
     tracing::info!(pipeline = %pipeline.name, %durable, last, "backfill running");
-    let (stop, stopped) = watch::channel(false);
-    let task = tokio::spawn(pipeline.clone().run(stopped, None));
-    wait_caught_up(&stream, &durable, last).await?;
-    let _ = stop.send(true);
-    let _ = task.await;
+    let stop = CancellationToken::new();
+    let caught_up = async {
+        let caught_up = wait_caught_up(&stream, &durable, last).await;
+        stop.cancel();
+        caught_up
+    };
+    let ((), caught_up) = tokio::join!(pipeline.clone().run(stop.clone(), None), caught_up);
+    caught_up?;
     stream
         .delete_consumer(&durable)
         .await

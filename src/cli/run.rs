@@ -6,7 +6,7 @@ use std::num::NonZeroUsize;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use tokio::sync::watch;
+use tokio_util::task::TaskTracker;
 
 use super::compat;
 use crate::source::nats::NatsOptions;
@@ -85,38 +85,32 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     let engine = engine::start(&settings).await?;
     let worker_threads = tokio::runtime::Handle::current().metrics().num_workers();
     tracing::info!(worker_threads, "engine started");
-    let (stop_tx, stop_rx) = watch::channel(false);
-    let http = tokio::spawn(crate::http::serve(
-        settings.listen,
-        engine.clone(),
-        stop_rx.clone(),
-    ));
-    let watcher = tokio::spawn(crate::topology::watch::watch(engine.clone(), stop_rx));
-    tokio::select! {
-        _ = shutdown_signal() => tracing::info!("shutting down: finishing in-flight batches"),
-        res = http => {
-            engine.stop_all().await;
-            return res?;
+    let tasks = TaskTracker::new();
+    let mut http = tasks.spawn(crate::http::serve(settings.listen, engine.clone()));
+    tasks.spawn(crate::topology::watch::watch(engine.clone()));
+    tasks.close();
+    let served = tokio::select! {
+        _ = shutdown_signal() => {
+            tracing::info!("shutting down: finishing in-flight batches");
+            None
         }
-    }
+        res = &mut http => Some(res),
+    };
     exit_after(settings.shutdown_grace + SHUTDOWN_MARGIN);
-    let _ = stop_tx.send(true);
-    // A reload may be waiting on a lock or a database that does not answer:
-    // it is abandoned, not awaited.
-    let mut watcher = watcher;
-    if tokio::time::timeout(Duration::from_secs(1), &mut watcher)
-        .await
-        .is_err()
-    {
-        watcher.abort();
-    }
+    // Cancels the HTTP server, the watcher (a reload under way ends at its
+    // next build; a swap finishes) and every pipeline at once.
+    engine.shutdown.cancel();
     if tokio::time::timeout(settings.shutdown_grace, engine.stop_all())
         .await
         .is_err()
     {
         tracing::warn!("in-flight batches did not finish in time; they will be redelivered");
     }
-    Ok(())
+    tasks.wait().await;
+    match served {
+        Some(res) => res?,
+        None => Ok(()),
+    }
 }
 
 /// What shutdown may take beyond `shutdown_grace` before the process exits

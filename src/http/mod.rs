@@ -10,17 +10,13 @@ use axum::routing::get;
 use axum::{Json, Router};
 use prometheus::Encoder;
 use serde_json::json;
-use tokio::sync::watch;
 
 use crate::topology::engine::Engine;
 use crate::util::rfc3339::{self, Fraction};
 
-/// Serves until `stop` turns true.
-pub async fn serve(
-    addr: SocketAddr,
-    engine: Arc<Engine>,
-    mut stop: watch::Receiver<bool>,
-) -> anyhow::Result<()> {
+/// Serves until the engine's shutdown.
+pub async fn serve(addr: SocketAddr, engine: Arc<Engine>) -> anyhow::Result<()> {
+    let stop = engine.shutdown.clone();
     let app = Router::new()
         .route("/metrics", get(metrics))
         .route("/health", get(health))
@@ -33,9 +29,7 @@ pub async fn serve(
         .map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e}"))?;
     tracing::info!(addr = %listener.local_addr()?, "HTTP listening");
     axum::serve(listener, app)
-        .with_graceful_shutdown(async move {
-            let _ = stop.wait_for(|s| *s).await;
-        })
+        .with_graceful_shutdown(async move { stop.cancelled().await })
         .await?;
     Ok(())
 }

@@ -15,18 +15,18 @@ const BACKLOG_STEP: Duration = Duration::from_millis(1);
 impl Pipeline {
     /// Waits for the first message, then gathers until `max_rows` or
     /// `max_wait` after the first; in a backlog, until `max_rows` or
-    /// [`BACKLOG_WAIT`]. None once `stop` is set.
+    /// [`BACKLOG_WAIT`]. None once `stop` is cancelled.
     pub(super) async fn collect(
         &self,
         puller: &mut Puller,
-        stop: &mut watch::Receiver<bool>,
+        stop: &CancellationToken,
         adopt: &mut Option<mpsc::UnboundedReceiver<Handoff>>,
     ) -> Option<Vec<Held>> {
         let b = &self.cfg.sink.postgres.batch;
         let first = loop {
             tokio::select! {
                 biased;
-                _ = stop.wait_for(|s| *s) => return None,
+                _ = stop.cancelled() => return None,
                 handoff = recv(adopt) => {
                     // A closed channel means none; a handoff may name the
                     // channel of one still to come.

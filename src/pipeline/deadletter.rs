@@ -24,9 +24,10 @@ use bytes::Bytes;
 use futures::StreamExt;
 use prometheus::IntCounterVec;
 use serde::Deserialize;
-use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
 
 use super::letters::{Outbox, Parcel};
+use super::supervise::stopped_within;
 use crate::util::backoff::Backoff;
 use crate::util::text::truncate;
 
@@ -232,14 +233,14 @@ const ADVISORY_BATCH: (usize, Duration) = (64, Duration::from_secs(5));
 /// First and longest pause after the advisories could not be read.
 const ADVISORY_BACKOFF: (Duration, Duration) = (Duration::from_millis(200), Duration::from_secs(5));
 
-/// Turns each advisory into a letter for the outbox, until `stop` turns true.
+/// Turns each advisory into a letter for the outbox, until `stop` is cancelled.
 pub(super) async fn watch_max_deliveries(
     advisories: Advisories,
     letters: DeadLetters,
     source: Stream,
     durable: String,
     outbox: Outbox,
-    mut stop: watch::Receiver<bool>,
+    stop: CancellationToken,
 ) {
     let reader = AdvisoryReader {
         stream_name: source.cached_info().config.name.clone(),
@@ -248,8 +249,8 @@ pub(super) async fn watch_max_deliveries(
         outbox,
     };
     match advisories {
-        Advisories::Kept(consumer) => reader.kept(consumer, &mut stop).await,
-        Advisories::Live => reader.live(&letters, &durable, &mut stop).await,
+        Advisories::Kept(consumer) => reader.kept(consumer, &stop).await,
+        Advisories::Live => reader.live(&letters, &durable, &stop).await,
     }
 }
 
@@ -262,7 +263,7 @@ struct AdvisoryReader {
 }
 
 impl AdvisoryReader {
-    async fn kept(&self, consumer: Box<PullConsumer>, stop: &mut watch::Receiver<bool>) {
+    async fn kept(&self, consumer: Box<PullConsumer>, stop: &CancellationToken) {
         let mut backoff = Backoff::new(ADVISORY_BACKOFF);
         loop {
             let batch = consumer
@@ -271,7 +272,7 @@ impl AdvisoryReader {
                 .expires(ADVISORY_BATCH.1)
                 .messages();
             let batch = tokio::select! {
-                _ = stop.wait_for(|s| *s) => return,
+                _ = stop.cancelled() => return,
                 b = batch => b,
             };
             let mut batch = match batch {
@@ -287,7 +288,7 @@ impl AdvisoryReader {
             backoff.reset();
             loop {
                 let next = tokio::select! {
-                    _ = stop.wait_for(|s| *s) => return,
+                    _ = stop.cancelled() => return,
                     n = batch.next() => n,
                 };
                 match next {
@@ -323,7 +324,7 @@ impl AdvisoryReader {
         }
     }
 
-    async fn live(&self, letters: &DeadLetters, durable: &str, stop: &mut watch::Receiver<bool>) {
+    async fn live(&self, letters: &DeadLetters, durable: &str, stop: &CancellationToken) {
         let advisory = advisory_subject(&self.stream_name, durable);
         let mut sub = match letters.js.client().subscribe(advisory.clone()).await {
             Ok(s) => s,
@@ -334,7 +335,7 @@ impl AdvisoryReader {
         };
         loop {
             let msg = tokio::select! {
-                _ = stop.wait_for(|s| *s) => return,
+                _ = stop.cancelled() => return,
                 m = sub.next() => match m { Some(m) => m, None => return },
             };
             let Ok(adv) = serde_json::from_slice::<MaxDeliveries>(&msg.payload) else {
@@ -378,14 +379,6 @@ impl AdvisoryReader {
             reason: MAX_DELIVER,
             error: "JetStream stopped redelivering: max_deliver reached".into(),
         }))
-    }
-}
-
-/// Waits `pause`; true when `stop` turned true meanwhile.
-pub(super) async fn stopped_within(stop: &mut watch::Receiver<bool>, pause: Duration) -> bool {
-    tokio::select! {
-        _ = stop.wait_for(|s| *s) => true,
-        _ = tokio::time::sleep(pause) => false,
     }
 }
 

@@ -24,8 +24,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::jetstream::{self, AckKind, Message};
-use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 
 use crate::config::{self, InvalidAction, PipelineFile};
 use crate::sink::postgres::{
@@ -80,20 +81,6 @@ pub struct Pipeline {
     stop_patience: Duration,
     /// Where dead letters go while this version runs (with dead letters).
     outbox: std::sync::Mutex<Option<letters::Outbox>>,
-}
-
-/// The dead-letter tasks of a running version. Dropped unjoined (its loop
-/// panicked), the watch is aborted; the stage ends by itself once the
-/// outbox it reads is replaced.
-struct LetterTasks {
-    stage: tokio::task::JoinHandle<()>,
-    watch: tokio::task::JoinHandle<()>,
-}
-
-impl Drop for LetterTasks {
-    fn drop(&mut self) {
-        self.watch.abort();
-    }
 }
 
 /// Per-pipeline event counts, for `/pipelines`.
@@ -322,19 +309,20 @@ impl Pipeline {
             .collect()
     }
 
-    /// Pulls and writes until `stop` turns true; then drains the open pull
-    /// request, writes and acknowledges everything it holds, and returns.
+    /// Pulls and writes until `stop` is cancelled; then drains the open
+    /// pull request and hands everything it holds to writers of `crew`
+    /// (joined by the caller), and returns.
     ///
     /// A version started by a reload gets `adopt`: its predecessor's open
-    /// pull requests arrive there when the predecessor stops. A loop
-    /// `restarted` after a panic clears the panic's problem once it pulls.
-    /// A writer's panic ends the run like a stop: what is pulled is written
-    /// and in-flight writers are joined before the loop restarts.
+    /// pull requests arrive there when the predecessor stops. A writer's
+    /// panic ends the run like a stop (it cancels the crew's token): what
+    /// is pulled is written and in-flight writers are joined before the
+    /// loop restarts.
     async fn run_once(
         self: Arc<Self>,
-        mut stop: watch::Receiver<bool>,
+        stop: &CancellationToken,
+        crew: &supervise::Crew,
         mut adopt: Option<mpsc::UnboundedReceiver<Handoff>>,
-        mut restarted: bool,
     ) -> supervise::Ended {
         let batch = &self.cfg.sink.postgres.batch;
         let slots = Arc::new(Semaphore::new(batch.max_in_flight.get()));
@@ -348,20 +336,16 @@ impl Pipeline {
             self.acks.clone(),
         );
         tracing::info!(pipeline = %self.name, file = %self.file.display(), "pipeline running");
-        let poller = lag::Poller::start(
+        let poll = lag::poll(
             self.lag.clone(),
             self.consumer.clone(),
             self.cfg.source.nats.lag_interval,
+            crew.run.clone(),
         );
-        let letters = self.start_letters(&stop).await;
-        while let Some(held) = self.collect(&mut puller, &mut stop, &mut adopt).await {
-            if std::mem::take(&mut restarted) && self.health.recover(Side::Source) {
-                tracing::info!(pipeline = %self.name, "pulling again after a restart");
-            }
-            self.dispatch(held, &slots, &mut puller, &stop).await;
-            if self.writer_panicked.load(Ordering::Relaxed) {
-                break;
-            }
+        crew.spawn_stage(&self, Side::Source, "the lag poll", poll);
+        self.start_letters(crew).await;
+        while let Some(held) = self.collect(&mut puller, &crew.run, &mut adopt).await {
+            self.dispatch(held, &slots, &mut puller, stop, crew).await;
         }
         let successor = self.successor.lock().expect("successor lock").take();
         let rest: Vec<Held> = match successor {
@@ -383,14 +367,9 @@ impl Pipeline {
         let mut rest = rest.into_iter().peekable();
         while rest.peek().is_some() {
             let chunk: Vec<Held> = rest.by_ref().take(batch.max_rows.get()).collect();
-            self.dispatch(chunk, &slots, &mut puller, &stop).await;
+            self.dispatch(chunk, &slots, &mut puller, stop, crew).await;
         }
-        let _ = slots.acquire_many(batch.max_in_flight.get() as u32).await;
-        if let Some(letters) = letters {
-            self.finish_letters(letters).await;
-        }
-        poller.finish().await;
-        tracing::info!(pipeline = %self.name, "pipeline stopped");
+        tracing::info!(pipeline = %self.name, "pipeline stopped pulling");
         match self.writer_panicked.load(Ordering::Relaxed) {
             true => supervise::Ended::WriterPanicked,
             false => supervise::Ended::Stopped,
@@ -398,10 +377,11 @@ impl Pipeline {
     }
 
     /// Starts the dead-letter stage and the max-deliveries watch that feeds
-    /// it (with dead letters); both are this version's, joined by
-    /// [`Self::finish_letters`].
-    async fn start_letters(&self, stop: &watch::Receiver<bool>) -> Option<LetterTasks> {
-        let letters = self.dead_letters.as_ref()?;
+    /// it (with dead letters), as stages of `crew`.
+    async fn start_letters(self: &Arc<Self>, crew: &supervise::Crew) {
+        let Some(letters) = self.dead_letters.as_ref() else {
+            return;
+        };
         let (outbox, inbox) = letters::outbox();
         *self.outbox.lock().expect("outbox lock") = Some(outbox.clone());
         let stage = letters::Stage {
@@ -418,30 +398,15 @@ impl Pipeline {
             self.stream.clone(),
             durable,
             outbox,
-            stop.clone(),
+            crew.run.clone(),
         );
-        Some(LetterTasks {
-            stage: tokio::spawn(stage.run(inbox)),
-            watch: tokio::spawn(watch),
-        })
-    }
-
-    /// Ends the max-deliveries watch (it has seen `stop`), then closes the
-    /// outbox once every writer is done, and waits for the stage to publish
-    /// or leave what it holds. A panic in either is reported, not lost.
-    async fn finish_letters(&self, mut tasks: LetterTasks) {
-        let watch = (&mut tasks.watch).await;
-        self.outbox.lock().expect("outbox lock").take();
-        for (task, joined) in [
-            ("max-deliveries watch", watch),
-            ("dead-letter stage", (&mut tasks.stage).await),
-        ] {
-            if let Err(e) = joined {
-                tracing::error!(pipeline = %self.name, task, error = %e, "task ended abnormally");
-                self.health
-                    .fail(Side::DeadLetters, Severity::Failing, format!("{task}: {e}"));
-            }
-        }
+        crew.spawn_stage(
+            self,
+            Side::DeadLetters,
+            "the dead-letter stage",
+            stage.run(inbox),
+        );
+        crew.spawn_stage(self, Side::DeadLetters, "the max-deliveries watch", watch);
     }
 
     /// Prepares a batch and hands it to a writer task once a slot is free.
@@ -450,14 +415,15 @@ impl Pipeline {
         held: Vec<Held>,
         slots: &Arc<Semaphore>,
         puller: &mut Puller,
-        stop: &watch::Receiver<bool>,
+        stop: &CancellationToken,
+        crew: &supervise::Crew,
     ) {
         let rows = self.prepare_all(held).await;
         if rows.is_empty() {
             return;
         }
         let permit = self.wait_for_slot(slots, &rows, puller).await;
-        self.spawn_writer(rows, stop.clone(), permit);
+        self.spawn_writer(crew, rows, stop.clone(), permit);
     }
 
     fn count_failure(&self, held: &Held, reason: &str) {

@@ -13,7 +13,7 @@ impl Pipeline {
     pub(super) async fn write(
         &self,
         mut rows: Vec<Row>,
-        mut stop: watch::Receiver<bool>,
+        stop: CancellationToken,
         _permit: OwnedSemaphorePermit,
     ) {
         for row in &rows {
@@ -29,7 +29,7 @@ impl Pipeline {
                     rows.iter_mut().map(|r| (&r.held.msg, &mut r.write)).unzip();
                 let attempt = self.sink.write_bounded(&mut writes, Finish::Commit);
                 let attempt = self.keeping_alive(attempt, &messages, &mut next_progress);
-                unless_stopped_for(attempt, &mut stop, self.stop_patience).await
+                unless_stopped_for(attempt, &stop, self.stop_patience).await
             };
             let Some(result) = result else {
                 tracing::warn!(pipeline = %self.name, patience = ?self.stop_patience,
@@ -40,7 +40,7 @@ impl Pipeline {
             rows = self.settle(rows).await;
             let Some(problem) = held else { break };
             self.hold(&problem, backoff, &rows);
-            if *stop.borrow() {
+            if stop.is_cancelled() {
                 return self.release(rows).await;
             }
             let messages: Vec<&Message> = rows.iter().map(|r| &r.held.msg).collect();
@@ -49,8 +49,8 @@ impl Pipeline {
             backoff = (backoff * 2).min(policy.backoff_max);
             self.count_received(rows.iter().map(|r| &r.held.msg));
         }
-        // A writer's panic is cleared by the restarted run, not by a batch
-        // that was in flight beside it.
+        // A writer's panic is cleared by the restart, not by a batch that
+        // was in flight beside it.
         let panicked = self.writer_panicked.load(Ordering::Relaxed);
         if !panicked && self.health.recover(Side::Sink) {
             tracing::info!(pipeline = %self.name, "writing again");
@@ -128,17 +128,17 @@ impl Pipeline {
     }
 }
 
-/// `fut`'s output, unless `stop` turns true and `fut` then takes longer
+/// `fut`'s output, unless `stop` is cancelled and `fut` then takes longer
 /// than `patience` (a statement on a database that stopped answering).
 async fn unless_stopped_for<T>(
     fut: impl std::future::Future<Output = T>,
-    stop: &mut watch::Receiver<bool>,
+    stop: &CancellationToken,
     patience: Duration,
 ) -> Option<T> {
     tokio::pin!(fut);
     tokio::select! {
         out = &mut fut => return Some(out),
-        _ = stop.wait_for(|s| *s) => {}
+        _ = stop.cancelled() => {}
     }
     tokio::time::timeout(patience, fut).await.ok()
 }

@@ -18,7 +18,7 @@ use async_nats::jetstream::Message;
 use prometheus::{
     Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntGauge, IntGaugeVec, Opts, Registry,
 };
-use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
 
 /// Publish → commit buckets, in seconds: from a quiet pipeline's
 /// milliseconds to an hour-old backlog.
@@ -184,37 +184,26 @@ impl Drop for HeldGuard {
     }
 }
 
-/// A running version's consumer poll; [`Poller::finish`] ends it.
-pub struct Poller {
-    task: JoinHandle<()>,
+/// A running version's share of its pipeline's lag series: the last
+/// version of a pipeline to end its poll removes them.
+struct Users {
     lag: Arc<PipelineLag>,
 }
 
-impl Poller {
-    /// Reads the consumer's state now and every `interval`.
-    pub fn start(lag: Arc<PipelineLag>, consumer: PullConsumer, interval: Duration) -> Self {
+impl Users {
+    fn join(lag: Arc<PipelineLag>) -> Self {
         *lag.families
             .users
             .lock()
             .expect("lag users lock")
             .entry(lag.name.clone())
             .or_default() += 1;
-        let task = tokio::spawn(poll(lag.clone(), consumer, interval));
-        Self { task, lag }
-    }
-
-    /// Stops polling and waits until the poll has ended.
-    pub async fn finish(mut self) {
-        self.task.abort();
-        let _ = (&mut self.task).await;
+        Self { lag }
     }
 }
 
-impl Drop for Poller {
-    /// Ends the poll (also when its pipeline's loop panicked); the last
-    /// version of a pipeline to stop removes its series.
+impl Drop for Users {
     fn drop(&mut self) {
-        self.task.abort();
         let families = &self.lag.families;
         let mut users = families.users.lock().expect("lag users lock");
         let left = users.get_mut(&self.lag.name).map(|n| {
@@ -228,7 +217,23 @@ impl Drop for Poller {
     }
 }
 
-async fn poll(lag: Arc<PipelineLag>, consumer: PullConsumer, interval: Duration) {
+/// Reads the consumer's state now and every `interval`, until `stop` is
+/// cancelled (or the task panics): then this version's share of the
+/// series is given up.
+pub async fn poll(
+    lag: Arc<PipelineLag>,
+    consumer: PullConsumer,
+    interval: Duration,
+    stop: CancellationToken,
+) {
+    let users = Users::join(lag);
+    tokio::select! {
+        _ = stop.cancelled() => {}
+        _ = poll_every(&users.lag, &consumer, interval) => {}
+    }
+}
+
+async fn poll_every(lag: &PipelineLag, consumer: &PullConsumer, interval: Duration) {
     let mut tick = tokio::time::interval(interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {

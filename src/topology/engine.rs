@@ -18,8 +18,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use tokio::sync::watch;
 use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::config::files::pipeline_files;
 use crate::pipeline::{Deps, Pipeline, Stats};
@@ -58,8 +59,12 @@ pub struct Engine {
     /// One slot per pipeline file. Only the reconcile task changes it, and
     /// never holds the lock across an await.
     pub(super) slots: Mutex<BTreeMap<PathBuf, Slot>>,
-    /// Replaced versions still finishing their batches.
-    pub(super) retiring: Mutex<Vec<JoinHandle<()>>>,
+    /// The root of the cancellation tree: every version's token is its
+    /// child, and the HTTP server and the watcher end with it.
+    pub shutdown: CancellationToken,
+    /// Every version's task, and the stops of replaced versions still
+    /// finishing their batches: joined by [`Engine::stop_all`].
+    pub(super) tasks: TaskTracker,
     /// The pipeline and check of the last reason not to be ready (logged
     /// once per change).
     pub(super) not_ready: Mutex<Option<(Option<String>, &'static str)>>,
@@ -135,7 +140,7 @@ impl Retry {
 
 pub(super) struct Running {
     pub(super) pipeline: Arc<Pipeline>,
-    pub(super) stop: watch::Sender<bool>,
+    pub(super) stop: CancellationToken,
     pub(super) task: JoinHandle<()>,
     pub(super) fingerprint: u64,
     pub(super) loaded_at: time::OffsetDateTime,
@@ -238,9 +243,11 @@ impl Engine {
             .collect()
     }
 
-    /// Stops every pipeline, letting each finish its in-flight batches,
-    /// waits for the versions still retiring, and sends NATS what is left.
+    /// Stops every pipeline at once (the root token), letting each finish
+    /// its in-flight batches, waits for every task of the engine (versions
+    /// still retiring too), and sends NATS what is left.
     pub async fn stop_all(&self) {
+        self.shutdown.cancel();
         let running: Vec<Running> = {
             let mut slots = self.slots.lock().expect("slots lock");
             slots
@@ -248,9 +255,9 @@ impl Engine {
                 .filter_map(|s| s.running.take())
                 .collect()
         };
-        let retiring = std::mem::take(&mut *self.retiring.lock().expect("retiring lock"));
         futures::future::join_all(running.into_iter().map(stop)).await;
-        futures::future::join_all(retiring).await;
+        self.tasks.close();
+        self.tasks.wait().await;
         self.flush_nats().await;
     }
 
@@ -343,7 +350,7 @@ impl Slot {
 }
 
 pub(super) async fn stop(running: Running) {
-    let _ = running.stop.send(true);
+    running.stop.cancel();
     if let Err(e) = running.task.await {
         tracing::error!(error = %e, "pipeline task failed");
     }
@@ -378,7 +385,8 @@ pub async fn start(settings: &Settings) -> anyhow::Result<Arc<Engine>> {
         )?,
         nats,
         slots: Mutex::new(BTreeMap::new()),
-        retiring: Mutex::new(Vec::new()),
+        shutdown: CancellationToken::new(),
+        tasks: TaskTracker::new(),
         not_ready: Mutex::new(None),
     });
     let errors = engine.reconcile().await;

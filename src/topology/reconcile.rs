@@ -8,8 +8,6 @@ use std::hash::{Hash, Hasher};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use tokio::sync::watch;
-
 use super::engine::*;
 use crate::config::files::pipeline_files;
 use crate::config::PipelineFile;
@@ -153,12 +151,20 @@ impl Engine {
             }
             slot.stats.clone()
         };
-        let pipeline = Pipeline::build(file, &self.deps, stats)
-            .await
-            .map_err(|e| Refusal {
-                transient: e.is_transient(),
-                error: e.to_string(),
-            })?;
+        // A build may wait on a lock or a database that does not answer:
+        // shutdown abandons it (nothing of it runs yet). A swap, once
+        // begun, is never abandoned halfway.
+        let built = tokio::select! {
+            built = Pipeline::build(file, &self.deps, stats) => built,
+            _ = self.shutdown.cancelled() => return Err(Refusal {
+                error: format!("{}: not loaded: the engine is shutting down", path.display()),
+                transient: true,
+            }),
+        };
+        let pipeline = built.map_err(|e| Refusal {
+            transient: e.is_transient(),
+            error: e.to_string(),
+        })?;
         Ok((pipeline, moved_from))
     }
 
@@ -210,12 +216,14 @@ impl Engine {
         moved_from: Option<&Path>,
     ) {
         let pipeline = Arc::new(pipeline);
-        let (stop_tx, stop_rx) = watch::channel(false);
+        let token = self.shutdown.child_token();
         let (handoff_tx, handoff_rx) = tokio::sync::mpsc::unbounded_channel();
-        let task = tokio::spawn(pipeline.clone().run(stop_rx, Some(handoff_rx)));
+        let task = self
+            .tasks
+            .spawn(pipeline.clone().run(token.clone(), Some(handoff_rx)));
         let new = Running {
             pipeline,
-            stop: stop_tx,
+            stop: token,
             task,
             fingerprint,
             loaded_at: time::OffsetDateTime::now_utc(),
@@ -272,9 +280,7 @@ impl Engine {
     /// in-flight batches (a slow one may take long) while the reload goes
     /// on and the next reload may follow at once.
     pub(super) fn retire(&self, old: Running) {
-        let mut retiring = self.retiring.lock().expect("retiring lock");
-        retiring.retain(|t| !t.is_finished());
-        retiring.push(tokio::spawn(stop(old)));
+        self.tasks.spawn(stop(old));
     }
 }
 

@@ -17,7 +17,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use notify::{EventKind, RecursiveMode, Watcher};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::mpsc;
 
 use crate::topology::engine::Engine;
 
@@ -27,8 +27,9 @@ const QUIET: Duration = Duration::from_millis(300);
 /// The longest a reload waits for quiet after the first change.
 const MAX_DELAY: Duration = Duration::from_secs(2);
 
-/// Runs until `stop` turns true.
-pub async fn watch(engine: Arc<Engine>, mut stop: watch::Receiver<bool>) {
+/// Runs until the engine's shutdown; a reload under way then ends at its
+/// next build (see [`Engine::reconcile`]).
+pub async fn watch(engine: Arc<Engine>) {
     let (tx, mut rx) = mpsc::unbounded_channel();
     let watcher =
         notify::recommended_watcher(move |res: notify::Result<notify::Event>| match res {
@@ -45,7 +46,7 @@ pub async fn watch(engine: Arc<Engine>, mut stop: watch::Receiver<bool>) {
         Ok(w) => w,
         Err(e) => {
             tracing::error!(error = %e, "cannot watch pipeline files; reload with SIGHUP only");
-            return sighup_only(engine, stop).await;
+            return sighup_only(engine).await;
         }
     };
     let mut watches = Watches::default();
@@ -53,7 +54,7 @@ pub async fn watch(engine: Arc<Engine>, mut stop: watch::Receiver<bool>) {
     let mut hup = hangup();
     loop {
         tokio::select! {
-            _ = stopped(&mut stop) => return,
+            _ = engine.shutdown.cancelled() => return,
             Some(paths) = rx.recv() => {
                 if !watches.concern(&paths) {
                     continue;
@@ -170,11 +171,11 @@ fn watch_target(dir: &Path) -> Option<(PathBuf, Identity)> {
     })
 }
 
-async fn sighup_only(engine: Arc<Engine>, mut stop: watch::Receiver<bool>) {
+async fn sighup_only(engine: Arc<Engine>) {
     let mut hup = hangup();
     loop {
         tokio::select! {
-            _ = stopped(&mut stop) => return,
+            _ = engine.shutdown.cancelled() => return,
             _ = hup.recv() => engine.forget_attempts(),
             _ = retry_due(&engine) => engine.forget_due_retries(),
         }
@@ -189,10 +190,6 @@ async fn retry_due(engine: &Engine) {
         Some(at) => tokio::time::sleep_until(at).await,
         None => std::future::pending().await,
     }
-}
-
-async fn stopped(stop: &mut watch::Receiver<bool>) {
-    let _ = stop.wait_for(|s| *s).await;
 }
 
 async fn reload(engine: &Engine) {
