@@ -8,7 +8,8 @@
 //! 2. ingestd draining a backlog of N events published before it starts
 //!    (and again through a statement that takes the per-row path).
 //! 3. Publish → commit latency at a steady rate with the default batching,
-//!    and the moments its slow events fall in.
+//!    and the moments its slow events fall in; (3b) the same with 20
+//!    reloads spread over it, its p99 as a multiple of (3)'s.
 //! 4. ingestd's peak resident memory during (2).
 //! 5. Large events: the drain of a backlog of 600 KB events, its memory and
 //!    NATS disconnects.
@@ -66,6 +67,7 @@ use time::{OffsetDateTime, UtcOffset};
 use harness::batching::{large_event_backlog, LARGE_EVENT_TABLE};
 use harness::bench::{acked_sequence, slow_moments, thousands, Percentiles, SlowMoment};
 use harness::cluster::ServerBuild;
+use harness::reload::{reload_with, revision};
 use harness::{
     all_acked, confirmed, expect_eq, ingestd_bin, nats_url, publish_unconfirmed, publish_windowed,
     repo_root, try_wait_for, wait_for_every, Engine, EngineBuilder, TestEnv, TIKTOK_TABLE,
@@ -76,6 +78,11 @@ const TARGET_DRAIN_SHARE: f64 = 0.50;
 /// The general (per-row) path's drain, as a share of COPY.
 const TARGET_PER_ROW_SHARE: f64 = 0.20;
 const TARGET_P99_MS: f64 = 10.0;
+/// Reloads spread over the second latency phase, and the most its p99 may
+/// be as a multiple of the first's: a reload builds beside the running
+/// version and hands over without a gap.
+const RELOADS_DURING_LATENCY: usize = 20;
+const TARGET_RELOAD_P99: f64 = 2.0;
 const TARGET_RSS_MIB: f64 = 32.0;
 /// ingestd's CPU per event: a third of the 31 µs it spent when the cost
 /// per event was first measured on this benchmark.
@@ -128,6 +135,8 @@ const SETTLE_WITHIN: Duration = Duration::from_secs(60);
 const LARGE_WITHIN: Duration = Duration::from_secs(120);
 /// How long ack copies still in flight to the observer are waited for.
 const ACKS_WITHIN: Duration = Duration::from_secs(5);
+/// The pipeline file of the run's environment.
+const PIPELINE_FILE: &str = "tiktok.yaml";
 /// The rows of the latency phase, as SQL after `FROM`.
 const LATENCY_ROWS: &str = r#""TiktokEvent" WHERE "eventId" LIKE 'lat-%'"#;
 /// Event types of the schema; the generator cycles through all of them.
@@ -305,8 +314,20 @@ async fn phases(b: &Bench, args: &Args) {
         thousands(args.rate),
         args.latency_secs
     );
-    let latency = latency(b, args.rate, args.latency_secs).await;
-    latency.print();
+    let steady = latency(b, args.rate, args.latency_secs, 0).await;
+    steady.print();
+
+    println!(
+        "\n== [3b] the same latency phase with {RELOADS_DURING_LATENCY} reloads of tiktok.yaml spread over it"
+    );
+    b.env.exec(&format!("DELETE FROM {LATENCY_ROWS}")).await;
+    let reloading = latency(b, args.rate, args.latency_secs, RELOADS_DURING_LATENCY).await;
+    reloading.print();
+    let reload_p99 = reloading.created.p99 / steady.created.p99.max(f64::EPSILON);
+    println!(
+        "   p99 with reloads {} = {reload_p99:.2} × the p99 without (target ≤ {TARGET_RELOAD_P99})",
+        ms_f(reloading.created.p99)
+    );
 
     println!(
         "\n== [5] large events: a backlog of {LARGE_EVENTS} events of {} KB",
@@ -356,7 +377,12 @@ async fn phases(b: &Bench, args: &Args) {
         None => None,
     };
 
-    summary(args, &rounds, &general, &latency, &large, &transform, &nats);
+    summary(args, &rounds, &general, &steady, &large, &transform, &nats);
+    println!(
+        "   [3b] p99 during {RELOADS_DURING_LATENCY} reloads {} = {reload_p99:.2} × without (target ≤ {TARGET_RELOAD_P99}): {}",
+        ms_f(reloading.created.p99),
+        if reload_p99 <= TARGET_RELOAD_P99 { "met" } else { "NOT met" }
+    );
     for c in &clusters {
         println!(
             "   [8] {:?} cluster: R3 drain {:.2} × R1 (target ≥ {TARGET_R3_SHARE}): {}; deliveries R1 {} and R3 {} for {} events",
@@ -1060,13 +1086,13 @@ async fn drain_per_row_path(b: &Bench, n: u64) -> DrainFigures {
         _ => panic!("tiktok.yaml: no insert block to replace"),
     };
     let per_row = format!("{}{PER_ROW_INSERT}{}", &original[..start], &original[end..]);
-    b.env.write_pipeline("tiktok.yaml", &per_row);
+    b.env.write_pipeline(PIPELINE_FILE, &per_row);
     b.env
         .exec(r#"CREATE TABLE "TiktokSeen" ("eventId" text PRIMARY KEY, "seq" bigint NOT NULL)"#)
         .await;
     redeliver_backlog(b).await;
     let figures = drain(b, n).await;
-    b.env.write_pipeline("tiktok.yaml", &original);
+    b.env.write_pipeline(PIPELINE_FILE, &original);
     figures
 }
 
@@ -1362,8 +1388,9 @@ fn now_micros() -> i64 {
 
 /// Runs a fresh engine on the (drained) stream, publishes at a steady rate
 /// with each event's publish time in its eventId, and derives latencies
-/// from the stored `createdAt` and from the engine's acks seen on NATS.
-async fn latency(b: &Bench, rate: u64, duration_secs: u64) -> LatencyFigures {
+/// from the stored `createdAt` and from the engine's acks seen on NATS;
+/// with `reloads`, tiktok.yaml is rewritten that many times meanwhile.
+async fn latency(b: &Bench, rate: u64, duration_secs: u64, reloads: usize) -> LatencyFigures {
     let acks = Arc::new(Mutex::new(HashMap::<u64, i64>::new()));
     let observer = observe_acks(b, acks.clone()).await;
     // The drains before wrote over a million rows: the autovacuum they
@@ -1374,7 +1401,11 @@ async fn latency(b: &Bench, rate: u64, duration_secs: u64) -> LatencyFigures {
     let engine = b.engine(&b.env).spawn();
     engine.wait_ok("/ready", READY_WITHIN, READY_POLL).await;
     let cpu_before = CpuSnapshot::take();
-    let paced = publish_paced(b, rate, duration_secs).await;
+    let span = Duration::from_secs(duration_secs);
+    let (paced, original) = tokio::join!(
+        publish_paced(b, rate, duration_secs),
+        reload_steadily(b, &engine, reloads, span)
+    );
     let cpu = CpuSnapshot::take().since(&cpu_before, Some(engine.pid()));
     let events = paced.sent.len() as u64;
     wait_settled(b, &engine, events).await;
@@ -1383,6 +1414,9 @@ async fn latency(b: &Bench, rate: u64, duration_secs: u64) -> LatencyFigures {
     let rss_hwm_kib = engine.memory_kib("VmHWM").unwrap_or(0);
     let problems = log_problems(&engine);
     let exit = stop(engine).await;
+    if let Some(original) = original {
+        b.env.write_pipeline(PIPELINE_FILE, &original);
+    }
     let created = created_latencies(&b.env.db).await;
     let slow = slow_moments(&created, TARGET_P99_MS, SLOW_MOMENT_GAP.as_micros() as i64);
     let acked = {
@@ -1408,6 +1442,31 @@ async fn latency(b: &Bench, rate: u64, duration_secs: u64) -> LatencyFigures {
         exit,
         problems,
     }
+}
+
+/// Rewrites the pipeline file `reloads` times at even intervals over
+/// `span` (a trailing comment each time: a new version, built and swapped
+/// in), each time waiting until the engine runs it. Returns the file's
+/// original text, for after the engine stopped.
+async fn reload_steadily(
+    b: &Bench,
+    engine: &Engine,
+    reloads: usize,
+    span: Duration,
+) -> Option<String> {
+    if reloads == 0 {
+        return None;
+    }
+    let path = b.env.pipelines_dir().join(PIPELINE_FILE);
+    let original = std::fs::read_to_string(&path).expect("the pipeline file");
+    let mut tick = tokio::time::interval(span / (reloads as u32 + 1));
+    tick.tick().await;
+    for n in 0..reloads {
+        tick.tick().await;
+        let text = revision(&original, &format!("bench reload {n}"));
+        reload_with(engine, PIPELINE_FILE, &path, &text).await;
+    }
+    Some(original)
 }
 
 /// Subscribes to JetStream ack subjects and records, per stream sequence of
