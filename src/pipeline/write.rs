@@ -2,6 +2,7 @@
 //! with capped backoff while the database is away or the pipeline is
 //! failing, and runs of identical rejections taken for the table's fault.
 
+use super::supervise::stopped_within;
 use super::*;
 
 impl Pipeline {
@@ -9,7 +10,8 @@ impl Pipeline {
     /// as soon as their fate is known. A failed attempt holds the rest:
     /// retried with capped backoff, and reported as retrying (the database
     /// is away) or failing (the pipeline's statement or table is broken).
-    /// On stop while held, the rest is released for redelivery.
+    /// On stop while held (at once, also in the middle of a pause), the
+    /// rest is released for redelivery.
     pub(super) async fn write(
         &self,
         mut rows: Vec<Row>,
@@ -40,12 +42,14 @@ impl Pipeline {
             rows = self.settle(rows).await;
             let Some(problem) = held else { break };
             self.hold(&problem, backoff, &rows);
-            if stop.is_cancelled() {
+            let messages: Vec<&Message> = rows.iter().map(|r| &r.held.msg).collect();
+            let pause = stopped_within(&stop, backoff);
+            if self
+                .keeping_alive(pause, &messages, &mut next_progress)
+                .await
+            {
                 return self.release(rows).await;
             }
-            let messages: Vec<&Message> = rows.iter().map(|r| &r.held.msg).collect();
-            self.keeping_alive(tokio::time::sleep(backoff), &messages, &mut next_progress)
-                .await;
             backoff = (backoff * 2).min(policy.backoff_max);
             self.count_received(rows.iter().map(|r| &r.held.msg));
         }

@@ -537,6 +537,49 @@ async fn sigterm_during_a_hung_write_releases_its_batch() {
     assert_stored_exactly(&env, &["first".into(), "held".into()]).await;
 }
 
+/// SIGTERM while a batch waits out a long retry pause (its database
+/// refuses connections): the pause ends with the stop, the batch is
+/// released at once, and a second process stores it within the grace +
+/// 5 s, not after the pause (30 s) or ack_wait (30 s).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_during_a_retry_pause_releases_its_batch() {
+    const GRACE: Duration = Duration::from_secs(4);
+    let env = TestEnv::new().await;
+    let mut proxy = TcpProxy::to_postgres().await;
+    let long_pause = reload::edit(
+        &with_sink_settings(&env, SHORT_TIMEOUTS),
+        "    backoff_initial: 100ms\n    backoff_max: 10s\n",
+        "    backoff_initial: 30s\n    backoff_max: 60s\n",
+    );
+    env.write_pipeline("tiktok.yaml", &long_pause);
+    let engine = env
+        .engine()
+        .database_url(proxied(&env, &proxy))
+        .var("SHUTDOWN_GRACE", "4s")
+        .start()
+        .await;
+    reload::assert_stores(&env, "first").await;
+    proxy.stop().await;
+    env.publish_event(&event("held")).await;
+    wait_for("the write to fail and pause", DEADLINE, || async {
+        let retries = engine.try_metrics().await?.sum(SINK_RETRIES, &[]);
+        expect_eq(retries >= 1.0, true)
+    })
+    .await;
+    let asked = std::time::Instant::now();
+    signal(engine.pid(), "TERM");
+    engine.wait_exit().await;
+    let _second = env.engine().start().await;
+    let within = (GRACE + Duration::from_secs(5)).saturating_sub(asked.elapsed());
+    wait_for(
+        "the held event stored by the second process",
+        within,
+        || async { expect_eq(env.try_count(TIKTOK_TABLE).await?, 2) },
+    )
+    .await;
+    assert_stored_exactly(&env, &["first".into(), "held".into()]).await;
+}
+
 // ---------------------------------------------------------------------------
 // 5. Dead letters are always deliverable
 // ---------------------------------------------------------------------------
