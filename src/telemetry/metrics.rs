@@ -399,7 +399,7 @@ fn label_pairs(labels: &BTreeMap<String, String>) -> Vec<LabelPair> {
     labels
         .iter()
         .map(|(k, v)| {
-            let mut pair = LabelPair::new();
+            let mut pair = LabelPair::default();
             pair.set_name(k.clone());
             pair.set_value(v.clone());
             pair
