@@ -4,6 +4,7 @@
 
 use super::supervise::stopped_within;
 use super::*;
+use crate::util::backoff::Backoff;
 
 impl Pipeline {
     /// Writes a batch until every row is stored or rejected, settling rows
@@ -22,7 +23,7 @@ impl Pipeline {
             crate::util::testhook::panic_point("write", &row.held.msg.payload);
         }
         let policy = &self.cfg.on_error.transient;
-        let mut backoff = policy.backoff_initial;
+        let mut backoff = Backoff::new((policy.backoff_initial, policy.backoff_max));
         let oldest = rows.iter().map(|r| r.held.received).min();
         let mut next_progress = oldest.unwrap_or_else(Instant::now) + self.keepalive_period();
         loop {
@@ -41,16 +42,16 @@ impl Pipeline {
             let held = result.err().or_else(|| self.suspect_rejections(&mut rows));
             rows = self.settle(rows).await;
             let Some(problem) = held else { break };
-            self.hold(&problem, backoff, &rows);
+            let pause = backoff.pause();
+            self.hold(&problem, pause, &rows);
             let messages: Vec<&Message> = rows.iter().map(|r| &r.held.msg).collect();
-            let pause = stopped_within(&stop, backoff);
+            let pause = stopped_within(&stop, pause);
             if self
                 .keeping_alive(pause, &messages, &mut next_progress)
                 .await
             {
                 return self.release(rows).await;
             }
-            backoff = (backoff * 2).min(policy.backoff_max);
             self.count_received(rows.iter().map(|r| &r.held.msg));
         }
         // A writer's panic is cleared by the restart, not by a batch that

@@ -27,6 +27,7 @@ use crate::pipeline::{Deps, Pipeline, Stats};
 use crate::source::nats;
 use crate::telemetry::health::{Problem, Severity, Side};
 use crate::telemetry::metrics::Metrics;
+use crate::util::backoff::Backoff;
 use crate::util::rfc3339::{self, Fraction, Zulu};
 
 /// What the engine needs from the command line and environment.
@@ -124,15 +125,19 @@ pub(super) struct Slot {
 /// The next try of a load that failed for a transient reason.
 pub(super) struct Retry {
     pub(super) at: tokio::time::Instant,
-    pub(super) backoff: Duration,
+    /// How long until `at`.
+    pub(super) pause: Duration,
+    backoff: Backoff,
 }
 
 impl Retry {
     /// The try after `last` (backoff doubled up to its cap).
     pub(super) fn after(last: Option<&Retry>) -> Self {
-        let backoff = last.map_or(LOAD_RETRY.0, |r| (r.backoff * 2).min(LOAD_RETRY.1));
+        let mut backoff = last.map_or_else(|| Backoff::new(LOAD_RETRY), |r| r.backoff.clone());
+        let pause = backoff.pause();
         Self {
-            at: tokio::time::Instant::now() + backoff,
+            at: tokio::time::Instant::now() + pause,
+            pause,
             backoff,
         }
     }
@@ -405,10 +410,10 @@ mod tests {
     #[test]
     fn load_retries_back_off_up_to_their_cap() {
         let mut retry = Retry::after(None);
-        let mut waits = vec![retry.backoff];
+        let mut waits = vec![retry.pause];
         for _ in 0..6 {
             retry = Retry::after(Some(&retry));
-            waits.push(retry.backoff);
+            waits.push(retry.pause);
         }
         let ms: Vec<u128> = waits.iter().map(Duration::as_millis).collect();
         assert_eq!(ms, [250, 500, 1000, 2000, 4000, 5000, 5000]);

@@ -119,7 +119,7 @@ impl Engine {
                 let slot = slots.entry(path.to_path_buf()).or_default();
                 slot.retry = transient.then(|| Retry::after(slot.retry.as_ref()));
                 match &slot.retry {
-                    Some(retry) => tracing::warn!(error = %error, retry_in = ?retry.backoff,
+                    Some(retry) => tracing::warn!(error = %error, retry_in = ?retry.pause,
                         "pipeline not (re)loaded for now; trying again (any running version keeps running)"),
                     None => tracing::error!(error = %error,
                         "pipeline not (re)loaded; any running version keeps running"),

@@ -4,6 +4,7 @@
 
 use super::request::{Pulled, Refusal, Request};
 use super::*;
+use crate::util::backoff::Backoff;
 
 /// Delivers messages from bounded pull requests ([`REQUESTS_AHEAD`] of
 /// at most `batch` messages and `max_bytes` bytes each). Messages delivered
@@ -26,10 +27,10 @@ pub struct Puller {
     resend_due: bool,
 }
 
-/// Longest pause between two repairs of a source that cannot be repaired
-/// (the stream or consumer cannot be ensured): a rejected pull must not
-/// loop hot.
-const REPAIR_BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// First and longest pause between two repairs of a source that cannot be
+/// repaired (the stream or consumer cannot be ensured): a rejected pull
+/// must not loop hot.
+const REPAIR_BACKOFF: (Duration, Duration) = (Duration::from_millis(200), Duration::from_secs(5));
 
 /// Longest pause between two pulls the server refuses although the
 /// repair found the stream and consumer in place: a cluster electing the
@@ -53,16 +54,19 @@ struct SourceWatch {
     /// The last pull error, not yet repaired.
     trouble: Option<Refusal>,
     /// Wait before the next repair (zero for the first one).
-    backoff: Duration,
+    wait: Duration,
+    /// The waits after a failed or refused repair.
+    backoff: Backoff,
 }
 
 impl SourceWatch {
     /// A pull worked: the source is fine again.
     fn healthy(&mut self) {
-        if self.backoff.is_zero() {
+        if self.wait.is_zero() {
             return;
         }
-        self.backoff = Duration::ZERO;
+        self.wait = Duration::ZERO;
+        self.backoff.reset();
         if self.health.recover(Side::Source) {
             tracing::info!(pipeline = %self.pipeline, "pulling again");
         }
@@ -73,7 +77,7 @@ impl SourceWatch {
     /// when `deadline` comes first or the repair failed.
     async fn repair(&mut self, deadline: Option<Instant>) -> Option<PullConsumer> {
         let trouble = self.trouble.clone()?;
-        let wake = Instant::now() + self.backoff;
+        let wake = Instant::now() + self.wait;
         if deadline.is_some_and(|d| d < wake) {
             return None;
         }
@@ -85,16 +89,16 @@ impl SourceWatch {
                 "cannot pull: the consumer or stream is gone, refuses or has no leader; ensuring them");
         }
         tokio::time::sleep_until(wake).await;
-        let next = (self.backoff * 2).clamp(Duration::from_millis(200), REPAIR_BACKOFF_MAX);
+        let next = self.backoff.pause();
         let t = &self.target;
         match ensure(&self.repair_js, &t.stream, &t.consumer, t.max_ack_pending).await {
             Ok((_, consumer)) => {
-                self.backoff = next.min(REFUSED_BACKOFF_MAX);
+                self.wait = next.min(REFUSED_BACKOFF_MAX);
                 self.trouble = None;
                 Some(consumer)
             }
             Err(e) => {
-                self.backoff = next;
+                self.wait = next;
                 let error = format!("{e:#}");
                 self.health.fail(Side::Source, Severity::Failing, &error);
                 self.trouble = Some(Refusal {
@@ -133,7 +137,8 @@ impl Puller {
                 health,
                 pipeline: pipeline.to_string(),
                 trouble: None,
-                backoff: Duration::ZERO,
+                wait: Duration::ZERO,
+                backoff: Backoff::new(REPAIR_BACKOFF),
             },
             acks,
             disrupted: false,
