@@ -39,13 +39,18 @@ impl Pipeline {
         let mut deadline = start + b.max_wait;
         let mut bytes = first.payload.len() as u64;
         let mut held = vec![self.receive(first)];
+        // What the batch held when it was last extended (see `worth_waiting`).
+        let mut extended_at = None;
         while held.len() < b.max_rows.get() && bytes < b.max_bytes {
             match puller.next(Some(deadline)).await {
                 Some(m) => {
                     bytes += m.payload.len() as u64;
                     held.push(self.receive(m));
                 }
-                None if deadline < start + BACKLOG_WAIT && backlog(&held) => {
+                None if deadline < start + BACKLOG_WAIT
+                    && worth_waiting(&held, extended_at == Some(held.len()), b.max_rows.get()) =>
+                {
+                    extended_at = Some(held.len());
                     let step = b.max_wait.max(BACKLOG_STEP);
                     deadline = (Instant::now() + step).min(start + BACKLOG_WAIT);
                 }
@@ -156,9 +161,18 @@ impl Pipeline {
 }
 
 /// True when the server had more messages for the consumer after the
-/// batch's last one (JetStream tells with each delivery).
-fn backlog(held: &[Held]) -> bool {
-    held.last()
+/// batch's last one (JetStream tells with each delivery), unless the last
+/// step brought nothing (`quiet`) and those messages would not fill the
+/// batch: a backlog over a slow link is worth the wait, a count that stays
+/// above zero while nothing comes is not. After a reload the server counts
+/// one message pending for about a second (while the predecessor's pull
+/// requests are open), and every batch of a steady trickle waited the
+/// whole [`BACKLOG_WAIT`] for it.
+fn worth_waiting(held: &[Held], quiet: bool, max_rows: usize) -> bool {
+    let pending = held
+        .last()
         .and_then(|h| h.msg.info().ok())
-        .is_some_and(|info| info.pending > 0)
+        .map_or(0, |info| info.pending);
+    let lacking = max_rows.saturating_sub(held.len()) as u64;
+    pending > 0 && (!quiet || pending >= lacking)
 }
