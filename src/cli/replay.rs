@@ -16,6 +16,7 @@ use futures::StreamExt;
 use time::OffsetDateTime;
 
 use crate::config;
+use crate::config::reason::Reason;
 use crate::source::nats::{self, NatsOptions};
 
 /// How long to wait for the next letter of those counted at start.
@@ -32,7 +33,7 @@ pub struct Args {
     pub pipeline: Option<String>,
     /// Only letters with this reason (`Ingestd-Reason`, e.g. `schema`, `max_deliver`).
     #[arg(long)]
-    pub reason: Option<String>,
+    pub reason: Option<Reason>,
     /// Only letters whose original subject matches (wildcards allowed).
     #[arg(long)]
     pub subject: Option<String>,
@@ -81,7 +82,8 @@ pub struct Counts {
 struct Letter {
     seq: u64,
     pipeline: String,
-    reason: String,
+    /// None for a reason this version does not know (a newer engine's).
+    reason: Option<Reason>,
     subject: String,
     dead_lettered: OffsetDateTime,
 }
@@ -155,7 +157,7 @@ pub async fn run(args: &Args) -> Result<Counts, ReplayError> {
             },
             letter.seq,
             letter.pipeline,
-            letter.reason,
+            letter.reason.map_or("?", Reason::as_str),
             letter.subject
         );
         if !args.dry_run {
@@ -179,7 +181,7 @@ impl Args {
     fn selects(&self, letter: &Letter) -> bool {
         let is = |want: &Option<String>, have: &str| want.as_deref().is_none_or(|w| w == have);
         is(&self.pipeline, &letter.pipeline)
-            && is(&self.reason, &letter.reason)
+            && self.reason.is_none_or(|r| letter.reason == Some(r))
             && self
                 .subject
                 .as_deref()
@@ -197,7 +199,7 @@ impl Letter {
         Some(Self {
             seq,
             pipeline: get("Ingestd-Pipeline")?,
-            reason: get("Ingestd-Reason").unwrap_or_default(),
+            reason: get("Ingestd-Reason").and_then(|r| r.parse().ok()),
             subject: get("Ingestd-Subject")?,
             dead_lettered: published,
         })
@@ -263,7 +265,7 @@ mod tests {
         Letter {
             seq: 7,
             pipeline: "tiktok".into(),
-            reason: "schema".into(),
+            reason: Some(Reason::Schema),
             subject: "raw.events.tiktok.top.like".into(),
             dead_lettered: config::parse_time(at).unwrap(),
         }

@@ -28,6 +28,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::letters::{Outbox, Parcel};
 use super::supervise::stopped_within;
+use crate::config::reason::Reason;
 use crate::util::backoff::Backoff;
 use crate::util::text::truncate;
 
@@ -48,7 +49,7 @@ pub struct Letter {
     pub stream: String,
     pub stream_seq: u64,
     pub delivered: i64,
-    pub reason: &'static str,
+    pub reason: Reason,
     pub error: String,
 }
 
@@ -85,7 +86,7 @@ impl DeadLetters {
             format!("{}:{}", letter.stream, letter.stream_seq).as_str(),
         );
         headers.insert("Ingestd-Pipeline", self.pipeline.as_str());
-        headers.insert("Ingestd-Reason", letter.reason);
+        headers.insert("Ingestd-Reason", letter.reason.as_str());
         let error = truncate(&letter.error, 1000).replace(['\r', '\n'], " ");
         headers.insert("Ingestd-Error", error.as_str());
         headers.insert("Ingestd-Subject", letter.subject.as_str());
@@ -108,7 +109,7 @@ impl DeadLetters {
             source,
         })?;
         self.counter
-            .with_label_values(&[&self.pipeline, letter.reason])
+            .with_label_values(&[&self.pipeline, letter.reason.as_str()])
             .inc();
         Ok(())
     }
@@ -150,9 +151,6 @@ fn carried_headers(original: Option<&HeaderMap>) -> HeaderMap {
     }
     headers
 }
-
-/// The reason of letters for events JetStream stopped redelivering.
-pub const MAX_DELIVER: &str = "max_deliver";
 
 /// JetStream's advisory for a message that reached `max_deliver`.
 #[derive(Deserialize)]
@@ -376,7 +374,7 @@ impl AdvisoryReader {
             stream: self.stream_name.clone(),
             stream_seq: adv.stream_seq,
             delivered: adv.deliveries,
-            reason: MAX_DELIVER,
+            reason: Reason::MaxDeliver,
             error: "JetStream stopped redelivering: max_deliver reached".into(),
         }))
     }

@@ -81,7 +81,7 @@ impl Pipeline {
             .inc();
         tracing::warn!(pipeline = %self.name, error = %problem, retry_in = ?backoff, "write failed; holding the batch");
         rows.iter()
-            .for_each(|r| self.count_failure(&r.held, PROCESSING_ERROR));
+            .for_each(|r| self.count_failure(&r.held, Reason::ProcessingError));
     }
 
     /// Turns the batch's database rejections back into pending rows when

@@ -7,50 +7,16 @@ use std::collections::BTreeMap;
 
 use serde_json::Value as Json;
 
+use crate::config::reason::Reason;
 use crate::config::{self, PipelineFile};
 use crate::transform::template::{MsgMeta, Rendered, Templates};
 use crate::transform::validate::EventValidator;
 
-/// The class of an event that can never be stored, as logs, pipeline test
-/// files and dead-letter headers name it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum InvalidKind {
-    /// Larger than `max_payload`.
-    TooLarge,
-    /// Not JSON (or not UTF-8).
-    NotJson,
-    /// Refused by the JSON Schema.
-    Schema,
-    /// The template cannot render for this event.
-    Template,
-    /// Refused by the database for a reason of its own (a value, a
-    /// constraint, a trigger).
-    Unstorable,
-}
-
-impl InvalidKind {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            InvalidKind::TooLarge => "too_large",
-            InvalidKind::NotJson => "not_json",
-            InvalidKind::Schema => "schema",
-            InvalidKind::Template => "template",
-            InvalidKind::Unstorable => "unstorable",
-        }
-    }
-}
-
-impl std::fmt::Display for InvalidKind {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
 /// Why an event can never be stored.
 #[derive(Debug)]
 pub struct Invalid {
-    pub kind: InvalidKind,
+    /// One of the event's faults ([`Reason::is_event_fault`]).
+    pub kind: Reason,
     pub error: String,
     /// Known when the event was JSON and `log.event_id` points at a string.
     pub event_id: Option<String>,
@@ -139,19 +105,19 @@ impl Compiled {
                 payload.len(),
                 self.max_payload
             );
-            return Err(invalid(InvalidKind::TooLarge, e, None));
+            return Err(invalid(Reason::TooLarge, e, None));
         }
         let mut event: Json = serde_json::from_slice(payload)
-            .map_err(|e| invalid(InvalidKind::NotJson, format!("not JSON: {e}"), None))?;
+            .map_err(|e| invalid(Reason::NotJson, format!("not JSON: {e}"), None))?;
         if let Some(v) = &self.validator {
             v.apply(&mut event)
-                .map_err(|e| invalid(InvalidKind::Schema, e, Some(&event)))?;
+                .map_err(|e| invalid(Reason::Schema, e, Some(&event)))?;
         }
         let (rendered, labels) = self
             .templates
             .render(event, msg, headers)
             .map_err(|error| Invalid {
-                kind: InvalidKind::Template,
+                kind: Reason::Template,
                 error,
                 event_id: self.event_id_in(payload),
             })?;
