@@ -30,6 +30,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::reason::Reason;
 use crate::config::{self, InvalidAction, PipelineFile};
+use crate::sink::postgres::sqlstate::SqlState;
 use crate::sink::postgres::{
     Finish, Limits, Outcome, PgSink, PoolChoice, Pools, Rejection, SinkRow, WriteError,
 };
@@ -169,7 +170,7 @@ struct Row {
 /// SQLSTATE, with no stored row in between (across batches).
 #[derive(Default)]
 struct RejectedRun {
-    sqlstate: Option<String>,
+    sqlstate: Option<SqlState>,
     rows: usize,
 }
 

@@ -103,15 +103,15 @@ impl Pipeline {
                     sqlstate: Some(state),
                     error,
                 }) => {
-                    if run.sqlstate.as_ref() != Some(state) {
+                    if run.sqlstate != Some(*state) {
                         *run = RejectedRun {
-                            sqlstate: Some(state.clone()),
+                            sqlstate: Some(*state),
                             rows: 0,
                         };
                     }
                     run.rows += 1;
                     if run.rows >= limit {
-                        suspect = Some((state.clone(), error.clone()));
+                        suspect = Some((*state, error.clone()));
                     }
                 }
                 _ => {}
@@ -119,8 +119,7 @@ impl Pipeline {
         }
         let (state, error) = suspect?;
         for row in rows.iter_mut() {
-            if matches!(&row.write.outcome, Outcome::Rejected(r) if r.sqlstate.as_ref() == Some(&state))
-            {
+            if matches!(&row.write.outcome, Outcome::Rejected(r) if r.sqlstate == Some(state)) {
                 row.write.outcome = Outcome::Pending;
             }
         }

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use crate::harness::statements::*;
 use crate::harness::*;
-use ingestd::sink::postgres::sqlstate::{self, Fault};
+use ingestd::sink::postgres::sqlstate::{self, Fault, SqlState};
 use serde_json::{json, Value};
 
 /// Events per pipeline of the corpus.
@@ -606,7 +606,7 @@ CREATE TRIGGER stored_raise BEFORE INSERT ON stored FOR EACH ROW EXECUTE FUNCTIO
 /// The per-row function decides whose fault a caught error is with the
 /// SQL form of the SQLSTATE table; on every class of the table, on a full
 /// code of each and on codes the table does not know, it agrees with
-/// `fault_of`.
+/// `SqlState::fault`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_per_row_functions_fault_test_agrees_with_the_table() {
     let env = TestEnv::new().await;
@@ -622,7 +622,8 @@ async fn the_per_row_functions_fault_test_agrees_with_the_table() {
             .fetch_one(&env.db)
             .await
             .expect("evaluate the expression");
-        assert_eq!(event, sqlstate::fault_of(&code) == Fault::Event, "{code}");
+        let state = SqlState::parse(&code).expect("a SQLSTATE");
+        assert_eq!(event, state.fault() == Fault::Event, "{code}");
     }
 }
 
