@@ -108,6 +108,8 @@ pub enum TestError {
     Config(#[from] ConfigError),
     #[error("{0:#}")]
     Connect(anyhow::Error),
+    #[error("cannot start the runtime: {0}")]
+    Runtime(#[source] std::io::Error),
     #[error(transparent)]
     Migrate(#[from] MigrateError),
     #[error(transparent)]
@@ -465,11 +467,8 @@ pub fn main(
     let result = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
-        .map_err(|e| e.to_string())
-        .and_then(|rt| {
-            rt.block_on(run(&paths, database_url, migrations))
-                .map_err(|e| e.to_string())
-        });
+        .map_err(TestError::Runtime)
+        .and_then(|rt| rt.block_on(run(&paths, database_url, migrations)));
     match result {
         Ok(0) => std::process::ExitCode::SUCCESS,
         Ok(_) => std::process::ExitCode::FAILURE,

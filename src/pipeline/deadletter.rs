@@ -168,6 +168,15 @@ pub enum Advisories {
     Live,
 }
 
+/// Why the advisories could not be kept in a stream of the engine's own.
+#[derive(Debug, thiserror::Error)]
+enum KeepError {
+    #[error("the advisories' stream: {0}")]
+    Stream(#[source] jetstream::context::CreateStreamError),
+    #[error("the advisories' consumer: {0}")]
+    Consumer(#[source] jetstream::stream::ConsumerError),
+}
+
 /// How long kept advisories wait for an engine to dead-letter them.
 const ADVISORIES_MAX_AGE: Duration = Duration::from_secs(7 * 24 * 3600);
 /// The durable that reads kept advisories (every version and process of the
@@ -203,7 +212,7 @@ pub async fn capture_advisories(
                 ..Default::default()
             })
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(KeepError::Stream)?;
         stream
             .get_or_create_consumer(
                 ADVISORIES_DURABLE,
@@ -214,7 +223,7 @@ pub async fn capture_advisories(
                 },
             )
             .await
-            .map_err(|e| e.to_string())
+            .map_err(KeepError::Consumer)
     };
     match kept.await {
         Ok(consumer) => Advisories::Kept(Box::new(consumer)),

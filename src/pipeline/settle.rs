@@ -124,17 +124,9 @@ impl Pipeline {
             "invalid event"
         );
         let settled = match policy.action {
-            InvalidAction::Ack => held.msg.ack().await.map_err(|e| e.to_string()),
-            InvalidAction::Term => held
-                .msg
-                .ack_with(AckKind::Term)
-                .await
-                .map_err(|e| e.to_string()),
-            InvalidAction::Nak => held
-                .msg
-                .ack_with(AckKind::Nak(policy.delay))
-                .await
-                .map_err(|e| e.to_string()),
+            InvalidAction::Ack => held.msg.ack().await,
+            InvalidAction::Term => held.msg.ack_with(AckKind::Term).await,
+            InvalidAction::Nak => held.msg.ack_with(AckKind::Nak(policy.delay)).await,
             InvalidAction::DeadLetter => {
                 self.count_failure(&held, Reason::ValidationError);
                 return self.dead_letter(held, &invalid).await;

@@ -21,8 +21,9 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::config::files::pipeline_files;
-use crate::pipeline::{Deps, Pipeline, Stats};
+use crate::config::files::{pipeline_files, DirError};
+use crate::config::ConfigError;
+use crate::pipeline::{BuildError, Deps, Pipeline, Stats};
 use crate::source::nats;
 use crate::telemetry::health::{Problem, Severity, Side};
 use crate::telemetry::metrics::Metrics;
@@ -104,6 +105,29 @@ impl NotReady {
     }
 }
 
+/// Why a pipeline file (or the directory) was not (re)loaded. Kept in the
+/// file's slot, where `/pipelines` shows it and the next attempt at the
+/// unchanged file returns it again, hence `Clone` (shared sources).
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum LoadError {
+    #[error(transparent)]
+    Directory(Arc<DirError>),
+    #[error("{}: {source}", path.display())]
+    Interrupted {
+        path: PathBuf,
+        #[source]
+        source: Arc<tokio::task::JoinError>,
+    },
+    /// The file's content: its own error names the file and position.
+    #[error(transparent)]
+    Content(#[from] ConfigError),
+    #[error(transparent)]
+    Build(Arc<BuildError>),
+    /// A build abandoned by shutdown (nothing of it ran yet).
+    #[error("{}: not loaded: the engine is shutting down", path.display())]
+    ShuttingDown { path: PathBuf },
+}
+
 /// A pipeline file's state: the version running (if any) and the last
 /// load error (if the last attempt failed).
 #[derive(Default)]
@@ -111,7 +135,7 @@ pub(super) struct Slot {
     pub(super) running: Option<Running>,
     /// Event counts across every version of the file.
     pub(super) stats: Arc<Stats>,
-    pub(super) error: Option<String>,
+    pub(super) error: Option<LoadError>,
     /// Fingerprint of the last attempted content, so an unchanged broken
     /// file is not rebuilt on every unrelated change.
     pub(super) attempted: Option<u64>,
@@ -354,7 +378,7 @@ impl Slot {
             last_error: self
                 .error
                 .as_ref()
-                .map(|e| e.replace(&format!("{}/", dir.display()), "")),
+                .map(|e| e.to_string().replace(&format!("{}/", dir.display()), "")),
             received: self.stats.received.load(Relaxed),
             processed: self.stats.processed.load(Relaxed),
             failed: self.stats.failed.load(Relaxed),
@@ -405,6 +429,7 @@ pub async fn start(settings: &Settings) -> anyhow::Result<Arc<Engine>> {
     let errors = engine.reconcile().await;
     if !errors.is_empty() {
         engine.stop_all().await;
+        let errors: Vec<String> = errors.iter().map(LoadError::to_string).collect();
         anyhow::bail!("{}", errors.join("\n"));
     }
     metrics.set_nats_connected(engine.nats_up());

@@ -8,7 +8,7 @@
 //! a Zod union.
 
 use std::collections::HashMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use serde_json::{Map, Value};
 
@@ -16,6 +16,42 @@ use crate::util::text::truncate;
 
 /// How many schema violations an error message lists.
 const MAX_REPORTED: usize = 3;
+
+/// Why a schema could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum SchemaError {
+    #[error("cannot read schema {}: {source}", path.display())]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{}:{}:{}: schema is not JSON: {source}", path.display(), source.line(), source.column())]
+    NotJson {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+    /// A schema file's content, named by its path.
+    #[error("{}: {source}", path.display())]
+    InFile {
+        path: PathBuf,
+        #[source]
+        source: Box<SchemaError>,
+    },
+    #[error("invalid schema: {0}")]
+    Invalid(#[source] jsonschema::ValidationError<'static>),
+    #[error("cannot resolve $ref: {0}")]
+    Unresolved(#[source] jsonschema::ReferencingError),
+    #[error("invalid schema alternative: {0}")]
+    InvalidAlternative(#[source] jsonschema::ValidationError<'static>),
+}
+
+/// Where an event breaks its schema: up to [`MAX_REPORTED`] JSON pointers,
+/// each with what is wrong there.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct Violations(String);
 
 /// A compiled schema, and the shape used to strip undeclared keys.
 pub struct EventValidator {
@@ -26,29 +62,29 @@ pub struct EventValidator {
 impl EventValidator {
     /// Reads and compiles a schema file. Formats (`date-time`, ...) are
     /// asserted: an event whose timestamp is not a date is invalid.
-    pub fn load(path: &Path, strip_unknown: bool) -> Result<Self, String> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| format!("cannot read schema {}: {e}", path.display()))?;
-        let schema: Value = serde_json::from_str(&text).map_err(|e| {
-            format!(
-                "{}:{}:{}: schema is not JSON: {e}",
-                path.display(),
-                e.line(),
-                e.column()
-            )
+    pub fn load(path: &Path, strip_unknown: bool) -> Result<Self, SchemaError> {
+        let path_buf = || path.to_path_buf();
+        let text = std::fs::read_to_string(path).map_err(|source| SchemaError::Read {
+            path: path_buf(),
+            source,
         })?;
-        Self::new(&schema, strip_unknown).map_err(|e| format!("{}: {e}", path.display()))
+        let schema: Value = serde_json::from_str(&text).map_err(|source| SchemaError::NotJson {
+            path: path_buf(),
+            source,
+        })?;
+        Self::new(&schema, strip_unknown).map_err(|e| SchemaError::InFile {
+            path: path_buf(),
+            source: Box::new(e),
+        })
     }
 
-    pub fn new(schema: &Value, strip_unknown: bool) -> Result<Self, String> {
+    pub fn new(schema: &Value, strip_unknown: bool) -> Result<Self, SchemaError> {
         let options = options();
-        let validator = options
-            .build(schema)
-            .map_err(|e| format!("invalid schema: {e}"))?;
+        let validator = options.build(schema).map_err(SchemaError::Invalid)?;
         let shape = if strip_unknown {
             let resolved = options
                 .dereference(schema)
-                .map_err(|e| format!("cannot resolve $ref: {e}"))?;
+                .map_err(SchemaError::Unresolved)?;
             Some(Shape::compile(&resolved)?)
         } else {
             None
@@ -58,9 +94,9 @@ impl EventValidator {
 
     /// Validates the event and, if configured, strips undeclared keys.
     /// The error text names the failing locations (JSON pointers).
-    pub fn apply(&self, event: &mut Value) -> Result<(), String> {
+    pub fn apply(&self, event: &mut Value) -> Result<(), Violations> {
         if !self.validator.is_valid(event) {
-            return Err(self.describe_errors(event));
+            return Err(Violations(self.describe_errors(event)));
         }
         if let Some(shape) = &self.shape {
             shape.strip(event, None);
@@ -106,7 +142,7 @@ struct Shape {
 }
 
 impl Shape {
-    fn compile(schema: &Value) -> Result<Self, String> {
+    fn compile(schema: &Value) -> Result<Self, SchemaError> {
         let mut shape = Shape::default();
         shape.merge(schema)?;
         Ok(shape)
@@ -114,7 +150,7 @@ impl Shape {
 
     /// Adds what `schema` declares; `allOf` members are merged in, since
     /// every one of them applies.
-    fn merge(&mut self, schema: &Value) -> Result<(), String> {
+    fn merge(&mut self, schema: &Value) -> Result<(), SchemaError> {
         let Some(obj) = schema.as_object() else {
             return Ok(());
         };
@@ -140,7 +176,7 @@ impl Shape {
         for alt in array(obj, "anyOf").chain(array(obj, "oneOf")) {
             let validator = options()
                 .build(alt)
-                .map_err(|e| format!("invalid schema alternative: {e}"))?;
+                .map_err(SchemaError::InvalidAlternative)?;
             self.alternatives.push((validator, Shape::compile(alt)?));
         }
         Ok(())
@@ -247,7 +283,7 @@ mod tests {
     fn invalid_date_time_is_rejected_with_its_location() {
         let mut e = event();
         e["timestamp"] = json!("yesterday");
-        let err = tiktok().apply(&mut e).unwrap_err();
+        let err = tiktok().apply(&mut e).unwrap_err().to_string();
         assert!(err.contains("/timestamp"), "{err}");
     }
 
