@@ -34,17 +34,23 @@ pub enum SchemaError {
     },
     /// A schema file's content, named by its path.
     #[error("{}: {source}", path.display())]
-    InFile {
+    Content {
         path: PathBuf,
         #[source]
-        source: Box<SchemaError>,
+        source: ContentError,
     },
+}
+
+/// Why a schema document cannot be compiled (the compile errors boxed:
+/// they are large, and only a load that fails carries one).
+#[derive(Debug, thiserror::Error)]
+pub enum ContentError {
     #[error("invalid schema: {0}")]
-    Invalid(#[source] jsonschema::ValidationError<'static>),
+    Invalid(#[source] Box<jsonschema::ValidationError<'static>>),
     #[error("cannot resolve $ref: {0}")]
-    Unresolved(#[source] jsonschema::ReferencingError),
+    Unresolved(#[source] Box<jsonschema::ReferencingError>),
     #[error("invalid schema alternative: {0}")]
-    InvalidAlternative(#[source] jsonschema::ValidationError<'static>),
+    InvalidAlternative(#[source] Box<jsonschema::ValidationError<'static>>),
 }
 
 /// Where an event breaks its schema: up to [`MAX_REPORTED`] JSON pointers,
@@ -72,19 +78,21 @@ impl EventValidator {
             path: path_buf(),
             source,
         })?;
-        Self::new(&schema, strip_unknown).map_err(|e| SchemaError::InFile {
+        Self::new(&schema, strip_unknown).map_err(|source| SchemaError::Content {
             path: path_buf(),
-            source: Box::new(e),
+            source,
         })
     }
 
-    pub fn new(schema: &Value, strip_unknown: bool) -> Result<Self, SchemaError> {
+    pub fn new(schema: &Value, strip_unknown: bool) -> Result<Self, ContentError> {
         let options = options();
-        let validator = options.build(schema).map_err(SchemaError::Invalid)?;
+        let validator = options
+            .build(schema)
+            .map_err(|e| ContentError::Invalid(Box::new(e)))?;
         let shape = if strip_unknown {
             let resolved = options
                 .dereference(schema)
-                .map_err(SchemaError::Unresolved)?;
+                .map_err(|e| ContentError::Unresolved(Box::new(e)))?;
             Some(Shape::compile(&resolved)?)
         } else {
             None
@@ -142,7 +150,7 @@ struct Shape {
 }
 
 impl Shape {
-    fn compile(schema: &Value) -> Result<Self, SchemaError> {
+    fn compile(schema: &Value) -> Result<Self, ContentError> {
         let mut shape = Shape::default();
         shape.merge(schema)?;
         Ok(shape)
@@ -150,7 +158,7 @@ impl Shape {
 
     /// Adds what `schema` declares; `allOf` members are merged in, since
     /// every one of them applies.
-    fn merge(&mut self, schema: &Value) -> Result<(), SchemaError> {
+    fn merge(&mut self, schema: &Value) -> Result<(), ContentError> {
         let Some(obj) = schema.as_object() else {
             return Ok(());
         };
@@ -176,7 +184,7 @@ impl Shape {
         for alt in array(obj, "anyOf").chain(array(obj, "oneOf")) {
             let validator = options()
                 .build(alt)
-                .map_err(SchemaError::InvalidAlternative)?;
+                .map_err(|e| ContentError::InvalidAlternative(Box::new(e)))?;
             self.alternatives.push((validator, Shape::compile(alt)?));
         }
         Ok(())
@@ -304,5 +312,48 @@ mod tests {
         let mut e = json!({"a": 1, "b": 2});
         v.apply(&mut e).unwrap();
         assert_eq!(e, json!({"a": 1, "b": 2}));
+    }
+
+    /// The messages `check` prints stay as they were; the cause is the
+    /// error's source, for whoever reads the chain.
+    #[test]
+    fn schema_errors_name_the_file_and_keep_their_cause() {
+        use std::error::Error as _;
+        let dir = std::env::temp_dir().join(format!("ingestd-schema-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let missing = dir.join("missing.json");
+        let err = EventValidator::load(&missing, true).err().unwrap();
+        assert!(matches!(err, SchemaError::Read { .. }), "{err:?}");
+        assert!(err.to_string().starts_with("cannot read schema "), "{err}");
+        let io = err
+            .source()
+            .and_then(|s| s.downcast_ref::<std::io::Error>());
+        assert_eq!(
+            io.map(std::io::Error::kind),
+            Some(std::io::ErrorKind::NotFound)
+        );
+
+        let broken = dir.join("broken.json");
+        std::fs::write(&broken, "{\n  \"type\": }").unwrap();
+        let err = EventValidator::load(&broken, true)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            err.starts_with(&format!("{}:2:11: schema is not JSON: ", broken.display())),
+            "{err}"
+        );
+
+        let wrong = dir.join("wrong.json");
+        std::fs::write(&wrong, r#"{"type": 7}"#).unwrap();
+        let err = EventValidator::load(&wrong, true).err().unwrap();
+        assert!(
+            err.to_string()
+                .starts_with(&format!("{}: invalid schema: ", wrong.display())),
+            "{err}"
+        );
+        let inner = err.source().and_then(|s| s.downcast_ref::<ContentError>());
+        assert!(matches!(inner, Some(ContentError::Invalid(_))), "{inner:?}");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }
