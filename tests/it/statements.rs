@@ -752,18 +752,26 @@ async fn a_broken_statement_fails_the_pipeline_until_fixed() {
         env.publish("cols.e", json!({"id": id, "note": "n"}).to_string())
             .await;
     }
-    let s = wait_state(&engine, "cols", "failing").await;
+    // Every receipt fails as a processing error; a batch received while
+    // the first one failed is counted once its own attempt has failed.
+    let s = wait_for(
+        "cols to be failing, every receipt failed",
+        DEADLINE,
+        || async {
+            let s = status(&engine, "cols").await;
+            expect_eq(s["state"].as_str(), Some("failing")).map_err(|e| format!("{e}: {s}"))?;
+            expect_eq(s["failed"].as_u64(), s["received"].as_u64())
+                .map_err(|e| format!("only processing errors: {e}: {s}"))?;
+            Ok(s)
+        },
+    )
+    .await;
     assert!(
         s["problem"]["error"]
             .as_str()
             .unwrap_or_default()
             .contains("42703"),
         "{s}"
-    );
-    assert_eq!(
-        s["failed"].as_u64(),
-        s["received"].as_u64(),
-        "only processing errors: {s}"
     );
     assert_eq!(engine.get("/ready").await.status, 503);
     let durable = format!("cols-{}", env.id);
