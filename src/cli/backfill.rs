@@ -50,8 +50,14 @@ pub enum BackfillError {
     Config(#[from] ConfigError),
     #[error("{0:#}")]
     Setup(anyhow::Error),
+    /// Any of the client's errors (each call has its own error type).
     #[error("NATS: {0}")]
-    Nats(String),
+    Nats(#[source] async_nats::Error),
+}
+
+/// A client error met while reading the stream or the consumer.
+fn nats(e: impl std::error::Error + Send + Sync + 'static) -> BackfillError {
+    BackfillError::Nats(Box::new(e))
 }
 
 /// What a backfill did.
@@ -100,14 +106,8 @@ pub async fn run(args: Args) -> Result<Summary, BackfillError> {
         .await
         .map_err(|e| BackfillError::Setup(e.into()))?;
     let pipeline = Arc::new(pipeline);
-    let nats = |e: &dyn std::fmt::Display| BackfillError::Nats(e.to_string());
-    let mut stream = js.get_stream(&stream_name).await.map_err(|e| nats(&e))?;
-    let last = stream
-        .info()
-        .await
-        .map_err(|e| nats(&e))?
-        .state
-        .last_sequence;
+    let mut stream = js.get_stream(&stream_name).await.map_err(nats)?;
+    let last = stream.info().await.map_err(nats)?.state.last_sequence;
     let durable = pipeline.durable().to_string();
     tracing::info!(pipeline = %pipeline.name, %durable, last, "backfill running");
     let stop = CancellationToken::new();
@@ -118,10 +118,7 @@ pub async fn run(args: Args) -> Result<Summary, BackfillError> {
     };
     let ((), caught_up) = tokio::join!(pipeline.clone().run(stop.clone(), None), caught_up);
     caught_up?;
-    stream
-        .delete_consumer(&durable)
-        .await
-        .map_err(|e| nats(&e))?;
+    stream.delete_consumer(&durable).await.map_err(nats)?;
     Ok(Summary {
         stored: pipeline.stats.processed.load(Relaxed),
         failed: pipeline.stats.failed.load(Relaxed),
@@ -151,10 +148,7 @@ async fn wait_caught_up(
     last: u64,
 ) -> Result<(), BackfillError> {
     loop {
-        let info = stream
-            .consumer_info(durable)
-            .await
-            .map_err(|e| BackfillError::Nats(e.to_string()))?;
+        let info = stream.consumer_info(durable).await.map_err(nats)?;
         let idle = info.num_pending == 0 && info.num_ack_pending == 0;
         if idle || info.ack_floor.stream_sequence >= last {
             return Ok(());

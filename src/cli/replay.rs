@@ -16,6 +16,7 @@ use futures::StreamExt;
 use time::OffsetDateTime;
 
 use crate::config;
+use crate::config::reason::Reason;
 use crate::source::nats::{self, NatsOptions};
 
 /// How long to wait for the next letter of those counted at start.
@@ -32,7 +33,7 @@ pub struct Args {
     pub pipeline: Option<String>,
     /// Only letters with this reason (`Ingestd-Reason`, e.g. `schema`, `max_deliver`).
     #[arg(long)]
-    pub reason: Option<String>,
+    pub reason: Option<Reason>,
     /// Only letters whose original subject matches (wildcards allowed).
     #[arg(long)]
     pub subject: Option<String>,
@@ -53,18 +54,31 @@ pub struct Args {
 pub enum ReplayError {
     #[error("{0:#}")]
     Setup(anyhow::Error),
-    #[error("no stream captures the dead-letter subject `{subject}`: {error}")]
-    NoStream { subject: String, error: String },
+    #[error("no stream captures the dead-letter subject `{subject}`: {source}")]
+    NoStream {
+        subject: String,
+        #[source]
+        source: jetstream::context::GetStreamByNameError,
+    },
+    /// Any of the client's errors while reading the stream (each call has
+    /// its own error type; what matters is where it happened).
     #[error("reading the dead letters: {0}")]
-    Read(String),
-    #[error("dead letter {seq}: re-publish to {subject} not confirmed: {error}")]
+    Read(#[source] async_nats::Error),
+    #[error("reading the dead letters: the dead-letter stream stopped answering")]
+    Stalled,
+    #[error("dead letter {seq}: re-publish to {subject} not confirmed: {source}")]
     Publish {
         seq: u64,
         subject: String,
-        error: String,
+        #[source]
+        source: jetstream::context::PublishError,
     },
-    #[error("dead letter {seq} was re-published but could not be deleted: {error}")]
-    Delete { seq: u64, error: String },
+    #[error("dead letter {seq} was re-published but could not be deleted: {source}")]
+    Delete {
+        seq: u64,
+        #[source]
+        source: jetstream::stream::DeleteMessageError,
+    },
 }
 
 /// Counts printed at the end.
@@ -81,7 +95,8 @@ pub struct Counts {
 struct Letter {
     seq: u64,
     pipeline: String,
-    reason: String,
+    /// None for a reason this version does not know (a newer engine's).
+    reason: Option<Reason>,
     subject: String,
     dead_lettered: OffsetDateTime,
 }
@@ -113,8 +128,7 @@ pub async fn run(args: &Args) -> Result<Counts, ReplayError> {
     let stream = js
         .get_stream(stream_of(&js, &args.dead_letters).await?)
         .await
-        .map_err(|e| ReplayError::Read(e.to_string()))?;
-    let read = |e: &dyn std::fmt::Display| ReplayError::Read(e.to_string());
+        .map_err(read)?;
     let last = stream.cached_info().state.last_sequence;
     let mut consumer = stream
         .create_consumer(pull::OrderedConfig {
@@ -122,18 +136,18 @@ pub async fn run(args: &Args) -> Result<Counts, ReplayError> {
             ..Default::default()
         })
         .await
-        .map_err(|e| read(&e))?;
-    let mut left = consumer.info().await.map_err(|e| read(&e))?.num_pending;
-    let mut messages = consumer.messages().await.map_err(|e| read(&e))?;
+        .map_err(read)?;
+    let mut left = consumer.info().await.map_err(read)?.num_pending;
+    let mut messages = consumer.messages().await.map_err(read)?;
     let mut counts = Counts::default();
     while left > 0 {
         let next = tokio::time::timeout(NEXT_LETTER_TIMEOUT, messages.next()).await;
         let msg = match next {
             Ok(Some(Ok(m))) => m,
-            Ok(Some(Err(e))) => return Err(read(&e)),
-            Ok(None) | Err(_) => return Err(read(&"the dead-letter stream stopped answering")),
+            Ok(Some(Err(e))) => return Err(read(e)),
+            Ok(None) | Err(_) => return Err(ReplayError::Stalled),
         };
-        let info = msg.info().map_err(|e| read(&e))?;
+        let info = msg.info().map_err(ReplayError::Read)?;
         if info.stream_sequence > last {
             break; // dead-lettered since the start (maybe by this replay)
         }
@@ -155,7 +169,7 @@ pub async fn run(args: &Args) -> Result<Counts, ReplayError> {
             },
             letter.seq,
             letter.pipeline,
-            letter.reason,
+            letter.reason.map_or("?", Reason::as_str),
             letter.subject
         );
         if !args.dry_run {
@@ -166,12 +180,17 @@ pub async fn run(args: &Args) -> Result<Counts, ReplayError> {
     Ok(counts)
 }
 
+/// A client error met while reading the dead letters.
+fn read(e: impl std::error::Error + Send + Sync + 'static) -> ReplayError {
+    ReplayError::Read(Box::new(e))
+}
+
 async fn stream_of(js: &jetstream::Context, subject: &str) -> Result<String, ReplayError> {
     js.stream_by_subject(subject.to_string())
         .await
-        .map_err(|e| ReplayError::NoStream {
+        .map_err(|source| ReplayError::NoStream {
             subject: subject.to_string(),
-            error: e.to_string(),
+            source,
         })
 }
 
@@ -179,7 +198,7 @@ impl Args {
     fn selects(&self, letter: &Letter) -> bool {
         let is = |want: &Option<String>, have: &str| want.as_deref().is_none_or(|w| w == have);
         is(&self.pipeline, &letter.pipeline)
-            && is(&self.reason, &letter.reason)
+            && self.reason.is_none_or(|r| letter.reason == Some(r))
             && self
                 .subject
                 .as_deref()
@@ -197,7 +216,7 @@ impl Letter {
         Some(Self {
             seq,
             pipeline: get("Ingestd-Pipeline")?,
-            reason: get("Ingestd-Reason").unwrap_or_default(),
+            reason: get("Ingestd-Reason").and_then(|r| r.parse().ok()),
             subject: get("Ingestd-Subject")?,
             dead_lettered: published,
         })
@@ -216,23 +235,23 @@ async fn replay(
     let mut headers = original_headers(msg.headers.as_ref());
     let id = format!("ingestd-replay:{name}:{}", letter.seq);
     headers.insert("Nats-Msg-Id", id.as_str());
-    let failed = |e: &dyn std::fmt::Display| ReplayError::Publish {
+    let failed = |source| ReplayError::Publish {
         seq: letter.seq,
         subject: letter.subject.clone(),
-        error: e.to_string(),
+        source,
     };
     js.publish_with_headers(letter.subject.clone(), headers, msg.payload.clone())
         .await
-        .map_err(|e| failed(&e))?
+        .map_err(failed)?
         .await
-        .map_err(|e| failed(&e))?;
+        .map_err(failed)?;
     stream
         .delete_message(letter.seq)
         .await
         .map(|_| ())
-        .map_err(|e| ReplayError::Delete {
+        .map_err(|source| ReplayError::Delete {
             seq: letter.seq,
-            error: e.to_string(),
+            source,
         })
 }
 
@@ -263,7 +282,7 @@ mod tests {
         Letter {
             seq: 7,
             pipeline: "tiktok".into(),
-            reason: "schema".into(),
+            reason: Some(Reason::Schema),
             subject: "raw.events.tiktok.top.like".into(),
             dead_lettered: config::parse_time(at).unwrap(),
         }

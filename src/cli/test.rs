@@ -17,11 +17,12 @@ use serde::Deserialize;
 use serde_json::Value as Json;
 
 use crate::config::files::{is_test_file, SUFFIXES};
+use crate::config::reason::Reason;
 use crate::config::{ConfigError, PipelineFile};
 use crate::sink::postgres::{
     DryRun, DryRunError, Finish, Limits, MigrateError, Outcome, PgSink, SinkRow, Trial, WriteError,
 };
-use crate::transform::event::{Compiled, InvalidKind};
+use crate::transform::event::Compiled;
 use crate::transform::template::MsgMeta;
 
 #[derive(Deserialize)]
@@ -58,8 +59,22 @@ struct Expect {
     #[serde(default)]
     row: Option<BTreeMap<String, Json>>,
     /// Expected error class: too_large, not_json, schema, template, unstorable.
-    #[serde(default)]
-    invalid: Option<InvalidKind>,
+    #[serde(default, deserialize_with = "event_fault")]
+    invalid: Option<Reason>,
+}
+
+/// `expect.invalid`: only the classes of events that can never be stored
+/// (the other reasons are not an outcome a case can have).
+fn event_fault<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Reason>, D::Error> {
+    let Some(text) = Option::<String>::deserialize(d)? else {
+        return Ok(None);
+    };
+    match text.parse::<Reason>() {
+        Ok(reason) if reason.is_event_fault() => Ok(Some(reason)),
+        _ => Err(serde::de::Error::custom(format!(
+            "`{text}` is not a class of invalid event: too_large, not_json, schema, template or unstorable"
+        ))),
+    }
 }
 
 /// Why test files could not be run (a failing case is not an error: it
@@ -93,6 +108,8 @@ pub enum TestError {
     Config(#[from] ConfigError),
     #[error("{0:#}")]
     Connect(anyhow::Error),
+    #[error("cannot start the runtime: {0}")]
+    Runtime(#[source] std::io::Error),
     #[error(transparent)]
     Migrate(#[from] MigrateError),
     #[error(transparent)]
@@ -240,7 +257,7 @@ async fn run_file(
 /// What the production path did with one case.
 enum CaseOutcome {
     /// Never became a row: its class and error.
-    Invalid(InvalidKind, String),
+    Invalid(Reason, String),
     /// Written in the batch; the rendered statement, for showing its row.
     Stored(crate::transform::template::Rendered),
     /// Could not be run at all (a bad test case, the database).
@@ -258,14 +275,14 @@ enum CaseFailure {
     Pending,
     #[error("expected invalid `{want}`, got invalid `{got}`: {error}")]
     OtherInvalid {
-        want: InvalidKind,
-        got: InvalidKind,
+        want: Reason,
+        got: Reason,
         error: String,
     },
     #[error("expected invalid `{0}`, but the event was stored")]
-    Stored(InvalidKind),
+    Stored(Reason),
     #[error("expected a row, got invalid `{got}`: {error}")]
-    Invalid { got: InvalidKind, error: String },
+    Invalid { got: Reason, error: String },
     #[error("expected a row, but the statement returned none")]
     NoRow,
     #[error("this statement (it has a WITH of its own) cannot show its row: leave out `row` to check that it is stored")]
@@ -326,9 +343,7 @@ async fn run_batch(
         outcomes[i] = match (&written, row.outcome) {
             (Err(e), _) => CaseOutcome::Broken(CaseFailure::Database(e.clone())),
             (Ok(()), Outcome::Stored) => CaseOutcome::Stored(row.rendered),
-            (Ok(()), Outcome::Rejected(r)) => {
-                CaseOutcome::Invalid(InvalidKind::Unstorable, r.error)
-            }
+            (Ok(()), Outcome::Rejected(r)) => CaseOutcome::Invalid(Reason::Unstorable, r.error),
             (Ok(()), Outcome::Pending) => CaseOutcome::Broken(CaseFailure::Pending),
         };
     }
@@ -452,11 +467,8 @@ pub fn main(
     let result = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
-        .map_err(|e| e.to_string())
-        .and_then(|rt| {
-            rt.block_on(run(&paths, database_url, migrations))
-                .map_err(|e| e.to_string())
-        });
+        .map_err(TestError::Runtime)
+        .and_then(|rt| rt.block_on(run(&paths, database_url, migrations)));
     match result {
         Ok(0) => std::process::ExitCode::SUCCESS,
         Ok(_) => std::process::ExitCode::FAILURE,
@@ -483,6 +495,21 @@ mod tests {
             err.contains("a:") && err.contains("\"y\"") && !err.contains("n:"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn cases_expect_only_classes_of_invalid_events() {
+        let expect = |yaml: &str| serde_yaml::from_str::<Expect>(yaml).map(|e| e.invalid);
+        assert_eq!(expect("invalid: schema").unwrap(), Some(Reason::Schema));
+        assert_eq!(expect("row: {}").unwrap(), None);
+        for refused in [
+            "invalid: processing_error",
+            "invalid: max_deliver",
+            "invalid: nope",
+        ] {
+            let err = expect(refused).unwrap_err().to_string();
+            assert!(err.contains("is not a class of invalid event"), "{err}");
+        }
     }
 
     #[test]

@@ -11,6 +11,7 @@ mod env;
 mod error;
 pub mod files;
 mod locate;
+pub mod reason;
 mod units;
 
 pub use env::{expand_env, EnvError, EnvErrorKind};

@@ -28,6 +28,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::letters::{Outbox, Parcel};
 use super::supervise::stopped_within;
+use crate::config::reason::Reason;
 use crate::util::backoff::Backoff;
 use crate::util::text::truncate;
 
@@ -48,7 +49,7 @@ pub struct Letter {
     pub stream: String,
     pub stream_seq: u64,
     pub delivered: i64,
-    pub reason: &'static str,
+    pub reason: Reason,
     pub error: String,
 }
 
@@ -85,7 +86,7 @@ impl DeadLetters {
             format!("{}:{}", letter.stream, letter.stream_seq).as_str(),
         );
         headers.insert("Ingestd-Pipeline", self.pipeline.as_str());
-        headers.insert("Ingestd-Reason", letter.reason);
+        headers.insert("Ingestd-Reason", letter.reason.as_str());
         let error = truncate(&letter.error, 1000).replace(['\r', '\n'], " ");
         headers.insert("Ingestd-Error", error.as_str());
         headers.insert("Ingestd-Subject", letter.subject.as_str());
@@ -108,7 +109,7 @@ impl DeadLetters {
             source,
         })?;
         self.counter
-            .with_label_values(&[&self.pipeline, letter.reason])
+            .with_label_values(&[&self.pipeline, letter.reason.as_str()])
             .inc();
         Ok(())
     }
@@ -151,9 +152,6 @@ fn carried_headers(original: Option<&HeaderMap>) -> HeaderMap {
     headers
 }
 
-/// The reason of letters for events JetStream stopped redelivering.
-pub const MAX_DELIVER: &str = "max_deliver";
-
 /// JetStream's advisory for a message that reached `max_deliver`.
 #[derive(Deserialize)]
 struct MaxDeliveries {
@@ -168,6 +166,15 @@ pub enum Advisories {
     /// Received as they are published: the account would not let the engine
     /// keep them (no permission, or another stream captures the subject).
     Live,
+}
+
+/// Why the advisories could not be kept in a stream of the engine's own.
+#[derive(Debug, thiserror::Error)]
+enum KeepError {
+    #[error("the advisories' stream: {0}")]
+    Stream(#[source] jetstream::context::CreateStreamError),
+    #[error("the advisories' consumer: {0}")]
+    Consumer(#[source] jetstream::stream::ConsumerError),
 }
 
 /// How long kept advisories wait for an engine to dead-letter them.
@@ -205,7 +212,7 @@ pub async fn capture_advisories(
                 ..Default::default()
             })
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(KeepError::Stream)?;
         stream
             .get_or_create_consumer(
                 ADVISORIES_DURABLE,
@@ -216,7 +223,7 @@ pub async fn capture_advisories(
                 },
             )
             .await
-            .map_err(|e| e.to_string())
+            .map_err(KeepError::Consumer)
     };
     match kept.await {
         Ok(consumer) => Advisories::Kept(Box::new(consumer)),
@@ -376,7 +383,7 @@ impl AdvisoryReader {
             stream: self.stream_name.clone(),
             stream_seq: adv.stream_seq,
             delivered: adv.deliveries,
-            reason: MAX_DELIVER,
+            reason: Reason::MaxDeliver,
             error: "JetStream stopped redelivering: max_deliver reached".into(),
         }))
     }

@@ -99,7 +99,7 @@ impl Parcel {
                 let _ = msg.ack_with(AckKind::Nak(None)).await;
             }
             None => {
-                tracing::error!(stream_seq = self.letter.stream_seq, reason = self.letter.reason,
+                tracing::error!(stream_seq = self.letter.stream_seq, reason = %self.letter.reason,
                     "dead letter not published before the pipeline stopped (from a live advisory: it is lost)");
             }
         }

@@ -28,7 +28,9 @@ use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use crate::config::reason::Reason;
 use crate::config::{self, InvalidAction, PipelineFile};
+use crate::sink::postgres::sqlstate::SqlState;
 use crate::sink::postgres::{
     Finish, Limits, Outcome, PgSink, PoolChoice, Pools, Rejection, SinkRow, WriteError,
 };
@@ -36,17 +38,11 @@ use crate::source::nats::{self, Handoff, Puller};
 use crate::telemetry::health::{Health, Severity, Side};
 use crate::telemetry::lag;
 use crate::telemetry::metrics::{duration_values, FailureLabels, FamilySet, Metrics};
-use crate::transform::event::{self, Compiled, Invalid, InvalidKind, Prepared};
+use crate::transform::event::{self, Compiled, Invalid, Prepared};
 use crate::transform::template::{MsgMeta, Templates};
 use crate::util::text::truncate;
 use deadletter::{DeadLetters, Letter};
 use letters::Parcel;
-
-/// The `reason` label of events that can never be stored.
-const VALIDATION_ERROR: &str = "validation_error";
-
-/// The `reason` label of events left unacknowledged for redelivery.
-const PROCESSING_ERROR: &str = "processing_error";
 
 /// A pipeline compiled from its file and connected to its sink and consumer.
 pub struct Pipeline {
@@ -174,7 +170,7 @@ struct Row {
 /// SQLSTATE, with no stored row in between (across batches).
 #[derive(Default)]
 struct RejectedRun {
-    sqlstate: Option<String>,
+    sqlstate: Option<SqlState>,
     rows: usize,
 }
 
@@ -426,7 +422,7 @@ impl Pipeline {
         self.spawn_writer(crew, rows, stop.clone(), permit);
     }
 
-    fn count_failure(&self, held: &Held, reason: &str) {
+    fn count_failure(&self, held: &Held, reason: Reason) {
         self.families
             .failed
             .with_label_values(&self.failure.with_reason(reason))

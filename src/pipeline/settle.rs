@@ -21,7 +21,7 @@ impl Pipeline {
         self.acks.record(settled.acked);
         for (row, rejection) in rejected {
             let invalid = Invalid {
-                kind: InvalidKind::Unstorable,
+                kind: Reason::Unstorable,
                 error: rejection.error,
                 event_id: self.compiled.event_id_in(&row.held.msg.payload),
             };
@@ -93,7 +93,7 @@ impl Pipeline {
         Some(letter(
             msg,
             &info,
-            deadletter::MAX_DELIVER,
+            Reason::MaxDeliver,
             "held at its last allowed delivery when the pipeline stopped".into(),
         ))
     }
@@ -119,24 +119,16 @@ impl Pipeline {
             subject = %held.msg.subject,
             stream_seq = ?held.msg.info().ok().map(|i| i.stream_sequence),
             event_id = ?invalid.event_id,
-            kind = invalid.kind.as_str(),
+            kind = %invalid.kind,
             error = %truncate(&invalid.error, 500),
             "invalid event"
         );
         let settled = match policy.action {
-            InvalidAction::Ack => held.msg.ack().await.map_err(|e| e.to_string()),
-            InvalidAction::Term => held
-                .msg
-                .ack_with(AckKind::Term)
-                .await
-                .map_err(|e| e.to_string()),
-            InvalidAction::Nak => held
-                .msg
-                .ack_with(AckKind::Nak(policy.delay))
-                .await
-                .map_err(|e| e.to_string()),
+            InvalidAction::Ack => held.msg.ack().await,
+            InvalidAction::Term => held.msg.ack_with(AckKind::Term).await,
+            InvalidAction::Nak => held.msg.ack_with(AckKind::Nak(policy.delay)).await,
             InvalidAction::DeadLetter => {
-                self.count_failure(&held, VALIDATION_ERROR);
+                self.count_failure(&held, Reason::ValidationError);
                 return self.dead_letter(held, &invalid).await;
             }
         };
@@ -149,7 +141,7 @@ impl Pipeline {
                 tracing::warn!(pipeline = %self.name, error = %e, "could not settle the invalid event; it will be redelivered");
             }
         }
-        self.count_failure(&held, VALIDATION_ERROR);
+        self.count_failure(&held, Reason::ValidationError);
     }
 
     /// Hands the event to the dead-letter stage, which acknowledges it once
@@ -158,12 +150,7 @@ impl Pipeline {
     async fn dead_letter(&self, held: Held, invalid: &Invalid) {
         match held.msg.info() {
             Ok(info) => {
-                let letter = letter(
-                    &held.msg,
-                    &info,
-                    invalid.kind.as_str(),
-                    invalid.error.clone(),
-                );
+                let letter = letter(&held.msg, &info, invalid.kind, invalid.error.clone());
                 self.post(held, letter).await
             }
             Err(error) => {
@@ -178,7 +165,7 @@ impl Pipeline {
 fn letter(
     msg: &Message,
     info: &async_nats::jetstream::message::Info<'_>,
-    reason: &'static str,
+    reason: Reason,
     error: String,
 ) -> Letter {
     Letter {

@@ -82,7 +82,7 @@ impl Pipeline {
             .inc();
         tracing::warn!(pipeline = %self.name, error = %problem, retry_in = ?backoff, "write failed; holding the batch");
         rows.iter()
-            .for_each(|r| self.count_failure(&r.held, PROCESSING_ERROR));
+            .for_each(|r| self.count_failure(&r.held, Reason::ProcessingError));
     }
 
     /// Turns the batch's database rejections back into pending rows when
@@ -104,15 +104,15 @@ impl Pipeline {
                     sqlstate: Some(state),
                     error,
                 }) => {
-                    if run.sqlstate.as_ref() != Some(state) {
+                    if run.sqlstate != Some(*state) {
                         *run = RejectedRun {
-                            sqlstate: Some(state.clone()),
+                            sqlstate: Some(*state),
                             rows: 0,
                         };
                     }
                     run.rows += 1;
                     if run.rows >= limit {
-                        suspect = Some((state.clone(), error.clone()));
+                        suspect = Some((*state, error.clone()));
                     }
                 }
                 _ => {}
@@ -120,8 +120,7 @@ impl Pipeline {
         }
         let (state, error) = suspect?;
         for row in rows.iter_mut() {
-            if matches!(&row.write.outcome, Outcome::Rejected(r) if r.sqlstate.as_ref() == Some(&state))
-            {
+            if matches!(&row.write.outcome, Outcome::Rejected(r) if r.sqlstate == Some(state)) {
                 row.write.outcome = Outcome::Pending;
             }
         }

@@ -17,6 +17,7 @@ use prometheus::{
     Registry,
 };
 
+use crate::config::reason::Reason;
 use crate::config::MetricsConfig;
 use crate::telemetry::health::HealthMetrics;
 use crate::telemetry::lag::LagMetrics;
@@ -452,9 +453,9 @@ impl FailureLabels {
     }
 
     /// failed_labels values followed by the reason.
-    pub fn with_reason<'a>(&'a self, reason: &'a str) -> Vec<&'a str> {
+    pub fn with_reason(&self, reason: Reason) -> Vec<&str> {
         let mut v: Vec<&str> = self.failed.iter().map(String::as_str).collect();
-        v.push(reason);
+        v.push(reason.as_str());
         v
     }
 }

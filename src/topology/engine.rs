@@ -9,7 +9,6 @@
 //! there is no gap in processing and every message is delivered to exactly
 //! one of them. A failed build leaves the running version untouched.
 
-use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -22,8 +21,9 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::config::files::pipeline_files;
-use crate::pipeline::{Deps, Pipeline, Stats};
+use crate::config::files::{pipeline_files, DirError};
+use crate::config::ConfigError;
+use crate::pipeline::{BuildError, Deps, Pipeline, Stats};
 use crate::source::nats;
 use crate::telemetry::health::{Problem, Severity, Side};
 use crate::telemetry::metrics::Metrics;
@@ -106,6 +106,29 @@ impl NotReady {
     }
 }
 
+/// Why a pipeline file (or the directory) was not (re)loaded. Kept in the
+/// file's slot, where `/pipelines` shows it and the next attempt at the
+/// unchanged file returns it again, hence `Clone` (shared sources).
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum LoadError {
+    #[error(transparent)]
+    Directory(Arc<DirError>),
+    #[error("{}: {source}", path.display())]
+    Interrupted {
+        path: PathBuf,
+        #[source]
+        source: Arc<tokio::task::JoinError>,
+    },
+    /// The file's content: its own error names the file and position.
+    #[error(transparent)]
+    Content(#[from] ConfigError),
+    #[error(transparent)]
+    Build(Arc<BuildError>),
+    /// A build abandoned by shutdown (nothing of it ran yet).
+    #[error("{}: not loaded: the engine is shutting down", path.display())]
+    ShuttingDown { path: PathBuf },
+}
+
 /// A pipeline file's state: the version running (if any) and the last
 /// load error (if the last attempt failed).
 #[derive(Default)]
@@ -113,7 +136,7 @@ pub(super) struct Slot {
     pub(super) running: Option<Running>,
     /// Event counts across every version of the file.
     pub(super) stats: Arc<Stats>,
-    pub(super) error: Option<String>,
+    pub(super) error: Option<LoadError>,
     /// Fingerprint of the last attempted content, so an unchanged broken
     /// file is not rebuilt on every unrelated change.
     pub(super) attempted: Option<u64>,
@@ -151,19 +174,34 @@ pub(super) struct Running {
     pub(super) loaded_at: time::OffsetDateTime,
 }
 
+/// Where a pipeline file stands, as `/pipelines` shows it (the JSON
+/// values are the lower-case names; clients and alerts match on them).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PipelineState {
+    /// Running, with no problem.
+    Running,
+    /// Running, waiting out an outage (the database or NATS).
+    Retrying,
+    /// Running, but an operator must fix its statement, table or consumer.
+    Failing,
+    /// Running an older version because the file's current content failed
+    /// to load.
+    Degraded,
+    /// Not running: its load failed for a transient reason (a database or
+    /// NATS that did not answer) and is tried again by itself.
+    Waiting,
+    /// Not running: its content is wrong; tried again when the file
+    /// changes.
+    Failed,
+}
+
 /// One pipeline as `/pipelines` shows it (and as clients read it back).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Status {
     pub name: Option<String>,
     pub file: String,
-    /// `failing` (running, but an operator must fix its statement, table or
-    /// consumer), `retrying` (running, waiting out an outage), `degraded`
-    /// (running an older version because the file's current content failed
-    /// to load), `running`, `waiting` (not running: its load failed for a
-    /// transient reason, a database or NATS that did not answer, and is
-    /// tried again by itself) or `failed` (not running: its content is
-    /// wrong; tried again when the file changes).
-    pub state: Cow<'static, str>,
+    pub state: PipelineState,
     /// The running version's current problem, if any.
     pub problem: Option<Problem>,
     pub version: Option<String>,
@@ -332,21 +370,20 @@ impl Slot {
             name: r.map(|r| r.pipeline.name.clone()),
             file: file.to_string(),
             state: match (r, &problem, &self.error) {
-                (Some(_), Some(p), _) if p.severity == Severity::Failing => "failing",
-                (Some(_), Some(_), _) => "retrying",
-                (Some(_), None, None) => "running",
-                (Some(_), None, Some(_)) => "degraded",
-                (None, _, _) if self.retry.is_some() => "waiting",
-                (None, _, _) => "failed",
-            }
-            .into(),
+                (Some(_), Some(p), _) if p.severity == Severity::Failing => PipelineState::Failing,
+                (Some(_), Some(_), _) => PipelineState::Retrying,
+                (Some(_), None, None) => PipelineState::Running,
+                (Some(_), None, Some(_)) => PipelineState::Degraded,
+                (None, _, _) if self.retry.is_some() => PipelineState::Waiting,
+                (None, _, _) => PipelineState::Failed,
+            },
             problem,
             version: r.map(|r| format!("{:016x}", r.fingerprint)),
             loaded_at: r.map(|r| rfc3339::format(r.loaded_at, Fraction::Fewest, Zulu::Offset)),
             last_error: self
                 .error
                 .as_ref()
-                .map(|e| e.replace(&format!("{}/", dir.display()), "")),
+                .map(|e| e.to_string().replace(&format!("{}/", dir.display()), "")),
             received: self.stats.received.load(Relaxed),
             processed: self.stats.processed.load(Relaxed),
             failed: self.stats.failed.load(Relaxed),
@@ -397,6 +434,7 @@ pub async fn start(settings: &Settings) -> anyhow::Result<Arc<Engine>> {
     let errors = engine.reconcile().await;
     if !errors.is_empty() {
         engine.stop_all().await;
+        let errors: Vec<String> = errors.iter().map(LoadError::to_string).collect();
         anyhow::bail!("{}", errors.join("\n"));
     }
     metrics.set_nats_connected(engine.nats_up());
@@ -417,5 +455,27 @@ mod tests {
         }
         let ms: Vec<u128> = waits.iter().map(Duration::as_millis).collect();
         assert_eq!(ms, [250, 500, 1000, 2000, 4000, 5000, 5000]);
+    }
+
+    /// The JSON values `/pipelines` has always shown, which clients,
+    /// alerts and the docs match on.
+    #[test]
+    fn pipeline_states_serialise_as_their_names() {
+        use PipelineState::*;
+        for (state, text) in [
+            (Running, "running"),
+            (Retrying, "retrying"),
+            (Failing, "failing"),
+            (Degraded, "degraded"),
+            (Waiting, "waiting"),
+            (Failed, "failed"),
+        ] {
+            let json = serde_json::to_value(state).unwrap();
+            assert_eq!(json, serde_json::json!(text));
+            assert_eq!(
+                serde_json::from_value::<PipelineState>(json).unwrap(),
+                state
+            );
+        }
     }
 }

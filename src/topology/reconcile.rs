@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use super::engine::*;
 use crate::config::files::pipeline_files;
-use crate::config::PipelineFile;
+use crate::config::{ConfigError, PipelineFile};
 use crate::pipeline::Pipeline;
 
 impl Engine {
@@ -21,10 +21,10 @@ impl Engine {
     /// or durable consumer) appeared is a move (a rename, an editor's
     /// atomic save, a ConfigMap update): the new file's version takes over
     /// from the running one like a reload, without a gap.
-    pub async fn reconcile(&self) -> Vec<String> {
+    pub async fn reconcile(&self) -> Vec<LoadError> {
         let files = match pipeline_files(&self.dir) {
             Ok(f) => f,
-            Err(e) => return vec![e.to_string()],
+            Err(e) => return vec![LoadError::Directory(Arc::new(e))],
         };
         let mut errors = Vec::new();
         let gone = self.gone(&files);
@@ -80,10 +80,18 @@ impl Engine {
 
     /// Loads one file if its content changed, and swaps versions (taking
     /// over the pipeline of a `gone` file it moved from).
-    pub(super) async fn reconcile_file(&self, path: &Path, gone: &[PathBuf]) -> Result<(), String> {
-        let (loaded, fingerprint) = load_and_fingerprint(path)
-            .await
-            .map_err(|e| format!("{}: {e}", path.display()))?;
+    pub(super) async fn reconcile_file(
+        &self,
+        path: &Path,
+        gone: &[PathBuf],
+    ) -> Result<(), LoadError> {
+        let (loaded, fingerprint) =
+            load_and_fingerprint(path)
+                .await
+                .map_err(|e| LoadError::Interrupted {
+                    path: path.to_path_buf(),
+                    source: Arc::new(e),
+                })?;
         {
             let mut slots = self.slots.lock().expect("slots lock");
             let slot = slots.entry(path.to_path_buf()).or_default();
@@ -104,7 +112,7 @@ impl Engine {
         }
         let built = match loaded {
             Ok(file) => self.build(path, file, gone).await,
-            Err(e) => Err(Refusal::content(e)),
+            Err(e) => Err(Refusal::content(e.into())),
         };
         match built {
             Ok((pipeline, moved_from)) => {
@@ -140,7 +148,7 @@ impl Engine {
     ) -> Result<(Pipeline, Option<PathBuf>), Refusal> {
         let moved_from = self
             .check_unique(path, &file, gone)
-            .map_err(Refusal::content)?;
+            .map_err(|e| Refusal::content(e.into()))?;
         let stats = {
             let mut slots = self.slots.lock().expect("slots lock");
             let from = moved_from.as_ref().and_then(|f| slots.get(f));
@@ -157,13 +165,13 @@ impl Engine {
         let built = tokio::select! {
             built = Pipeline::build(file, &self.deps, stats) => built,
             _ = self.shutdown.cancelled() => return Err(Refusal {
-                error: format!("{}: not loaded: the engine is shutting down", path.display()),
+                error: LoadError::ShuttingDown { path: path.to_path_buf() },
                 transient: true,
             }),
         };
         let pipeline = built.map_err(|e| Refusal {
             transient: e.is_transient(),
-            error: e.to_string(),
+            error: LoadError::Build(Arc::new(e)),
         })?;
         Ok((pipeline, moved_from))
     }
@@ -177,7 +185,7 @@ impl Engine {
         path: &Path,
         file: &PipelineFile,
         gone: &[PathBuf],
-    ) -> Result<Option<PathBuf>, String> {
+    ) -> Result<Option<PathBuf>, ConfigError> {
         let slots = self.slots.lock().expect("slots lock");
         let p = &file.pipeline;
         let mut moved_from = None;
@@ -190,17 +198,15 @@ impl Engine {
                 moved_from = Some(other.clone());
                 continue;
             }
-            return Err(file
-                .error(
-                    "name",
-                    format!(
-                        "pipeline `{}` (or its durable consumer) is already run by {}; \
-                         this file is not loaded",
-                        p.name,
-                        self.shown(other)
-                    ),
-                )
-                .to_string());
+            return Err(file.error(
+                "name",
+                format!(
+                    "pipeline `{}` (or its durable consumer) is already run by {}; \
+                     this file is not loaded",
+                    p.name,
+                    self.shown(other)
+                ),
+            ));
         }
         Ok(moved_from)
     }
@@ -286,12 +292,12 @@ impl Engine {
 
 /// Why a file was not loaded, and whether it is tried again by itself.
 pub(super) struct Refusal {
-    error: String,
+    error: LoadError,
     transient: bool,
 }
 
 impl Refusal {
-    fn content(error: String) -> Self {
+    fn content(error: LoadError) -> Self {
         Self {
             error,
             transient: false,
@@ -304,11 +310,13 @@ impl Refusal {
 /// run the pipelines.
 async fn load_and_fingerprint(
     path: &Path,
-) -> Result<(Result<PipelineFile, String>, u64), tokio::task::JoinError> {
+) -> Result<(Result<PipelineFile, ConfigError>, u64), tokio::task::JoinError> {
     let path = path.to_path_buf();
     tokio::task::spawn_blocking(move || {
-        let loaded = PipelineFile::load(&path).map_err(|e| e.to_string());
-        let fingerprint = loaded.as_ref().map_or_else(|e| hash_of(e), fingerprint);
+        let loaded = PipelineFile::load(&path);
+        let fingerprint = loaded
+            .as_ref()
+            .map_or_else(|e| hash_of(&e.to_string()), fingerprint);
         (loaded, fingerprint)
     })
     .await

@@ -7,50 +7,28 @@ use std::collections::BTreeMap;
 
 use serde_json::Value as Json;
 
+use crate::config::reason::Reason;
 use crate::config::{self, PipelineFile};
-use crate::transform::template::{MsgMeta, Rendered, Templates};
+use crate::transform::template::{MsgMeta, RenderError, Rendered, Templates};
 use crate::transform::validate::EventValidator;
 
-/// The class of an event that can never be stored, as logs, pipeline test
-/// files and dead-letter headers name it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum InvalidKind {
-    /// Larger than `max_payload`.
-    TooLarge,
-    /// Not JSON (or not UTF-8).
-    NotJson,
-    /// Refused by the JSON Schema.
-    Schema,
-    /// The template cannot render for this event.
-    Template,
-    /// Refused by the database for a reason of its own (a value, a
-    /// constraint, a trigger).
-    Unstorable,
-}
-
-impl InvalidKind {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            InvalidKind::TooLarge => "too_large",
-            InvalidKind::NotJson => "not_json",
-            InvalidKind::Schema => "schema",
-            InvalidKind::Template => "template",
-            InvalidKind::Unstorable => "unstorable",
-        }
-    }
-}
-
-impl std::fmt::Display for InvalidKind {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
-    }
+/// Why a template's statement does not line up with its values.
+#[derive(Debug, thiserror::Error)]
+pub enum PlaceholderError {
+    #[error(transparent)]
+    Render(#[from] RenderError),
+    #[error(
+        "the template has {expressions} expressions but its SQL shows {marks} placeholders: \
+         write values only as {{{{ expression }}}}, never inside quotes or as a literal $n"
+    )]
+    Mismatch { expressions: usize, marks: usize },
 }
 
 /// Why an event can never be stored.
 #[derive(Debug)]
 pub struct Invalid {
-    pub kind: InvalidKind,
+    /// One of the event's faults ([`Reason::is_event_fault`]).
+    pub kind: Reason,
     pub error: String,
     /// Known when the event was JSON and `log.event_id` points at a string.
     pub event_id: Option<String>,
@@ -139,22 +117,22 @@ impl Compiled {
                 payload.len(),
                 self.max_payload
             );
-            return Err(invalid(InvalidKind::TooLarge, e, None));
+            return Err(invalid(Reason::TooLarge, e, None));
         }
         let mut event: Json = serde_json::from_slice(payload)
-            .map_err(|e| invalid(InvalidKind::NotJson, format!("not JSON: {e}"), None))?;
+            .map_err(|e| invalid(Reason::NotJson, format!("not JSON: {e}"), None))?;
         if let Some(v) = &self.validator {
             v.apply(&mut event)
-                .map_err(|e| invalid(InvalidKind::Schema, e, Some(&event)))?;
+                .map_err(|e| invalid(Reason::Schema, e.to_string(), Some(&event)))?;
         }
-        let (rendered, labels) = self
-            .templates
-            .render(event, msg, headers)
-            .map_err(|error| Invalid {
-                kind: InvalidKind::Template,
-                error,
-                event_id: self.event_id_in(payload),
-            })?;
+        let (rendered, labels) =
+            self.templates
+                .render(event, msg, headers)
+                .map_err(|e| Invalid {
+                    kind: Reason::Template,
+                    error: e.to_string(),
+                    event_id: self.event_id_in(payload),
+                })?;
         Ok(Prepared { rendered, labels })
     }
 }
@@ -162,22 +140,21 @@ impl Compiled {
 /// Every `{{ }}` must show up as a placeholder in the SQL: one inside
 /// quotes would be text, and the statement would not line up with its
 /// values.
-fn check_placeholders(templates: &Templates) -> Result<(), String> {
+fn check_placeholders(templates: &Templates) -> Result<(), PlaceholderError> {
     let sample = sample_render(templates)?;
     let marks = crate::statement::lexer::placeholders(&sample.sql).len();
     if marks == sample.params.len() {
         return Ok(());
     }
-    Err(format!(
-        "the template has {} expressions but its SQL shows {marks} placeholders: \
-         write values only as {{{{ expression }}}}, never inside quotes or as a literal $n",
-        sample.params.len()
-    ))
+    Err(PlaceholderError::Mismatch {
+        expressions: sample.params.len(),
+        marks,
+    })
 }
 
 /// The insert rendered over an empty event: the statement shape most
 /// events produce, available before any event arrives.
-pub fn sample_render(templates: &Templates) -> Result<Rendered, String> {
+pub fn sample_render(templates: &Templates) -> Result<Rendered, RenderError> {
     let ctx = Templates::context(
         &Json::Object(Default::default()),
         &MsgMeta::default(),
@@ -189,4 +166,32 @@ pub fn sample_render(templates: &Templates) -> Result<Rendered, String> {
 /// Checks a pipeline file offline (for `ingestd check`).
 pub fn check_file(path: &std::path::Path) -> Result<(), config::ConfigError> {
     Compiled::new(&PipelineFile::load(path)?).map(|_| ())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_value_inside_quotes_is_refused_with_the_way_to_write_it() {
+        let insert = "INSERT INTO t (a) VALUES ('{{ event.a }}')";
+        let templates = Templates::compile(insert, &BTreeMap::new()).unwrap();
+        let err = check_placeholders(&templates).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                PlaceholderError::Mismatch {
+                    expressions: 1,
+                    marks: 0
+                }
+            ),
+            "{err:?}"
+        );
+        let text = err.to_string();
+        assert!(
+            text.contains("1 expressions but its SQL shows 0 placeholders")
+                && text.contains("write values only as {{ expression }}"),
+            "{text}"
+        );
+    }
 }

@@ -67,6 +67,19 @@ pub struct TemplateError {
     pub message: String,
 }
 
+/// Why a template did not render for an event.
+#[derive(Debug, thiserror::Error)]
+pub enum RenderError {
+    #[error("insert template: {0:#}")]
+    Insert(#[source] minijinja::Error),
+    #[error("metric label `{name}`: {source}")]
+    Label {
+        name: String,
+        #[source]
+        source: minijinja::Error,
+    },
+}
+
 /// Conditions beyond this many are not combined exhaustively (2^n
 /// renders): each is then taken alone, plus all of them and none.
 const MAX_COMBINED_CONDITIONS: usize = 8;
@@ -169,7 +182,7 @@ impl Templates {
         mut event: Json,
         msg: &MsgMeta,
         headers: &BTreeMap<String, String>,
-    ) -> Result<(Rendered, Vec<String>), String> {
+    ) -> Result<(Rendered, Vec<String>), RenderError> {
         let mut ctx = None;
         let mut labels = Vec::with_capacity(self.label_names.len());
         for (name, direct) in self.label_names.iter().zip(&self.direct_labels) {
@@ -202,13 +215,13 @@ impl Templates {
         }
     }
 
-    pub fn render_insert(&self, ctx: &Value) -> Result<Rendered, String> {
+    pub fn render_insert(&self, ctx: &Value) -> Result<Rendered, RenderError> {
         PARAMS.with(|p| p.borrow_mut().clear());
         let sql = self
             .insert
             .get_template("insert")
             .and_then(|t| t.render(ctx))
-            .map_err(|e| format!("insert template: {e:#}"));
+            .map_err(RenderError::Insert);
         let params = PARAMS.with(|p| std::mem::take(&mut *p.borrow_mut()));
         Ok(Rendered::new(Arc::from(sql?), params))
     }
@@ -251,11 +264,14 @@ impl Templates {
         out
     }
 
-    fn render_label(&self, name: &str, ctx: &Value) -> Result<String, String> {
+    fn render_label(&self, name: &str, ctx: &Value) -> Result<String, RenderError> {
         self.labels
             .get_template(name)
             .and_then(|t| t.render(ctx))
-            .map_err(|e| format!("metric label `{name}`: {e}"))
+            .map_err(|source| RenderError::Label {
+                name: name.to_string(),
+                source,
+            })
     }
 }
 

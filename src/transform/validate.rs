@@ -8,7 +8,7 @@
 //! a Zod union.
 
 use std::collections::HashMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use serde_json::{Map, Value};
 
@@ -16,6 +16,48 @@ use crate::util::text::truncate;
 
 /// How many schema violations an error message lists.
 const MAX_REPORTED: usize = 3;
+
+/// Why a schema could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum SchemaError {
+    #[error("cannot read schema {}: {source}", path.display())]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{}:{}:{}: schema is not JSON: {source}", path.display(), source.line(), source.column())]
+    NotJson {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+    /// A schema file's content, named by its path.
+    #[error("{}: {source}", path.display())]
+    Content {
+        path: PathBuf,
+        #[source]
+        source: ContentError,
+    },
+}
+
+/// Why a schema document cannot be compiled (the compile errors boxed:
+/// they are large, and only a load that fails carries one).
+#[derive(Debug, thiserror::Error)]
+pub enum ContentError {
+    #[error("invalid schema: {0}")]
+    Invalid(#[source] Box<jsonschema::ValidationError<'static>>),
+    #[error("cannot resolve $ref: {0}")]
+    Unresolved(#[source] Box<jsonschema::ReferencingError>),
+    #[error("invalid schema alternative: {0}")]
+    InvalidAlternative(#[source] Box<jsonschema::ValidationError<'static>>),
+}
+
+/// Where an event breaks its schema: up to [`MAX_REPORTED`] JSON pointers,
+/// each with what is wrong there.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct Violations(String);
 
 /// A compiled schema, and the shape used to strip undeclared keys.
 pub struct EventValidator {
@@ -26,29 +68,31 @@ pub struct EventValidator {
 impl EventValidator {
     /// Reads and compiles a schema file. Formats (`date-time`, ...) are
     /// asserted: an event whose timestamp is not a date is invalid.
-    pub fn load(path: &Path, strip_unknown: bool) -> Result<Self, String> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| format!("cannot read schema {}: {e}", path.display()))?;
-        let schema: Value = serde_json::from_str(&text).map_err(|e| {
-            format!(
-                "{}:{}:{}: schema is not JSON: {e}",
-                path.display(),
-                e.line(),
-                e.column()
-            )
+    pub fn load(path: &Path, strip_unknown: bool) -> Result<Self, SchemaError> {
+        let path_buf = || path.to_path_buf();
+        let text = std::fs::read_to_string(path).map_err(|source| SchemaError::Read {
+            path: path_buf(),
+            source,
         })?;
-        Self::new(&schema, strip_unknown).map_err(|e| format!("{}: {e}", path.display()))
+        let schema: Value = serde_json::from_str(&text).map_err(|source| SchemaError::NotJson {
+            path: path_buf(),
+            source,
+        })?;
+        Self::new(&schema, strip_unknown).map_err(|source| SchemaError::Content {
+            path: path_buf(),
+            source,
+        })
     }
 
-    pub fn new(schema: &Value, strip_unknown: bool) -> Result<Self, String> {
+    pub fn new(schema: &Value, strip_unknown: bool) -> Result<Self, ContentError> {
         let options = options();
         let validator = options
             .build(schema)
-            .map_err(|e| format!("invalid schema: {e}"))?;
+            .map_err(|e| ContentError::Invalid(Box::new(e)))?;
         let shape = if strip_unknown {
             let resolved = options
                 .dereference(schema)
-                .map_err(|e| format!("cannot resolve $ref: {e}"))?;
+                .map_err(|e| ContentError::Unresolved(Box::new(e)))?;
             Some(Shape::compile(&resolved)?)
         } else {
             None
@@ -58,9 +102,9 @@ impl EventValidator {
 
     /// Validates the event and, if configured, strips undeclared keys.
     /// The error text names the failing locations (JSON pointers).
-    pub fn apply(&self, event: &mut Value) -> Result<(), String> {
+    pub fn apply(&self, event: &mut Value) -> Result<(), Violations> {
         if !self.validator.is_valid(event) {
-            return Err(self.describe_errors(event));
+            return Err(Violations(self.describe_errors(event)));
         }
         if let Some(shape) = &self.shape {
             shape.strip(event, None);
@@ -106,7 +150,7 @@ struct Shape {
 }
 
 impl Shape {
-    fn compile(schema: &Value) -> Result<Self, String> {
+    fn compile(schema: &Value) -> Result<Self, ContentError> {
         let mut shape = Shape::default();
         shape.merge(schema)?;
         Ok(shape)
@@ -114,7 +158,7 @@ impl Shape {
 
     /// Adds what `schema` declares; `allOf` members are merged in, since
     /// every one of them applies.
-    fn merge(&mut self, schema: &Value) -> Result<(), String> {
+    fn merge(&mut self, schema: &Value) -> Result<(), ContentError> {
         let Some(obj) = schema.as_object() else {
             return Ok(());
         };
@@ -140,7 +184,7 @@ impl Shape {
         for alt in array(obj, "anyOf").chain(array(obj, "oneOf")) {
             let validator = options()
                 .build(alt)
-                .map_err(|e| format!("invalid schema alternative: {e}"))?;
+                .map_err(|e| ContentError::InvalidAlternative(Box::new(e)))?;
             self.alternatives.push((validator, Shape::compile(alt)?));
         }
         Ok(())
@@ -247,7 +291,7 @@ mod tests {
     fn invalid_date_time_is_rejected_with_its_location() {
         let mut e = event();
         e["timestamp"] = json!("yesterday");
-        let err = tiktok().apply(&mut e).unwrap_err();
+        let err = tiktok().apply(&mut e).unwrap_err().to_string();
         assert!(err.contains("/timestamp"), "{err}");
     }
 
@@ -268,5 +312,48 @@ mod tests {
         let mut e = json!({"a": 1, "b": 2});
         v.apply(&mut e).unwrap();
         assert_eq!(e, json!({"a": 1, "b": 2}));
+    }
+
+    /// The messages `check` prints stay as they were; the cause is the
+    /// error's source, for whoever reads the chain.
+    #[test]
+    fn schema_errors_name_the_file_and_keep_their_cause() {
+        use std::error::Error as _;
+        let dir = std::env::temp_dir().join(format!("ingestd-schema-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let missing = dir.join("missing.json");
+        let err = EventValidator::load(&missing, true).err().unwrap();
+        assert!(matches!(err, SchemaError::Read { .. }), "{err:?}");
+        assert!(err.to_string().starts_with("cannot read schema "), "{err}");
+        let io = err
+            .source()
+            .and_then(|s| s.downcast_ref::<std::io::Error>());
+        assert_eq!(
+            io.map(std::io::Error::kind),
+            Some(std::io::ErrorKind::NotFound)
+        );
+
+        let broken = dir.join("broken.json");
+        std::fs::write(&broken, "{\n  \"type\": }").unwrap();
+        let err = EventValidator::load(&broken, true)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            err.starts_with(&format!("{}:2:11: schema is not JSON: ", broken.display())),
+            "{err}"
+        );
+
+        let wrong = dir.join("wrong.json");
+        std::fs::write(&wrong, r#"{"type": 7}"#).unwrap();
+        let err = EventValidator::load(&wrong, true).err().unwrap();
+        assert!(
+            err.to_string()
+                .starts_with(&format!("{}: invalid schema: ", wrong.display())),
+            "{err}"
+        );
+        let inner = err.source().and_then(|s| s.downcast_ref::<ContentError>());
+        assert!(matches!(inner, Some(ContentError::Invalid(_))), "{inner:?}");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -360,7 +360,7 @@ async fn a_migrations_directory_removed_and_created_again_is_watched_again() {
 
     std::fs::remove_dir_all(&migrations).expect("remove the migrations");
     reload::wait_status(&engine, "tiktok.yaml", "degraded", |s| {
-        s.state == "degraded"
+        s.state == reload::PipelineState::Degraded
     })
     .await;
 

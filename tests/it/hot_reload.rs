@@ -30,8 +30,8 @@ async fn start(env: &TestEnv) -> (Engine, PipelineStatus) {
 async fn assert_untouched(engine: &Engine, before: &PipelineStatus) {
     let now = status(engine, FILE).await;
     assert_eq!(
-        (&*now.state, &now.version, &now.loaded_at),
-        ("running", &before.version, &before.loaded_at),
+        (now.state, &now.version, &now.loaded_at),
+        (PipelineState::Running, &before.version, &before.loaded_at),
         "tiktok was disturbed: {now:?}, was {before:?}"
     );
 }
@@ -288,7 +288,7 @@ async fn broken_versions_keep_the_running_one_until_fixed() {
         env.write_pipeline(FILE, &broken);
 
         let degraded = wait_status(&engine, FILE, "degraded", |s| {
-            s.state == "degraded" && s.last_error.is_some()
+            s.state == PipelineState::Degraded && s.last_error.is_some()
         })
         .await;
         assert_eq!(
@@ -495,7 +495,7 @@ async fn sighup_retries_a_file_whose_table_now_exists() {
     let (engine, _) = start(&env).await;
     env.write_pipeline(Clicks::FILE, &clicks.yaml(false));
     let failed = wait_status(&engine, Clicks::FILE, "failed", |s| {
-        s.state == "failed" && s.last_error.is_some()
+        s.state == PipelineState::Failed && s.last_error.is_some()
     })
     .await;
     let error = failed.last_error.unwrap_or_default();

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use crate::harness::statements::*;
 use crate::harness::*;
-use ingestd::sink::postgres::sqlstate::{self, Fault};
+use ingestd::sink::postgres::sqlstate::{self, Fault, SqlState};
 use serde_json::{json, Value};
 
 /// Events per pipeline of the corpus.
@@ -606,7 +606,7 @@ CREATE TRIGGER stored_raise BEFORE INSERT ON stored FOR EACH ROW EXECUTE FUNCTIO
 /// The per-row function decides whose fault a caught error is with the
 /// SQL form of the SQLSTATE table; on every class of the table, on a full
 /// code of each and on codes the table does not know, it agrees with
-/// `fault_of`.
+/// `SqlState::fault`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_per_row_functions_fault_test_agrees_with_the_table() {
     let env = TestEnv::new().await;
@@ -622,7 +622,8 @@ async fn the_per_row_functions_fault_test_agrees_with_the_table() {
             .fetch_one(&env.db)
             .await
             .expect("evaluate the expression");
-        assert_eq!(event, sqlstate::fault_of(&code) == Fault::Event, "{code}");
+        let state = SqlState::parse(&code).expect("a SQLSTATE");
+        assert_eq!(event, state.fault() == Fault::Event, "{code}");
     }
 }
 
@@ -751,18 +752,26 @@ async fn a_broken_statement_fails_the_pipeline_until_fixed() {
         env.publish("cols.e", json!({"id": id, "note": "n"}).to_string())
             .await;
     }
-    let s = wait_state(&engine, "cols", "failing").await;
+    // Every receipt fails as a processing error; a batch received while
+    // the first one failed is counted once its own attempt has failed.
+    let s = wait_for(
+        "cols to be failing, every receipt failed",
+        DEADLINE,
+        || async {
+            let s = status(&engine, "cols").await;
+            expect_eq(s["state"].as_str(), Some("failing")).map_err(|e| format!("{e}: {s}"))?;
+            expect_eq(s["failed"].as_u64(), s["received"].as_u64())
+                .map_err(|e| format!("only processing errors: {e}: {s}"))?;
+            Ok(s)
+        },
+    )
+    .await;
     assert!(
         s["problem"]["error"]
             .as_str()
             .unwrap_or_default()
             .contains("42703"),
         "{s}"
-    );
-    assert_eq!(
-        s["failed"].as_u64(),
-        s["received"].as_u64(),
-        "only processing errors: {s}"
     );
     assert_eq!(engine.get("/ready").await.status, 503);
     let durable = format!("cols-{}", env.id);

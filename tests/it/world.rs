@@ -232,7 +232,7 @@ async fn duplicate_pipeline_is_refused_and_the_first_never_stops() {
         &reload::revision(&env.tiktok_pipeline(), "copy"),
     );
     let refused = reload::wait_status(&engine, "copy.yaml", "refused", |s| {
-        s.state == "failed"
+        s.state == reload::PipelineState::Failed
             && s.last_error
                 .as_deref()
                 .is_some_and(|e| e.contains("already run by tiktok.yaml"))
@@ -245,8 +245,8 @@ async fn duplicate_pipeline_is_refused_and_the_first_never_stops() {
     gaps.assert_no_gap().await;
     let after = reload::status(&engine, "tiktok.yaml").await;
     assert_eq!(
-        (&*after.state, &after.version),
-        ("running", &before.version)
+        (after.state, &after.version),
+        (reload::PipelineState::Running, &before.version)
     );
     reload::assert_stores(&env, "still-stored").await;
     assert!(engine.log().contains("already run by"), "not logged");
@@ -442,7 +442,7 @@ async fn migration_waiting_on_a_lock_fails_the_reload_after_lock_timeout() {
     })
     .await;
     assert_eq!(failed.version, before.version, "the running version stays");
-    assert_eq!(failed.state, "degraded");
+    assert_eq!(failed.state, reload::PipelineState::Degraded);
     locker.rollback().await.expect("unlock");
 }
 
@@ -952,7 +952,8 @@ async fn reload_during_a_database_outage_costs_no_delivery_attempt() {
     })
     .await;
     assert_eq!(
-        failed.state, "retrying",
+        failed.state,
+        reload::PipelineState::Retrying,
         "the running version holds the event"
     );
     proxy.start().await;

@@ -113,6 +113,8 @@ fn literal(text: &str) -> String {
 pub enum ConnectError {
     #[error("{0:#}")]
     Url(anyhow::Error),
+    /// Text, not the driver's error: the driver may echo the URL, so its
+    /// text has the URL's secrets cut out (`util::redact`).
     #[error("cannot connect to Postgres at {url}: {error}")]
     Connect {
         url: String,

@@ -5,9 +5,6 @@ use std::path::PathBuf;
 
 use super::*;
 
-/// SQLSTATE `lock_not_available`: `lock_timeout` passed.
-const LOCK_NOT_AVAILABLE: &str = "55P03";
-
 /// Why a directory's migrations were not applied.
 #[derive(Debug, thiserror::Error)]
 pub enum MigrateError {
@@ -46,7 +43,7 @@ impl MigrateError {
                 _ => return false,
             },
         };
-        db_code(sql).as_deref() == Some(LOCK_NOT_AVAILABLE)
+        SqlState::of(sql) == Some(SqlState::LOCK_NOT_AVAILABLE)
             || sqlstate::fault(sql) == Fault::Transient
     }
 }
@@ -54,13 +51,11 @@ impl MigrateError {
 /// Names the setting when a migration gave up waiting for a lock.
 fn lock_hint(e: &sqlx::migrate::MigrateError, lock: Duration) -> String {
     use sqlx::migrate::MigrateError as M;
-    let (M::Execute(sqlx::Error::Database(db)) | M::ExecuteMigration(sqlx::Error::Database(db), _)) =
-        e
-    else {
+    let (M::Execute(sql) | M::ExecuteMigration(sql, _)) = e else {
         return String::new();
     };
-    match db.code().as_deref() {
-        Some(LOCK_NOT_AVAILABLE) => {
+    match SqlState::of(sql) {
+        Some(SqlState::LOCK_NOT_AVAILABLE) => {
             format!(" (waited more than lock_timeout = {lock:?} for a lock another session holds)")
         }
         _ => String::new(),

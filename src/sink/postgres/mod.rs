@@ -42,7 +42,7 @@ use sqlx::{Acquire, Executor, PgConnection, Postgres};
 
 pub use crate::statement::{ParamValue, Rendered};
 use plan::{Plan, PlanError, WritePath};
-use sqlstate::Fault;
+use sqlstate::{Fault, SqlState};
 
 /// Distinct statement texts remembered per sink. Templates with `{% if %}`
 /// produce a few variants; more than this means something renders data into
@@ -69,7 +69,7 @@ pub enum Outcome {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Rejection {
     /// None when the value never reached the database (a NUL character).
-    pub sqlstate: Option<String>,
+    pub sqlstate: Option<SqlState>,
     pub error: String,
 }
 
@@ -179,13 +179,6 @@ impl PgSink {
             .acquire(self.limits.connect)
             .await
             .map_err(WriteError::from_sqlx)
-    }
-}
-
-fn db_code(e: &sqlx::Error) -> Option<String> {
-    match e {
-        sqlx::Error::Database(db) => db.code().map(|c| c.into_owned()),
-        _ => None,
     }
 }
 

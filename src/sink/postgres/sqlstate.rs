@@ -7,6 +7,134 @@
 //! the batch and retries it with backoff. Guessing wrong in the first
 //! direction acknowledges events away, in the other it stalls the pipeline,
 //! so the whole SQLSTATE table is covered here, in one place.
+//!
+//! A code is parsed once, where it leaves the driver or the per-row
+//! function, into a [`SqlState`]; everything after matches on that, never
+//! on an error's message.
+
+use std::fmt;
+use std::str::FromStr;
+
+/// A SQLSTATE: five characters, digits or upper-case letters, whose first
+/// two are its class.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct SqlState([u8; 5]);
+
+/// A text that is not a SQLSTATE.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("`{0}` is not a SQLSTATE (five digits or upper-case letters)")]
+pub struct NotSqlState(pub String);
+
+impl SqlState {
+    /// `cardinality_violation`: an `ON CONFLICT DO UPDATE` met one key
+    /// twice in a statement.
+    pub const CARDINALITY_VIOLATION: SqlState = SqlState::known(b"21000");
+    pub const UNIQUE_VIOLATION: SqlState = SqlState::known(b"23505");
+    pub const EXCLUSION_VIOLATION: SqlState = SqlState::known(b"23P01");
+    /// `invalid_schema_name`: also a session's `pg_temp` before anything
+    /// was created in it.
+    pub const INVALID_SCHEMA_NAME: SqlState = SqlState::known(b"3F000");
+    pub const UNDEFINED_FUNCTION: SqlState = SqlState::known(b"42883");
+    /// `lock_not_available`: `lock_timeout` passed.
+    pub const LOCK_NOT_AVAILABLE: SqlState = SqlState::known(b"55P03");
+
+    /// A code written in the source; not one fails the build.
+    const fn known(code: &[u8; 5]) -> Self {
+        let mut i = 0;
+        while i < 5 {
+            assert!(code[i].is_ascii_digit() || code[i].is_ascii_uppercase());
+            i += 1;
+        }
+        SqlState(*code)
+    }
+
+    pub fn parse(text: &str) -> Result<Self, NotSqlState> {
+        let refused = || NotSqlState(text.to_string());
+        let bytes: [u8; 5] = text.as_bytes().try_into().map_err(|_| refused())?;
+        if bytes
+            .iter()
+            .all(|b| b.is_ascii_digit() || b.is_ascii_uppercase())
+        {
+            Ok(SqlState(bytes))
+        } else {
+            Err(refused())
+        }
+    }
+
+    /// The SQLSTATE of a database error (none for I/O, TLS, pool errors,
+    /// or a server that sent none or a malformed one).
+    pub fn of(e: &sqlx::Error) -> Option<SqlState> {
+        match e {
+            sqlx::Error::Database(db) => db.code().and_then(|c| SqlState::parse(&c).ok()),
+            _ => None,
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        std::str::from_utf8(&self.0).expect("a SQLSTATE is ASCII")
+    }
+
+    /// Its first two characters (`23` for every integrity violation).
+    pub fn class(&self) -> &str {
+        &self.as_str()[..2]
+    }
+
+    /// The row of the table that decides it.
+    fn rule(self) -> Option<&'static Rule> {
+        RULES.iter().find(|r| self.as_str().starts_with(r.prefix))
+    }
+
+    /// Whose fault an error with this code is. A code in no class of the
+    /// table (a newer server's, or an extension's) holds the pipeline: an
+    /// unknown error must never get events acknowledged away.
+    pub fn fault(self) -> Fault {
+        self.rule().map_or(Pipeline, |r| r.fault)
+    }
+
+    /// What the table says an error with this code means.
+    pub fn meaning(self) -> Option<&'static str> {
+        self.rule().map(|r| r.meaning)
+    }
+}
+
+impl fmt::Display for SqlState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl fmt::Debug for SqlState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "SqlState({})", self.as_str())
+    }
+}
+
+impl FromStr for SqlState {
+    type Err = NotSqlState;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        SqlState::parse(text)
+    }
+}
+
+/// Read from the per-row function's result (its `SQLSTATE` as text):
+/// parsed where it arrives.
+impl sqlx::Type<sqlx::Postgres> for SqlState {
+    fn type_info() -> sqlx::postgres::PgTypeInfo {
+        <&str as sqlx::Type<sqlx::Postgres>>::type_info()
+    }
+
+    fn compatible(ty: &sqlx::postgres::PgTypeInfo) -> bool {
+        <&str as sqlx::Type<sqlx::Postgres>>::compatible(ty)
+    }
+}
+
+impl<'r> sqlx::Decode<'r, sqlx::Postgres> for SqlState {
+    fn decode(value: sqlx::postgres::PgValueRef<'r>) -> Result<Self, sqlx::error::BoxDynError> {
+        let text = <&str as sqlx::Decode<sqlx::Postgres>>::decode(value)?;
+        Ok(SqlState::parse(text)?)
+    }
+}
 
 /// Who has to act for a failed statement to succeed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -85,17 +213,7 @@ pub const RULES: &[Rule] = &[
     rule("XX", Pipeline, "internal error (data or index corrupted)"),
 ];
 
-/// The fault of an error with this SQLSTATE. A code in no class of the
-/// table (a newer server's, or an extension's) holds the pipeline: an
-/// unknown error must never get events acknowledged away.
-pub fn fault_of(code: &str) -> Fault {
-    RULES
-        .iter()
-        .find(|r| code.starts_with(r.prefix))
-        .map_or(Pipeline, |r| r.fault)
-}
-
-/// [`fault_of`] as a SQL boolean expression over the SQLSTATE text
+/// [`SqlState::fault`] as a SQL boolean expression over the SQLSTATE text
 /// `code`: true when the error is the event's fault. The per-row function
 /// catches only those; anything else (a deadlock, a lock time-out) must
 /// end the attempt at once, not be collected while the rows after it keep
@@ -114,19 +232,11 @@ pub fn event_fault_sql(code: &str) -> String {
     format!("CASE{arms} ELSE false END")
 }
 
-/// What the table says an error with this SQLSTATE means.
-pub fn meaning(code: &str) -> Option<&'static str> {
-    RULES
-        .iter()
-        .find(|r| code.starts_with(r.prefix))
-        .map(|r| r.meaning)
-}
-
 /// The fault of any error from the driver: database errors by SQLSTATE;
 /// I/O, TLS, pool time-outs and protocol errors are transient.
 pub fn fault(e: &sqlx::Error) -> Fault {
     match e {
-        sqlx::Error::Database(db) => db.code().map_or(Pipeline, |c| fault_of(&c)),
+        sqlx::Error::Database(_) => SqlState::of(e).map_or(Pipeline, SqlState::fault),
         sqlx::Error::Configuration(_) => Pipeline,
         _ => Transient,
     }
@@ -134,15 +244,15 @@ pub fn fault(e: &sqlx::Error) -> Fault {
 
 /// A database error's one-line form, whether the driver raised it or the
 /// per-row function caught it.
-pub fn line(code: &str, message: &str) -> String {
+pub fn line(code: SqlState, message: &str) -> String {
     format!("SQLSTATE {code}: {message}")
 }
 
 /// An error as one line, with its SQLSTATE where it has one.
 pub fn describe(e: &sqlx::Error) -> String {
     match e {
-        sqlx::Error::Database(db) => match db.code() {
-            Some(code) => line(&code, db.message()),
+        sqlx::Error::Database(db) => match SqlState::of(e) {
+            Some(code) => line(code, db.message()),
             None => db.message().to_string(),
         },
         other => other.to_string(),
@@ -207,13 +317,39 @@ mod tests {
                 "{code} is not {}",
                 rule.prefix
             );
-            assert_eq!(fault_of(code), *fault, "{code}: {}", rule.meaning);
+            let state = SqlState::parse(code).unwrap();
+            assert_eq!(state.fault(), *fault, "{code}: {}", rule.meaning);
+            assert_eq!(state.meaning(), Some(rule.meaning));
         }
     }
 
     #[test]
     fn unknown_codes_hold_the_pipeline() {
-        assert_eq!(fault_of("ZZ999"), Pipeline);
-        assert_eq!(fault_of(""), Pipeline);
+        let unknown = SqlState::parse("ZZ999").unwrap();
+        assert_eq!(unknown.fault(), Pipeline);
+        assert_eq!(unknown.meaning(), None);
+    }
+
+    #[test]
+    fn codes_parse_once_and_show_as_themselves() {
+        let state: SqlState = "23P01".parse().unwrap();
+        assert_eq!(state, SqlState::EXCLUSION_VIOLATION);
+        assert_eq!(state.to_string(), "23P01");
+        assert_eq!(state.class(), "23");
+        assert_eq!(state.fault(), Event);
+        assert_eq!(format!("{state:?}"), "SqlState(23P01)");
+        assert_eq!(SqlState::LOCK_NOT_AVAILABLE.class(), "55");
+        assert_eq!(SqlState::LOCK_NOT_AVAILABLE.fault(), Transient);
+    }
+
+    #[test]
+    fn texts_that_are_not_codes_are_refused() {
+        for text in ["", "2350", "235050", "23p01", "23 01", "2350\u{e9}"] {
+            assert_eq!(
+                SqlState::parse(text),
+                Err(NotSqlState(text.to_string())),
+                "{text:?}"
+            );
+        }
     }
 }

@@ -54,7 +54,7 @@ impl PgSink {
         match result {
             Ok(text) => Ok(Trial::Row(text.and_then(|t| serde_json::from_str(&t).ok()))),
             Err(e) if sqlstate::fault(&e) == Fault::Event => Ok(Trial::Rejected(Rejection {
-                sqlstate: db_code(&e),
+                sqlstate: SqlState::of(&e),
                 error: sqlstate::describe(&e),
             })),
             Err(e) => Err(WriteError::from_sqlx(e)),

@@ -160,9 +160,10 @@ impl PgSink {
         result
     }
 
-    /// Runs the batch in one transaction, creating a plan's session
-    /// function first where this connection lacks it. Returns the rows
-    /// (indices into `batch`) rejected in `Isolate` mode.
+    /// Runs the batch in one transaction, creating the plans' session
+    /// functions first where this connection lacks them (once: an error
+    /// that stays is not about them). Returns the rows (indices into
+    /// `batch`) rejected in `Isolate` mode.
     async fn attempt(
         &self,
         conn: &mut PgConnection,
@@ -170,13 +171,13 @@ impl PgSink {
         mode: Mode,
         finish: Finish,
     ) -> Result<Vec<(usize, Rejection)>, Failed> {
-        loop {
-            match run_batch(conn, &self.session, batch, mode, finish).await {
-                Err(Failed::Sql(e)) if missing_function(&e, batch) => {
-                    create_functions(conn, batch).await?;
-                }
-                other => return other,
+        let result = run_batch(conn, &self.session, batch, mode, finish).await;
+        match result {
+            Err(Failed::Sql(e)) if may_lack_functions(&e, batch, mode) => {
+                create_functions(conn, batch).await?;
+                run_batch(conn, &self.session, batch, mode, finish).await
             }
+            other => other,
         }
     }
 }
@@ -204,7 +205,7 @@ struct Encoded<'a> {
 
 /// A failure of the row at this index of a run, as the per-row function
 /// reports it in `Isolate` mode.
-type RowFailure = (i32, String, String);
+type RowFailure = (i32, SqlState, String);
 
 /// One transaction over the batch's runs. In `Isolate` mode a row failure
 /// that is not the row's own fault (a lock time-out, an undefined column)
@@ -241,11 +242,11 @@ async fn run_batch(
                     q = q.bind(column(run, col));
                 }
                 for (row, state, message) in q.fetch_all(&mut *tx).await? {
-                    if sqlstate::fault_of(&state) != Fault::Event {
+                    if state.fault() != Fault::Event {
                         return Err(Failed::Caught { state, message });
                     }
                     let k = start + row as usize - 1;
-                    let error = sqlstate::line(&state, &message);
+                    let error = sqlstate::line(state, &message);
                     rejected.push((
                         k,
                         Rejection {
@@ -303,7 +304,7 @@ fn column<'a>(run: &'a [Encoded<'_>], col: usize) -> Vec<Option<&'a str>> {
 #[derive(Debug)]
 pub(super) enum Failed {
     Sql(sqlx::Error),
-    Caught { state: String, message: String },
+    Caught { state: SqlState, message: String },
 }
 
 impl From<sqlx::Error> for Failed {
@@ -315,41 +316,44 @@ impl From<sqlx::Error> for Failed {
 impl Failed {
     /// `ON CONFLICT DO UPDATE` met the same key twice in one statement.
     fn is_repeated_key(&self) -> bool {
-        self.code().as_deref() == Some("21000")
+        self.code() == Some(SqlState::CARDINALITY_VIOLATION)
     }
 
     /// A unique or exclusion violation: what a plain insert meets where
     /// its `ON CONFLICT … DO NOTHING` would have skipped a row (or where
     /// that would fail too, on another constraint).
     fn is_conflict(&self) -> bool {
-        matches!(self.code().as_deref(), Some("23505" | "23P01"))
+        matches!(
+            self.code(),
+            Some(SqlState::UNIQUE_VIOLATION | SqlState::EXCLUSION_VIOLATION)
+        )
     }
 
     /// The SQLSTATE, of the statement's error or of the caught row failure
     /// (never an event's fault, so never 21000 or class 23).
-    fn code(&self) -> Option<String> {
+    fn code(&self) -> Option<SqlState> {
         match self {
-            Failed::Sql(e) => db_code(e),
-            Failed::Caught { state, .. } => Some(state.clone()),
+            Failed::Sql(e) => SqlState::of(e),
+            Failed::Caught { state, .. } => Some(*state),
         }
     }
 
     fn fault(&self) -> Fault {
         match self {
             Failed::Sql(e) => sqlstate::fault(e),
-            Failed::Caught { state, .. } => sqlstate::fault_of(state),
+            Failed::Caught { state, .. } => state.fault(),
         }
     }
 
     pub(super) fn into_write_error(self) -> WriteError {
         let text = match &self {
             Failed::Sql(e) => sqlstate::describe(e),
-            Failed::Caught { state, message } => sqlstate::line(state, message),
+            Failed::Caught { state, message } => sqlstate::line(*state, message),
         };
         let code = self.code();
         match self.fault() {
             Fault::Transient => WriteError::Transient(text),
-            _ => match code.as_deref().and_then(sqlstate::meaning) {
+            _ => match code.and_then(SqlState::meaning) {
                 Some(meaning) => WriteError::Pipeline(format!("{text} ({meaning})")),
                 None => WriteError::Pipeline(text),
             },
@@ -357,19 +361,27 @@ impl Failed {
     }
 }
 
-/// True when the error says a session function of this batch is missing
-/// on this connection: the function itself (42883), or the session's
-/// temporary schema, which exists only once something was created in it.
-fn missing_function(e: &sqlx::Error, batch: &[Encoded<'_>]) -> bool {
-    let sqlx::Error::Database(db) = e else {
-        return false;
-    };
-    match db.code().as_deref() {
-        Some("3F000") => db.message().contains("pg_temp"),
-        Some("42883") => batch.iter().any(|r| {
-            db.message()
-                .contains(r.plan.function.name.trim_start_matches("pg_temp."))
-        }),
-        _ => false,
+/// True when the error may say that a session function the attempt calls
+/// is missing on this connection: the function itself (42883), or the
+/// session's temporary schema, which exists only once something was
+/// created in it (3F000). The codes decide, not the message: creating the
+/// functions and trying once more costs a round trip where the error was
+/// about something else.
+fn may_lack_functions(e: &sqlx::Error, batch: &[Encoded<'_>], mode: Mode) -> bool {
+    let missing = matches!(
+        SqlState::of(e),
+        Some(SqlState::UNDEFINED_FUNCTION | SqlState::INVALID_SCHEMA_NAME)
+    );
+    missing && calls_functions(batch, mode)
+}
+
+/// True when the attempt runs some of the batch through a per-row
+/// function (see `run_batch`).
+fn calls_functions(batch: &[Encoded<'_>], mode: Mode) -> bool {
+    match mode {
+        Mode::RowByRow | Mode::Isolate => !batch.is_empty(),
+        Mode::Batch | Mode::PlainInsert => batch
+            .iter()
+            .any(|e| !matches!(e.plan.path, WritePath::Unnest(_))),
     }
 }

@@ -36,8 +36,13 @@ impl NatsOptions {
 pub enum ServerListError {
     #[error("no NATS server URL given")]
     Empty,
-    #[error("invalid NATS server URL {url}: {reason}")]
-    Invalid { url: String, reason: String },
+    /// `url` is redacted; the source read the URL without its credentials.
+    #[error("invalid NATS server URL {url}: {source}")]
+    Invalid {
+        url: String,
+        #[source]
+        source: std::io::Error,
+    },
     /// async-nats sends one set of credentials to whichever server it
     /// reaches, so URLs that carry different ones cannot all be honoured.
     #[error("the NATS server URLs carry different credentials; give one set (in each URL or in NATS_USER/NATS_PASSWORD/NATS_TOKEN)")]
@@ -60,13 +65,12 @@ pub(super) fn server_list(
         if credentials.get_or_insert_with(|| carried.clone()) != &carried {
             return Err(ServerListError::MixedCredentials);
         }
-        let server =
-            cleaned
-                .parse::<async_nats::ServerAddr>()
-                .map_err(|e| ServerListError::Invalid {
-                    url: crate::util::redact::url(one),
-                    reason: e.to_string(),
-                })?;
+        let server = cleaned
+            .parse::<async_nats::ServerAddr>()
+            .map_err(|source| ServerListError::Invalid {
+                url: crate::util::redact::url(one),
+                source,
+            })?;
         servers.push(server);
     }
     if servers.is_empty() {

@@ -249,14 +249,32 @@ fn sent_in_all(closing: &Closing, asked: usize, delivered: usize, unsent: Option
     total.max(delivered)
 }
 
+/// The descriptions the server gives a 409 (Request Terminated) that ends
+/// a pull request, which tell its cases apart.
+///
+/// This is the one place the engine reads a server's text: a 409 carries
+/// no finer code, and async-nats hands its description over only as text
+/// (`Message::description`, an `Option<String>`; its own pull stream
+/// compares the same texts). They are the server's wire protocol
+/// (nats-server's `jsPullRequest*` statuses), stable across releases;
+/// `statuses_mean_what_the_server_means` holds them.
+mod terminated {
+    /// The request's message count was reached.
+    pub const BATCH_COMPLETED: &str = "Batch Completed";
+    /// The next message would exceed the request's `max_bytes`.
+    pub const MESSAGE_SIZE_EXCEEDS_MAX_BYTES: &str = "Message Size Exceeds MaxBytes";
+    /// The consumer's leader changed; the new one does not know the request.
+    pub const LEADERSHIP_CHANGE: &str = "Leadership Change";
+}
+
 /// Reads a status by its code and, for 409s, the server's description.
 fn closing(status: StatusCode, description: &str) -> Closing {
     match status {
         StatusCode::TIMEOUT => Closing::Served,
         StatusCode::REQUEST_TERMINATED => match description {
-            "Batch Completed" => Closing::Full,
-            "Message Size Exceeds MaxBytes" => Closing::TooLarge,
-            "Leadership Change" => Closing::Abandoned,
+            terminated::BATCH_COMPLETED => Closing::Full,
+            terminated::MESSAGE_SIZE_EXCEEDS_MAX_BYTES => Closing::TooLarge,
+            terminated::LEADERSHIP_CHANGE => Closing::Abandoned,
             _ => Closing::Refused,
         },
         // 404 answers only requests without expiry or with no_wait, which

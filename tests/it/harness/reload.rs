@@ -28,6 +28,7 @@ pub const RELOADS: &str = "ingestd_reloads_total";
 // ---------------------------------------------------------------------------
 
 /// One entry of `GET /pipelines`: the engine's own type.
+pub use ingestd::topology::engine::PipelineState;
 pub use ingestd::topology::engine::Status as PipelineStatus;
 
 /// Whether `status` is about the pipelines-dir file `file_name`.
@@ -106,7 +107,7 @@ pub async fn wait_new_version(
 ) -> PipelineStatus {
     let what = format!("running a version other than {:?}", previous.version);
     wait_status(engine, file_name, &what, |s| {
-        s.state == "running" && s.version.is_some() && s.version != previous.version
+        s.state == PipelineState::Running && s.version.is_some() && s.version != previous.version
     })
     .await
 }
@@ -114,7 +115,7 @@ pub async fn wait_new_version(
 /// Waits until `file_name` is `running` without error (whatever version).
 pub async fn wait_running(engine: &Engine, file_name: &str) -> PipelineStatus {
     wait_status(engine, file_name, "running", |s| {
-        s.state == "running" && s.version.is_some() && s.last_error.is_none()
+        s.state == PipelineState::Running && s.version.is_some() && s.last_error.is_none()
     })
     .await
 }
