@@ -51,8 +51,7 @@ fn consumer_transient(e: &jetstream::stream::ConsumerError) -> bool {
 
 /// Ensures the stream (created when missing, used as is when present, but
 /// refused when its subjects do not cover the consumer's filter) and the
-/// durable consumer (created, or its settings updated to the file's when
-/// they differ).
+/// durable consumer (created, or its settings updated to the file's).
 pub async fn ensure(
     js: &jetstream::Context,
     s: &StreamConfig,
@@ -95,20 +94,19 @@ pub async fn ensure(
             ),
         ));
     }
-    let wanted = consumer_config(c, max_ack_pending);
-    if let Some(consumer) = unchanged_consumer(&stream, &wanted).await {
-        return Ok((stream, consumer));
-    }
-    let consumer = stream.create_consumer(wanted).await.map_err(|e| {
-        let transient = consumer_transient(&e);
-        EnsureError::new(
-            transient,
-            anyhow::Error::new(e).context(format!(
-                "cannot create or update consumer {} on stream {}",
-                c.durable, s.name
-            )),
-        )
-    })?;
+    let consumer = stream
+        .create_consumer(consumer_config(c, max_ack_pending))
+        .await
+        .map_err(|e| {
+            let transient = consumer_transient(&e);
+            EnsureError::new(
+                transient,
+                anyhow::Error::new(e).context(format!(
+                    "cannot create or update consumer {} on stream {}",
+                    c.durable, s.name
+                )),
+            )
+        })?;
     Ok((stream, consumer))
 }
 
@@ -136,26 +134,6 @@ fn stream_config(s: &StreamConfig) -> stream::Config {
         duplicate_window: s.duplicate_window.unwrap_or_default(),
         ..Default::default()
     }
-}
-
-/// The durable consumer as it is, when it already has every setting the
-/// file asks for: a reload that leaves them alone sends no update (on a
-/// replicated consumer an update is a round of its Raft group, beside the
-/// running version's pulls).
-async fn unchanged_consumer(
-    stream: &stream::Stream,
-    wanted: &pull::Config,
-) -> Option<PullConsumer> {
-    let name = wanted.durable_name.as_deref()?;
-    let consumer: PullConsumer = stream.get_consumer(name).await.ok()?;
-    let have = &consumer.cached_info().config;
-    let same = have.filter_subject == wanted.filter_subject
-        && have.deliver_policy == wanted.deliver_policy
-        && have.ack_policy == wanted.ack_policy
-        && have.ack_wait == wanted.ack_wait
-        && have.max_deliver == wanted.max_deliver
-        && have.max_ack_pending == wanted.max_ack_pending;
-    same.then_some(consumer)
 }
 
 fn consumer_config(c: &ConsumerConfig, max_ack_pending: i64) -> pull::Config {
