@@ -228,7 +228,14 @@ async fn drain_survives_leader_kills(build: ServerBuild) {
     let most = rows.iter().map(|(_, d)| *d).max().unwrap_or_default();
     let again = rows.iter().filter(|(_, d)| *d > 1).count();
     eprintln!("{build:?}: longest stall after an election {worst:?}; {again} events stored from a second delivery, at most {most} deliveries");
-    assert!(most <= 2, "an event was delivered {most} times");
+    // Each election may cost a message one delivery (its ack sent to a
+    // leader that was killed), never more: before the pull statuses were
+    // read right, events were stored on their fifth and last delivery.
+    const KILLS: i32 = 2;
+    assert!(
+        most <= 1 + KILLS,
+        "an event was delivered {most} times in {KILLS} elections"
+    );
     bus.wait_all_acked(DEADLINE).await;
 }
 
