@@ -329,6 +329,7 @@ async fn run_batch(
                     SinkRow {
                         rendered: prepared.rendered,
                         outcome: Outcome::Pending,
+                        seq: None,
                     },
                 ));
                 CaseOutcome::Broken(CaseFailure::Pending)
@@ -344,7 +345,10 @@ async fn run_batch(
             (Err(e), _) => CaseOutcome::Broken(CaseFailure::Database(e.clone())),
             (Ok(()), Outcome::Stored) => CaseOutcome::Stored(row.rendered),
             (Ok(()), Outcome::Rejected(r)) => CaseOutcome::Invalid(Reason::Unstorable, r.error),
-            (Ok(()), Outcome::Pending) => CaseOutcome::Broken(CaseFailure::Pending),
+            // A dry run keeps no ledger, so nothing is a duplicate.
+            (Ok(()), Outcome::Pending | Outcome::Duplicate) => {
+                CaseOutcome::Broken(CaseFailure::Pending)
+            }
         };
     }
     Ok(outcomes)

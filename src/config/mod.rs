@@ -316,6 +316,19 @@ pub struct PostgresSink {
     )]
     #[schemars(with = "DurationText")]
     pub lock_timeout: Duration,
+    /// Every statement takes effect once per stream message, whatever the
+    /// redeliveries, processes or crashes: each batch records the
+    /// sequences it settles in the ledger table `ingestd_ledger` in its
+    /// own transaction, and a message already recorded is acknowledged
+    /// without running its statement. Needs CREATE on the schema once
+    /// (see docs/exactly-once.md). Default false.
+    #[serde(default)]
+    pub exactly_once: bool,
+    /// The durable whose ledger entries this pipeline claims, when it is
+    /// not its own: a backfill settles its live pipeline's messages.
+    #[serde(skip)]
+    #[schemars(skip)]
+    pub ledger_durable: Option<String>,
 }
 
 fn default_pool_size() -> u32 {

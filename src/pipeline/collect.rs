@@ -106,12 +106,13 @@ impl Pipeline {
                 .prepare(&h.msg.payload, &self.meta(&h.msg), &self.headers(&h.msg))
             {
                 Ok(Prepared { rendered, labels }) => rows.push(Row {
-                    held: h,
-                    labels,
                     write: SinkRow {
                         rendered,
                         outcome: Outcome::Pending,
+                        seq: self.ledger_seq(&h.msg),
                     },
+                    held: h,
+                    labels,
                 }),
                 Err(invalid) => self.reject(h, invalid).await,
             }

@@ -12,6 +12,7 @@
 mod collect;
 mod deadletter;
 mod keepalive;
+mod ledger;
 mod letters;
 mod settle;
 mod supervise;
@@ -198,9 +199,18 @@ impl Pipeline {
             config::PoolMode::Shared => PoolChoice::Shared,
             config::PoolMode::Own => PoolChoice::Own(pg.pool_size),
         };
-        let sink = PgSink::connect(&deps.pools, &url, choice, Limits::of(pg))
+        let mut sink = PgSink::connect(&deps.pools, &url, choice, Limits::of(pg))
             .await
             .map_err(|e| BuildError::of(e.is_transient(), file.error("sink.postgres", e)))?;
+        if let Some(key) = Self::ledger_key(&cfg) {
+            sink.keep_ledger(key);
+            sink.ensure_ledger().await.map_err(|e| {
+                BuildError::of(
+                    e.is_transient(),
+                    file.error("sink.postgres.exactly_once", e),
+                )
+            })?;
+        }
         if let Some(dir) = &pg.migrations {
             sink.migrate(dir).await.map_err(|e| {
                 BuildError::of(
@@ -340,6 +350,10 @@ impl Pipeline {
         );
         crew.spawn_stage(&self, Side::Source, "the lag poll", poll);
         self.start_letters(crew).await;
+        if self.sink.ledger().is_some() {
+            let prune = ledger::prune(self.clone(), crew.run.clone());
+            crew.spawn_stage(&self, Side::Sink, "the ledger's pruning", prune);
+        }
         while let Some(held) = self.collect(&mut puller, &crew.run, &mut adopt).await {
             self.dispatch(held, &slots, &mut puller, stop, crew).await;
         }

@@ -2,6 +2,7 @@
 //! or given the invalid policy (ack, dead letter, nak, term).
 
 use super::*;
+use crate::sink::postgres::Entry;
 
 impl Pipeline {
     /// Acknowledges the stored rows, then rejects the rows the database
@@ -14,6 +15,10 @@ impl Pipeline {
         for mut row in rows {
             match std::mem::replace(&mut row.write.outcome, Outcome::Pending) {
                 Outcome::Stored => self.processed(row, &mut settled).await,
+                Outcome::Duplicate => {
+                    self.count_duplicate();
+                    self.processed(row, &mut settled).await
+                }
                 Outcome::Rejected(rejection) => rejected.push((row, rejection)),
                 Outcome::Pending => pending.push(row),
             }
@@ -76,7 +81,10 @@ impl Pipeline {
     pub(super) async fn release(&self, rows: Vec<Row>) {
         for row in rows {
             match self.last_delivery(&row.held.msg) {
-                Some(letter) => self.post(row.held, letter).await,
+                Some(letter) => {
+                    self.record(&row.held.msg, Entry::DeadLettered).await;
+                    self.post(row.held, letter).await
+                }
                 None => {
                     let _ = row.held.msg.ack_with(AckKind::Nak(None)).await;
                 }
@@ -123,6 +131,9 @@ impl Pipeline {
             error = %truncate(&invalid.error, 500),
             "invalid event"
         );
+        if let Some(entry) = self.invalid_entry(invalid.kind) {
+            self.record(&held.msg, entry).await;
+        }
         let settled = match policy.action {
             InvalidAction::Ack => held.msg.ack().await,
             InvalidAction::Term => held.msg.ack_with(AckKind::Term).await,

@@ -50,6 +50,9 @@ pub struct EngineMetrics {
     pub dead_letters: IntCounterVec,
     /// Pipeline (re)loads by file and result (`success`, `failure`).
     pub reloads: IntCounterVec,
+    /// Deliveries acknowledged without a write because the exactly-once
+    /// ledger held their sequence already, per pipeline.
+    pub duplicates: IntCounterVec,
     /// Pipelines' lag and freshness (see [`crate::telemetry::lag`]).
     pub lag: LagMetrics,
     /// Pipelines' problems (see [`crate::telemetry::health`]).
@@ -97,6 +100,13 @@ impl Metrics {
                 ),
                 &["file", "result"],
             )?,
+            duplicates: IntCounterVec::new(
+                Opts::new(
+                    "ingestd_duplicates_total",
+                    "Deliveries acknowledged without running their statement: the exactly-once ledger held their sequence",
+                ),
+                &["pipeline"],
+            )?,
             lag: LagMetrics::new()?,
             health: HealthMetrics::new()?,
             label_folds: IntCounterVec::new(
@@ -111,6 +121,7 @@ impl Metrics {
         registry.register(Box::new(engine.sink_retries.clone()))?;
         registry.register(Box::new(engine.dead_letters.clone()))?;
         registry.register(Box::new(engine.reloads.clone()))?;
+        registry.register(Box::new(engine.duplicates.clone()))?;
         engine.lag.register(&registry)?;
         engine.health.register(&registry)?;
         Ok(Self {

@@ -147,6 +147,7 @@ impl PgSink {
                 search_path: target.search_path.clone(),
             },
             plans: Mutex::new(HashMap::new()),
+            ledger: None,
         }
     }
 

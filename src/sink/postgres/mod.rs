@@ -14,6 +14,7 @@
 //! number, and the others commit.
 
 mod connect;
+mod ledger;
 mod migrate;
 pub mod plan;
 mod pool;
@@ -24,12 +25,13 @@ mod write;
 
 use connect::Session;
 pub use connect::{connect_options, redact_url, ConnectError, Limits};
+pub use ledger::{Entry, LedgerError, LedgerKey};
 pub use migrate::MigrateError;
 use pool::{Conn, Pool};
 pub use pool::{PoolChoice, Pools, DEFAULT_POOL_SIZE};
 pub use trial::{DryRun, DryRunError, Trial};
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use std::str::FromStr;
 use std::sync::{Arc, Mutex};
@@ -54,6 +56,8 @@ const MAX_PLANS: usize = 256;
 pub struct SinkRow {
     pub rendered: Rendered,
     pub outcome: Outcome,
+    /// The message's stream sequence, which a sink with a ledger claims.
+    pub seq: Option<u64>,
 }
 
 /// The fate of one row of a batch.
@@ -61,6 +65,9 @@ pub struct SinkRow {
 pub enum Outcome {
     Pending,
     Stored,
+    /// Its sequence was in the ledger already: an earlier delivery
+    /// committed it, so its statement was not run again.
+    Duplicate,
     /// The row's own fault: it fails the same way every time.
     Rejected(Rejection),
 }
@@ -105,6 +112,8 @@ pub struct PgSink {
     limits: Limits,
     session: Session,
     plans: Mutex<HashMap<String, Arc<Plan>>>,
+    /// Whose sequences each write claims (`exactly_once`).
+    ledger: Option<LedgerKey>,
 }
 
 impl PgSink {

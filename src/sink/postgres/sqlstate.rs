@@ -35,6 +35,8 @@ impl SqlState {
     /// was created in it.
     pub const INVALID_SCHEMA_NAME: SqlState = SqlState::known(b"3F000");
     pub const UNDEFINED_FUNCTION: SqlState = SqlState::known(b"42883");
+    /// `duplicate_table`: a `CREATE TABLE` that lost a race to another.
+    pub const DUPLICATE_TABLE: SqlState = SqlState::known(b"42P07");
     /// `lock_not_available`: `lock_timeout` passed.
     pub const LOCK_NOT_AVAILABLE: SqlState = SqlState::known(b"55P03");
 

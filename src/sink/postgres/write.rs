@@ -48,33 +48,42 @@ impl PgSink {
             .connect(self.limits.connect)
             .await
             .map_err(WriteError::from_sqlx)?;
-        let (batch, refused) = self.encode_pending(&mut conn, rows).await?;
-        let indices: Vec<usize> = batch.iter().map(|e| e.index).collect();
-        let result = if batch.is_empty() {
-            Ok(Vec::new())
-        } else {
-            self.attempts(&mut conn, &batch, finish).await
-        };
-        drop(batch);
-        for (index, rejection) in refused {
-            rows[index].outcome = Outcome::Rejected(rejection);
-        }
-        match result {
-            Ok(rejected) => {
-                for &index in &indices {
-                    rows[index].outcome = Outcome::Stored;
-                }
-                for (k, rejection) in rejected {
-                    rows[indices[k]].outcome = Outcome::Rejected(rejection);
-                }
-                Ok(())
+        // Duplicates found by a claim end the attempt (nothing of it is
+        // kept); the rest is written again without them.
+        loop {
+            let (batch, refused) = self.encode_pending(&mut conn, rows).await?;
+            let indices: Vec<usize> = batch.iter().map(|e| e.index).collect();
+            let result = if batch.is_empty() {
+                Ok(Vec::new())
+            } else {
+                self.attempts(&mut conn, &batch, finish).await
+            };
+            drop(batch);
+            for (index, rejection) in refused {
+                rows[index].outcome = Outcome::Rejected(rejection);
             }
-            Err(e) => {
-                let err = e.into_write_error();
-                if matches!(err, WriteError::Pipeline(_)) {
-                    self.forget_plans();
+            match result {
+                Ok(rejected) => {
+                    for &index in &indices {
+                        rows[index].outcome = Outcome::Stored;
+                    }
+                    for (k, rejection) in rejected {
+                        rows[indices[k]].outcome = Outcome::Rejected(rejection);
+                    }
+                    return Ok(());
                 }
-                Err(err)
+                Err(Failed::Duplicates(found)) => {
+                    for k in found {
+                        rows[indices[k]].outcome = Outcome::Duplicate;
+                    }
+                }
+                Err(e) => {
+                    let err = e.into_write_error();
+                    if matches!(err, WriteError::Pipeline(_)) {
+                        self.forget_plans();
+                    }
+                    return Err(err);
+                }
             }
         }
     }
@@ -101,6 +110,7 @@ impl PgSink {
             match plan.encode(&row.rendered.params) {
                 Ok(values) => batch.push(Encoded {
                     index,
+                    seq: row.seq,
                     plan,
                     values,
                 }),
@@ -171,11 +181,12 @@ impl PgSink {
         mode: Mode,
         finish: Finish,
     ) -> Result<Vec<(usize, Rejection)>, Failed> {
-        let result = run_batch(conn, &self.session, batch, mode, finish).await;
+        let ledger = self.ledger.as_ref();
+        let result = run_batch(conn, &self.session, ledger, batch, mode, finish).await;
         match result {
             Err(Failed::Sql(e)) if may_lack_functions(&e, batch, mode) => {
                 create_functions(conn, batch).await?;
-                run_batch(conn, &self.session, batch, mode, finish).await
+                run_batch(conn, &self.session, ledger, batch, mode, finish).await
             }
             other => other,
         }
@@ -199,6 +210,7 @@ enum Mode {
 /// A row's values as text, ready to bind, and the plan they are for.
 struct Encoded<'a> {
     index: usize,
+    seq: Option<u64>,
     plan: Arc<Plan>,
     values: Vec<Option<Cow<'a, str>>>,
 }
@@ -209,15 +221,21 @@ type RowFailure = (i32, SqlState, String);
 
 /// One transaction over the batch's runs. In `Isolate` mode a row failure
 /// that is not the row's own fault (a lock time-out, an undefined column)
-/// fails the whole attempt.
+/// fails the whole attempt. With a ledger, the batch's sequences are
+/// claimed first (duplicates fail the attempt, see [`claim`]) and the
+/// claims of rejected rows are given up before the commit.
 async fn run_batch(
     conn: &mut PgConnection,
     session: &Session,
+    ledger: Option<&LedgerKey>,
     batch: &[Encoded<'_>],
     mode: Mode,
     finish: Finish,
 ) -> Result<Vec<(usize, Rejection)>, Failed> {
     let mut tx = session.begin(conn).await?;
+    if let Some(key) = ledger {
+        claim(&mut tx, key, batch).await?;
+    }
     let mut rejected = Vec::new();
     let mut start = 0;
     for run in batch.chunk_by(|a, b| Arc::ptr_eq(&a.plan, &b.plan)) {
@@ -259,11 +277,45 @@ async fn run_batch(
         }
         start += run.len();
     }
+    if let Some(key) = ledger.filter(|_| !rejected.is_empty()) {
+        let seqs: Vec<i64> = rejected
+            .iter()
+            .filter_map(|(k, _)| batch[*k].seq)
+            .map(|s| s as i64)
+            .collect();
+        key.unclaim(&mut tx, &seqs).await?;
+    }
     match finish {
         Finish::Commit => tx.commit().await?,
         Finish::Rollback => tx.rollback().await?,
     }
     Ok(rejected)
+}
+
+/// Claims the batch's sequences (in order, so that two processes claiming
+/// overlapping batches lock their keys in the same order). A sequence not
+/// claimed, or met a second time in the batch, is a duplicate: the
+/// attempt fails with [`Failed::Duplicates`] (indices into `batch`).
+async fn claim(
+    tx: &mut PgConnection,
+    key: &LedgerKey,
+    batch: &[Encoded<'_>],
+) -> Result<(), Failed> {
+    let mut seqs: Vec<i64> = batch.iter().filter_map(|e| e.seq).map(|s| s as i64).collect();
+    seqs.sort_unstable();
+    seqs.dedup();
+    let mut claimed: std::collections::HashSet<i64> =
+        key.claim(tx, &seqs).await?.into_iter().collect();
+    let duplicates: Vec<usize> = batch
+        .iter()
+        .enumerate()
+        .filter(|(_, e)| e.seq.is_some_and(|s| !claimed.remove(&(s as i64))))
+        .map(|(k, _)| k)
+        .collect();
+    match duplicates.is_empty() {
+        true => Ok(()),
+        false => Err(Failed::Duplicates(duplicates)),
+    }
 }
 
 /// Creates the session functions of the batch's plans on this connection
@@ -305,6 +357,9 @@ fn column<'a>(run: &'a [Encoded<'_>], col: usize) -> Vec<Option<&'a str>> {
 pub(super) enum Failed {
     Sql(sqlx::Error),
     Caught { state: SqlState, message: String },
+    /// Rows (indices into the batch) whose sequences the ledger holds
+    /// already: the attempt is rolled back and made again without them.
+    Duplicates(Vec<usize>),
 }
 
 impl From<sqlx::Error> for Failed {
@@ -335,6 +390,7 @@ impl Failed {
         match self {
             Failed::Sql(e) => SqlState::of(e),
             Failed::Caught { state, .. } => Some(*state),
+            Failed::Duplicates(_) => None,
         }
     }
 
@@ -342,6 +398,7 @@ impl Failed {
         match self {
             Failed::Sql(e) => sqlstate::fault(e),
             Failed::Caught { state, .. } => state.fault(),
+            Failed::Duplicates(_) => Fault::Transient,
         }
     }
 
@@ -349,6 +406,7 @@ impl Failed {
         let text = match &self {
             Failed::Sql(e) => sqlstate::describe(e),
             Failed::Caught { state, message } => sqlstate::line(*state, message),
+            Failed::Duplicates(rows) => format!("{} rows were written already", rows.len()),
         };
         let code = self.code();
         match self.fault() {

@@ -666,6 +666,7 @@ pub async fn sink_outcomes_in_flight(
             SinkRow {
                 rendered: Rendered::new(sql.clone(), values.clone()),
                 outcome: Outcome::Pending,
+                seq: None,
             }
         })
         .collect();
@@ -694,7 +695,7 @@ pub async fn sink_outcomes_in_flight(
         .map(|r| match &r.outcome {
             Outcome::Stored => false,
             Outcome::Rejected(_) => true,
-            Outcome::Pending => panic!("a row stayed pending: {:?}", r.rendered),
+            o @ (Outcome::Pending | Outcome::Duplicate) => panic!("a row ended {o:?}: {:?}", r.rendered),
         })
         .collect())
 }
