@@ -5,10 +5,13 @@
 //! The pipeline file is used as it is, except for the name (`<name>-backfill`,
 //! for logs and metric labels), the durable and its deliver policy. Rows the
 //! live pipeline already stored come again: the template must be idempotent
-//! (`ON CONFLICT DO NOTHING`), as it must be for redeliveries anyway. The
+//! (`ON CONFLICT DO NOTHING`), as it must be for redeliveries anyway, unless
+//! the pipeline has `exactly_once`: then the backfill claims the live
+//! durable's ledger entries, and what is stored already is skipped. The
 //! backfill ends once its consumer has acknowledged everything up to the
-//! stream's last sequence at start, and deletes its consumer; interrupted,
-//! it resumes where it stopped when run again with the same start.
+//! stream's last sequence at start (or `--to-sequence`), and deletes its
+//! consumer; interrupted, it resumes where it stopped when run again with
+//! the same start. `ingestd audit --repair` runs it over the missing ranges.
 
 use std::path::PathBuf;
 use std::sync::atomic::Ordering::Relaxed;
@@ -38,6 +41,9 @@ pub struct Args {
     /// Re-read messages published at or after this time (RFC 3339).
     #[arg(long, group = "start", value_parser = config::parse_time)]
     pub from_time: Option<OffsetDateTime>,
+    /// Last stream sequence to re-read (default: the stream's last at start).
+    #[arg(long)]
+    pub to_sequence: Option<u64>,
     #[arg(long, env = "DATABASE_URL", default_value = crate::cli::compat::DATABASE_URL, hide_env_values = true)]
     pub database_url: String,
     #[command(flatten)]
@@ -107,7 +113,13 @@ pub async fn run(args: Args) -> Result<Summary, BackfillError> {
         .map_err(|e| BackfillError::Setup(e.into()))?;
     let pipeline = Arc::new(pipeline);
     let mut stream = js.get_stream(&stream_name).await.map_err(nats)?;
-    let last = stream.info().await.map_err(nats)?.state.last_sequence;
+    let last = stream
+        .info()
+        .await
+        .map_err(nats)?
+        .state
+        .last_sequence
+        .min(args.to_sequence.unwrap_or(u64::MAX));
     let durable = pipeline.durable().to_string();
     tracing::info!(pipeline = %pipeline.name, %durable, last, "backfill running");
     let stop = CancellationToken::new();
@@ -130,6 +142,7 @@ pub async fn run(args: Args) -> Result<Summary, BackfillError> {
 fn retarget(file: &mut PipelineFile, args: &Args) {
     let p = &mut file.pipeline;
     p.name = format!("{}-backfill", p.name);
+    p.sink.postgres.ledger_durable = Some(p.source.nats.consumer.durable.clone());
     let c = &mut p.source.nats.consumer;
     c.durable = format!("{}-backfill", c.durable);
     c.start_sequence = args.from_sequence;

@@ -8,7 +8,8 @@ use std::path::Path;
 
 use crate::config::{ConfigError, PipelineFile};
 use crate::sink::postgres::plan::WritePath;
-use crate::sink::postgres::{DryRun, Limits};
+use crate::sink::postgres::ledger::TABLE as LEDGER;
+use crate::sink::postgres::{DryRun, Limits, WriteError};
 use crate::transform::event::Compiled;
 
 /// Why a statement takes the unnest path (`plan::unnest_blocker` found
@@ -33,6 +34,9 @@ pub async fn check_file(path: &Path, database_url: &str) -> Result<usize, Config
     }
     let mut broken = 0;
     println!("{}:", path.display());
+    if pg.exactly_once {
+        broken += check_ledger(&dry, &file).await?;
+    }
     for (n, variant) in compiled.templates.variants().iter().enumerate() {
         let first_line = variant.sql.trim().lines().next().unwrap_or_default();
         let verified = dry
@@ -65,4 +69,28 @@ pub async fn check_file(path: &Path, database_url: &str) -> Result<usize, Config
         .await
         .map_err(|e| file.error("sink.postgres", e))?;
     Ok(broken)
+}
+
+/// Creates the exactly-once ledger (or finds it) and writes and deletes an
+/// entry, inside the dry run: 1 when the role cannot (a missing privilege).
+async fn check_ledger(dry: &DryRun, file: &PipelineFile) -> Result<usize, ConfigError> {
+    let ensured = dry
+        .isolated(async {
+            dry.sink()
+                .ensure_ledger()
+                .await
+                .map_err(|e| WriteError::Pipeline(e.to_string()))
+        })
+        .await
+        .map_err(|e| file.error("sink.postgres", e))?;
+    match ensured {
+        Ok(()) => {
+            println!("  exactly once: the ledger {LEDGER} can be created and written");
+            Ok(0)
+        }
+        Err(e) => {
+            eprintln!("{}", file.error("sink.postgres.exactly_once", e));
+            Ok(1)
+        }
+    }
 }

@@ -1,5 +1,5 @@
 //! The command line: `run` (the default), `check`, `test`, `publish`,
-//! `schema`, `healthcheck`, `replay` and `backfill`, one module each.
+//! `schema`, `healthcheck`, `replay`, `backfill` and `audit`, one module each.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -8,6 +8,7 @@ use clap::{Parser, Subcommand};
 
 use crate::{config, telemetry};
 
+pub mod audit;
 pub mod backfill;
 pub mod check;
 pub mod check_db;
@@ -101,6 +102,11 @@ enum Command {
         after_help = "Example:\n  ingestd backfill pipelines/tiktok.yaml --from-time 2026-11-25T00:00:00Z"
     )]
     Backfill(Box<backfill::Args>),
+    /// Compare a stream with a pipeline's exactly-once ledger: what was settled, what is missing.
+    #[command(
+        after_help = "Exit status is 1 when a message the durable acknowledged has no ledger entry\n(after --repair: when one is still missing); 2 when the audit could not run.\n\nExample:\n  ingestd audit pipelines/counters.yaml --since 2026-11-25T00:00:00Z --repair --metrics-file /var/lib/node_exporter/ingestd_audit.prom"
+    )]
+    Audit(Box<audit::Args>),
 }
 
 /// Parses the command line and runs the command.
@@ -145,6 +151,13 @@ pub fn main() -> ExitCode {
         Some(Command::Publish(args)) => publish::main(*args),
         Some(Command::Replay(args)) => replay::main(*args),
         Some(Command::Backfill(args)) => backfill::main(*args),
+        // 1 means something is missing: an audit that could not run is 2.
+        Some(Command::Audit(args)) => {
+            return audit::main(*args).unwrap_or_else(|e| {
+                eprintln!("error: {e:#}");
+                ExitCode::from(2)
+            })
+        }
         None => run::main(cli.run),
     };
     match result {

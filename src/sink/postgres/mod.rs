@@ -14,7 +14,7 @@
 //! number, and the others commit.
 
 mod connect;
-mod ledger;
+pub mod ledger;
 mod migrate;
 pub mod plan;
 mod pool;
