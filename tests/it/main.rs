@@ -9,6 +9,7 @@ mod cluster;
 mod config_and_tools;
 mod dead_letters;
 mod docs;
+mod exactly_once;
 mod faults;
 mod hot_reload;
 mod nats_auth;

@@ -14,6 +14,7 @@
 pub mod batching;
 pub mod bench;
 pub mod cluster;
+pub mod exactly_once;
 pub mod faults;
 pub mod generator;
 pub mod operations;
