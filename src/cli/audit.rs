@@ -126,9 +126,13 @@ pub async fn run(args: Args) -> Result<(String, Report), AuditError> {
     }
     let nats_cfg = &pipeline.source.nats;
     let metrics = Arc::new(Metrics::new().map_err(AuditError::Setup)?);
-    let client = nats::connect(&args.nats, &format!("ingestd-audit-{}", pipeline.name), metrics)
-        .await
-        .map_err(AuditError::Setup)?;
+    let client = nats::connect(
+        &args.nats,
+        &format!("ingestd-audit-{}", pipeline.name),
+        metrics,
+    )
+    .await
+    .map_err(AuditError::Setup)?;
     let js = jetstream::new(client);
     let stream = js
         .get_stream(&nats_cfg.stream.name)

@@ -7,8 +7,8 @@
 use std::path::Path;
 
 use crate::config::{ConfigError, PipelineFile};
-use crate::sink::postgres::plan::WritePath;
 use crate::sink::postgres::ledger::TABLE as LEDGER;
+use crate::sink::postgres::plan::WritePath;
 use crate::sink::postgres::{DryRun, Limits, WriteError};
 use crate::transform::event::Compiled;
 

@@ -14,6 +14,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+use crate::harness::cluster::{Leader, NatsCluster, ServerBuild};
 use crate::harness::exactly_once::*;
 use crate::harness::faults::{kill9, Bus, NatsServer};
 use crate::harness::*;
@@ -71,7 +72,10 @@ async fn counters_after_faults(exactly_once: bool) -> (BTreeMap<i32, i64>, BTree
     .await;
     let counted = try_counted(&env).await.expect("counters");
     assert!(
-        at_kill.iter().chain([&at_outage, &at_restart]).all(|&n| n < EVENTS as i64),
+        at_kill
+            .iter()
+            .chain([&at_outage, &at_restart])
+            .all(|&n| n < EVENTS as i64),
         "a fault came after the drain: counted {at_kill:?}, {at_outage}, {at_restart} of {EVENTS}"
     );
     eprintln!("exactly_once {exactly_once}: counted {counted} of {EVENTS} before the replay");
@@ -85,8 +89,11 @@ async fn counters_after_faults(exactly_once: bool) -> (BTreeMap<i32, i64>, BTree
     assert_eq!(code, 0, "backfill: {out}{err}");
     if exactly_once {
         wait_counters(&env, &want, DRAIN).await;
-        let m = running.metrics().await;
-        eprintln!("duplicates acked: {}", m.sum("ingestd_duplicates_total", &[]));
+        assert_eq!(
+            ledger(&env, &bus).await.len(),
+            EVENTS,
+            "one entry per message"
+        );
     }
     (want, try_counters(&env).await.expect("counters"))
 }
@@ -106,6 +113,43 @@ async fn without_exactly_once_the_same_run_overcounts() {
     let (want, have) = counters_after_faults(false).await;
     let (want, have): (i64, i64) = (want.values().sum(), have.values().sum());
     assert!(have >= 2 * want, "counted {have} for {want} events");
+}
+
+/// A three-node cluster with an R3 stream: the consumer's leader killed -9
+/// in the middle of the drain (and restarted), every counter exact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn counters_are_exact_through_a_consumer_leader_kill() {
+    let env = TestEnv::new().await;
+    let mut cluster = NatsCluster::start(env.fresh_dir("cluster"), ServerBuild::Debian).await;
+    let bus = cluster.bus(&env).await;
+    bus.js
+        .create_stream(async_nats::jetstream::stream::Config {
+            name: bus.stream.clone(),
+            subjects: vec![bus.subject(">")],
+            num_replicas: 3,
+            ..Default::default()
+        })
+        .await
+        .expect("create the R3 stream");
+    prepare_counters(&env, &bus, true).await;
+    env.exec(SLOW_ROWS).await;
+    let want = publish_counts(&bus, EVENTS, KEYS).await;
+    let _engine = bus
+        .start(env.engine().var("NATS_URL", cluster.urls()))
+        .await;
+    let at_kill = wait_counted_at_least(&env, EVENTS as i64 / 4, DRAIN).await;
+    let leader = cluster.leader(&bus, Leader::Consumer, None).await;
+    cluster.kill9(cluster.index_of(&leader));
+    cluster.leader(&bus, Leader::Consumer, Some(&leader)).await;
+    cluster.restart(cluster.index_of(&leader)).await;
+    cluster.wait_whole(&bus).await;
+    wait_counters(&env, &want, DRAIN).await;
+    wait_for("every message acked", DRAIN, || async {
+        all_acked(bus.try_consumer_info().await?)
+    })
+    .await;
+    assert!(at_kill < EVENTS as i64, "killed after the drain");
+    assert_eq!(try_counters(&env).await.unwrap(), want);
 }
 
 /// Three processes on one durable (the per-row path: a statement-level
@@ -171,9 +215,15 @@ async fn the_audit_finds_exactly_the_missing_sequences_and_repairs_them() {
 
     let metrics = env.dir.join("audit.prom");
     let metrics_arg = metrics.to_str().unwrap();
-    let (code, out, err) = ingestd(&env, &bus, &["audit", file, "--metrics-file", metrics_arg]).await;
+    let (code, out, err) =
+        ingestd(&env, &bus, &["audit", file, "--metrics-file", metrics_arg]).await;
     assert_eq!((code, err.as_str()), (0, ""), "{out}");
-    for line in ["stored: 300\n", "rejected: 1\n", "invalid: 1\n", "missing: 0\n"] {
+    for line in [
+        "stored: 300\n",
+        "rejected: 1\n",
+        "invalid: 1\n",
+        "missing: 0\n",
+    ] {
         assert!(out.contains(line), "{line:?} in {out}");
     }
 
@@ -195,7 +245,10 @@ async fn the_audit_finds_exactly_the_missing_sequences_and_repairs_them() {
     assert!(out.contains("missing: 4\n"), "{out}");
     assert!(out.contains("missing sequences: 10-12,200\n"), "{out}");
     let prom = std::fs::read_to_string(&metrics).expect("the metrics file");
-    assert!(prom.contains("ingestd_audit_missing{pipeline=\"counters\"} 4\n"), "{prom}");
+    assert!(
+        prom.contains("ingestd_audit_missing{pipeline=\"counters\"} 4\n"),
+        "{prom}"
+    );
     let checked = crate::harness::operations::promtool(&["check", "metrics"], prom.as_bytes());
     assert!(checked.status.success(), "promtool: {checked:?}");
 
@@ -209,7 +262,11 @@ async fn the_audit_finds_exactly_the_missing_sequences_and_repairs_them() {
     let (code, out, err) = ingestd(&env, &bus, &["audit", file, "--repair"]).await;
     assert_eq!(code, 0, "{out}{err}");
     assert!(out.contains("missing: 0\n"), "{out}");
-    assert_eq!(try_counters(&env).await.unwrap(), want, "a second repair changes nothing");
+    assert_eq!(
+        try_counters(&env).await.unwrap(),
+        want,
+        "a second repair changes nothing"
+    );
     assert_eq!(ledger(&env, &bus).await.len(), N + 2);
 }
 

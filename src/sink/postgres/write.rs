@@ -301,7 +301,11 @@ async fn claim(
     key: &LedgerKey,
     batch: &[Encoded<'_>],
 ) -> Result<(), Failed> {
-    let mut seqs: Vec<i64> = batch.iter().filter_map(|e| e.seq).map(|s| s as i64).collect();
+    let mut seqs: Vec<i64> = batch
+        .iter()
+        .filter_map(|e| e.seq)
+        .map(|s| s as i64)
+        .collect();
     seqs.sort_unstable();
     seqs.dedup();
     let mut claimed: std::collections::HashSet<i64> =

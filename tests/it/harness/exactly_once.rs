@@ -95,10 +95,14 @@ pub async fn try_counted(env: &TestEnv) -> Result<i64, String> {
 
 /// Waits until the counters add up to at least `min`; returns the sum.
 pub async fn wait_counted_at_least(env: &TestEnv, min: i64, timeout: Duration) -> i64 {
-    wait_for(&format!("counters summing to {min} or more"), timeout, || async {
-        let n = try_counted(env).await?;
-        (n >= min).then_some(n).ok_or(format!("{n} counted"))
-    })
+    wait_for(
+        &format!("counters summing to {min} or more"),
+        timeout,
+        || async {
+            let n = try_counted(env).await?;
+            (n >= min).then_some(n).ok_or(format!("{n} counted"))
+        },
+    )
     .await
 }
 
@@ -119,13 +123,14 @@ pub async fn wait_counters(env: &TestEnv, want: &BTreeMap<i32, i64>, timeout: Du
 
 /// The ledger's entries of the test's stream and durable, by sequence.
 pub async fn ledger(env: &TestEnv, bus: &Bus) -> BTreeMap<i64, String> {
-    let rows: Vec<(i64, String)> =
-        sqlx::query_as("SELECT seq, outcome FROM ingestd_ledger WHERE stream = $1 AND durable = $2")
-            .bind(&bus.stream)
-            .bind(&bus.durable)
-            .fetch_all(&env.db)
-            .await
-            .expect("read the ledger");
+    let rows: Vec<(i64, String)> = sqlx::query_as(
+        "SELECT seq, outcome FROM ingestd_ledger WHERE stream = $1 AND durable = $2",
+    )
+    .bind(&bus.stream)
+    .bind(&bus.durable)
+    .fetch_all(&env.db)
+    .await
+    .expect("read the ledger");
     rows.into_iter().collect()
 }
 

@@ -695,7 +695,9 @@ pub async fn sink_outcomes_in_flight(
         .map(|r| match &r.outcome {
             Outcome::Stored => false,
             Outcome::Rejected(_) => true,
-            o @ (Outcome::Pending | Outcome::Duplicate) => panic!("a row ended {o:?}: {:?}", r.rendered),
+            o @ (Outcome::Pending | Outcome::Duplicate) => {
+                panic!("a row ended {o:?}: {:?}", r.rendered)
+            }
         })
         .collect())
 }
