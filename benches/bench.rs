@@ -18,6 +18,8 @@
 //!    JSON decode.
 //! 7. NATS alone: the same stream pulled and acknowledged by a bare
 //!    async-nats consumer (the client's and the server's floor).
+//! 2c. The cost of `exactly_once`: the backlog drained without and with
+//!    it, in turns, as a ratio of the rates.
 //! 8. A three-node cluster of a current nats-server and of Debian's: the
 //!    backlog drained from an R1 and from an R3 stream, and the deliveries
 //!    each took.
@@ -39,6 +41,8 @@
 
 #[path = "bench/cluster.rs"]
 mod cluster;
+#[path = "bench/exactly_once.rs"]
+mod exactly_once;
 #[path = "bench/floors.rs"]
 mod floors;
 #[path = "../tests/it/harness/mod.rs"]
@@ -310,6 +314,13 @@ async fn phases(b: &Bench, args: &Args) {
     general.cpu.print("the per-row drain", general.total);
 
     println!(
+        "\n== [2c] exactly once: the backlog drained without and with exactly_once, {} round(s)",
+        args.rounds
+    );
+    let exactly_once = exactly_once::cost(b, args.events, args.rounds).await;
+    exactly_once.print();
+
+    println!(
         "\n== [3] publish → commit latency at {} events/s for {} s",
         thousands(args.rate),
         args.latency_secs
@@ -383,6 +394,7 @@ async fn phases(b: &Bench, args: &Args) {
         ms_f(reloading.created.p99),
         if reload_p99 <= TARGET_RELOAD_P99 { "met" } else { "NOT met" }
     );
+    exactly_once.print_summary();
     for c in &clusters {
         println!(
             "   [8] {:?} cluster: R3 drain {:.2} × R1 (target ≥ {TARGET_R3_SHARE}): {}; deliveries R1 {} and R3 {} for {} events",
@@ -1010,14 +1022,7 @@ impl Rounds {
     /// The median of a figure over the rounds (the mean of the middle two
     /// for an even count).
     fn median(&self, figure: impl Fn(&Round) -> f64) -> f64 {
-        let mut v: Vec<f64> = self.0.iter().map(figure).collect();
-        v.sort_by(f64::total_cmp);
-        let mid = v.len() / 2;
-        if v.len().is_multiple_of(2) {
-            (v[mid - 1] + v[mid]) / 2.0
-        } else {
-            v[mid]
-        }
+        median(self.0.iter().map(figure).collect())
     }
 
     /// Each round's value of a figure, when there are several rounds.
@@ -1042,6 +1047,18 @@ impl Rounds {
             .iter()
             .map(|r| r.drain.cpu.neighbour_share(r.drain.total))
             .fold(0.0, f64::max)
+    }
+}
+
+/// The median of the values (the mean of the middle two for an even
+/// count).
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    let mid = v.len() / 2;
+    if v.len().is_multiple_of(2) {
+        (v[mid - 1] + v[mid]) / 2.0
+    } else {
+        v[mid]
     }
 }
 
