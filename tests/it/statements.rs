@@ -382,6 +382,7 @@ async fn compare_draw(
     let mut found = Vec::new();
     let small = 1 + (draw.seed % 7) as usize;
     let mut variants = vec![("one", statements.len(), 1), ("small", small, 1)];
+    variants.push(("eo", small, 1 + usize::from(draw.order_independent)));
     if draw.order_independent {
         variants.push(("par", small, 2));
     }
@@ -389,7 +390,10 @@ async fn compare_draw(
         let schema = format!("{prefix}_{variant}");
         create_schema(conn, &schema, &draw.ddl).await;
         let url = format!("{}?schema={schema}", env.database_url());
-        let sink = test_sink(&url, in_flight as u32).await;
+        let mut sink = test_sink(&url, in_flight as u32).await;
+        if variant == "eo" {
+            keep_ledger(&mut sink, &schema).await;
+        }
         let ours = match sink_outcomes_in_flight(&sink, &statements, batch, in_flight).await {
             Ok(ours) => ours,
             Err(e) => {
@@ -406,6 +410,9 @@ async fn compare_draw(
                     draw.events[i]
                 ));
             }
+        }
+        if variant == "eo" {
+            found.extend(ledger_mismatch(conn, &schema, &ours).await);
         }
         for (table, left_out) in &draw.tables {
             let a = table_contents_without(conn, &schema, table, left_out).await;

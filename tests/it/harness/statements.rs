@@ -648,7 +648,8 @@ pub async fn sink_outcomes(
     sink_outcomes_in_flight(sink, statements, batch, 1).await
 }
 
-/// As [`sink_outcomes`], with `in_flight` batches written at once (batch
+/// As [`sink_outcomes`], with `in_flight` batches written at once (with
+/// the sink's ledger, if it keeps one: row i claims sequence i + 1) (batch
 /// `j` by writer `j % in_flight`, each writer's in order), as a pipeline's
 /// `max_in_flight` does; a batch that meets a transient error (two
 /// batches deadlocking) is written again, as the pipeline retries it.
@@ -661,12 +662,14 @@ pub async fn sink_outcomes_in_flight(
     let mut texts: BTreeMap<&str, Arc<str>> = BTreeMap::new();
     let mut rows: Vec<SinkRow> = statements
         .iter()
-        .map(|(sql, values)| {
+        .enumerate()
+        .map(|(i, (sql, values))| {
             let sql = texts.entry(sql).or_insert_with(|| Arc::from(sql.as_str()));
             SinkRow {
                 rendered: Rendered::new(sql.clone(), values.clone()),
                 outcome: Outcome::Pending,
-                seq: None,
+                // A sink with a ledger claims each row's position.
+                seq: sink.ledger().map(|_| i as u64 + 1),
             }
         })
         .collect();
@@ -782,4 +785,36 @@ on_error:{on_error}metrics:
         id = env.id,
         url = env.database_url(),
     )
+}
+
+/// Makes `sink` keep an exactly-once ledger (in `schema`, where its
+/// `search_path` points), as a pipeline with `exactly_once` does.
+pub async fn keep_ledger(sink: &mut PgSink, schema: &str) {
+    sink.keep_ledger(ingestd::sink::postgres::LedgerKey {
+        stream: "generated".into(),
+        durable: schema.into(),
+    });
+    sink.ensure_ledger().await.expect("create the ledger");
+}
+
+/// What the ledger in `schema` holds that the outcomes do not say: the
+/// stored rows (`rejected[i]` false) claimed sequence i + 1 and kept it,
+/// the rejected ones gave theirs up in their transaction.
+pub async fn ledger_mismatch(
+    conn: &mut PgConnection,
+    schema: &str,
+    rejected: &[bool],
+) -> Option<String> {
+    let sql =
+        format!("SELECT seq FROM {schema}.ingestd_ledger WHERE outcome = 'stored' ORDER BY seq");
+    let claimed: Vec<i64> = sqlx::query_scalar(&sql)
+        .fetch_all(&mut *conn)
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e}"));
+    let stored: Vec<i64> = (1..)
+        .zip(rejected)
+        .filter(|(_, r)| !**r)
+        .map(|(seq, _)| seq)
+        .collect();
+    (claimed != stored).then(|| format!("ledger: claimed {claimed:?}, stored {stored:?}"))
 }
