@@ -270,6 +270,36 @@ async fn the_audit_finds_exactly_the_missing_sequences_and_repairs_them() {
     assert_eq!(ledger(&env, &bus).await.len(), N + 2);
 }
 
+/// The ledger stays as long as the stream: entries below the stream's
+/// first sequence (here after a purge) are removed when a version starts,
+/// and the rest are kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_ledger_is_pruned_below_the_streams_first_sequence() {
+    let env = TestEnv::new().await;
+    let bus = Bus::shared(&env);
+    bus.create_stream().await;
+    prepare_counters(&env, &bus, true).await;
+    let want = publish_counts(&bus, 300, 30).await;
+    let engine = bus.start(env.engine()).await;
+    wait_counters(&env, &want, DRAIN).await;
+    engine.terminate().await;
+    assert_eq!(ledger(&env, &bus).await.len(), 300);
+    bus.js
+        .get_stream(&bus.stream)
+        .await
+        .expect("get the stream")
+        .purge()
+        .sequence(201)
+        .await
+        .expect("purge below 201");
+    let _engine = bus.start(env.engine()).await;
+    wait_for("the ledger pruned below 201", DRAIN, || async {
+        let left: Vec<i64> = ledger(&env, &bus).await.into_keys().collect();
+        expect_eq((left.len(), left.first().copied()), (100, Some(201)))
+    })
+    .await;
+}
+
 /// `check --db` says when the pipeline's role cannot create the ledger
 /// (no CREATE on the schema: PostgreSQL 15's default for `public`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
