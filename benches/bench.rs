@@ -6,7 +6,8 @@
 //! 1. PostgreSQL's own limit: `COPY` of N tiktok rows into a fresh table made
 //!    by the contract's migration (same DDL and indexes as the engine's table).
 //! 2. ingestd draining a backlog of N events published before it starts
-//!    (and again through a statement that takes the per-row path).
+//!    (and again through a statement that takes the per-row path; and,
+//!    phase 2c, without and with `exactly_once`, in turns, as a ratio).
 //! 3. Publish → commit latency at a steady rate with the default batching,
 //!    and the moments its slow events fall in; (3b) the same with 20
 //!    reloads spread over it, its p99 as a multiple of (3)'s.
@@ -18,8 +19,6 @@
 //!    JSON decode.
 //! 7. NATS alone: the same stream pulled and acknowledged by a bare
 //!    async-nats consumer (the client's and the server's floor).
-//! 2c. The cost of `exactly_once`: the backlog drained without and with
-//!    it, in turns, as a ratio of the rates.
 //! 8. A three-node cluster of a current nats-server and of Debian's: the
 //!    backlog drained from an R1 and from an R3 stream, and the deliveries
 //!    each took.

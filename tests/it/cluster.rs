@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 
-use crate::harness::cluster::{Leader, NatsCluster, ServerBuild};
+use crate::harness::cluster::{create_r3_stream, Leader, NatsCluster, ServerBuild};
 use crate::harness::faults::Bus;
 use crate::harness::{expect_eq, redeliveries, wait_for, Engine, TestEnv, DEADLINE};
 
@@ -60,20 +60,6 @@ metrics:
         durable = bus.durable,
         url = env.database_url(),
     )
-}
-
-/// The test's stream, R3, created before the engine (which uses it as it
-/// is) so that a backlog waits for it.
-async fn create_r3_stream(bus: &Bus) {
-    bus.js
-        .create_stream(async_nats::jetstream::stream::Config {
-            name: bus.stream.clone(),
-            subjects: vec![bus.subject(">")],
-            num_replicas: 3,
-            ..Default::default()
-        })
-        .await
-        .expect("create the R3 stream");
 }
 
 /// A test environment with `ddl` run in its database, a cluster of

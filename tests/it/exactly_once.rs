@@ -14,7 +14,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use crate::harness::cluster::{Leader, NatsCluster, ServerBuild};
+use crate::harness::cluster::{create_r3_stream, Leader, NatsCluster, ServerBuild};
 use crate::harness::exactly_once::*;
 use crate::harness::faults::{kill9, Bus, NatsServer};
 use crate::harness::*;
@@ -66,10 +66,7 @@ async fn counters_after_faults(exactly_once: bool) -> (BTreeMap<i32, i64>, BTree
     let at_restart = wait_counted_at_least(&env, 4 * step, DRAIN).await;
     nats.stop().await;
     nats.restart().await;
-    wait_for("every message acked", DRAIN, || async {
-        all_acked(bus.try_consumer_info().await?)
-    })
-    .await;
+    bus.wait_all_acked(DRAIN).await;
     let counted = try_counted(&env).await.expect("counters");
     assert!(
         at_kill
@@ -122,15 +119,7 @@ async fn counters_are_exact_through_a_consumer_leader_kill() {
     let env = TestEnv::new().await;
     let mut cluster = NatsCluster::start(env.fresh_dir("cluster"), ServerBuild::Debian).await;
     let bus = cluster.bus(&env).await;
-    bus.js
-        .create_stream(async_nats::jetstream::stream::Config {
-            name: bus.stream.clone(),
-            subjects: vec![bus.subject(">")],
-            num_replicas: 3,
-            ..Default::default()
-        })
-        .await
-        .expect("create the R3 stream");
+    create_r3_stream(&bus).await;
     prepare_counters(&env, &bus, true).await;
     env.exec(SLOW_ROWS).await;
     let want = publish_counts(&bus, EVENTS, KEYS).await;
@@ -144,10 +133,7 @@ async fn counters_are_exact_through_a_consumer_leader_kill() {
     cluster.restart(cluster.index_of(&leader)).await;
     cluster.wait_whole(&bus).await;
     wait_counters(&env, &want, DRAIN).await;
-    wait_for("every message acked", DRAIN, || async {
-        all_acked(bus.try_consumer_info().await?)
-    })
-    .await;
+    bus.wait_all_acked(DRAIN).await;
     assert!(at_kill < EVENTS as i64, "killed after the drain");
     assert_eq!(try_counters(&env).await.unwrap(), want);
 }
@@ -174,10 +160,7 @@ async fn three_processes_on_one_durable_one_killed_count_exactly() {
     let at_kill = wait_counted_at_least(&env, EVENTS as i64 / 3, DRAIN).await;
     kill9(&engines[1]).await;
     wait_counters(&env, &want, DRAIN).await;
-    wait_for("every message acked", DRAIN, || async {
-        all_acked(bus.try_consumer_info().await?)
-    })
-    .await;
+    bus.wait_all_acked(DRAIN).await;
     assert!(at_kill < EVENTS as i64, "killed after the drain");
     assert_eq!(try_counters(&env).await.unwrap(), want);
     eprintln!("counted {at_kill} of {EVENTS} at the kill");
@@ -203,10 +186,7 @@ async fn the_audit_finds_exactly_the_missing_sequences_and_repairs_them() {
     let invalid = publish_confirmed(&bus.js, &subject, b"not json".to_vec()).await;
     let engine = bus.start(env.engine()).await;
     wait_counters(&env, &want, DRAIN).await;
-    wait_for("every message acked", DRAIN, || async {
-        all_acked(bus.try_consumer_info().await?)
-    })
-    .await;
+    bus.wait_all_acked(DRAIN).await;
     let entries = ledger(&env, &bus).await;
     assert_eq!(entries.len(), N + 2, "one entry per message");
     assert_eq!(entries[&(rejected as i64)], "rejected");

@@ -287,3 +287,17 @@ async fn leader_of(bus: &Bus, api: &str, not: Option<&str>) -> String {
     })
     .await
 }
+
+/// The test's stream, R3, created before the engine (which uses it as it
+/// is) so that a backlog waits for it.
+pub async fn create_r3_stream(bus: &Bus) {
+    bus.js
+        .create_stream(async_nats::jetstream::stream::Config {
+            name: bus.stream.clone(),
+            subjects: vec![bus.subject(">")],
+            num_replicas: 3,
+            ..Default::default()
+        })
+        .await
+        .expect("create the R3 stream");
+}
