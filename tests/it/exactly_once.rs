@@ -6,23 +6,39 @@
 //! outage (through the harness's proxy), a NATS restart (a server of the
 //! test's own), and a replay of the whole stream (`backfill`), which
 //! redelivers everything and so makes the run without `exactly_once`
-//! overcount every time: the check can fail. The 20,000 events are
-//! scaled down to 2,000 (over its 200 keys): each fault still falls inside
-//! the drain (a BEFORE ROW trigger slows the writes down), and the suite
-//! stays fast.
+//! overcount every time: the check can fail. The 20,000 events,
+//! five kills and 60 s outage are scaled down to 2,000 events (over its 200
+//! keys), two kills and a 2 s outage: each fault still falls inside the
+//! drain (a BEFORE ROW trigger slows the writes down), and the suite stays
+//! fast. `INGESTD_EO_EVENTS`, `INGESTD_EO_KILLS` and `INGESTD_EO_OUTAGE_SECS`
+//! run the size by hand.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
 
 use crate::harness::cluster::{create_r3_stream, Leader, NatsCluster, ServerBuild};
 use crate::harness::exactly_once::*;
-use crate::harness::faults::{kill9, Bus, NatsServer};
+use crate::harness::faults::{assert_holds, kill9, Bus, NatsServer};
 use crate::harness::*;
 
 const EVENTS: usize = 2_000;
 const KEYS: usize = 200;
-const KILLS: i64 = 2;
 const DRAIN: Duration = Duration::from_secs(90);
+
+/// The size of the fault run: events, kills -9, seconds of the outage.
+fn fault_run_size() -> (usize, i64, u64) {
+    let number = |name: &str, default: u64| {
+        std::env::var(name).map_or(default, |v| {
+            v.parse()
+                .unwrap_or_else(|_| panic!("{name}={v} is not a number"))
+        })
+    };
+    (
+        number("INGESTD_EO_EVENTS", EVENTS as u64) as usize,
+        number("INGESTD_EO_KILLS", 2) as i64,
+        number("INGESTD_EO_OUTAGE_SECS", 2),
+    )
+}
 
 /// Slows each row down (2 ms), so that a drain of [`EVENTS`] lasts seconds
 /// and the faults fall inside it. A BEFORE ROW trigger keeps the unnest
@@ -40,20 +56,21 @@ async fn counters_after_faults(exactly_once: bool) -> (BTreeMap<i32, i64>, BTree
     bus.create_stream().await;
     let file = prepare_counters(&env, &bus, exactly_once).await;
     env.exec(SLOW_ROWS).await;
-    let want = publish_counts(&bus, EVENTS, KEYS).await;
+    let (events, kills, outage) = fault_run_size();
+    let want = publish_counts(&bus, events, KEYS).await;
     let mut proxy = TcpProxy::to_postgres().await;
     let url = proxied(&env, &proxy);
     let engine = || env.engine().var("NATS_URL", nats.url()).database_url(&url);
-    let step = EVENTS as i64 / 6;
+    let step = events as i64 / (kills + 4);
 
     let mut at_kill = Vec::new();
-    for k in 1..=KILLS {
+    for k in 1..=kills {
         let running = bus.start(engine()).await;
         at_kill.push(wait_counted_at_least(&env, k * step, DRAIN).await);
         kill9(&running).await;
     }
     let running = bus.start(engine()).await;
-    let at_outage = wait_counted_at_least(&env, 3 * step, DRAIN).await;
+    let at_outage = wait_counted_at_least(&env, (kills + 1) * step, DRAIN).await;
     proxy.stop().await;
     running
         .wait_metric(
@@ -62,8 +79,15 @@ async fn counters_after_faults(exactly_once: bool) -> (BTreeMap<i32, i64>, BTree
             1.0,
         )
         .await;
+    let during = try_counted(&env).await.expect("counters");
+    assert_holds(
+        "nothing counted while the database is away",
+        Duration::from_secs(outage),
+        || async { expect_eq(try_counted(&env).await?, during) },
+    )
+    .await;
     proxy.start().await;
-    let at_restart = wait_counted_at_least(&env, 4 * step, DRAIN).await;
+    let at_restart = wait_counted_at_least(&env, (kills + 2) * step, DRAIN).await;
     nats.stop().await;
     nats.restart().await;
     bus.wait_all_acked(DRAIN).await;
@@ -95,7 +119,7 @@ async fn counters_after_faults(exactly_once: bool) -> (BTreeMap<i32, i64>, BTree
     (want, try_counters(&env).await.expect("counters"))
 }
 
-/// Every counter equals its number of events, through two kill -9s, a
+/// Every counter equals its number of events, through kill -9s, a
 /// database outage, a NATS restart and a replay of the whole stream.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn counters_are_exact_through_kills_an_outage_a_nats_restart_and_a_replay() {
