@@ -255,6 +255,7 @@ async fn the_audit_finds_exactly_the_missing_sequences_and_repairs_them() {
     );
     let checked = crate::harness::operations::promtool(&["check", "metrics"], prom.as_bytes());
     assert!(checked.status.success(), "promtool: {checked:?}");
+    assert_audit_alert_fires(&env, 4);
 
     for seq in gone {
         *want.get_mut(&(((seq - 1) % 30) as i32)).unwrap() += 1;
@@ -272,6 +273,40 @@ async fn the_audit_finds_exactly_the_missing_sequences_and_repairs_them() {
         "a second repair changes nothing"
     );
     assert_eq!(ledger(&env, &bus).await.len(), N + 2);
+}
+
+/// The shipped rule `IngestdAuditFoundMissing` fires on the audit's
+/// `ingestd_audit_unrepaired` of `missing` (`promtool test rules`).
+fn assert_audit_alert_fires(env: &TestEnv, missing: u64) {
+    let rules = repo_root().join("examples/prometheus/alerts.yaml");
+    let test = env.dir.join("audit-rule-test.yaml");
+    std::fs::write(
+        &test,
+        format!(
+            r#"rule_files: ["{rules}"]
+tests:
+  - interval: 1m
+    input_series:
+      - series: 'ingestd_audit_unrepaired{{pipeline="counters"}}'
+        values: '0 {missing}'
+    alert_rule_test:
+      - eval_time: 0m
+        alertname: IngestdAuditFoundMissing
+        exp_alerts: []
+      - eval_time: 1m
+        alertname: IngestdAuditFoundMissing
+        exp_alerts:
+          - exp_labels: {{severity: critical, pipeline: counters}}
+            exp_annotations:
+              summary: "the last audit of ingestd pipeline counters found {missing} messages never settled"
+              description: "Run `ingestd audit <file> --repair`; docs/exactly-once.md explains what a gap means."
+"#,
+            rules = rules.display()
+        ),
+    )
+    .expect("write the rule test");
+    let out = crate::harness::operations::promtool(&["test", "rules", test.to_str().unwrap()], b"");
+    assert!(out.status.success(), "promtool test rules: {out:?}");
 }
 
 /// The ledger stays as long as the stream: entries below the stream's
