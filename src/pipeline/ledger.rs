@@ -46,11 +46,11 @@ impl Pipeline {
 
     /// What the ledger records of an event the invalid policy settles:
     /// nothing when it is left for redelivery (`nak`).
-    pub(super) fn invalid_entry(&self, kind: InvalidKind) -> Option<Entry> {
+    pub(super) fn invalid_entry(&self, kind: Reason) -> Option<Entry> {
         match (self.cfg.on_error.invalid.action, kind) {
             (InvalidAction::Nak, _) => None,
             (InvalidAction::DeadLetter, _) => Some(Entry::DeadLettered),
-            (_, InvalidKind::Unstorable) => Some(Entry::Rejected),
+            (_, Reason::Unstorable) => Some(Entry::Rejected),
             _ => Some(Entry::Invalid),
         }
     }

@@ -360,7 +360,10 @@ fn column<'a>(run: &'a [Encoded<'_>], col: usize) -> Vec<Option<&'a str>> {
 #[derive(Debug)]
 pub(super) enum Failed {
     Sql(sqlx::Error),
-    Caught { state: SqlState, message: String },
+    Caught {
+        state: SqlState,
+        message: String,
+    },
     /// Rows (indices into the batch) whose sequences the ledger holds
     /// already: the attempt is rolled back and made again without them.
     Duplicates(Vec<usize>),
