@@ -1,7 +1,7 @@
 //! The pipeline's side of the exactly-once ledger (`sink.postgres.
 //! exactly_once`, see `sink::postgres::ledger`): the sequences its rows
 //! claim, what it records of events settled without a write, and the
-//! pruning task that keeps the ledger as long as the stream.
+//! pruning stage that keeps the ledger as long as the stream.
 
 use super::*;
 use crate::sink::postgres::{Entry, LedgerKey};
