@@ -168,10 +168,7 @@ async fn counters_are_exact_through_a_consumer_leader_kill() {
 /// trigger), one killed -9 midway: every counter exact.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_processes_on_one_durable_one_killed_count_exactly() {
-    let env = TestEnv::new().await;
-    let bus = Bus::shared(&env);
-    bus.create_stream().await;
-    prepare_counters(&env, &bus, true).await;
+    let (env, bus, _) = counters_on_the_shared_server().await;
     env.exec(
         "CREATE FUNCTION noop() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN RETURN NULL; END $$;
          CREATE TRIGGER noop AFTER INSERT ON counters FOR EACH STATEMENT EXECUTE FUNCTION noop();",
@@ -199,10 +196,7 @@ async fn three_processes_on_one_durable_one_killed_count_exactly() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_audit_finds_exactly_the_missing_sequences_and_repairs_them() {
     const N: usize = 300;
-    let env = TestEnv::new().await;
-    let bus = Bus::shared(&env);
-    bus.create_stream().await;
-    let file = prepare_counters(&env, &bus, true).await;
+    let (env, bus, file) = counters_on_the_shared_server().await;
     let file = file.to_str().unwrap();
     env.exec("ALTER TABLE counters ADD CONSTRAINT small CHECK (k < 1000)")
         .await;
@@ -316,10 +310,7 @@ tests:
 /// and the rest are kept.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_ledger_is_pruned_below_the_streams_first_sequence() {
-    let env = TestEnv::new().await;
-    let bus = Bus::shared(&env);
-    bus.create_stream().await;
-    prepare_counters(&env, &bus, true).await;
+    let (env, bus, _) = counters_on_the_shared_server().await;
     let want = publish_counts(&bus, 300, 30).await;
     let engine = bus.start(env.engine()).await;
     wait_counters(&env, &want, DRAIN).await;
@@ -345,9 +336,7 @@ async fn the_ledger_is_pruned_below_the_streams_first_sequence() {
 /// (no CREATE on the schema: PostgreSQL 15's default for `public`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn check_db_reports_the_missing_ledger_privilege() {
-    let env = TestEnv::new().await;
-    let bus = Bus::shared(&env);
-    let file = prepare_counters(&env, &bus, true).await;
+    let (env, _bus, file) = counters_on_the_shared_server().await;
     let role = format!("r_{}", env.id);
     env.exec(&format!(
         "CREATE ROLE {role} LOGIN PASSWORD 'postgres';

@@ -61,6 +61,16 @@ pub async fn prepare_counters(env: &TestEnv, bus: &Bus, exactly_once: bool) -> P
     env.write_pipeline("counters.yaml", &counter_pipeline(bus, exactly_once))
 }
 
+/// A test environment on the shared NATS with its stream, the counters
+/// table and the counter pipeline with `exactly_once` (its path returned).
+pub async fn counters_on_the_shared_server() -> (TestEnv, Bus, PathBuf) {
+    let env = TestEnv::new().await;
+    let bus = Bus::shared(&env);
+    bus.create_stream().await;
+    let file = prepare_counters(&env, &bus, true).await;
+    (env, bus, file)
+}
+
 /// Publishes `events` counter events over `keys` keys (event i adds one to
 /// key i % keys); returns how many each key must count.
 pub async fn publish_counts(bus: &Bus, events: usize, keys: usize) -> BTreeMap<i32, i64> {
