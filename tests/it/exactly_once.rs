@@ -1,4 +1,4 @@
-//! Exactly once (`sink.postgres.exactly_once`, issue 23): the counter
+//! Exactly once (`sink.postgres.exactly_once`): the counter
 //! pipeline, whose upsert adds one per event, so that every redelivery
 //! written twice shows as a counter too high.
 //!

@@ -502,39 +502,54 @@ async fn sigterm_while_the_database_hangs_exits_in_bounded_time() {
     env.wait_row("held").await;
 }
 
-/// SIGTERM while a write hangs on a database that stopped answering, with
-/// timeouts far beyond the shutdown grace: the attempt is abandoned after
-/// half the grace and its batch released (nak), so a second process stores
-/// the event within the grace + 5 s, not after ack_wait (30 s).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sigterm_during_a_hung_write_releases_its_batch() {
-    const GRACE: Duration = Duration::from_secs(4);
-    let env = TestEnv::new().await;
-    let proxy = TcpProxy::to_postgres().await;
-    let long_timeouts = "    statement_timeout: 60s\n    connect_timeout: 30s\n";
-    env.write_pipeline("tiktok.yaml", &with_sink_settings(&env, long_timeouts));
-    let engine = env
-        .engine()
-        .database_url(proxied(&env, &proxy))
-        .var("SHUTDOWN_GRACE", "4s")
-        .start()
-        .await;
-    reload::assert_stores(&env, "first").await;
-    proxy.freeze();
-    env.publish_event(&event("held")).await;
-    engine.wait_metric(RECEIVED, &[], 2.0).await;
+/// SIGTERM to `engine`, which holds the event `held`: a second process
+/// stores it within [`TERM_GRACE`] + 5 s of the signal.
+async fn term_then_second_process_stores_the_held_event(env: &TestEnv, engine: &Engine) {
     let asked = std::time::Instant::now();
     signal(engine.pid(), "TERM");
     engine.wait_exit().await;
     let _second = env.engine().start().await;
-    let within = (GRACE + Duration::from_secs(5)).saturating_sub(asked.elapsed());
+    let within = (TERM_GRACE + Duration::from_secs(5)).saturating_sub(asked.elapsed());
     wait_for(
         "the held event stored by the second process",
         within,
         || async { expect_eq(env.try_count(TIKTOK_TABLE).await?, 2) },
     )
     .await;
-    assert_stored_exactly(&env, &["first".into(), "held".into()]).await;
+    assert_stored_exactly(env, &["first".into(), "held".into()]).await;
+}
+
+/// The `SHUTDOWN_GRACE` of the SIGTERM tests below.
+const TERM_GRACE: Duration = Duration::from_secs(4);
+
+/// An engine with [`TERM_GRACE`] whose database is behind `proxy`, which
+/// has stored the event `first`.
+async fn storing_with_term_grace(env: &TestEnv, proxy: &TcpProxy) -> Engine {
+    let engine = env
+        .engine()
+        .database_url(proxied(env, proxy))
+        .var("SHUTDOWN_GRACE", "4s")
+        .start()
+        .await;
+    reload::assert_stores(env, "first").await;
+    engine
+}
+
+/// SIGTERM while a write hangs on a database that stopped answering, with
+/// timeouts far beyond the shutdown grace: the attempt is abandoned after
+/// half the grace and its batch released (nak), so a second process stores
+/// the event within the grace + 5 s, not after ack_wait (30 s).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_during_a_hung_write_releases_its_batch() {
+    let env = TestEnv::new().await;
+    let proxy = TcpProxy::to_postgres().await;
+    let long_timeouts = "    statement_timeout: 60s\n    connect_timeout: 30s\n";
+    env.write_pipeline("tiktok.yaml", &with_sink_settings(&env, long_timeouts));
+    let engine = storing_with_term_grace(&env, &proxy).await;
+    proxy.freeze();
+    env.publish_event(&event("held")).await;
+    engine.wait_metric(RECEIVED, &[], 2.0).await;
+    term_then_second_process_stores_the_held_event(&env, &engine).await;
 }
 
 /// SIGTERM while a batch waits out a long retry pause (its database
@@ -543,7 +558,6 @@ async fn sigterm_during_a_hung_write_releases_its_batch() {
 /// 5 s, not after the pause (30 s) or ack_wait (30 s).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_during_a_retry_pause_releases_its_batch() {
-    const GRACE: Duration = Duration::from_secs(4);
     let env = TestEnv::new().await;
     let mut proxy = TcpProxy::to_postgres().await;
     let long_pause = reload::edit(
@@ -552,13 +566,7 @@ async fn sigterm_during_a_retry_pause_releases_its_batch() {
         "    backoff_initial: 30s\n    backoff_max: 60s\n",
     );
     env.write_pipeline("tiktok.yaml", &long_pause);
-    let engine = env
-        .engine()
-        .database_url(proxied(&env, &proxy))
-        .var("SHUTDOWN_GRACE", "4s")
-        .start()
-        .await;
-    reload::assert_stores(&env, "first").await;
+    let engine = storing_with_term_grace(&env, &proxy).await;
     proxy.stop().await;
     env.publish_event(&event("held")).await;
     wait_for("the write to fail and pause", DEADLINE, || async {
@@ -566,18 +574,7 @@ async fn sigterm_during_a_retry_pause_releases_its_batch() {
         expect_eq(retries >= 1.0, true)
     })
     .await;
-    let asked = std::time::Instant::now();
-    signal(engine.pid(), "TERM");
-    engine.wait_exit().await;
-    let _second = env.engine().start().await;
-    let within = (GRACE + Duration::from_secs(5)).saturating_sub(asked.elapsed());
-    wait_for(
-        "the held event stored by the second process",
-        within,
-        || async { expect_eq(env.try_count(TIKTOK_TABLE).await?, 2) },
-    )
-    .await;
-    assert_stored_exactly(&env, &["first".into(), "held".into()]).await;
+    term_then_second_process_stores_the_held_event(&env, &engine).await;
 }
 
 // ---------------------------------------------------------------------------

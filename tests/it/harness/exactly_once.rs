@@ -1,5 +1,5 @@
 //! Helpers of the exactly-once suite (`tests/it/exactly_once.rs`): the
-//! counter pipeline of issue 23 (an upsert that adds one per event, which
+//! counter pipeline (an upsert that adds one per event, which
 //! every redelivery would count again), its events, its counters and the
 //! ledger.
 
@@ -10,7 +10,9 @@ use std::time::Duration;
 use serde_json::json;
 
 use crate::harness::faults::Bus;
-use crate::harness::{expect_eq, ingestd_bin, publish_windowed, run_to_exit, wait_for, TestEnv};
+use crate::harness::{
+    expect_eq, ingestd_bin, nats_source, publish_windowed, run_to_exit, wait_for, TestEnv,
+};
 
 /// The subject (under the test's prefix) the counter events go to.
 pub const COUNTER_SUBJECT: &str = "counter.add";
@@ -24,16 +26,7 @@ pub const ACK_WAIT: &str = "3s";
 pub fn counter_pipeline(bus: &Bus, exactly_once: bool) -> String {
     format!(
         r#"name: counters
-source:
-  nats:
-    stream:
-      name: {stream}
-      subjects: ["{prefix}>"]
-    consumer:
-      durable: {durable}
-      filter_subject: "{prefix}counter.>"
-      ack_wait: {ACK_WAIT}
-sink:
+{source}sink:
   postgres:
     exactly_once: {exactly_once}
     insert: |
@@ -46,9 +39,13 @@ on_error:
   invalid:
     action: ack
 "#,
-        stream = bus.stream,
-        prefix = bus.subject_prefix,
-        durable = bus.durable,
+        source = nats_source(
+            &bus.stream,
+            &bus.subject_prefix,
+            &bus.durable,
+            "counter.>",
+            ACK_WAIT
+        ),
     )
 }
 

@@ -77,3 +77,27 @@ pub fn names_location(output: &str, file_name: &str, line: usize) -> bool {
             .is_some_and(|c| c.is_ascii_digit())
     })
 }
+
+/// The `source:` block of a test's pipeline file: a stream of every
+/// subject under `prefix`, and the durable `durable` reading `filter`
+/// under it.
+pub fn nats_source(
+    stream: &str,
+    prefix: &str,
+    durable: &str,
+    filter: &str,
+    ack_wait: &str,
+) -> String {
+    format!(
+        r#"source:
+  nats:
+    stream:
+      name: {stream}
+      subjects: ["{prefix}>"]
+    consumer:
+      durable: {durable}
+      filter_subject: "{prefix}{filter}"
+      ack_wait: {ack_wait}
+"#
+    )
+}

@@ -267,16 +267,7 @@ impl Clicks {
         };
         format!(
             r#"name: clicks
-source:
-  nats:
-    stream:
-      name: {stream}
-      subjects: ["{prefix}>"]
-    consumer:
-      durable: {durable}
-      filter_subject: {prefix}>
-      ack_wait: 30s
-validate:
+{source}validate:
   schema: {schema}
 sink:
   postgres:
@@ -288,9 +279,13 @@ sink:
 metrics:
   prefix: clicks
 "#,
-            stream = self.stream,
-            prefix = self.subject_prefix,
-            durable = self.durable,
+            source = nats_source(
+                &self.stream,
+                &self.subject_prefix,
+                &self.durable,
+                ">",
+                "30s"
+            ),
             schema = self.schema.display(),
         )
     }

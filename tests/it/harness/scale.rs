@@ -161,16 +161,7 @@ pub const EVENTS_TABLE: &str =
 pub fn many_yaml(env: &TestEnv, name: &str, url: &str, extra: &str) -> String {
     format!(
         r#"name: {name}
-source:
-  nats:
-    stream:
-      name: {stream}
-      subjects: ["{prefix}>"]
-    consumer:
-      durable: {name}-{id}
-      filter_subject: {prefix}{name}
-      ack_wait: 30s
-sink:
+{source}sink:
   postgres:
     url: {url}
     insert: INSERT INTO events (pipeline, n) VALUES ('{name}', {{{{ event.n }}}})
@@ -178,9 +169,13 @@ sink:
       max_rows: 100
       max_wait: 5ms
 "#,
-        stream = env.stream,
-        prefix = env.subject_prefix,
-        id = env.id,
+        source = nats_source(
+            &env.stream,
+            &env.subject_prefix,
+            &format!("{name}-{}", env.id),
+            name,
+            "30s"
+        ),
     )
 }
 

@@ -759,16 +759,7 @@ pub fn pipeline_yaml(
     };
     format!(
         r#"name: {name}
-source:
-  nats:
-    stream:
-      name: {stream}
-      subjects: ["{prefix}>"]
-    consumer:
-      durable: {name}-{id}
-      filter_subject: {prefix}{filter}
-      ack_wait: 30s
-sink:
+{source}sink:
   postgres:
     url: {url}?schema={name}
     pool_size: 2
@@ -780,9 +771,13 @@ sink:
 on_error:{on_error}metrics:
   prefix: {name}
 "#,
-        stream = env.stream,
-        prefix = env.subject_prefix,
-        id = env.id,
+        source = nats_source(
+            &env.stream,
+            &env.subject_prefix,
+            &format!("{name}-{}", env.id),
+            filter,
+            "30s"
+        ),
         url = env.database_url(),
     )
 }
