@@ -13,6 +13,7 @@
 //! work-queue stream of its own ([`capture_advisories`]) and acknowledges
 //! one only once its letter is confirmed.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::jetstream::consumer::PullConsumer;
@@ -29,6 +30,7 @@ use tokio_util::sync::CancellationToken;
 use super::letters::{Outbox, Parcel};
 use super::supervise::stopped_within;
 use crate::config::reason::Reason;
+use crate::sink::postgres::{Entry, PgSink};
 use crate::util::backoff::Backoff;
 use crate::util::text::truncate;
 
@@ -240,13 +242,17 @@ const ADVISORY_BATCH: (usize, Duration) = (64, Duration::from_secs(5));
 /// First and longest pause after the advisories could not be read.
 const ADVISORY_BACKOFF: (Duration, Duration) = (Duration::from_millis(200), Duration::from_secs(5));
 
-/// Turns each advisory into a letter for the outbox, until `stop` is cancelled.
+/// Turns each advisory into a letter for the outbox, until `stop` is
+/// cancelled; with an exactly-once ledger in `sink`, each letter's message
+/// is recorded there as dead-lettered first (so `ingestd audit` does not
+/// count it missing).
 pub(super) async fn watch_max_deliveries(
     advisories: Advisories,
     letters: DeadLetters,
     source: Stream,
     durable: String,
     outbox: Outbox,
+    sink: Arc<PgSink>,
     stop: CancellationToken,
 ) {
     let reader = AdvisoryReader {
@@ -254,6 +260,7 @@ pub(super) async fn watch_max_deliveries(
         source,
         pipeline: letters.pipeline.clone(),
         outbox,
+        sink,
     };
     match advisories {
         Advisories::Kept(consumer) => reader.kept(consumer, &stop).await,
@@ -267,6 +274,7 @@ struct AdvisoryReader {
     stream_name: String,
     pipeline: String,
     outbox: Outbox,
+    sink: Arc<PgSink>,
 }
 
 impl AdvisoryReader {
@@ -319,7 +327,10 @@ impl AdvisoryReader {
             return;
         };
         match self.letter(&adv).await {
-            Ok(Some(letter)) => self.outbox.post(Parcel::advisory(msg, letter)).await,
+            Ok(Some(letter)) => {
+                self.record(&letter).await;
+                self.outbox.post(Parcel::advisory(msg, letter)).await
+            }
             Ok(None) => {
                 let _ = msg.ack().await;
             }
@@ -349,13 +360,30 @@ impl AdvisoryReader {
                 continue;
             };
             match self.letter(&adv).await {
-                Ok(Some(letter)) => self.outbox.post(Parcel::unacknowledged(letter)).await,
+                Ok(Some(letter)) => {
+                    self.record(&letter).await;
+                    self.outbox.post(Parcel::unacknowledged(letter)).await
+                }
                 Ok(None) => {}
                 Err(error) => {
                     tracing::error!(pipeline = %self.pipeline, stream_seq = adv.stream_seq, %error,
                         "message reached max_deliver and could not be dead-lettered");
                 }
             }
+        }
+    }
+
+    /// Records the letter's message in the exactly-once ledger (if any) as
+    /// dead-lettered. A failure is logged, not held: the message then shows
+    /// as missing in `ingestd audit`, whose repair settles it again.
+    async fn record(&self, letter: &Letter) {
+        if let Err(error) = self
+            .sink
+            .record(letter.stream_seq, Entry::DeadLettered)
+            .await
+        {
+            tracing::warn!(pipeline = %self.pipeline, seq = letter.stream_seq, %error,
+                "could not record a max_deliver letter in the exactly-once ledger; `ingestd audit` will report it missing");
         }
     }
 

@@ -408,6 +408,7 @@ impl Pipeline {
             self.stream.clone(),
             durable,
             outbox,
+            self.sink.clone(),
             crew.run.clone(),
         );
         crew.spawn_stage(

@@ -187,3 +187,35 @@ async fn max_deliver_letters_survive_an_absent_engine_and_a_refusal() {
     .await;
     assert_stored_exactly(&env, &[]).await;
 }
+
+/// With the exactly-once ledger, a message JetStream gave up on (announced
+/// by its max-deliveries advisory) is recorded as dead-lettered with its
+/// letter, so `ingestd audit` does not count it missing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_deliver_letters_are_recorded_in_the_ledger() {
+    let (env, bus, dlq) = with_dead_letters(|v| v.max_deliver(1).exactly_once()).await;
+    // The engine creates the stream, the consumer, the advisory stream and
+    // the ledger.
+    let engine = bus.start(env.engine()).await;
+    assert!(engine.terminate().await.success());
+    let seq = bus
+        .publish(TOP_VIEW, HeaderMap::new(), to_bytes(&event("away")))
+        .await;
+    let taken = bus.take_one().await;
+    taken.ack_with(AckKind::Nak(None)).await.expect("nak");
+    pull_once(&bus).await;
+
+    let _engine = bus.start(env.engine()).await;
+    let letters = dlq.wait_letters(1).await;
+    assert_max_deliver_letter(&letters[0], seq);
+    wait_for("the letter's message in the ledger", DEADLINE, || async {
+        let outcome: Option<String> =
+            sqlx::query_scalar("SELECT outcome FROM ingestd_ledger WHERE seq = $1")
+                .bind(seq as i64)
+                .fetch_optional(&env.db)
+                .await
+                .map_err(|e| e.to_string())?;
+        expect_eq(outcome.as_deref(), Some("dead_lettered"))
+    })
+    .await;
+}

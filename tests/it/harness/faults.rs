@@ -615,6 +615,14 @@ impl Variant {
         self.replace("      ack_wait: 30s\n", format!("      ack_wait: {ms}ms\n"))
     }
 
+    /// With the exactly-once ledger.
+    pub fn exactly_once(self) -> Self {
+        self.replace(
+            "    batch:\n",
+            "    exactly_once: true\n    batch:\n".into(),
+        )
+    }
+
     pub fn max_deliver(self, n: u32) -> Self {
         self.replace(
             "      max_deliver: 5\n",
