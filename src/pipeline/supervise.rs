@@ -12,8 +12,9 @@
 //! A panic in the loop, a writer or a stage is caught where the task is
 //! owned, logged, reported as the pipeline's `failing` problem (on the side
 //! it happened: the loop is the source side, a writer the sink side), and
-//! the work is started again with backoff: a writer's panic ends the loop's
-//! run after its current batch, which then restarts like a panicked loop.
+//! the work is started again with backoff: a writer's panic cancels the
+//! run's token, so the loop's run ends at once and restarts like a
+//! panicked loop.
 //! What the panicking task held is not acknowledged, so JetStream delivers
 //! it again after `ack_wait`: nothing is lost, though those deliveries end
 //! in no outcome of their own.
