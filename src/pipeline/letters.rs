@@ -155,6 +155,7 @@ impl Stage {
                 Severity::Failing,
                 format!("the dead-letter stage panicked: {text}"),
             );
+            self.health.pausing(Side::DeadLetters, Duration::ZERO);
         }
     }
 
@@ -205,7 +206,9 @@ impl Stage {
                     tracing::warn!(pipeline = %self.letters.pipeline, %error, held = held.len(),
                         "dead letters refused; holding them (valid events go on) and retrying");
                 }
-                return Some(Instant::now() + backoff.pause());
+                let pause = backoff.pause();
+                self.health.pausing(Side::DeadLetters, pause);
+                return Some(Instant::now() + pause);
             }
             backoff.reset();
             if let Some(parcel) = held.pop_front() {

@@ -32,6 +32,17 @@ use crate::util::backoff::Backoff;
 /// First and longest pause before a panicked loop runs again.
 const RESTART_BACKOFF: (Duration, Duration) = (Duration::from_secs(1), Duration::from_secs(30));
 
+/// The pause before the loop runs again after a run of `ran` ended in a
+/// panic: doubling while runs keep panicking, and back to the first pause
+/// after a run that lasted at least the longest one, so panics a week
+/// apart are each treated as the first.
+fn restart_pause(backoff: &mut Backoff, ran: Duration) -> Duration {
+    if ran >= RESTART_BACKOFF.1 {
+        backoff.reset();
+    }
+    backoff.pause()
+}
+
 /// Why a run of the pipeline's loop ended.
 pub(super) enum Ended {
     /// Told to stop: everything it held is settled or released.
@@ -107,6 +118,7 @@ impl Pipeline {
     ) {
         let mut backoff = Backoff::new(RESTART_BACKOFF);
         loop {
+            let started = Instant::now();
             let crew = Crew::new(&stop);
             let once = self.clone().run_once(&stop, &crew, adopt.take());
             let ended = AssertUnwindSafe(once).catch_unwind().await;
@@ -122,7 +134,9 @@ impl Pipeline {
             // The panic stays shown through the pause, and is cleared by
             // the restart: a batch in flight beside a panicked writer does
             // not clear it.
-            if stopped_within(&stop, backoff.pause()).await {
+            let pause = restart_pause(&mut backoff, started.elapsed());
+            self.health.pausing(side, pause);
+            if stopped_within(&stop, pause).await {
                 return;
             }
             self.writer_panicked.store(false, Ordering::Relaxed);
@@ -173,5 +187,21 @@ impl Pipeline {
                 run.cancel();
             }
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn restarts_back_off_while_panicking_and_start_over_after_a_healthy_run() {
+        let (first, longest) = RESTART_BACKOFF;
+        let mut backoff = Backoff::new(RESTART_BACKOFF);
+        let quick = Duration::from_millis(10);
+        let pauses: Vec<_> = (0..3).map(|_| restart_pause(&mut backoff, quick)).collect();
+        assert_eq!(pauses, [first, first * 2, first * 4]);
+        assert_eq!(restart_pause(&mut backoff, longest), first);
+        assert_eq!(restart_pause(&mut backoff, quick), first * 2);
     }
 }

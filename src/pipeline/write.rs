@@ -75,6 +75,7 @@ impl Pipeline {
         {
             tracing::error!(pipeline = %self.name, error = %problem, "the pipeline is failing: nothing is acknowledged until its statement or table is fixed");
         }
+        self.health.pausing(Side::Sink, backoff);
         self.engine
             .engine
             .sink_retries

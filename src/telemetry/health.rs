@@ -12,6 +12,7 @@
 //! for example with a migration or a GRANT).
 
 use std::sync::Mutex;
+use std::time::Duration;
 
 use prometheus::{IntCounterVec, IntGaugeVec};
 use serde::{Deserialize, Serialize};
@@ -59,6 +60,15 @@ pub struct Problem {
     pub side: Side,
     pub severity: Severity,
     pub error: String,
+    /// Failed attempts since the side was last fine: an operator tells a
+    /// blip from a side that keeps failing.
+    #[serde(default)]
+    pub attempts: u64,
+    /// The pause the side waits after its latest failed attempt before the
+    /// next one, in milliseconds: shows that a side that keeps failing
+    /// backs off rather than retrying hot. Absent until the pause is chosen.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_in_ms: Option<u64>,
 }
 
 /// The problems of one pipeline and the metrics that publish them.
@@ -140,12 +150,23 @@ impl Health {
             self.gauge(side, old.severity).set(0);
         }
         self.gauge(side, severity).set(1);
+        let attempts = slot.as_ref().map_or(0, |p| p.attempts) + 1;
         *slot = Some(Problem {
             side,
             severity,
             error,
+            attempts,
+            retry_in_ms: None,
         });
         changed
+    }
+
+    /// Records the pause chosen after the side's latest failed attempt
+    /// (nothing when the side is fine).
+    pub fn pausing(&self, side: Side, pause: Duration) {
+        if let Some(problem) = self.slot(side).lock().expect("health lock").as_mut() {
+            problem.retry_in_ms = Some(u64::try_from(pause.as_millis()).unwrap_or(u64::MAX));
+        }
     }
 
     /// Records a successful attempt. Returns true when the side had a
@@ -217,5 +238,22 @@ mod tests {
             .with_label_values(&["p", "sink", "retrying"])
             .get();
         assert_eq!(attempts, 2);
+    }
+
+    #[test]
+    fn a_problem_counts_its_attempts_and_shows_its_pause_until_recovered() {
+        let h = Health::new("p", HealthMetrics::new().unwrap());
+        h.pausing(Side::Source, Duration::from_secs(1));
+        assert_eq!(h.problem(Side::Source), None);
+        h.fail(Side::Source, Severity::Retrying, "no leader");
+        assert_eq!(h.problem(Side::Source).unwrap().retry_in_ms, None);
+        h.pausing(Side::Source, Duration::from_millis(200));
+        h.fail(Side::Source, Severity::Failing, "foreign stream");
+        h.pausing(Side::Source, Duration::from_millis(400));
+        let p = h.problem(Side::Source).unwrap();
+        assert_eq!((p.attempts, p.retry_in_ms), (2, Some(400)));
+        h.recover(Side::Source);
+        h.fail(Side::Source, Severity::Retrying, "no leader");
+        assert_eq!(h.problem(Side::Source).unwrap().attempts, 1);
     }
 }

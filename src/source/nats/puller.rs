@@ -88,6 +88,7 @@ impl SourceWatch {
             tracing::warn!(pipeline = %self.pipeline, error = %trouble.error,
                 "cannot pull: the consumer or stream is gone, refuses or has no leader; ensuring them");
         }
+        self.health.pausing(Side::Source, self.wait);
         tokio::time::sleep_until(wake).await;
         let next = self.backoff.pause();
         let t = &self.target;
@@ -101,6 +102,7 @@ impl SourceWatch {
                 self.wait = next;
                 let error = format!("{e:#}");
                 self.health.fail(Side::Source, Severity::Failing, &error);
+                self.health.pausing(Side::Source, next);
                 self.trouble = Some(Refusal {
                     error,
                     severity: Severity::Failing,
