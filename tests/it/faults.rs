@@ -624,9 +624,9 @@ async fn sigterm_during_a_drain_exits_at_once_and_acks_what_it_stored() {
     assert!(status.success(), "exit status {status}");
 
     // It finished and acked everything it had taken, and what is acked is
-    // exactly what is stored. A message it took and left un-acked would
-    // also leave ack pending once ack_wait released it, but would come to
-    // the next engine as a redelivery, which the end of the test refuses.
+    // exactly what is stored. A message it took and left un-acked, however
+    // the server counts it meanwhile, comes to the next engine as a
+    // redelivery, which the end of the test refuses.
     let info = wait_for("no un-acked message after the exit", DEADLINE, || async {
         let info = bus.try_consumer_info().await?;
         expect_eq(info.num_ack_pending, 0).map_err(|e| format!("num_ack_pending {e}"))?;
